@@ -1,0 +1,7 @@
+"""``python -m memscan`` runs the CLI."""
+
+import sys
+
+from memscan.cli import main
+
+sys.exit(main())
