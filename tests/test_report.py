@@ -59,6 +59,10 @@ def test_verdict_levels_follow_the_chance_rate() -> None:
     assert verdict(_block(6, ci=(0.02, 0.11)))[0] == "review"
     # without an interval the point estimate is compared with the null rate
     assert verdict(_block(6, null_rate=0.01))[0] == "copies"
+    # the copy-rate null (new-patient images flagged as copies) takes precedence over the memorization null rate
+    block = _block(6, null_rate=0.01)
+    block["null_rate_copies"] = 0.2
+    assert verdict(block)[0] == "review"
     # without a null rate the chance rate is (100 - percentile)%
     block = _block(3)
     del block["null_rate"]
@@ -66,6 +70,7 @@ def test_verdict_levels_follow_the_chance_rate() -> None:
 
 
 def test_interval_and_fraction_formatting() -> None:
+    assert interval({"x_ci95": [0.1, 0.2]}, "x") == (0.1, 0.2)
     assert interval({"x_ci": [0.1, 0.2]}, "x") == (0.1, 0.2)
     assert interval({"x_ci_low": 0.1, "x_ci_high": 0.3}, "x") == (0.1, 0.3)
     assert interval({"x_ci": [float("nan"), 0.2]}, "x") is None

@@ -34,11 +34,13 @@ SYNTHETIC_COLUMNS = ("synthetic_set", "synthetic_index", "path", "best_train_ind
 def interval(block: Mapping[str, Any], key: str) -> tuple[float, float] | None:
     """Return the 95% interval stored for ``key`` in a summary block, or ``None``.
 
-    Accepts ``key + "_ci"`` as a two-element list or ``key + "_ci_low"`` / ``key + "_ci_high"``.
+    Accepts ``key + "_ci95"`` (the metric module's) or ``key + "_ci"`` as a two-element list, or
+    ``key + "_ci_low"`` / ``key + "_ci_high"``.
     """
-    ci = block.get(f"{key}_ci")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_finite(v) for v in ci):
-        return float(ci[0]), float(ci[1])
+    for suffix in ("_ci95", "_ci"):
+        ci = block.get(f"{key}{suffix}")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_finite(v) for v in ci):
+            return float(ci[0]), float(ci[1])
     low, high = block.get(f"{key}_ci_low"), block.get(f"{key}_ci_high")
     if _finite(low) and _finite(high):
         return float(low), float(high)
@@ -60,9 +62,10 @@ def format_fraction(value: float | None, ci: tuple[float, float] | None = None) 
 
 
 def _chance_rate(block: Mapping[str, Any]) -> float:
-    null = block.get("null_rate")
-    if _finite(null):
-        return float(null)
+    """Copy rate that τ gives real images of new patients: ``null_rate_copies``, else ``null_rate``, else 1−p."""
+    for key in ("null_rate_copies", "null_rate"):
+        if _finite(block.get(key)):
+            return float(block[key])
     return 1.0 - float(block.get("percentile", 95.0)) / 100.0
 
 
@@ -70,8 +73,8 @@ def verdict(block: Mapping[str, Any]) -> tuple[str, str]:
     """Plain-language verdict for one synthetic set.
 
     Rules: no synthetic image above τ → ``"clean"``; the copy fraction's lower 95% bound (or the fraction itself
-    when no interval exists) above the rate at which τ flags held-out real images (the null rate; (100−p)% when it
-    is missing) → ``"copies"``; otherwise ``"review"`` (matches within what chance explains, still worth a look).
+    when no interval exists) above the rate at which τ flags held-out real images of other patients as copies
+    (``null_rate_copies`` of :func:`memscan.metrics.match`, else ``null_rate``, else (100−p)%) → ``"copies"``; otherwise ``"review"`` (matches within what chance explains, still worth a look).
 
     Args:
         block: a per-set summary block with ``n_copies_synthetic``, ``n_synthetic``, ``frac_copies_synthetic``,
@@ -120,7 +123,8 @@ def set_headline(block: Mapping[str, Any]) -> list[tuple[str, str]]:
     if block.get("n_train_subjects"):
         items.append(("training patients with ≥1 copy",
                       f"{block.get('n_memorized_subjects', 0)} of {block.get('n_train_subjects')}"))
-    items.append(("null rate (real images flagged by τ)", format_fraction(block.get("null_rate"))))
+    null = block.get("null_rate_copies", block.get("null_rate"))
+    items.append(("null rate (new-patient real images flagged by τ)", format_fraction(null)))
     ct = block.get("data_copying_ct")
     if _finite(ct):
         items.append(("data-copying C_T (Meehan; ≪0 = copying)", f"{ct:+.2f}"))
