@@ -1,0 +1,349 @@
+"""Preprocessing and contrastive-view transforms (MONAI dictionary transforms on key ``"image"``).
+
+Preprocessing is deterministic (cacheable with ``CacheDataset``/``PersistentDataset``, see :func:`make_dataset`);
+random augmentation for the two contrastive views comes after the cache (:func:`view_transforms`).
+
+Paper settings (Dar et al., 2025): 2D chest X-ray crop/pad to 1024² then resize to 512², per-image min-max;
+3D knee MRI crop/pad to 32×256×256, min-max to [-1, 1]; views by ±5° rotation and horizontal flip.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import json_hashing
+from monai.transforms import (
+    Compose,
+    CopyItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotated,
+    RandShiftIntensityd,
+    Resized,
+    ResizeWithPadOrCropd,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SqueezeDim,
+    Transform,
+)
+
+from memscan.data.readers import MemscanReader
+from memscan.errors import InputError
+
+__all__ = [
+    "AUGMENT_FAMILIES",
+    "AUGMENT_PRESETS",
+    "INTENSITY_MODES",
+    "PreprocessConfig",
+    "ToGreyd",
+    "EnsureSpatialDimsd",
+    "preprocess_transforms",
+    "view_transforms",
+    "make_dataset",
+]
+
+INTENSITY_MODES = ("minmax", "percentile", "ct_window")
+AUGMENT_FAMILIES = ("flip", "rotate", "affine", "contrast", "noise", "smooth", "shift")
+AUGMENT_PRESETS: dict[str, tuple[str, ...]] = {
+    "paper": ("flip", "rotate"),
+    "default": ("flip", "rotate", "affine", "contrast", "noise"),
+}
+
+
+def _size(value: int | Sequence[int], dims: int, what: str) -> tuple[int, ...]:
+    size = (int(value),) * dims if isinstance(value, (int, float)) else tuple(int(v) for v in value)
+    if len(size) != dims or any(s < 1 for s in size):
+        raise InputError(what, f"needs {dims} positive sizes for {dims}D images, got {value!r}")
+    return size
+
+
+@dataclass
+class PreprocessConfig:
+    """Deterministic preprocessing settings shared by training, embedding and reports.
+
+    Args:
+        spatial_dims: 2 or 3.
+        spatial_size: final spatial size (int = same on every axis).
+        crop_pad_size: optional centre crop / zero pad applied before resizing (paper 2D: 1024).
+        resize: True resizes to ``spatial_size`` (anti-aliased); False crops/pads to it (paper 3D).
+        intensity: ``minmax`` (per image), ``percentile`` (clip to ``percentiles`` then scale) or ``ct_window``.
+        output_range: intensity range after scaling; None = (0, 1) for 2D, (-1, 1) for 3D (paper).
+        percentiles: lower / upper percentile for ``percentile``.
+        ct_window: (centre, width) in HU for ``ct_window``.
+        orientation: axis codes for 3D images (None keeps the file's orientation); ignored in 2D.
+        pixdim: optional 3D resampling spacing in mm (None keeps the file's spacing).
+        flip_axis: spatial axis of the "horizontal" flip (0 = x for PIL images and RAS volumes).
+        rotate_degrees: maximum rotation of the contrastive views (paper ±5°).
+        augment_families: view augmentation families (see ``AUGMENT_FAMILIES``); None uses the preset.
+    """
+
+    spatial_dims: int = 2
+    spatial_size: int | Sequence[int] = 512
+    crop_pad_size: int | Sequence[int] | None = None
+    resize: bool = True
+    intensity: str = "minmax"
+    output_range: tuple[float, float] | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    ct_window: tuple[float, float] = (40.0, 400.0)
+    orientation: str | None = "RAS"
+    pixdim: Sequence[float] | None = None
+    flip_axis: int = 0
+    rotate_degrees: float = 5.0
+    augment_families: Sequence[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise InputError("spatial_dims", f"must be 2 or 3, got {self.spatial_dims!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise InputError("intensity", f"must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
+        _size(self.spatial_size, self.spatial_dims, "spatial_size")
+        if self.crop_pad_size is not None:
+            _size(self.crop_pad_size, self.spatial_dims, "crop_pad_size")
+        if not 0 <= self.flip_axis < self.spatial_dims:
+            raise InputError("flip_axis", f"must be a spatial axis 0..{self.spatial_dims - 1}, got {self.flip_axis}")
+        if self.augment_families is not None:
+            unknown = set(self.augment_families) - set(AUGMENT_FAMILIES)
+            if unknown:
+                raise InputError("augment_families", f"unknown {sorted(unknown)}; choose from {AUGMENT_FAMILIES}")
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """``spatial_size`` as a tuple."""
+        return _size(self.spatial_size, self.spatial_dims, "spatial_size")
+
+    @property
+    def range(self) -> tuple[float, float]:
+        """Output intensity range."""
+        if self.output_range is not None:
+            return (float(self.output_range[0]), float(self.output_range[1]))
+        return (0.0, 1.0) if self.spatial_dims == 2 else (-1.0, 1.0)
+
+    @classmethod
+    def paper_2d(cls, **overrides: Any) -> PreprocessConfig:
+        """Paper chest X-ray setting: crop/pad to 1024², resize to 512², per-image min-max."""
+        return replace(cls(spatial_dims=2, spatial_size=512, crop_pad_size=1024, resize=True), **overrides)
+
+    @classmethod
+    def paper_3d(cls, **overrides: Any) -> PreprocessConfig:
+        """Paper knee MRI setting: crop/pad to 32×256×256, min-max to [-1, 1]."""
+        return replace(cls(spatial_dims=3, spatial_size=(32, 256, 256), resize=False), **overrides)
+
+
+class ToGreyd(MapTransform):
+    """Reduce a channel-first colour image to one grey channel (ITU-R BT.601 luma; alpha dropped).
+
+    MONAI has no RGB-to-grey transform. One channel passes through unchanged; two channels (grey + alpha) keep the
+    first.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            c = img.shape[0]
+            if c == 1:
+                continue
+            if c in (3, 4):
+                grey = 0.299 * img[0:1] + 0.587 * img[1:2] + 0.114 * img[2:3]
+            else:
+                grey = img[0:1]
+            d[key] = grey
+        return d
+
+
+class EnsureSpatialDimsd(MapTransform):
+    """Squeeze trailing singleton spatial axes (a 2D image stored as X×Y×1) to reach ``spatial_dims``.
+
+    MONAI's ``SqueezeDimd`` raises a generic error on a non-singleton axis; this names the file and the shape.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            while img.ndim - 1 > self.spatial_dims and img.shape[-1] == 1:
+                img = SqueezeDim(dim=img.ndim - 1)(img)
+            if img.ndim - 1 != self.spatial_dims:
+                source = getattr(img, "meta", {}).get("filename_or_obj", key)
+                raise InputError(source, f"expected a {self.spatial_dims}D image, got shape {tuple(img.shape[1:])}")
+            d[key] = img
+        return d
+
+
+def preprocess_transforms(cfg: PreprocessConfig, keys: KeysCollection = "image") -> Compose:
+    """Deterministic preprocessing: load, one grey channel, orientation/spacing (3D), intensity, size.
+
+    Order: ``LoadImaged`` (explicit readers) → ``EnsureChannelFirstd`` → :class:`ToGreyd` →
+    :class:`EnsureSpatialDimsd` → [3D: ``Orientationd``, ``Spacingd``] → intensity (``ScaleIntensityd`` /
+    ``ScaleIntensityRangePercentilesd`` / ``ScaleIntensityRanged``) → [``ResizeWithPadOrCropd(crop_pad_size)``] →
+    ``Resized`` (then min-max again) or ``ResizeWithPadOrCropd`` → float32. Padding uses the lowest output intensity (background).
+
+    Args:
+        cfg: the settings.
+        keys: key(s) holding image paths.
+
+    Returns:
+        A MONAI ``Compose`` (no random transform: safe to cache).
+    """
+    lo, hi = cfg.range
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")  # absent GPU reader registered by default
+        load = LoadImaged(keys, reader=MemscanReader(), image_only=True)
+    xs: list[Transform] = [
+        load,
+        EnsureChannelFirstd(keys),
+        ToGreyd(keys),
+        EnsureSpatialDimsd(keys, cfg.spatial_dims),
+    ]
+    if cfg.spatial_dims == 3:
+        if cfg.orientation:
+            xs.append(Orientationd(keys, axcodes=cfg.orientation, labels=None))
+        if cfg.pixdim is not None:
+            xs.append(Spacingd(keys, pixdim=tuple(float(p) for p in cfg.pixdim), mode="bilinear"))
+    if cfg.intensity == "minmax":
+        xs.append(ScaleIntensityd(keys, minv=lo, maxv=hi))
+    elif cfg.intensity == "percentile":
+        p_lo, p_hi = cfg.percentiles
+        xs.append(ScaleIntensityRangePercentilesd(keys, lower=p_lo, upper=p_hi, b_min=lo, b_max=hi, clip=True))
+    else:
+        centre, width = cfg.ct_window
+        xs.append(
+            ScaleIntensityRanged(keys, a_min=centre - width / 2, a_max=centre + width / 2, b_min=lo, b_max=hi, clip=True)
+        )
+    if cfg.crop_pad_size is not None:
+        xs.append(ResizeWithPadOrCropd(keys, _size(cfg.crop_pad_size, cfg.spatial_dims, "crop_pad_size"), value=lo))
+    if cfg.resize:
+        xs.append(Resized(keys, cfg.size, mode="bilinear" if cfg.spatial_dims == 2 else "trilinear", anti_aliasing=True))
+        if cfg.intensity == "minmax":
+            xs.append(ScaleIntensityd(keys, minv=lo, maxv=hi))  # anti-aliasing narrows the range: restore it exactly
+    else:
+        xs.append(ResizeWithPadOrCropd(keys, cfg.size, value=lo))
+    xs.append(EnsureTyped(keys, dtype=torch.float32))
+    return Compose(xs)
+
+
+def _view_chain(key: str, families: Sequence[str], cfg: PreprocessConfig) -> list[Transform]:
+    rad = math.radians(cfg.rotate_degrees)
+    chain: list[Transform] = []
+    for fam in families:
+        if fam == "flip":
+            chain.append(RandFlipd(key, prob=0.5, spatial_axis=cfg.flip_axis))
+        elif fam == "rotate":
+            # in-plane rotation: 2D plane, or the plane of axes 1-2 in 3D (the slice plane of an MRNet stack)
+            chain.append(RandRotated(key, range_x=rad, prob=1.0, keep_size=True, padding_mode="border"))
+        elif fam == "affine":
+            chain.append(
+                RandAffined(
+                    key,
+                    prob=0.5,
+                    scale_range=[0.1] * cfg.spatial_dims,
+                    translate_range=[0.05 * s for s in cfg.size],
+                    padding_mode="border",
+                )
+            )
+        elif fam == "contrast":
+            chain.append(RandAdjustContrastd(key, prob=0.5, gamma=(0.8, 1.25), retain_stats=True))
+        elif fam == "noise":
+            chain.append(RandGaussianNoised(key, prob=0.5, std=0.02 * (cfg.range[1] - cfg.range[0])))
+        elif fam == "smooth":
+            chain.append(RandGaussianSmoothd(key, prob=0.3, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0)))
+        elif fam == "shift":
+            chain.append(RandShiftIntensityd(key, offsets=0.05 * (cfg.range[1] - cfg.range[0]), prob=0.5))
+    return chain
+
+
+def view_transforms(
+    cfg: PreprocessConfig,
+    augment: str = "paper",
+    *,
+    families: Sequence[str] | None = None,
+    keep_image: bool = True,
+) -> Compose:
+    """Two independent random views ``"view1"`` and ``"view2"`` of the preprocessed ``"image"``.
+
+    Each view has its own transform instances (a MONAI dictionary transform draws once per call, so one instance
+    applied to both keys would give both views the same flip and angle).
+
+    Args:
+        cfg: preprocessing settings (dimensionality, flip axis, rotation range, intensity range).
+        augment: ``paper`` (±5° rotation + horizontal flip) or ``default`` (adds affine, contrast, noise).
+        families: explicit augmentation families (overrides ``augment`` and ``cfg.augment_families``).
+        keep_image: keep the un-augmented ``"image"`` in the output.
+
+    Returns:
+        A MONAI ``Compose`` with random transforms (apply after the cache).
+    """
+    if families is None:
+        families = cfg.augment_families
+    if families is None:
+        if augment not in AUGMENT_PRESETS:
+            raise InputError("augment", f"must be one of {', '.join(AUGMENT_PRESETS)}, got {augment!r}")
+        families = AUGMENT_PRESETS[augment]
+    unknown = set(families) - set(AUGMENT_FAMILIES)
+    if unknown:
+        raise InputError("augment families", f"unknown {sorted(unknown)}; choose from {', '.join(AUGMENT_FAMILIES)}")
+    xs: list[Transform] = [CopyItemsd("image", times=2, names=["view1", "view2"])]
+    for view in ("view1", "view2"):
+        xs.extend(_view_chain(view, families, cfg))
+    xs.append(EnsureTyped(["view1", "view2"], dtype=torch.float32))
+    if not keep_image:
+        from monai.transforms import DeleteItemsd
+
+        xs.append(DeleteItemsd("image"))
+    return Compose(xs)
+
+
+def make_dataset(
+    records: Sequence[dict[str, Any]],
+    transforms: Compose | Transform | None,
+    cache_dir: str | Path | None = None,
+    *,
+    num_workers: int | None = 0,
+    progress: bool = False,
+) -> Dataset:
+    """Dataset that decodes each file once: ``PersistentDataset`` on disk if ``cache_dir`` else ``CacheDataset``.
+
+    Both cache the transform chain up to its first random transform, so pass ``Compose([preprocess, views])`` and the
+    views stay random per epoch.
+
+    Args:
+        records: record dicts (``image`` key and metadata).
+        transforms: transform chain.
+        cache_dir: folder for the persistent cache (created if missing); None caches in memory.
+        num_workers: threads used to fill the in-memory cache.
+        progress: show a progress bar while caching.
+
+    Returns:
+        A MONAI dataset.
+    """
+    data = [dict(r) for r in records]
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        # the transform chain is part of the cache key, so changing the preprocessing never reuses stale tensors
+        return PersistentDataset(data, transform=transforms, cache_dir=Path(cache_dir), hash_transform=json_hashing)
+    return CacheDataset(data, transform=transforms, cache_rate=1.0, num_workers=num_workers, progress=progress)

@@ -1,0 +1,178 @@
+"""Preprocessing and contrastive views (memscan.data.transforms)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose
+
+from memscan.data import (
+    PreprocessConfig,
+    load_image_set,
+    make_dataset,
+    preprocess_transforms,
+    view_transforms,
+)
+from memscan.data.transforms import AUGMENT_PRESETS
+from memscan.errors import InputError
+
+from conftest import make_array, write_nifti, write_png
+
+
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        (PreprocessConfig(spatial_dims=2, spatial_size=24), (1, 24, 24)),
+        (PreprocessConfig(spatial_dims=2, spatial_size=(20, 16), crop_pad_size=48), (1, 20, 16)),
+        (PreprocessConfig(spatial_dims=2, spatial_size=40, resize=False), (1, 40, 40)),
+    ],
+)
+def test_preprocess_2d_shape_and_range(tiny_2d_folder, cfg, expected):
+    folder = tiny_2d_folder(n=2, size=(30, 36))
+    rec = {"image": str(sorted(folder.glob("*.png"))[0])}
+    out = preprocess_transforms(cfg)(rec)["image"]
+    assert tuple(out.shape) == expected
+    assert out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0 + 1e-6
+    assert float(out.max()) == pytest.approx(1.0)  # min-max scaled, not left in 0..255
+
+
+def test_preprocess_rgb_and_16bit_to_one_channel(tmp_path):
+    rgb = write_png(tmp_path / "rgb.png", np.stack([make_array((20, 20), s) for s in range(3)], -1))
+    u16 = write_png(tmp_path / "u16.png", make_array((20, 20), 9, dtype="uint16"))
+    pre = preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=16))
+    for path in (rgb, u16):
+        out = pre({"image": str(path)})["image"]
+        assert tuple(out.shape) == (1, 16, 16)
+        assert float(out.max()) == pytest.approx(1.0) and float(out.min()) == pytest.approx(0.0)
+
+
+def test_preprocess_3d_paper_like_crop_pad_minus1_1(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", make_array((12, 20, 10), 1, "float32") * 500.0, spacing=(1, 1, 2))
+    cfg = PreprocessConfig.paper_3d(spatial_size=(16, 16, 16))
+    out = preprocess_transforms(cfg)({"image": str(path)})["image"]
+    assert tuple(out.shape) == (1, 16, 16, 16)
+    assert float(out.min()) == pytest.approx(-1.0) and float(out.max()) == pytest.approx(1.0)
+    # pad value is background (-1), not mid-grey 0
+    assert float(out[0, 0, 0, 0]) == pytest.approx(-1.0)
+
+
+def test_paper_2d_defaults():
+    cfg = PreprocessConfig.paper_2d()
+    assert cfg.size == (512, 512) and cfg.crop_pad_size == 1024 and cfg.resize and cfg.intensity == "minmax"
+    cfg3 = PreprocessConfig.paper_3d()
+    assert cfg3.size == (32, 256, 256) and not cfg3.resize and cfg3.range == (-1.0, 1.0)
+    assert AUGMENT_PRESETS["paper"] == ("flip", "rotate")
+
+
+def test_preprocess_3d_spacing_and_orientation(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", make_array((10, 10, 5), 2, "float32"), spacing=(2, 2, 4))
+    cfg = PreprocessConfig(spatial_dims=3, spatial_size=(20, 20, 20), resize=False, pixdim=(1.0, 1.0, 1.0))
+    out = preprocess_transforms(cfg)({"image": str(path)})["image"]
+    assert tuple(out.shape) == (1, 20, 20, 20)
+    assert np.allclose(out.pixdim[:3].numpy(), 1.0)
+
+
+def test_percentile_and_ct_window(tmp_path):
+    arr = make_array((16, 16, 8), 3, "float32") * 2000.0 - 1000.0  # HU-like -1000..1000
+    arr[0, 0, 0] = 30000.0  # outlier
+    path = write_nifti(tmp_path / "ct.nii.gz", arr)
+    rec = {"image": str(path)}
+    pct = preprocess_transforms(
+        PreprocessConfig(spatial_dims=3, spatial_size=(16, 16, 8), resize=False, intensity="percentile")
+    )(rec)["image"]
+    # outlier clipped: the bulk of voxels is spread over the range, not squashed near -1
+    assert float(pct.median()) > -0.5
+    ct = preprocess_transforms(
+        PreprocessConfig(
+            spatial_dims=3, spatial_size=(16, 16, 8), resize=False, intensity="ct_window", ct_window=(0.0, 200.0)
+        )
+    )(rec)["image"]
+    hu = torch.as_tensor(arr)[None]
+    assert torch.all(ct[hu <= -100] == -1.0) and torch.all(ct[hu >= 100] == 1.0)
+
+
+def test_two_views_differ_and_are_independent(tiny_2d_folder):
+    folder = tiny_2d_folder(n=1, size=(32, 32))
+    cfg = PreprocessConfig(spatial_dims=2, spatial_size=32)
+    chain = Compose([preprocess_transforms(cfg), view_transforms(cfg, "paper")])
+    chain.set_random_state(seed=0)
+    rec = {"image": str(next(folder.glob("*.png")))}
+    diffs = []
+    for _ in range(4):
+        out = chain(rec)
+        assert set(out) >= {"image", "view1", "view2"}
+        assert out["view1"].shape == out["view2"].shape == out["image"].shape
+        diffs.append(float((out["view1"] - out["view2"]).abs().mean()))
+    assert min(diffs) > 0.0  # independent angles: the two views never coincide
+
+
+def test_view_transforms_separate_instances():
+    cfg = PreprocessConfig(spatial_dims=3, spatial_size=8)
+    vt = view_transforms(cfg, "default")
+    per_view = {"view1": [], "view2": []}
+    for t in vt.transforms:
+        keys = getattr(t, "keys", ())
+        if len(keys) == 1 and keys[0] in per_view:
+            per_view[keys[0]].append(t)
+    assert len(per_view["view1"]) == len(per_view["view2"]) == len(AUGMENT_PRESETS["default"])
+    assert not {id(t) for t in per_view["view1"]} & {id(t) for t in per_view["view2"]}
+
+
+def test_view_transforms_3d_and_families(tiny_3d_folder):
+    folder = tiny_3d_folder(n=1, size=(12, 12, 12))
+    cfg = PreprocessConfig(spatial_dims=3, spatial_size=12, resize=False)
+    chain = Compose(
+        [preprocess_transforms(cfg), view_transforms(cfg, families=("noise", "smooth", "shift"), keep_image=False)]
+    )
+    chain.set_random_state(seed=1)
+    out = chain({"image": str(next(folder.glob("*.nii.gz")))})
+    assert "image" not in out and tuple(out["view1"].shape) == (1, 12, 12, 12)
+    with pytest.raises(InputError, match="unknown"):
+        view_transforms(cfg, families=("warp",))
+    with pytest.raises(InputError, match="augment"):
+        view_transforms(cfg, augment="heavy")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"spatial_dims": 4}, "spatial_dims"),
+        ({"intensity": "zscore"}, "intensity"),
+        ({"spatial_dims": 3, "spatial_size": (4, 4)}, "spatial_size"),
+        ({"flip_axis": 2}, "flip_axis"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        PreprocessConfig(**kwargs)
+
+
+def test_wrong_dimensionality_names_file(tiny_3d_folder):
+    folder = tiny_3d_folder(n=1, size=(8, 8, 8))
+    path = str(next(folder.glob("*.nii.gz")))
+    with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps transform errors
+        preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=8))({"image": path})
+    cause = info.value.__cause__
+    assert isinstance(cause, InputError) and "expected a 2D image" in str(cause) and path in str(cause)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_make_dataset_caches_preprocessing(tiny_2d_folder, tmp_path, persistent):
+    folder = tiny_2d_folder(n=3, size=(20, 20))
+    images = load_image_set(folder, "train")
+    cfg = PreprocessConfig(spatial_dims=2, spatial_size=16)
+    chain = Compose([preprocess_transforms(cfg), view_transforms(cfg)])
+    cache = tmp_path / "cache" if persistent else None
+    ds = make_dataset(images.records, chain, cache_dir=cache)
+    assert len(ds) == 3
+    a, b = ds[0], ds[0]
+    assert torch.equal(a["image"], b["image"])  # deterministic part cached
+    assert a["subject_id"] == images.records[0]["subject_id"]
+    if persistent:
+        _ = [ds[i] for i in range(3)]
+        assert len(list(cache.glob("*.pt"))) == 3
+        # a different preprocessing config must not reuse the cached tensors
+        other = Compose([preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=8)), view_transforms(cfg)])
+        assert tuple(make_dataset(images.records, other, cache_dir=cache)[0]["image"].shape) == (1, 8, 8)
