@@ -12,6 +12,7 @@ Every function returns a :class:`matplotlib.figure.Figure`; :func:`figure_to_png
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,19 +159,22 @@ def plot_pair_gallery(
     n_slices: int = 6,
     max_pairs: int = 8,
     spatial_dims: int | None = None,
+    pairs_per_row: int = 4,
 ) -> Figure:
-    """Ranked gallery: each row a training image beside its synthetic match, with their correlation.
+    """Ranked gallery: each training image beside its synthetic match, with their correlation.
 
-    For 2D the row holds two panels (training, synthetic). For 3D it holds ``n_slices`` evenly spaced slices of
-    the training volume followed by the same slices of the synthetic volume.
+    2D pairs are laid out ``pairs_per_row`` to a row (training panel, then synthetic panel). A 3D pair takes a
+    whole row: ``n_slices`` evenly spaced slices of the training volume, then the same slices of the synthetic one.
+    Training panels have a blue frame, synthetic panels an orange one.
 
     Args:
         pairs: pairs in the order to show (strongest first).
         title: figure title.
         threshold: τ, printed beside each correlation when given.
         n_slices: slices per 3D volume.
-        max_pairs: at most this many rows.
+        max_pairs: at most this many pairs.
         spatial_dims: 2 or 3 when known (see :func:`display_slices`).
+        pairs_per_row: 2D pairs per row.
 
     Returns:
         the figure (a short "none" figure when ``pairs`` is empty).
@@ -181,40 +185,42 @@ def plot_pair_gallery(
         ax.axis("off")
         ax.text(0.5, 0.5, f"{title}: none", ha="center", va="center", fontsize=11)
         return fig
-    rows = [
+    views = [
         (display_slices(p.train_image, n_slices, spatial_dims), display_slices(p.synthetic_image, n_slices, spatial_dims))
         for p in pairs
     ]
-    n_cols = max(len(t) + len(s) for t, s in rows)
-    per_side = n_cols // 2
-    panel = 1.6 if per_side > 1 else 2.4
-    fig, axes = plt.subplots(len(pairs), n_cols, figsize=(panel * n_cols, panel * len(pairs) + 0.6), squeeze=False)
-    for r, (pair, (t_sl, s_sl)) in enumerate(zip(pairs, rows)):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            side, idx = (t_sl, c) if c < per_side else (s_sl, c - per_side)
-            if idx >= len(side):
-                ax.axis("off")
-                continue
-            img = side[idx]
-            lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0.0, 1.0)
-            ax.imshow(img, cmap="gray", vmin=lo,
-                      vmax=hi if hi > lo else lo + 1e-6, interpolation="nearest")
-            for spine in ax.spines.values():
-                spine.set_edgecolor(_VAL_COLOUR if c < per_side else _SYN_COLOUR)
-                spine.set_linewidth(2)
-        corr = f"r = {pair.correlation:.4f}"
+    per_side = max(max(len(t), len(s)) for t, s in views)
+    per_row = max(1, pairs_per_row) if per_side == 1 else 1
+    n_rows = math.ceil(len(pairs) / per_row)
+    n_cols = per_row * 2 * per_side
+    panel = 1.55 if per_side > 1 else 2.0
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(panel * n_cols, (panel + 0.35) * n_rows + 0.5), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, (pair, (t_sl, s_sl)) in enumerate(zip(pairs, views)):
+        row, first_col = divmod(k, per_row)
+        first_col *= 2 * per_side
+        for side, slices, colour in ((0, t_sl, _VAL_COLOUR), (1, s_sl, _SYN_COLOUR)):
+            for j, img in enumerate(slices):
+                ax = axes[row][first_col + side * per_side + j]
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0.0, 1.0)
+                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, interpolation="nearest")
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(2.5)
+        corr = f"r={pair.correlation:.4f}"
         if threshold is not None:
-            corr += f" (τ = {threshold:.4f})"
-        axes[r][0].set_ylabel(f"#{r + 1}", rotation=0, labelpad=14, fontsize=9)
-        axes[r][0].set_title(_short(pair.train_label, 38) or "training", fontsize=7, loc="left")
-        axes[r][per_side].set_title(f"{_short(pair.synthetic_label, 30) or 'synthetic'}   {corr}", fontsize=7,
-                                    loc="left")
+            corr += f" (τ={threshold:.4f})"
+        width = 24 if per_side == 1 else 60
+        axes[row][first_col].set_title(f"#{k + 1} train: {_short(pair.train_label, width)}", fontsize=7, loc="left")
+        axes[row][first_col + per_side].set_title(f"{_short(pair.synthetic_label, width)}\n{corr}", fontsize=7,
+                                                  loc="left")
     if title:
-        fig.suptitle(f"{title}  (blue: training, orange: synthetic)", fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(f"{title}  (blue frame: training image, orange frame: synthetic image)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if n_rows > 1 else 0.9))
     return fig
 
 

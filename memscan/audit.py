@@ -1,0 +1,988 @@
+"""The memorization audit: image folders in, a report a privacy reviewer can act on out.
+
+:func:`audit` runs the whole method of Dar et al. ("Unconditional latent diffusion models memorize patient imaging
+data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``memscan audit`` and from a bundle's
+``configs/audit.json``:
+
+1. **Preflight** — every set through :func:`memscan.data.load_image_set` and :func:`memscan.data.check_sets`
+   (unreadable files skipped and listed, patient / duplicate overlap warned about, an unusable input refused).
+2. **Encoder** — a given checkpoint (or a bundle's ``models/model.pt``) is loaded; otherwise a small
+   self-supervised encoder is trained on the training set with :func:`memscan.training.train_encoder`.
+3. **Embeddings** — every set through :func:`memscan.embed.embed_images` (batched; cached by file content hash and
+   checkpoint sha256, so an interrupted audit resumes where it stopped).
+4. **Matching** — :func:`memscan.metrics.match` per synthetic set (τ from train→validation, copies, memorized
+   training images, bootstrap intervals, null rate), plus the patient-level count, the positive controls, and two
+   aggregate statistics from the literature (:func:`data_copying_statistic`, :func:`authenticity_score`).
+5. **Outputs** in ``out_dir`` (all written atomically): ``summary.json``, ``train_matches.csv``,
+   ``synthetic_matches.csv``, ``skipped.csv``, ``embeddings/{train,val,<name>}.npy`` with ``*_files.csv``,
+   ``figures/*.png`` and the self-contained ``report.html``.
+
+:func:`build_demo` and :func:`run_demo` build and audit the embedded demo data (``memscan demo``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from memscan import __version__
+from memscan.errors import InputError
+
+__all__ = [
+    "audit",
+    "AuditResult",
+    "SetAudit",
+    "data_copying_statistic",
+    "mann_whitney_u",
+    "authenticity_score",
+    "build_demo",
+    "run_demo",
+    "DemoInputs",
+    "DemoResult",
+    "DEFAULT_CONTROLS",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTROLS = 8
+_MARKER = ".memscan_audit_incomplete"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RESERVED = {"train", "val", "controls", "cache"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# aggregate statistics from the literature
+# ----------------------------------------------------------------------------------------------------------------
+def _rankdata(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (as ``scipy.stats.rankdata``; scipy is not a dependency)."""
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.r_[True, ordered[1:] != ordered[:-1]]
+    group = np.cumsum(starts) - 1
+    bounds = np.r_[np.flatnonzero(starts), len(values)]
+    average = (bounds[:-1] + bounds[1:] - 1) / 2.0 + 1.0
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = average[group]
+    return ranks
+
+
+def mann_whitney_u(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Mann–Whitney U of ``x`` against ``y`` and its normal-approximation z score.
+
+    ``U = #{(i, j): x_i > y_j} + ½ #{x_i = y_j}`` (equal to ``scipy.stats.mannwhitneyu(x, y).statistic``);
+    ``z = (U − mn/2) / sqrt(mn(m + n + 1)/12)`` without tie correction, as Meehan et al. define Z_U.
+
+    Args:
+        x: first sample (m values).
+        y: second sample (n values).
+
+    Returns:
+        (U, z).
+
+    Raises:
+        ValueError: when either sample is empty.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    m, n = len(x), len(y)
+    if m == 0 or n == 0:
+        raise ValueError("both samples must be non-empty")
+    ranks = _rankdata(np.concatenate([x, y]))
+    u = float(ranks[:m].sum() - m * (m + 1) / 2.0)
+    z = (u - m * n / 2.0) / math.sqrt(m * n * (m + n + 1) / 12.0)
+    return u, z
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Centre and L2-normalise rows: Euclidean distance² between rows becomes 2 − 2·Pearson correlation."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def data_copying_statistic(
+    train_emb: np.ndarray,
+    val_emb: np.ndarray,
+    synthetic_emb: np.ndarray,
+    *,
+    n_cells: int | None = None,
+    min_per_cell: int = 5,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Meehan et al.'s data-copying test statistic C_T (AISTATS 2020, "A non-parametric test to detect
+    data-copying in generative models").
+
+    The embedding space is partitioned into ``n_cells`` cells by k-means on the (row-standardised) training
+    embeddings. In each cell π, the distance of every validation ("test", P_n) and synthetic (Q_m) sample to its
+    nearest training sample — here the correlation distance 1 − r, consistent with the rest of memscan — is
+    compared with a Mann–Whitney U test, giving Z_U(π) (negative when synthetic samples sit closer to the training
+    data than real held-out images do). ``C_T = Σ_π P_n(π) Z_U(π) / Σ_π P_n(π)`` over the cells holding at least
+    ``min_per_cell`` validation and synthetic samples (Meehan et al. drop cells with too few generated samples).
+    C_T ≪ 0 (e.g. below −3) indicates data copying; C_T ≫ 0 indicates the model under-fits.
+
+    Args:
+        train_emb: N×D training embeddings.
+        val_emb: M×D held-out real embeddings.
+        synthetic_emb: S×D synthetic embeddings.
+        n_cells: k-means cells; default ``min(10, max(1, min(N, M, S) // 20))``.
+        min_per_cell: minimum validation and synthetic samples for a cell to count.
+        seed: k-means seed.
+        device: device for the nearest-neighbour search.
+
+    Returns:
+        ``{"data_copying_ct", "ct_cells", "ct_cells_used", "ct_z_per_cell", "ct_weight_per_cell"}``;
+        ``data_copying_ct`` is NaN when no cell qualifies.
+    """
+    from sklearn.cluster import KMeans
+
+    from memscan.metrics import topk_correlation
+
+    train = _unit_rows(train_emb)
+    val = _unit_rows(val_emb)
+    syn = _unit_rows(synthetic_emb)
+    if n_cells is None:
+        n_cells = min(10, max(1, min(len(train), len(val), len(syn)) // 20))
+    n_cells = int(max(1, min(n_cells, len(train))))
+    d_val = 1.0 - topk_correlation(val_emb, train_emb, 1, device=device)[0][:, 0]
+    d_syn = 1.0 - topk_correlation(synthetic_emb, train_emb, 1, device=device)[0][:, 0]
+    if n_cells == 1:
+        cell_val, cell_syn = np.zeros(len(val), int), np.zeros(len(syn), int)
+    else:
+        km = KMeans(n_clusters=n_cells, n_init=4, random_state=seed).fit(train)
+        cell_val, cell_syn = km.predict(val), km.predict(syn)
+    zs, weights = [], []
+    for cell in range(n_cells):
+        dv, ds = d_val[cell_val == cell], d_syn[cell_syn == cell]
+        if len(dv) < min_per_cell or len(ds) < min_per_cell:
+            zs.append(float("nan"))
+            weights.append(0.0)
+            continue
+        zs.append(mann_whitney_u(ds, dv)[1])
+        weights.append(len(dv) / len(val))
+    w = np.asarray(weights)
+    used = w > 0
+    ct = float(np.sum(w[used] * np.asarray(zs)[used]) / w[used].sum()) if used.any() else float("nan")
+    return {"data_copying_ct": ct, "ct_cells": n_cells, "ct_cells_used": int(used.sum()),
+            "ct_z_per_cell": zs, "ct_weight_per_cell": weights}
+
+
+def authenticity_score(
+    train_emb: np.ndarray,
+    synthetic_emb: np.ndarray,
+    *,
+    best_train_index: np.ndarray | None = None,
+    best_train_correlation: np.ndarray | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Authenticity score after Alaa et al. (ICML 2022, "How faithful is your synthetic data?").
+
+    memscan's exact definition, in correlation terms: a synthetic sample x̃ with nearest training sample x (highest
+    Pearson correlation r(x̃, x)) is *unauthentic* when ``r(x̃, x) > r(x, x')``, where x' is x's nearest *other*
+    training sample (x itself excluded, the same patient's other images allowed) — x̃ is closer to x than any real
+    training image is. ``authenticity = 1 − share of unauthentic synthetic samples`` (1: every sample authentic).
+    Alaa et al. use Euclidean distances in their embedding and a per-sample classifier; this is the same
+    nearest-neighbour comparison on memscan's similarity.
+
+    Args:
+        train_emb: N×D training embeddings (N ≥ 2).
+        synthetic_emb: S×D synthetic embeddings.
+        best_train_index, best_train_correlation: each synthetic sample's nearest training sample and correlation
+            when already known (from :func:`memscan.metrics.match`); computed otherwise.
+        device: device for the search.
+
+    Returns:
+        ``{"authenticity": float, "n_unauthentic": int, "unauthentic": bool array}`` (NaN with fewer than 2
+        training samples).
+    """
+    from memscan.metrics import topk_correlation
+
+    n_train = len(train_emb)
+    if n_train < 2:
+        return {"authenticity": float("nan"), "n_unauthentic": 0, "unauthentic": np.zeros(len(synthetic_emb), bool)}
+    if best_train_index is None or best_train_correlation is None:
+        values, indices = topk_correlation(synthetic_emb, train_emb, 1, device=device)
+        best_train_correlation, best_train_index = values[:, 0], indices[:, 0]
+    ids = np.arange(n_train)
+    nn_other = topk_correlation(train_emb, train_emb, 1, query_groups=ids, reference_groups=ids, device=device)[0][:, 0]
+    unauthentic = np.asarray(best_train_correlation) > nn_other[np.asarray(best_train_index, dtype=np.int64)]
+    return {"authenticity": float(1.0 - unauthentic.mean()), "n_unauthentic": int(unauthentic.sum()),
+            "unauthentic": unauthentic}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class SetAudit:
+    """The audit of one synthetic set.
+
+    Attributes:
+        name: the set's name.
+        match: the :class:`memscan.metrics.MatchResult` (controls excluded).
+        block: the set's summary block (written under ``summary.json["synthetic_sets"][name]``).
+        synthetic_table: per synthetic image: its file, best training match (file, correlation), copy flag.
+        train_table: per training image: its file, subject, best synthetic match, memorized flag.
+    """
+
+    name: str
+    match: Any
+    block: dict[str, Any]
+    synthetic_table: pd.DataFrame
+    train_table: pd.DataFrame
+
+
+@dataclass
+class AuditResult:
+    """What :func:`audit` produced.
+
+    Attributes:
+        out_dir: the output folder.
+        summary: the content of ``summary.json``.
+        sets: synthetic set name → :class:`SetAudit`.
+        report_path: ``out_dir/report.html``.
+        checkpoint: the encoder checkpoint used.
+        gate_failed: True when ``fail_above`` was given and a set's copy fraction exceeds it.
+        exported: synthetic set name → files written by ``export_clean``.
+        warnings: every warning raised during the audit.
+    """
+
+    out_dir: Path
+    summary: dict[str, Any]
+    sets: dict[str, SetAudit]
+    report_path: Path
+    checkpoint: Path
+    gate_failed: bool = False
+    exported: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def threshold(self) -> float:
+        """τ (shared by every synthetic set)."""
+        return float(self.summary["threshold"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small I/O helpers (atomic writes)
+# ----------------------------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    _atomic_write_bytes(path, json.dumps(_json_safe(data), indent=2, allow_nan=False).encode("utf-8"))
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+    os.close(fd)
+    try:
+        np.save(tmp, np.asarray(array))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_list_hash(paths: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(str(p) for p in paths).encode("utf-8")).hexdigest()
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> bool:
+    """Create ``out``; refuse a non-empty folder unless ``overwrite`` or it holds an interrupted audit.
+
+    Returns:
+        True when an interrupted audit is resumed.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output path exists and is not a folder")
+    resumed = False
+    if out.is_dir() and any(out.iterdir()):
+        resumed = (out / _MARKER).is_file()
+        if not resumed and not overwrite:
+            raise InputError(out, "output folder is not empty; choose another one or pass --overwrite "
+                                  "(overwrite=True) to replace its audit")
+        for stale in ("figures",):  # outputs a new audit fully rewrites; the embedding cache is kept
+            shutil.rmtree(out / stale, ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / _MARKER).write_text("an audit is running or was interrupted here; rerun it to resume\n")
+    except OSError as err:
+        raise InputError(out, f"cannot write to the output folder ({err.strerror or err})") from err
+    return resumed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the audit
+# ----------------------------------------------------------------------------------------------------------------
+def _synthetic_sources(synthetic: Any) -> dict[str, Any]:
+    """Normalise ``synthetic`` to an ordered ``name -> source`` dict with safe, unique names."""
+    if isinstance(synthetic, Mapping):
+        items = list(synthetic.items())
+    elif isinstance(synthetic, (str, os.PathLike)) or hasattr(synthetic, "records"):
+        items = [(None, synthetic)]
+    else:
+        items = [(None, s) for s in synthetic]
+    if not items:
+        raise InputError("synthetic", "no synthetic set given")
+    out: dict[str, Any] = {}
+    for k, (name, source) in enumerate(items):
+        if name is None:
+            name = getattr(source, "name", None) if hasattr(source, "records") else Path(str(source)).stem
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", str(name or f"synthetic{k + 1}")) or f"synthetic{k + 1}"
+            if name in out or name in _RESERVED:
+                name = f"synthetic{k + 1}"
+        name = str(name)
+        if not _NAME_RE.match(name) or name in _RESERVED:
+            raise InputError("synthetic name", f"{name!r} is not a usable set name (letters, digits, '.', '_', '-'; "
+                                               f"not {', '.join(sorted(_RESERVED))})")
+        if name in out:
+            raise InputError("synthetic name", f"{name!r} is given twice")
+        out[name] = source
+    return out
+
+
+def _load_set(source: Any, name: str, *, layout: str, subject_regex: str | None, strict: bool,
+              spatial_dims: int | None) -> Any:
+    from memscan.data import load_image_set
+
+    if hasattr(source, "records") and hasattr(source, "skipped"):
+        return source  # an ImageSet already loaded by the caller
+    if source is None or str(source) == "":
+        raise InputError(name, "no source given")
+    return load_image_set(source, name, layout=layout, subject_regex=subject_regex, strict=strict,
+                          spatial_dims=spatial_dims)
+
+
+def _resolve_bundle(bundle: str | os.PathLike[str] | None, spatial_dims: int) -> Path | None:
+    if bundle is None:
+        return None
+    path = Path(bundle).expanduser()
+    if not path.is_dir():
+        from memscan.training import BUNDLES, bundle_dir
+
+        by_name = {v: k for k, v in BUNDLES.items()}
+        if str(bundle) in by_name:
+            return bundle_dir(by_name[str(bundle)])
+        raise InputError(bundle, "bundle folder not found")
+    if not (path / "configs").is_dir():
+        raise InputError(path, "not a MONAI bundle (no configs/ folder)")
+    return path
+
+
+def _bundle_settings(bundle: Path | None, spatial_dims: int) -> dict[str, Any]:
+    """Encoder and preprocessing settings: the bundle's top-level config ids, else memscan's default preset."""
+    from memscan.training import preset
+
+    settings = dict(preset("default", spatial_dims))
+    if bundle is not None:
+        from monai.bundle import ConfigParser
+
+        for name in ("train.json", "inference.json"):
+            cfg = bundle / "configs" / name
+            if cfg.is_file():
+                parser = ConfigParser()
+                parser.read_config(str(cfg))
+                for key in list(settings):
+                    if key in parser.config and not str(parser.config[key]).startswith(("$", "@", "%")):
+                        settings[key] = parser.config[key]
+                break
+    return settings
+
+
+def _preprocess_config(spatial_dims: int, settings: Mapping[str, Any]) -> Any:
+    from memscan.data import PreprocessConfig
+    from memscan.training import as_spatial_size
+
+    return PreprocessConfig(spatial_dims=spatial_dims, spatial_size=as_spatial_size(settings["image_size"],
+                                                                                    spatial_dims))
+
+
+class _StableCompose:
+    """The data layer's preprocessing whose ``repr`` names its settings, so embedding-cache keys survive a restart
+    (a plain ``Compose``'s repr holds its memory address)."""
+
+    def __init__(self, cfg: Any) -> None:
+        from memscan.data import preprocess_transforms
+
+        self.cfg = cfg
+        self.compose = preprocess_transforms(cfg)
+
+    def __call__(self, data: Any) -> Any:
+        return self.compose(data)
+
+    def __repr__(self) -> str:
+        return f"memscan.data.preprocess_transforms({self.cfg!r})"
+
+
+def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int) -> Any:
+    """Preprocessing followed by a small seeded perturbation: a shift of up to 3% of each axis, ±5% intensity
+    scaling and Gaussian noise of 2% of the intensity range (the positive controls)."""
+    from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd
+
+    perturb = Compose([
+        RandAffined(keys="image", prob=1.0, padding_mode="border",
+                    translate_range=[max(1.0, 0.03 * float(n)) for n in spatial_size]),
+        RandScaleIntensityd(keys="image", factors=0.05, prob=1.0),
+        RandGaussianNoised(keys="image", prob=1.0, mean=0.0, std=0.02),
+    ])
+    perturb.set_random_state(seed=seed)
+    return Compose([getattr(preprocess, "compose", preprocess), perturb])
+
+
+def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int) -> None:
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
+        raise InputError("percentile", f"must be a number in [0, 100], got {percentile!r}")
+    if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 0:
+        raise InputError("controls", f"must be a non-negative integer, got {controls!r}")
+    if fail_above is not None and (isinstance(fail_above, bool) or not isinstance(fail_above, (int, float))
+                                   or not 0 <= fail_above <= 1):
+        raise InputError("fail_above", f"must be a fraction in [0, 1], got {fail_above!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError("batch_size", f"must be a positive integer, got {batch_size!r}")
+
+
+def _relative_names(paths: Sequence[str]) -> list[str]:
+    """File names relative to the set's common folder (used for exports and short labels)."""
+    resolved = [Path(p).resolve() for p in paths]
+    if len(resolved) == 1:
+        return [resolved[0].name]
+    common = Path(os.path.commonpath([str(p) for p in resolved]))
+    if common in resolved:  # one path is the common prefix itself (a DICOM series folder)
+        common = common.parent
+    return [p.relative_to(common).as_posix() for p in resolved]
+
+
+def _export_clean(sets: Mapping[str, SetAudit], records: Mapping[str, list[dict]], dest: Path,
+                  overwrite: bool) -> dict[str, list[str]]:
+    """Copy the synthetic files that are not copies to ``dest`` keeping names and formats."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
+        raise InputError(dest, "export folder is not empty; choose another one or pass --overwrite")
+    exported: dict[str, list[str]] = {}
+    for name, sa in sets.items():
+        base = dest if len(sets) == 1 else dest / name
+        paths = [r["image"] for r in records[name]]
+        rel = _relative_names(paths)
+        keep = ~sa.synthetic_table["copy"].to_numpy(bool)
+        written = []
+        for src, rel_name, ok in zip(paths, rel, keep):
+            if not ok:
+                continue
+            target = base / rel_name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(src).is_dir():
+                shutil.copytree(src, target, dirs_exist_ok=True)
+            else:
+                tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+                shutil.copy2(src, tmp)
+                os.replace(tmp, target)
+            written.append(str(target))
+        exported[name] = written
+    return exported
+
+
+def _subject_counts(train_records: Sequence[dict], memorized: np.ndarray) -> tuple[int, int]:
+    subjects = np.asarray([str(r.get("subject_id", r["image"])) for r in train_records], dtype=object)
+    return int(len(set(subjects[memorized]))), int(len(set(subjects)))
+
+
+def _preprocessed_image(preprocess: Any, record: Mapping[str, Any]) -> np.ndarray:
+    out = preprocess({"image": record["image"]})
+    image = out["image"]
+    return image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+
+
+_METHOD = [
+    "Method (Dar et al., Nat. Biomed. Eng. 2025): an encoder trained self-supervised (NT-Xent) on the training "
+    "images maps every image to an embedding; similarity is the Pearson correlation of embeddings. For each "
+    "training image its best correlation with a validation image (real images of other patients) is taken; τ is "
+    "the p-th percentile of those values. A synthetic image whose best training correlation exceeds τ is a copy; "
+    "a training image whose best synthetic correlation exceeds τ is memorized. Fractions are of the synthetic set "
+    "(copies) and of the training set (memorized); a patient counts when at least one of their images is memorized.",
+    "Intervals: 95% bootstrap intervals. Null rate: τ recalibrated on one half of the validation set and applied to "
+    "the other half, i.e. the share of real images of new patients the threshold flags — the share of false "
+    "alarms to expect from a generator that copies nothing.",
+    "Positive controls: training images perturbed in memory (shift ≤3%, intensity ±5%, 2% noise) are embedded like "
+    "synthetic images; the share flagged shows whether the detector catches near-copies. They are left out of "
+    "every other number.",
+    "Data-copying C_T (Meehan et al., AISTATS 2020): k-means cells on the training embeddings; in each cell a "
+    "Mann–Whitney z score compares synthetic and validation distances (1 − correlation) to their nearest training "
+    "image; C_T is their validation-weighted mean. C_T well below 0 (e.g. < −3) means synthetic images sit closer "
+    "to the training data than new real images do.",
+    "Authenticity (after Alaa et al., ICML 2022): the share of synthetic images that are not closer to their "
+    "nearest training image than that image's nearest other training image. Novel samples score about 0.5 or "
+    "more; copies push the score toward 0.",
+]
+
+
+def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[dict], syn_records: Sequence[dict],
+           preprocess: Any, train_names: Sequence[str], syn_names: Sequence[str], n: int = 8) -> tuple[list, Any]:
+    from memscan.report import PairImage, ranked_pairs
+
+    table = ranked_pairs(sa.synthetic_table, threshold, kind=kind, n=n)
+    pairs = []
+    for row in table.itertuples(index=False):
+        s_idx, t_idx = int(row.synthetic_index), int(row.best_train_index)
+        pairs.append(PairImage(_preprocessed_image(preprocess, train_records[t_idx]),
+                               _preprocessed_image(preprocess, syn_records[s_idx]),
+                               float(row.best_train_correlation), train_names[t_idx], syn_names[s_idx]))
+    shown = pd.DataFrame({
+        "rank": np.arange(1, len(table) + 1),
+        "synthetic file": [syn_names[int(i)] for i in table["synthetic_index"]],
+        "training file": [train_names[int(i)] for i in table["best_train_index"]],
+        "correlation": table["best_train_correlation"].to_numpy(float),
+        "margin to τ": table["margin"].to_numpy(float),
+    })
+    return pairs, shown
+
+
+def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit], *, train_set: Any,
+                  syn_sets: Mapping[str, Any], preprocess: Any, skipped: pd.DataFrame, out_dir: Path,
+                  spatial_dims: int) -> Path:
+    """Figures (``figures/*.png``) and the self-contained ``report.html`` of an audit."""
+    from memscan.report import (
+        ReportContent,
+        ReportSection,
+        comparison_table,
+        figure_to_png,
+        plot_distributions,
+        plot_pair_gallery,
+        set_headline,
+        verdict,
+        write_report,
+    )
+    from memscan.report.figures import save_figure
+    from memscan.report.tables import format_fraction, interval
+
+    first = next(iter(set_audits.values()))
+    tau = float(first.match.threshold)
+    pct = float(summary["percentile"])
+    figures_dir = out_dir / "figures"
+    dist_png = figure_to_png(plot_distributions(first.match.best_val_for_train,
+                                                {n: sa.match.best_synthetic_for_train for n, sa in set_audits.items()},
+                                                tau, percentile=pct))
+    save_figure(dist_png, figures_dir / "distributions.png")
+    train_names = _relative_names([r["image"] for r in train_set.records])
+    sections = []
+    for name, sa in set_audits.items():
+        syn_records = syn_sets[name].records
+        syn_names = _relative_names([r["image"] for r in syn_records])
+        level, text = verdict(sa.block)
+        figs, tables = [], []
+        for kind, title in (("copies", "Strongest copies"), ("borderline", "Borderline pairs just below τ")):
+            pairs, shown = _pairs(sa, kind, tau, train_set.records, syn_records, preprocess, train_names, syn_names)
+            png = figure_to_png(plot_pair_gallery(pairs, title=f"{name}: {title.lower()}", threshold=tau,
+                                                  spatial_dims=spatial_dims))
+            save_figure(png, figures_dir / f"{kind}_{name}.png")
+            caption = (f"{title}: each row a training image (left) beside the synthetic image that matches it "
+                       f"(right), ranked by correlation" + ("; six evenly spaced slices per volume"
+                                                             if spatial_dims == 3 else ""))
+            figs.append((caption, png))
+            tables.append((f"{title} ({len(shown)} shown; all in synthetic_matches.csv)", shown))
+        notes = [f"{sa.block.get('n_unauthentic', 0)} synthetic images are closer to a training image than any "
+                 f"other training image is (authenticity {sa.block.get('authenticity', float('nan')):.3f})."]
+        sections.append(ReportSection(name=name, verdict_level=level, verdict=text, headline=set_headline(sa.block),
+                                      figures=figs, tables=tables, notes=notes))
+    banners = []
+    for w in summary["warnings"]:
+        if "POSITIVE CONTROLS" in w:
+            banners.append(("copies" if w.startswith("WARNING") else "review", w))
+        elif w.startswith("release gate failed"):
+            banners.append(("copies", w))
+    controls = summary.get("controls", {})
+    if controls.get("n"):
+        if controls.get("share_caught", 0) >= 1.0:
+            banners.append(("clean", f"Positive controls: all {controls['n']} perturbed training images were caught "
+                                     f"— the detector finds near-copies."))
+    tau_ci = interval(first.block, "threshold")
+    overview = [
+        ("threshold τ", f"{tau:.4f}" + (f" (95% CI {tau_ci[0]:.4f}–{tau_ci[1]:.4f})" if tau_ci else "")),
+        ("percentile", f"{pct:g}"),
+        ("training images", f"{first.block['n_train']} ({first.block.get('n_train_subjects', '?')} patients)"),
+        ("validation images", str(first.block["n_val"])),
+        ("null rate (memorized)", format_fraction(first.block.get("null_rate"))),
+        ("null rate (copies)", format_fraction(first.block.get("null_rate_copies"))),
+        ("expected by construction", format_fraction(first.block.get("null_rate_expected"))),
+    ]
+    if controls.get("n"):
+        overview.append(("positive controls caught", f"{controls.get('n_caught', 0)} of {controls['n']}"))
+    overview.append(("skipped files", str(summary["n_skipped"])))
+    prov = summary["provenance"]
+    provenance = {k: prov[k] for k in ("memscan_version", "monai_version", "torch_version", "checkpoint_sha256",
+                                       "encoder_source", "started_utc")}
+    provenance.update({f"config.{k}": v for k, v in prov["config"].items()})
+    provenance.update({f"input.{k}": f"{v['n_files']} files, {v['n_skipped']} skipped, list sha256 "
+                                     f"{v['file_list_sha256'][:16]}…" for k, v in prov["inputs"].items()})
+    redact = set()
+    for s in (train_set, *syn_sets.values()):
+        for r in s.records:
+            subject = str(r.get("subject_id", ""))
+            if subject and subject not in str(r["image"]):
+                redact.add(subject)  # e.g. a DICOM PatientID: never shown in the report
+    pattern = re.compile("|".join(rf"(?<![\w-]){re.escape(t)}(?![\w-])" for t in sorted(redact, key=len, reverse=True))
+                         ) if redact else None
+
+    def scrub(text: str) -> str:
+        return pattern.sub("[patient id]", text) if pattern is not None else text
+
+    shown_skipped = skipped[["set", "path", "reason"]].copy() if len(skipped) else skipped
+    if len(shown_skipped):
+        shown_skipped["reason"] = [scrub(str(r)) for r in shown_skipped["reason"]]
+    content = ReportContent(
+        title=f"memscan audit — {', '.join(set_audits)}",
+        intro=(f"{spatial_dims}D audit of {len(set_audits)} synthetic set(s) against {first.block['n_train']} "
+               f"training images, with τ calibrated on {first.block['n_val']} validation images of other "
+               f"patients. Encoder: {prov['config']['arch']} ({prov['encoder_source']})."),
+        banners=banners, overview=overview,
+        comparison=comparison_table({n: sa.block for n, sa in set_audits.items()}),
+        figures=[("The paper's figure: for every training image, its best correlation with a validation image "
+                  "(blue; τ is its percentile) and with a synthetic image (orange). Orange mass right of τ = "
+                  "memorized training images.", dist_png)],
+        sections=sections, skipped=shown_skipped, warnings=[scrub(w) for w in summary["warnings"]],
+        method=_METHOD, provenance=provenance,
+    )
+    return write_report(content, out_dir / "report.html")
+
+
+def audit(
+    train: Any,
+    val: Any,
+    synthetic: Any,
+    *,
+    out_dir: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | None = None,
+    bundle: str | os.PathLike[str] | None = None,
+    epochs: int | None = None,
+    image_size: int | Sequence[int] | None = None,
+    spatial_dims: int | None = None,
+    percentile: float = 95.0,
+    device: str = "auto",
+    controls: int = DEFAULT_CONTROLS,
+    fail_above: float | None = None,
+    export_clean: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    layout: str = "auto",
+    subject_regex: str | None = None,
+    strict: bool = False,
+    batch_size: int = 16,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    train_overrides: Mapping[str, Any] | None = None,
+) -> AuditResult:
+    """Audit one or more synthetic sets for copies of the training patients (Dar et al. 2025).
+
+    Args:
+        train: the generative model's training images: folder, CSV manifest, NIH / MRNet root, or an ``ImageSet``.
+        val: held-out real images of *other* patients (calibrate τ), same kinds.
+        synthetic: one source, a list of sources, or ``{name: source}`` for several sets compared side by side.
+        out_dir: output folder (must be empty or new, unless ``overwrite`` or it holds an interrupted audit).
+        checkpoint: encoder checkpoint (plain state_dict). Takes precedence over the bundle's ``models/model.pt``.
+        bundle: bundle folder (or name: ``memscan_cxr_2d`` / ``memscan_knee_3d``) whose settings define the
+            encoder and preprocessing; its ``models/model.pt`` is used when no ``checkpoint`` is given.
+        epochs, image_size: when neither checkpoint nor bundle model exists, a small encoder is trained on
+            ``train`` with these (memscan's ``default`` preset otherwise).
+        spatial_dims: 2 or 3; inferred from the training set when None.
+        percentile: τ's percentile of the train→validation best correlations.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        controls: number of positive controls (perturbed training images embedded beside the synthetic sets; their
+            catch rate is reported and they are excluded from every statistic). 0 disables them.
+        fail_above: release gate: ``gate_failed`` is set when any set's copy fraction exceeds it.
+        export_clean: folder receiving the synthetic files that are not copies (names and formats kept; one
+            sub-folder per set when several sets are audited).
+        overwrite: allow a non-empty ``out_dir`` / ``export_clean``.
+        layout, subject_regex, strict: passed to :func:`memscan.data.load_image_set`.
+        batch_size: embedding batch size.
+        n_bootstrap: bootstrap draws for the intervals.
+        seed: seed of the controls, bootstrap, null split and k-means.
+        train_overrides: extra bundle config overrides when training the encoder (e.g. ``{"arch": "resnet10"}``).
+
+    Returns:
+        :class:`AuditResult`.
+
+    Raises:
+        InputError: unusable inputs (after the preflight), bad arguments, a non-empty output folder, a checkpoint
+            that does not fit the encoder.
+    """
+    import monai
+    import torch
+
+    from memscan.data import check_sets
+    from memscan.embed import embed_images
+    from memscan.metrics import match, resolve_device, topk_correlation
+    from memscan.networks import build_encoder, load_encoder_checkpoint
+
+    started = time.time()
+    _check_args(percentile, controls, fail_above, batch_size)
+    sources = _synthetic_sources(synthetic)
+    out = Path(out_dir).expanduser().resolve()
+    export_dir = None if export_clean is None else Path(export_clean).expanduser().resolve()
+    if export_dir is not None and (export_dir == out or out in export_dir.parents):
+        raise InputError(export_dir, "the clean export must go outside the audit's output folder")
+    resumed = _prepare_out_dir(out, overwrite)
+    if resumed:
+        logger.info("resuming the interrupted audit in %s (cached embeddings are reused)", out)
+    warnings: list[str] = []
+
+    # 1. preflight ------------------------------------------------------------------------------------------
+    logger.info("preflight: reading the training, validation and %d synthetic set(s)", len(sources))
+    train_set = _load_set(train, "train", layout=layout, subject_regex=subject_regex, strict=strict,
+                          spatial_dims=spatial_dims)
+    dims = int(spatial_dims or train_set.spatial_dims)
+    val_set = _load_set(val, "val", layout=layout, subject_regex=subject_regex, strict=strict, spatial_dims=dims)
+    syn_sets = {name: _load_set(src, name, layout=layout, subject_regex=subject_regex, strict=strict,
+                                spatial_dims=dims) for name, src in sources.items()}
+    for s in (train_set, val_set, *syn_sets.values()):
+        if int(s.spatial_dims) != dims:
+            raise InputError(s.source or s.name, f"set '{s.name}' is {s.spatial_dims}D but the audit is {dims}D")
+    report = check_sets(train_set, val_set, syn_sets)
+    warnings.extend(str(w) for w in getattr(report, "warnings", []))
+    if not getattr(report, "usable", True):
+        problems = getattr(report, "errors", None) or [report.to_text().strip().splitlines()[-1]]
+        raise InputError("preflight", "; ".join(str(p) for p in problems))
+    skipped = pd.concat([s.skipped for s in (train_set, val_set, *syn_sets.values())], ignore_index=True)
+    if len(train_set) < 2 or len(val_set) < 2:
+        raise InputError("preflight", f"need at least 2 training and 2 validation images "
+                                      f"(got {len(train_set)} and {len(val_set)})")
+
+    # 2. encoder ----------------------------------------------------------------------------------------------
+    bundle_path = _resolve_bundle(bundle, dims)
+    settings = _bundle_settings(bundle_path, dims)
+    if image_size is not None:
+        from memscan.training import as_spatial_size
+
+        settings["image_size"] = list(as_spatial_size(image_size, dims))
+    overrides = dict(train_overrides or {})
+    for key in ("arch", "embedding_dim"):
+        if key in overrides:
+            settings[key] = overrides[key]
+    ckpt: Path | None = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint).expanduser()
+        source_kind = "checkpoint"
+    elif bundle_path is not None and (bundle_path / "models" / "model.pt").is_file():
+        ckpt = bundle_path / "models" / "model.pt"
+        source_kind = "bundle model"
+    if ckpt is not None and not ckpt.is_file():
+        raise InputError(ckpt, "checkpoint file not found")
+    if ckpt is None:
+        from memscan.training import train_encoder
+
+        source_kind = "trained on the training set"
+        logger.info("no checkpoint given: training a %s encoder on %d training images", settings["arch"],
+                    len(train_set))
+        train_over: dict[str, Any] = {"arch": settings["arch"], "embedding_dim": int(settings["embedding_dim"])}
+        if device != "auto":
+            train_over["device"] = f"$torch.device('{resolve_device(device)}')"
+        train_over.update(overrides)
+        ckpt = train_encoder(train_set, val_set, spatial_dims=dims, out_dir=out / "encoder", epochs=epochs,
+                             image_size=settings["image_size"], overrides=train_over or None)
+    network = build_encoder(dims, str(settings["arch"]), int(settings["embedding_dim"]))
+    network = load_encoder_checkpoint(network, ckpt)
+    network.eval()
+    ckpt_sha = _sha256_file(ckpt)
+    preprocess_cfg = _preprocess_config(dims, settings)
+    preprocess = _StableCompose(preprocess_cfg)
+
+    # 3. embeddings -------------------------------------------------------------------------------------------
+    cache_dir = out / "embeddings" / "cache"
+    all_sets = {"train": train_set, "val": val_set, **syn_sets}
+    embeddings: dict[str, np.ndarray] = {}
+    for name, s in all_sets.items():
+        logger.info("embedding %s: %d image(s)", name, len(s))
+        emb = embed_images(network, s.records, preprocess, batch_size=batch_size, device=device,
+                           cache_dir=cache_dir, checkpoint_sha256=ckpt_sha)
+        embeddings[name] = np.asarray(emb, dtype=np.float32)
+        _write_npy(out / "embeddings" / f"{name}.npy", embeddings[name])
+        from memscan.report.tables import write_csv
+
+        write_csv(pd.DataFrame({"index": np.arange(len(s)), "path": [r["image"] for r in s.records],
+                                "subject_id": [r.get("subject_id") for r in s.records]}),
+                  out / "embeddings" / f"{name}_files.csv")
+
+    # positive controls: perturbed training images, embedded with the synthetic sets, never in the statistics
+    rng = np.random.default_rng(seed)
+    n_controls = int(min(controls, len(train_set)))
+    control_src = np.sort(rng.choice(len(train_set), size=n_controls, replace=False)) if n_controls else np.array([], int)
+    control_emb = None
+    if n_controls:
+        from memscan.training import as_spatial_size
+
+        logger.info("embedding %d positive control(s) (perturbed training images)", n_controls)
+        ctrl_tf = _controls_transform(preprocess, as_spatial_size(settings["image_size"], dims), seed)
+        control_emb = np.asarray(embed_images(network, [train_set.records[i] for i in control_src], ctrl_tf,
+                                              batch_size=batch_size, device=device, cache_dir=None), np.float32)
+
+    # 4. matching ---------------------------------------------------------------------------------------------
+    train_paths = [r["image"] for r in train_set.records]
+    train_subjects = [str(r.get("subject_id")) for r in train_set.records]
+    val_subjects = [str(r.get("subject_id")) for r in val_set.records]
+    set_audits: dict[str, SetAudit] = {}
+    controls_block: dict[str, Any] = {"n": n_controls}
+    for name, s in syn_sets.items():
+        logger.info("matching %s against the training set", name)
+        syn_paths = [r["image"] for r in s.records]
+        res = match(embeddings["train"], embeddings["val"], embeddings[name], percentile, device,
+                    train_subjects=train_subjects, val_subjects=val_subjects, n_bootstrap=n_bootstrap, seed=seed,
+                    train_ids=train_paths, synthetic_ids=syn_paths)
+        block = dict(res.summary)
+        n_subj_mem, n_subj = _subject_counts(train_set.records, res.train_table["memorized"].to_numpy(bool))
+        block.update({"n_memorized_subjects": n_subj_mem, "n_train_subjects": n_subj,
+                      "frac_memorized_subjects": n_subj_mem / n_subj if n_subj else None})
+        ct = data_copying_statistic(embeddings["train"], embeddings["val"], embeddings[name], seed=seed,
+                                    device=device)
+        auth = authenticity_score(embeddings["train"], embeddings[name],
+                                  best_train_index=res.synthetic_table["best_train_index"].to_numpy(),
+                                  best_train_correlation=res.synthetic_table["correlation"].to_numpy(),
+                                  device=device)
+        block.update({k: v for k, v in ct.items()})
+        block.update({"authenticity": auth["authenticity"], "n_unauthentic": auth["n_unauthentic"]})
+        if n_controls and not controls_block.get("threshold"):
+            values, indices = topk_correlation(control_emb, embeddings["train"], 1, device=device)
+            caught = values[:, 0] > res.threshold
+            controls_block.update({
+                "n_caught": int(caught.sum()), "share_caught": float(caught.mean()),
+                "n_matched_to_source": int((caught & (indices[:, 0] == control_src)).sum()),
+                "threshold": res.threshold, "correlations": values[:, 0].tolist(),
+                "source_files": [train_paths[i] for i in control_src],
+            })
+        block["controls"] = {k: controls_block.get(k) for k in ("n", "n_caught", "share_caught",
+                                                                  "n_matched_to_source")}
+        syn_table = res.synthetic_table.rename(columns={"synthetic_id": "path", "best_train_id": "train_path",
+                                                        "correlation": "best_train_correlation"})
+        syn_table.insert(0, "synthetic_set", name)
+        syn_table["authentic"] = ~auth["unauthentic"]
+        train_table = res.train_table.rename(columns={"train_id": "path", "best_synthetic_id": "synthetic_path",
+                                                      "correlation": "best_synthetic_correlation"})
+        train_table.insert(0, "synthetic_set", name)
+        train_table.insert(3, "subject_id", train_subjects)
+        set_audits[name] = SetAudit(name=name, match=res, block=block, synthetic_table=syn_table,
+                                    train_table=train_table)
+    if n_controls:
+        share = controls_block["share_caught"]
+        if share < 1.0:
+            msg = (f"POSITIVE CONTROLS NOT CAUGHT: only {controls_block['n_caught']} of {n_controls} perturbed "
+                   f"training images were flagged as copies. This audit may miss real copies: train the encoder "
+                   f"longer or on more data, or check the preprocessing.")
+            if share < 0.5:
+                msg = "WARNING — " + msg
+            warnings.append(msg)
+            logger.warning(msg)
+
+    # 5. outputs ------------------------------------------------------------------------------------------------
+    from memscan.report.tables import write_csv
+
+    write_csv(pd.concat([sa.train_table for sa in set_audits.values()], ignore_index=True), out / "train_matches.csv")
+    write_csv(pd.concat([sa.synthetic_table for sa in set_audits.values()], ignore_index=True),
+              out / "synthetic_matches.csv")
+    write_csv(skipped, out / "skipped.csv")
+
+    gate_failed = False
+    if fail_above is not None:
+        over = [n for n, sa in set_audits.items() if sa.block["frac_copies_synthetic"] > fail_above]
+        gate_failed = bool(over)
+        if over:
+            warnings.append(f"release gate failed: copy fraction above {fail_above:g} in {', '.join(over)}")
+    exported: dict[str, list[str]] = {}
+    if export_dir is not None:
+        exported = _export_clean(set_audits, {n: s.records for n, s in syn_sets.items()}, export_dir, overwrite)
+
+    first = next(iter(set_audits.values()))
+    metric_keys = {k: v for k, v in first.block.items() if k in first.match.summary}
+    summary: dict[str, Any] = dict(metric_keys)
+    summary.update({
+        "synthetic_set_names": list(set_audits),
+        "synthetic_sets": {n: sa.block for n, sa in set_audits.items()},
+        "controls": {k: v for k, v in controls_block.items() if k != "correlations"},
+        "skipped": {s.name: int(len(s.skipped)) for s in all_sets.values()},
+        "n_skipped": int(len(skipped)),
+        "warnings": warnings,
+        "gate": {"fail_above": fail_above, "failed": gate_failed},
+        "export_clean": None if export_dir is None else {"dir": str(export_dir),
+                                                          "n_files": {n: len(v) for n, v in exported.items()}},
+        "provenance": {
+            "memscan_version": __version__,
+            "monai_version": monai.__version__,
+            "torch_version": torch.__version__,
+            "numpy_version": np.__version__,
+            "python_version": platform.python_version(),
+            "checkpoint": str(ckpt),
+            "checkpoint_sha256": ckpt_sha,
+            "encoder_source": source_kind,
+            "bundle": None if bundle_path is None else str(bundle_path),
+            "config": {
+                "spatial_dims": dims, "arch": settings["arch"], "embedding_dim": int(settings["embedding_dim"]),
+                "image_size": list(settings["image_size"]), "preprocess": repr(preprocess_cfg),
+                "percentile": float(percentile), "device": str(resolve_device(device)), "controls": int(controls),
+                "batch_size": int(batch_size), "n_bootstrap": int(n_bootstrap), "seed": int(seed),
+                "epochs": epochs, "layout": layout, "subject_regex": subject_regex, "strict": bool(strict),
+                "fail_above": fail_above,
+            },
+            "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),
+                                "n_skipped": int(len(s.skipped)),
+                                "file_list_sha256": _file_list_hash([r["image"] for r in s.records])}
+                       for s in all_sets.values()},
+            "resumed": resumed,
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "seconds": round(time.time() - started, 2),
+        },
+    })
+    report_path = _build_report(summary, set_audits, train_set=train_set, syn_sets=syn_sets, preprocess=preprocess,
+                               skipped=skipped, out_dir=out, spatial_dims=dims)
+    summary["provenance"]["seconds"] = round(time.time() - started, 2)
+    _write_json(out / "summary.json", summary)
+    (out / _MARKER).unlink(missing_ok=True)
+    logger.info("audit written to %s (report: %s)", out, report_path)
+    return AuditResult(out_dir=out, summary=summary, sets=set_audits, report_path=report_path, checkpoint=Path(ckpt),
+                       gate_failed=gate_failed, exported=exported, warnings=warnings)
