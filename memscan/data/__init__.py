@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memscan.data.discovery import LAYOUTS, MRNET_PLANES, ImageSet, detect_layout, discover, load_image_set
+from memscan.data.check import CheckReport, check_sets, check_sources
+from memscan.data.discovery import (
+    LAYOUTS,
+    MRNET_PLANES,
+    ImageSet,
+    detect_layout,
+    discover,
+    load_image_set,
+    records_to_manifest,
+)
 from memscan.data.readers import MemscanReader, SimpleITKReader, probe_image
 from memscan.data.subjects import split_by_subject, subject_overlap
 from memscan.data.transforms import (
@@ -32,12 +41,15 @@ __all__ = [
     "AUGMENT_PRESETS",
     "LAYOUTS",
     "MRNET_PLANES",
+    "CheckReport",
     "EnsureSpatialDimsd",
     "ImageSet",
     "MemscanReader",
     "PreprocessConfig",
     "SimpleITKReader",
     "ToGreyd",
+    "check_sets",
+    "check_sources",
     "demo_data_dir",
     "detect_layout",
     "discover",
@@ -45,6 +57,7 @@ __all__ = [
     "make_dataset",
     "preprocess_transforms",
     "probe_image",
+    "records_to_manifest",
     "split_by_subject",
     "subject_overlap",
     "view_transforms",

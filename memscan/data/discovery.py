@@ -32,6 +32,7 @@ __all__ = [
     "discover",
     "load_image_set",
     "SKIPPED_COLUMNS",
+    "records_to_manifest",
 ]
 
 logger = logging.getLogger("memscan.data")
@@ -558,3 +559,16 @@ def load_image_set(
         source=str(source),
         layout=used_layout,
     )
+
+
+def records_to_manifest(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Manifest table for ``records``: ``path`` (absolute), ``subject_id``, then the extra columns.
+
+    Written with :func:`memscan.data.check.write_csv_atomic`, it loads back with ``layout="manifest"``.
+    """
+    rows = []
+    for r in records:
+        row = {"path": str(Path(r["image"]).resolve()), "subject_id": r["subject_id"]}
+        row.update({k: v for k, v in r.items() if k not in _RESERVED})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["path", "subject_id"])
