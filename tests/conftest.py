@@ -95,3 +95,67 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip("real data folder ../shared/data/real not present")
     return REAL_DATA
+
+
+def write_dicom(
+    path: Path,
+    arr: np.ndarray,
+    *,
+    patient_id: str = "P1",
+    photometric: str = "MONOCHROME2",
+    slope: float | None = None,
+    intercept: float | None = None,
+    series_uid: str | None = None,
+    position: Sequence[float] | None = None,
+    multiframe: bool = False,
+) -> Path:
+    """Write a minimal valid uint16 DICOM file (2D; ``multiframe`` writes a 3D array as frames).
+
+    ``position`` adds ImagePositionPatient/ImageOrientationPatient/PixelSpacing (a slice of a volume series).
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    arr = np.ascontiguousarray(arr.astype(np.uint16))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientID = patient_id
+    ds.Modality = "OT"
+    if multiframe:
+        ds.NumberOfFrames = arr.shape[0]
+    ds.Rows, ds.Columns = arr.shape[-2], arr.shape[-1]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if slope is not None:
+        ds.RescaleSlope = slope
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    if position is not None:
+        ds.ImagePositionPatient = [float(p) for p in position]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.SliceThickness = 1.0
+        ds.InstanceNumber = int(position[2]) + 1
+    ds.PixelData = arr.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def write_dicom_series(folder: Path, vol: np.ndarray, patient_id: str = "P1") -> Path:
+    """Write a (slices, rows, cols) volume as one DICOM series, one file per slice, in ``folder``."""
+    from pydicom.uid import generate_uid
+
+    uid = generate_uid()
+    for z in range(vol.shape[0]):
+        write_dicom(folder / f"slice{z:03d}.dcm", vol[z], patient_id=patient_id, series_uid=uid, position=(0, 0, z))
+    return folder

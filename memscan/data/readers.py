@@ -184,11 +184,38 @@ class MemscanReader(ImageReader):
             arr, meta = self.readers[fmt].get_data(obj)
         if fmt == "dicom":
             first = obj[0] if isinstance(obj, list) else obj
+            if not isinstance(obj, list) and int(getattr(obj, "NumberOfFrames", 1) or 1) > 1 and arr.ndim == 3:
+                arr, meta = _fix_multiframe(obj, arr, meta)
             if str(getattr(first, "PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
                 # MONOCHROME1: low values are bright; flip within the image's own range so air stays dark
                 arr = arr.max() + arr.min() - arr
         meta["memscan_format"] = fmt
         return arr, meta
+
+
+def _fix_multiframe(ds: Any, arr: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
+    """Put a grey multi-frame DICOM into (x=column, y=row, z=frame) order with a spacing-only affine.
+
+    PydicomReader swaps the first two axes of ``pixel_array`` as if it were (row, column, ...), which for
+    (frame, row, column) data yields (row, frame, column).
+    """
+    arr = np.ascontiguousarray(np.transpose(arr, (2, 0, 1)))  # (row, frame, col) -> (col, row, frame)
+    try:
+        dr, dc = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        dr = dc = 1.0
+    dz = float(getattr(ds, "SpacingBetweenSlices", 0) or getattr(ds, "SliceThickness", 0) or 1.0)
+    affine = np.diag([dc, dr, dz, 1.0])
+    meta = dict(meta)
+    meta.update(
+        {
+            "affine": affine,
+            "original_affine": affine.copy(),
+            "spatial_shape": tuple(arr.shape),
+            "original_channel_dim": float("nan"),
+        }
+    )
+    return arr, meta
 
 
 @dataclass(frozen=True)
