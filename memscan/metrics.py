@@ -1,0 +1,842 @@
+"""Memorization metrics: Pearson correlation, exact blockwise top-k, the threshold τ, statistics and bootstrap.
+
+Method (Dar et al., "Unconditional latent diffusion models memorize patient imaging data", Nat. Biomed. Eng. 2025):
+
+1. Pearson correlation between embedding vectors (equal to ``1 - scipy.spatial.distance.cdist(a, b, "correlation")``).
+2. For each training sample its best correlation with the validation set (held-out real images of other
+   patients); τ = the p-th percentile (default 95, numpy's ``"linear"`` interpolation) of those best values.
+3. A training sample is *memorized* when its best synthetic correlation is > τ (``N_mem``); a synthetic sample
+   is a *copy* when its best training correlation is > τ (``N_copies``).
+
+Fractions: ``frac_memorized_train = N_mem / n_train`` and ``frac_copies_synthetic = N_copies / n_synthetic``.
+The paper's notebook divided ``N_copies`` by the number of *training* samples; memscan divides by the number of
+synthetic samples, which is the fraction of the generated data that are copies.
+
+Precision: rows are centred and L2-normalised in float64, then the correlation products are computed in
+``dtype`` (float32 by default: agrees with scipy to ~1e-6, always within 1e-5; pass ``dtype="float64"`` for
+exact comparisons). Values are returned as float64 numpy arrays.
+
+Correlations are computed block by block (never the whole N×M matrix); the block size follows the free memory
+of the device (``/proc/meminfo`` or ``os.sysconf`` on the CPU, ``torch.cuda.mem_get_info`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle  # noqa: S403 - only for its exception type; nothing is unpickled
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from memscan import __version__
+from memscan.errors import InputError
+
+__all__ = [
+    "resolve_device",
+    "pearson",
+    "topk_correlation",
+    "percentile",
+    "calibrate_threshold",
+    "match",
+    "MatchResult",
+    "load_embeddings",
+    "load_embedding_sets",
+    "validate_embeddings",
+]
+
+logger = logging.getLogger(__name__)
+
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+
+_CPU_TILE_CAP = 1 << 22  # 4M elements (16 MB in float32): tiles stay in cache for the max/top-k pass
+_GPU_TILE_CAP = 1 << 28  # 256M elements (1 GiB in float32)
+_STANDARDIZE_CHUNK = 1 << 16  # rows standardised at a time (bounds the float64 temporary)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# devices, dtypes, memory
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` into a device.
+
+    Raises:
+        InputError: for an unknown device string or a CUDA device that is not available.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        name = str(device).strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(name)
+        except RuntimeError as err:
+            raise InputError("device", f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device", f"{dev} was requested but CUDA is not available (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError("device", f"{dev} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif dev.type != "cpu":
+        raise InputError("device", f"unsupported device {dev} (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    table = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
+             torch.float64: torch.float64}
+    if dtype not in table:
+        raise InputError("dtype", f"unsupported dtype {dtype!r} (use float32 or float64)")
+    return table[dtype]
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    """Free memory available to tiles on ``device`` (psutil is not a dependency, so read the OS directly)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+def _block_shape(n: int, m: int, device: torch.device, dtype: torch.dtype,
+                 block_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """Rows of query and reference per tile: explicit ``block_size`` or chosen from free memory."""
+    if block_size is not None:
+        bq, br = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+        if int(bq) < 1 or int(br) < 1:
+            raise InputError("block_size", f"must be >= 1, got {block_size!r}")
+        return max(1, min(n, int(bq))), max(1, min(m, int(br)))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # a tile, its comparison mask and top-k scratch: budget an eighth of free memory for it
+    budget = _free_memory_bytes(device) // (8 * itemsize)
+    cap = _GPU_TILE_CAP if device.type == "cuda" else _CPU_TILE_CAP
+    elems = int(max(1 << 12, min(budget, cap)))
+    row_block = 8192 if device.type == "cuda" else 512
+    br = max(1, min(m, elems // min(n, row_block)))
+    bq = max(1, min(n, elems // br))
+    return bq, br
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------------------------
+def validate_embeddings(array: ArrayLike, source: str | Path = "embeddings") -> np.ndarray:
+    """Check that ``array`` is a usable embedding matrix and return it as a float numpy array.
+
+    Checks: numeric, 2-D, at least one row and one column, every value finite, no row with zero variance
+    (its correlation is undefined).
+
+    Args:
+        array: N×D embeddings (numpy array, torch tensor or nested sequence).
+        source: file or set name used in error messages.
+
+    Returns:
+        The embeddings as a float32 or float64 numpy array (integers become float64).
+
+    Raises:
+        InputError: naming ``source`` and, for bad values, the first bad row.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    try:
+        arr = np.asarray(array)
+    except (ValueError, TypeError) as err:
+        raise InputError(source, f"not a numeric array ({err})") from err
+    if arr.dtype.kind in "biu":
+        arr = arr.astype(np.float64)
+    elif arr.dtype.kind != "f":
+        raise InputError(source, f"embeddings must be real numbers, got dtype {arr.dtype}")
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    if arr.ndim != 2:
+        raise InputError(source, f"embeddings must be 2-D (samples × features), got shape {tuple(arr.shape)}")
+    if arr.shape[0] == 0:
+        raise InputError(source, "no samples (0 rows)")
+    if arr.shape[1] == 0:
+        raise InputError(source, "embeddings have 0 features")
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise InputError(source, "embedding contains NaN or Inf", row=row)
+    constant = arr.max(axis=1) == arr.min(axis=1)
+    if constant.any():
+        row = int(np.flatnonzero(constant)[0])
+        raise InputError(source, "embedding has zero variance (all features equal): correlation is undefined",
+                         row=row)
+    return arr
+
+
+def load_embeddings(path: str | Path) -> np.ndarray:
+    """Load and validate an embedding matrix from ``.npy``, ``.npz`` (exactly one array) or ``.pt`` (a tensor).
+
+    Pickles are never executed: ``.npy``/``.npz`` load with ``allow_pickle=False`` and ``.pt`` with
+    ``torch.load(weights_only=True)``.
+
+    Raises:
+        InputError: missing, unreadable, pickled or corrupt file, wrong content, or any check of
+            :func:`validate_embeddings`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            with open(path, "rb") as fh:
+                if fh.read(6) != b"\x93NUMPY":
+                    raise InputError(path, "not a .npy array file (corrupt, truncated or another format)")
+            array: Any = np.load(path, allow_pickle=False)
+        elif suffix == ".npz":
+            with open(path, "rb") as fh:
+                if fh.read(2) != b"PK":
+                    raise InputError(path, "not a .npz archive (corrupt, truncated or another format)")
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if len(names) != 1:
+                    raise InputError(path, f".npz must hold exactly one array, found {len(names)} ({names[:5]})")
+                array = archive[names[0]]
+        elif suffix in (".pt", ".pth"):
+            with open(path, "rb") as fh:
+                if fh.read(2)[:1] not in (b"P", b"\x80"):  # zip (torch.save) or legacy pickle stream
+                    raise InputError(path, "not a torch .pt file (corrupt, truncated or another format)")
+            array = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(array, torch.Tensor):
+                raise InputError(path, f".pt file must hold a single tensor, found {type(array).__name__}")
+            array = array.detach().to(torch.float64 if array.dtype == torch.float64 else torch.float32).numpy()
+        else:
+            raise InputError(path, f"unsupported file type {path.suffix!r} (use .npy, .npz or .pt)")
+    except InputError:
+        raise
+    except ValueError as err:
+        if "pickle" in str(err).lower():
+            raise InputError(path, "file holds pickled objects; refusing to load (save a plain numeric array)") \
+                from err
+        raise InputError(path, f"corrupt or unreadable file ({err})") from err
+    except (OSError, EOFError, RuntimeError, zipfile.BadZipFile, TypeError, KeyError,
+            pickle.UnpicklingError) as err:
+        if "weights_only" in str(err):
+            raise InputError(path, "file holds pickled Python objects, not a plain tensor; refusing to load") \
+                from err
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(path, f"corrupt or unreadable file ({msg[:200]})") from err
+    except Exception as err:  # noqa: BLE001 - any other decoder failure is a corrupt file, not a crash
+        raise InputError(path, f"corrupt or unreadable file ({type(err).__name__})") from err
+    return validate_embeddings(array, path)
+
+
+def _check_dims(sets: Sequence[tuple[str | Path, np.ndarray]]) -> None:
+    """All sets must share the first set's embedding dimension (the error names both sources)."""
+    first_name, first = sets[0]
+    for name, arr in sets[1:]:
+        if arr.shape[1] != first.shape[1]:
+            raise InputError(name, f"embedding dimension {arr.shape[1]} does not match {first_name} "
+                                   f"(dimension {first.shape[1]})")
+
+
+def load_embedding_sets(train: str | Path, val: str | Path, synthetic: str | Path
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Load the train, validation and synthetic embedding files; check they share one dimension."""
+    sets = [(path, load_embeddings(path)) for path in (train, val, synthetic)]
+    _check_dims(sets)
+    return sets[0][1], sets[1][1], sets[2][1]
+
+
+def _group_codes(query_groups: ArrayLike | None, reference_groups: ArrayLike | None, n: int, m: int,
+                 names: tuple[str, str] = ("query_groups", "reference_groups"),
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Map two arrays of subject ids (strings or ints) onto shared int64 codes; None unless both are given."""
+    if query_groups is None or reference_groups is None:
+        return None, None
+    q = np.asarray(query_groups, dtype=object).ravel()
+    r = np.asarray(reference_groups, dtype=object).ravel()
+    for arr, size, name in ((q, n, names[0]), (r, m, names[1])):
+        if len(arr) != size:
+            raise InputError(name, f"has {len(arr)} subject ids for {size} embeddings")
+    codes, _uniques = pd.factorize(np.concatenate([q, r]), use_na_sentinel=False)
+    return codes[:n].astype(np.int64), codes[n:].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# correlation and search
+# ----------------------------------------------------------------------------------------------------------------
+def _standardize(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Centre each row and scale it to unit L2 norm (in float64), so a matrix product gives Pearson r."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    out = torch.empty((x.shape[0], x.shape[1]), dtype=dtype, device=device)
+    for start in range(0, x.shape[0], _STANDARDIZE_CHUNK):
+        chunk = torch.as_tensor(x[start:start + _STANDARDIZE_CHUNK]).to(device=device, dtype=torch.float64)
+        chunk = chunk - chunk.mean(dim=1, keepdim=True)
+        chunk = chunk / torch.linalg.vector_norm(chunk, dim=1, keepdim=True)
+        out[start:start + chunk.shape[0]] = chunk.to(dtype)
+    return out
+
+
+def pearson(a: ArrayLike, b: ArrayLike, device: str | torch.device = "auto",
+            dtype: str | torch.dtype = "float32") -> torch.Tensor:
+    """Dense Pearson correlation matrix between the rows of ``a`` (N×D) and ``b`` (M×D).
+
+    Equal to ``1 - scipy.spatial.distance.cdist(a, b, "correlation")``. Holds the whole N×M matrix: use
+    :func:`topk_correlation` for large sets.
+
+    Returns:
+        N×M tensor on ``device`` in ``dtype``.
+    """
+    dev, dt = resolve_device(device), _resolve_dtype(dtype)
+    a_arr, b_arr = validate_embeddings(a, "a"), validate_embeddings(b, "b")
+    _check_dims([("a", a_arr), ("b", b_arr)])
+    return _standardize(a_arr, dev, dt) @ _standardize(b_arr, dev, dt).T
+
+
+def _tile_topk(tile: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each tile row ordered by (value desc, column asc): exact tie-breaking to the lowest column.
+
+    ``torch.topk`` picks an arbitrary member of a tie at the k-th value, so rows with such a tie are redone with
+    a stable descending sort (rare on real data; all rows only for degenerate inputs).
+    """
+    vals, idx = torch.topk(tile, k, dim=1, largest=True, sorted=True)
+    ambiguous = (tile >= vals[:, -1:]).sum(dim=1) > k
+    if bool(ambiguous.any()):
+        rows = torch.nonzero(ambiguous).squeeze(1)
+        svals, sidx = torch.sort(tile[rows], dim=1, descending=True, stable=True)
+        vals[rows], idx[rows] = svals[:, :k], sidx[:, :k]
+    # order equal values by column: sort by column, then stable sort by value (descending)
+    order = torch.argsort(idx, dim=1)
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), idx.gather(1, order)
+
+
+def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, q_codes: np.ndarray | None = None,
+            r_codes: np.ndarray | None = None, block: tuple[int, int], columns: bool = False,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Blockwise exact search over standardised rows.
+
+    Returns the top-k (value, reference index) of every query row and, when ``columns``, the best
+    (value, query index) of every reference row, from the same tiles. Excluded pairs count as -inf.
+    Ties go to the lowest index: tiles are visited in increasing index order and a later tile replaces a
+    running value only when strictly greater (``max`` returns the first maximum within a tile).
+    """
+    n, m = q.shape[0], r.shape[0]
+    bq, br = block
+    device, dtype = q.device, q.dtype
+    k = int(min(k, m))
+    row_v = torch.full((n, k), -math.inf, dtype=dtype, device=device)
+    row_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
+    col_v = torch.full((m,), -math.inf, dtype=dtype, device=device) if columns else None
+    col_i = torch.full((m,), -1, dtype=torch.int64, device=device) if columns else None
+    qc = None if q_codes is None else torch.as_tensor(q_codes, device=device)
+    rc = None if r_codes is None else torch.as_tensor(r_codes, device=device)
+    buffer = torch.empty(bq * br, dtype=dtype, device=device)  # one tile, reused (allocation costs more than mm)
+    for q0 in range(0, n, bq):
+        q1 = min(n, q0 + bq)
+        run_v, run_i = row_v[q0:q1], row_i[q0:q1]
+        for r0 in range(0, m, br):
+            r1 = min(m, r0 + br)
+            tile = buffer[: (q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
+            torch.mm(q[q0:q1], r[r0:r1].T, out=tile)
+            if qc is not None:
+                tile.masked_fill_(qc[q0:q1, None] == rc[None, r0:r1], -math.inf)
+            if k == 1:
+                v, i = tile.max(dim=1)
+                better = v > run_v[:, 0]
+                run_v[:, 0] = torch.where(better, v, run_v[:, 0])
+                run_i[:, 0] = torch.where(better, i + r0, run_i[:, 0])
+            else:
+                kk = min(k, r1 - r0)
+                v, i = _tile_topk(tile, kk)
+                # running entries have lower indices than this tile's: concatenation is index-ordered in ties
+                cand_v = torch.cat([run_v, v], dim=1)
+                cand_i = torch.cat([run_i, i + r0], dim=1)
+                order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
+                run_v.copy_(cand_v.gather(1, order))
+                run_i.copy_(cand_i.gather(1, order))
+            if columns:
+                v, i = tile.max(dim=0)
+                better = v > col_v[r0:r1]
+                col_v[r0:r1] = torch.where(better, v, col_v[r0:r1])
+                col_i[r0:r1] = torch.where(better, i + q0, col_i[r0:r1])
+    row_i[torch.isneginf(row_v)] = -1
+    if columns:
+        col_i[torch.isneginf(col_v)] = -1
+    return row_v, row_i, col_v, col_i
+
+
+def _unique_rows(x: np.ndarray, codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows identical in value (and group code): ``(first, inverse)`` with ``first`` ascending.
+
+    Identical vectors are exact ties, but a BLAS kernel may round their products differently in different
+    tile shapes; searching each distinct vector once makes "ties go to the lowest index" exact.
+    """
+    rows = np.ascontiguousarray(x + 0.0)  # + 0.0 maps -0.0 to 0.0
+    key = rows.view(np.uint8).reshape(len(rows), -1)
+    if codes is not None:
+        key = np.concatenate([key, codes.astype("<i8").reshape(-1, 1).view(np.uint8)], axis=1)
+    key = np.ascontiguousarray(key).view(np.dtype((np.void, key.shape[1]))).ravel()
+    inverse, _ = pd.factorize(key)  # codes in order of first appearance
+    first = np.unique(inverse, return_index=True)[1]
+    return first, inverse.astype(np.int64)
+
+
+def _expand_duplicates(values: np.ndarray, uidx: np.ndarray, first: np.ndarray, inverse: np.ndarray,
+                       k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Turn top-k over distinct reference vectors into top-k over all rows (duplicates by ascending index)."""
+    if k == 1 or len(first) == len(inverse):
+        return values[:, :k], np.where(uidx[:, :k] >= 0, first[np.maximum(uidx[:, :k], 0)], -1)
+    order = np.argsort(inverse, kind="stable")  # rows grouped by distinct vector, ascending index inside
+    starts = np.searchsorted(inverse[order], np.arange(len(first)))
+    rank = np.arange(len(order)) - starts[inverse[order]]
+    members = np.full((len(first), k), -1, dtype=np.int64)
+    keep = rank < k
+    members[inverse[order][keep], rank[keep]] = order[keep]
+    cand_i = np.where(uidx[:, :, None] >= 0, members[np.maximum(uidx, 0)], -1).reshape(len(uidx), -1)
+    cand_v = np.where(cand_i >= 0, np.repeat(values, k, axis=1), -np.inf)
+    sort = np.lexsort((cand_i, -cand_v), axis=-1)[:, :k]  # value descending, then index ascending
+    out_v, out_i = np.take_along_axis(cand_v, sort, 1), np.take_along_axis(cand_i, sort, 1)
+    return out_v, np.where(np.isneginf(out_v), -1, out_i)
+
+
+def _exact_search(query: np.ndarray, reference: np.ndarray, k: int, *, q_codes: np.ndarray | None,
+                  r_codes: np.ndarray | None, device: torch.device, dtype: torch.dtype,
+                  block_size: int | tuple[int, int] | None, columns: bool = False,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Validated numpy sets → exact top-k per query row (and best query per reference row when ``columns``).
+
+    Returns float64 values and int64 indices (``-1`` where every pair was excluded).
+    """
+    q_first, q_inv = _unique_rows(query, q_codes)
+    r_first, r_inv = _unique_rows(reference, r_codes)
+    k_eff = int(min(k, len(r_first)))
+    block = _block_shape(len(q_first), len(r_first), device, dtype, block_size)
+    rv, ri, cv, ci = _search(_standardize(query[q_first], device, dtype),
+                             _standardize(reference[r_first], device, dtype), k_eff,
+                             q_codes=None if q_codes is None else q_codes[q_first],
+                             r_codes=None if r_codes is None else r_codes[r_first], block=block, columns=columns)
+    rv, ri = _expand_duplicates(rv.cpu().to(torch.float64).numpy(), ri.cpu().numpy(), r_first, r_inv,
+                                int(min(k, len(reference))))
+    col_v = col_i = None
+    if columns:
+        cv_np, ci_np = cv.cpu().to(torch.float64).numpy(), ci.cpu().numpy()
+        col_v = cv_np[r_inv]
+        col_i = np.where(ci_np >= 0, q_first[np.maximum(ci_np, 0)], -1)[r_inv]
+    return rv[q_inv], ri[q_inv], col_v, col_i
+
+
+def topk_correlation(query: ArrayLike, reference: ArrayLike, k: int = 1, *, query_groups: ArrayLike | None = None,
+                     reference_groups: ArrayLike | None = None, device: str | torch.device = "auto",
+                     block_size: int | tuple[int, int] | None = None, dtype: str | torch.dtype = "float32",
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k Pearson correlations of each query row among the reference rows, block by block.
+
+    The N×M matrix is never held: tiles of ``block_size`` rows (chosen from free memory when None) are
+    multiplied and their per-row top-k merged into a running top-k.
+
+    Args:
+        query: N×D embeddings.
+        reference: M×D embeddings.
+        k: neighbours per query row (``k > M`` is capped at M).
+        query_groups: subject id per query row (strings or ints).
+        reference_groups: subject id per reference row; when both group arrays are given, pairs with the same
+            subject are excluded (a patient's other scans are not "other patients").
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        block_size: rows per tile, an int for both sides or ``(query_rows, reference_rows)``.
+        dtype: ``"float32"`` (default) or ``"float64"`` for the products.
+
+    Returns:
+        ``(values, indices)``: float64 and int64 arrays of shape N×k, sorted by decreasing correlation; ties go
+        to the lowest reference index. Where fewer than k references are allowed (exclusions), the missing
+        entries have value ``-inf`` and index ``-1``.
+
+    Raises:
+        InputError: invalid embeddings, mismatched dimensions, bad ``k``/groups/device.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError("k", f"must be a positive integer, got {k!r}")
+    dev, dt = resolve_device(device), _resolve_dtype(dtype)
+    q_arr, r_arr = validate_embeddings(query, "query"), validate_embeddings(reference, "reference")
+    _check_dims([("query", q_arr), ("reference", r_arr)])
+    qc, rc = _group_codes(query_groups, reference_groups, len(q_arr), len(r_arr))
+    values, indices, _, _ = _exact_search(q_arr, r_arr, int(k), q_codes=qc, r_codes=rc, device=dev, dtype=dt,
+                                          block_size=block_size)
+    return values, indices
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# percentile and threshold
+# ----------------------------------------------------------------------------------------------------------------
+def _percentile_rows(x: torch.Tensor, q: float) -> torch.Tensor:
+    """numpy ``percentile(method="linear")`` of each row of a 2-D tensor via ``kthvalue``.
+
+    Hand-written because ``torch.quantile`` refuses inputs over 2^24 elements.
+    """
+    n = x.shape[1]
+    h = (n - 1) * (float(q) / 100.0)
+    lo = int(math.floor(h))
+    hi = min(lo + 1, n - 1)
+    t = h - lo
+    a = torch.kthvalue(x, lo + 1, dim=1).values.to(torch.float64)
+    b = a if hi == lo else torch.kthvalue(x, hi + 1, dim=1).values.to(torch.float64)
+    diff = b - a
+    # the same two-sided lerp as numpy, so results agree to the last bits
+    return a + diff * t if t < 0.5 else b - diff * (1.0 - t)
+
+
+def _check_percentile(p: float, name: str = "percentile") -> float:
+    try:
+        p = float(p)
+    except (TypeError, ValueError) as err:
+        raise InputError(name, f"must be a number in [0, 100], got {p!r}") from err
+    if not 0.0 <= p <= 100.0 or math.isnan(p):
+        raise InputError(name, f"must be in [0, 100], got {p}")
+    return p
+
+
+def percentile(values: ArrayLike, q: float) -> float:
+    """The q-th percentile of ``values`` with numpy's default ``"linear"`` interpolation (any size)."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise InputError("values", "percentile of an empty set")
+    return _percentile_1d(x, _check_percentile(q))
+
+
+def _percentile_1d(x: np.ndarray, q: float) -> float:
+    return float(_percentile_rows(torch.as_tensor(x, dtype=torch.float64).reshape(1, -1), q)[0])
+
+
+def _no_valid_row(best: np.ndarray, source: str, reason: str) -> None:
+    bad = np.flatnonzero(np.isneginf(best))
+    if bad.size:
+        raise InputError(source, reason, row=int(bad[0]))
+
+
+def calibrate_threshold(train: ArrayLike, val: ArrayLike, percentile: float = 95.0, *,
+                        train_subjects: ArrayLike | None = None, val_subjects: ArrayLike | None = None,
+                        device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
+                        block_size: int | tuple[int, int] | None = None) -> float:
+    """τ = the ``percentile``-th percentile of each training sample's best validation correlation.
+
+    Args:
+        train: training embeddings (N×D).
+        val: validation embeddings of other patients (M×D).
+        percentile: p in [0, 100], numpy ``"linear"`` interpolation.
+        train_subjects, val_subjects: optional subject ids; same-subject pairs are excluded.
+        device, dtype, block_size: as in :func:`topk_correlation`.
+
+    Returns:
+        τ as a float.
+    """
+    p = _check_percentile(percentile)
+    values, _ = topk_correlation(train, val, 1, query_groups=train_subjects, reference_groups=val_subjects,
+                                 device=device, dtype=dtype, block_size=block_size)
+    _no_valid_row(values[:, 0], "train_subjects", "this training sample shares its subject with every validation "
+                                                  "sample")
+    return _percentile_1d(values[:, 0], p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# match
+# ----------------------------------------------------------------------------------------------------------------
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class MatchResult:
+    """Outcome of :func:`match`.
+
+    Attributes:
+        summary: the numbers (see :func:`match`), JSON-ready.
+        train_table: one row per training sample: ``train_index``, ``best_synthetic_index``, ``correlation``,
+            ``memorized`` (plus ``train_id`` / ``best_synthetic_id`` when labels were given).
+        synthetic_table: one row per synthetic sample: ``synthetic_index``, ``best_train_index``,
+            ``correlation``, ``best_validation_correlation``, ``margin`` (correlation − τ), ``copy``
+            (plus ``synthetic_id`` / ``best_train_id`` when labels were given).
+        threshold: τ.
+        best_val_for_train: each training sample's best validation correlation (the τ distribution).
+        best_synthetic_for_train: each training sample's best synthetic correlation.
+        best_train_for_synthetic: each synthetic sample's best training correlation.
+        best_val_for_synthetic: each synthetic sample's best validation correlation.
+        bootstrap: the bootstrap draws (``threshold``, ``frac_memorized_train``, ``frac_copies_synthetic``).
+    """
+
+    summary: dict[str, Any]
+    train_table: pd.DataFrame
+    synthetic_table: pd.DataFrame
+    threshold: float
+    best_val_for_train: np.ndarray
+    best_synthetic_for_train: np.ndarray
+    best_train_for_synthetic: np.ndarray
+    best_val_for_synthetic: np.ndarray
+    bootstrap: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_dir(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``summary.json``, ``train_matches.csv`` and ``synthetic_matches.csv`` atomically (tmp + replace).
+
+        Returns:
+            The written paths by name.
+        """
+        out = Path(out_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(out, f"cannot create output folder ({err.strerror or err})") from err
+        paths = {"summary": out / "summary.json", "train_matches": out / "train_matches.csv",
+                 "synthetic_matches": out / "synthetic_matches.csv"}
+        try:
+            _atomic_write(paths["train_matches"], lambda fh: self.train_table.to_csv(fh, index=False))
+            _atomic_write(paths["synthetic_matches"], lambda fh: self.synthetic_table.to_csv(fh, index=False))
+            _atomic_write(paths["summary"], lambda fh: json.dump(_json_safe(self.summary), fh, indent=2,
+                                                                 allow_nan=False))
+        except OSError as err:
+            raise InputError(out, f"cannot write results ({err.strerror or err})") from err
+        return paths
+
+
+def _labels(ids: ArrayLike | None, n: int, name: str) -> np.ndarray | None:
+    if ids is None:
+        return None
+    arr = np.asarray(ids, dtype=object).ravel()
+    if len(arr) != n:
+        raise InputError(name, f"has {len(arr)} labels for {n} embeddings")
+    return arr
+
+
+def _split_halves(n_val: int, val_subjects: ArrayLike | None, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Random split of the validation rows into halves A/B (by subject when subjects are given)."""
+    if val_subjects is not None:
+        codes, uniques = pd.factorize(np.asarray(val_subjects, dtype=object).ravel(), use_na_sentinel=False)
+        if len(uniques) < 2:
+            return None
+        chosen = rng.permutation(len(uniques))[: len(uniques) // 2]
+        in_a = np.isin(codes, chosen)
+    else:
+        if n_val < 2:
+            return None
+        in_a = np.zeros(n_val, dtype=bool)
+        in_a[rng.permutation(n_val)[: n_val // 2]] = True
+    return np.flatnonzero(in_a), np.flatnonzero(~in_a)
+
+
+def _bootstrap(best_val_for_train: np.ndarray, best_syn_for_train: np.ndarray, best_train_for_syn: np.ndarray,
+               percentile_: float, n_bootstrap: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Bootstrap draws of τ and both fractions from the per-sample best-correlation vectors (no new correlations).
+
+    Each draw resamples the training samples with replacement (their best validation and best synthetic
+    correlations move together), recomputes τ* and the memorized fraction on them, and draws the copy count as
+    Binomial(n_synthetic, share of synthetic best-training correlations > τ*) — the exact distribution of a
+    with-replacement resample of the synthetic set.
+    """
+    best_val = torch.as_tensor(best_val_for_train, dtype=torch.float64)
+    best_syn = torch.as_tensor(best_syn_for_train, dtype=torch.float64)
+    syn_sorted = torch.sort(torch.as_tensor(best_train_for_syn, dtype=torch.float64)).values
+    n, n_syn = best_val.numel(), syn_sorted.numel()
+    taus, mems, copies = [], [], []
+    chunk = max(1, (1 << 23) // max(n, 1))
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        idx = torch.as_tensor(rng.integers(0, n, size=(b, n)))
+        tau = _percentile_rows(best_val[idx], percentile_)
+        mems.append((best_syn[idx] > tau[:, None]).to(torch.float64).mean(dim=1))
+        above = n_syn - torch.searchsorted(syn_sorted, tau, right=True)
+        copies.append(torch.as_tensor(rng.binomial(n_syn, above.numpy() / n_syn) / n_syn, dtype=torch.float64))
+        taus.append(tau)
+    return {"threshold": torch.cat(taus).numpy(), "frac_memorized_train": torch.cat(mems).numpy(),
+            "frac_copies_synthetic": torch.cat(copies).numpy()}
+
+
+def _interval(draws: np.ndarray) -> list[float] | None:
+    if draws.size == 0:
+        return None
+    x = torch.as_tensor(draws, dtype=torch.float64).reshape(1, -1)
+    return [float(_percentile_rows(x, 2.5)[0]), float(_percentile_rows(x, 97.5)[0])]
+
+
+def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, percentile: float = 95.0,
+          device: str | torch.device = "auto", *, train_subjects: ArrayLike | None = None,
+          val_subjects: ArrayLike | None = None, n_bootstrap: int = 1000, seed: int = 0,
+          train_ids: ArrayLike | None = None, synthetic_ids: ArrayLike | None = None,
+          dtype: str | torch.dtype = "float32", block_size: int | tuple[int, int] | None = None) -> MatchResult:
+    """Run the memorization test of Dar et al. on three embedding sets.
+
+    τ = ``percentile``-th percentile (numpy "linear") of each training sample's best validation correlation;
+    memorized training samples: best synthetic correlation > τ; copies: synthetic samples whose best training
+    correlation > τ. ``frac_copies_synthetic = N_copies / n_synthetic`` (the paper's notebook divided by the
+    number of training samples; memscan does not).
+
+    Beyond the paper:
+
+    * **Bootstrap** (``n_bootstrap`` draws, seeded): 95% percentile intervals for τ and both fractions. Draws
+      resample the already-computed best-correlation vectors (see :func:`_bootstrap`); correlations are not
+      recomputed, so the cost is negligible next to the search, and the interval reflects which samples were
+      drawn, not how each sample's maximum would change with a different reference set.
+    * **Null rate**: the validation set is split at random into halves A and B (by subject when
+      ``val_subjects`` is given). τ_A is calibrated on A exactly as τ; ``null_rate`` is the fraction of training
+      samples whose best correlation with B exceeds τ_A — B plays a "synthetic" set of new patients, so a
+      trustworthy τ flags about (100 − p)% (``null_rate_expected``). ``null_rate_copies`` is the fraction of
+      B samples whose best training correlation exceeds τ_A: the copy rate a generator of perfectly novel
+      patients would get (not expected to equal (100 − p)%: it is a maximum over the training set).
+
+    Args:
+        train_emb, val_emb, synthetic_emb: N×D, M×D, S×D embeddings (numpy arrays or tensors).
+        percentile: p in [0, 100].
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        train_subjects, val_subjects: subject ids; when both are given, same-subject train/validation pairs are
+            excluded from calibration. ``val_subjects`` alone makes the null-rate split patient-disjoint.
+        n_bootstrap: bootstrap draws (0 disables intervals).
+        seed: seed of the bootstrap and the null split.
+        train_ids, synthetic_ids: optional labels (e.g. file paths) added as columns to the tables.
+        dtype: ``"float32"`` (default) or ``"float64"`` products.
+        block_size: tile rows, see :func:`topk_correlation`.
+
+    Returns:
+        :class:`MatchResult`. ``summary`` keys: threshold, percentile, n_train, n_val, n_synthetic,
+        n_memorized_train, frac_memorized_train, n_copies_synthetic, frac_copies_synthetic, threshold_ci95,
+        frac_memorized_train_ci95, frac_copies_synthetic_ci95, n_bootstrap, null_rate, null_rate_copies,
+        null_rate_expected, null_threshold, seed, subject_exclusion, device, dtype, memscan_version.
+
+    Raises:
+        InputError: invalid embeddings, mismatched dimensions, bad arguments.
+    """
+    p = _check_percentile(percentile)
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
+        raise InputError("n_bootstrap", f"must be a non-negative integer, got {n_bootstrap!r}")
+    dev, dt = resolve_device(device), _resolve_dtype(dtype)
+    train = validate_embeddings(train_emb, "train")
+    val = validate_embeddings(val_emb, "val")
+    syn = validate_embeddings(synthetic_emb, "synthetic")
+    _check_dims([("train", train), ("val", val), ("synthetic", syn)])
+    n_t, n_v, n_s = len(train), len(val), len(syn)
+    t_codes, v_codes = _group_codes(train_subjects, val_subjects, n_t, n_v, ("train_subjects", "val_subjects"))
+    if val_subjects is not None and len(np.asarray(val_subjects, dtype=object).ravel()) != n_v:
+        raise InputError("val_subjects", f"has {len(np.asarray(val_subjects, dtype=object).ravel())} subject ids "
+                                         f"for {n_v} embeddings")
+    t_labels = _labels(train_ids, n_t, "train_ids")
+    s_labels = _labels(synthetic_ids, n_s, "synthetic_ids")
+    rng = np.random.default_rng(seed)
+
+    search = dict(device=dev, dtype=dt, block_size=block_size)
+
+    # train → validation, as two halves A/B: the full best (for τ) and the null rate for one pass's work
+    halves = _split_halves(n_v, val_subjects, rng)
+    parts = [np.arange(n_v)] if halves is None else list(halves)
+    part_best, part_cols = [], []
+    for k_part, rows in enumerate(parts):
+        v, _, cv, _ = _exact_search(train, val[rows], 1, q_codes=t_codes,
+                                    r_codes=None if v_codes is None else v_codes[rows],
+                                    columns=halves is not None and k_part == 1, **search)
+        part_best.append(v[:, 0])
+        part_cols.append(cv)
+    best_val_t = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
+    _no_valid_row(best_val_t, "train_subjects", "this training sample shares its subject with every validation "
+                                                "sample: no other-patient correlation to calibrate on")
+    tau = _percentile_1d(best_val_t, p)
+
+    null_rate = null_rate_copies = null_tau = math.nan
+    if halves is not None and not np.isneginf(part_best[0]).any():  # else a training subject fills half A
+        null_tau = _percentile_1d(part_best[0], p)
+        null_rate = float(np.mean(part_best[1] > null_tau))
+        null_rate_copies = float(np.mean(part_cols[1] > null_tau))
+
+    # train ↔ synthetic: row and column maxima from the same tiles
+    bs_v, bs_i, best_train_s, best_train_s_idx = _exact_search(train, syn, 1, q_codes=None, r_codes=None,
+                                                               columns=True, **search)
+    best_syn_t, best_syn_t_idx = bs_v[:, 0], bs_i[:, 0]
+    # synthetic → validation (for the table's best validation correlation)
+    best_val_s = _exact_search(syn, val, 1, q_codes=None, r_codes=None, **search)[0][:, 0]
+
+    memorized = best_syn_t > tau
+    copies = best_train_s > tau
+    n_mem, n_copies = int(memorized.sum()), int(copies.sum())
+
+    draws = _bootstrap(best_val_t, best_syn_t, best_train_s, p, int(n_bootstrap), rng) if n_bootstrap else {}
+    summary: dict[str, Any] = {
+        "threshold": tau,
+        "percentile": p,
+        "n_train": n_t,
+        "n_val": n_v,
+        "n_synthetic": n_s,
+        "n_memorized_train": n_mem,
+        "frac_memorized_train": n_mem / n_t,
+        "n_copies_synthetic": n_copies,
+        "frac_copies_synthetic": n_copies / n_s,
+        "threshold_ci95": _interval(draws["threshold"]) if draws else None,
+        "frac_memorized_train_ci95": _interval(draws["frac_memorized_train"]) if draws else None,
+        "frac_copies_synthetic_ci95": _interval(draws["frac_copies_synthetic"]) if draws else None,
+        "n_bootstrap": int(n_bootstrap),
+        "null_rate": null_rate,
+        "null_rate_copies": null_rate_copies,
+        "null_rate_expected": (100.0 - p) / 100.0,
+        "null_threshold": null_tau,
+        "null_split_sizes": None if halves is None else [int(len(halves[0])), int(len(halves[1]))],
+        "seed": int(seed),
+        "subject_exclusion": t_codes is not None,
+        "device": str(dev),
+        "dtype": str(dt).replace("torch.", ""),
+        "memscan_version": __version__,
+    }
+
+    train_cols: dict[str, Any] = {"train_index": np.arange(n_t)}
+    if t_labels is not None:
+        train_cols["train_id"] = t_labels
+    train_cols["best_synthetic_index"] = best_syn_t_idx
+    if s_labels is not None:
+        train_cols["best_synthetic_id"] = s_labels[best_syn_t_idx]
+    train_cols.update(correlation=best_syn_t, memorized=memorized)
+    syn_cols: dict[str, Any] = {"synthetic_index": np.arange(n_s)}
+    if s_labels is not None:
+        syn_cols["synthetic_id"] = s_labels
+    syn_cols["best_train_index"] = best_train_s_idx
+    if t_labels is not None:
+        syn_cols["best_train_id"] = t_labels[best_train_s_idx]
+    syn_cols.update(correlation=best_train_s, best_validation_correlation=best_val_s, margin=best_train_s - tau,
+                    copy=copies)
+    train_table, synthetic_table = pd.DataFrame(train_cols), pd.DataFrame(syn_cols)
+    return MatchResult(summary=summary, train_table=train_table, synthetic_table=synthetic_table, threshold=tau,
+                       best_val_for_train=best_val_t, best_synthetic_for_train=best_syn_t,
+                       best_train_for_synthetic=best_train_s, best_val_for_synthetic=best_val_s,
+                       bootstrap=draws)

@@ -1,0 +1,425 @@
+"""Tests for memscan.metrics against scipy and a brute-force numpy statement of the paper's formulas."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.spatial.distance import cdist
+
+from memscan import metrics
+from memscan.errors import InputError
+from memscan.metrics import (
+    calibrate_threshold,
+    load_embeddings,
+    match,
+    pearson,
+    percentile,
+    resolve_device,
+    topk_correlation,
+    validate_embeddings,
+)
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return 1.0 - cdist(a, b, "correlation")
+
+
+def with_duplicates(rng: np.random.Generator, n: int, d: int, n_dup: int) -> np.ndarray:
+    """Random rows where ``n_dup`` rows are exact copies of earlier or later rows (exact ties)."""
+    x = rng.normal(size=(n, d))
+    for _ in range(n_dup):
+        i, j = rng.integers(0, n, size=2)
+        x[j] = x[i]
+    return x
+
+
+def brute_topk(c: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference top-k: sort by value descending, ties by lowest column (stable argsort of -c)."""
+    order = np.argsort(-c, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(c, order, 1), order
+
+
+def paper(train: np.ndarray, val: np.ndarray, syn: np.ndarray, p: float) -> dict:
+    """The paper's formulas, stated with dense scipy matrices."""
+    best_val = corr(train, val).max(axis=1)
+    tau = np.percentile(best_val, p)
+    ts = corr(train, syn)
+    return {"tau": tau, "best_syn": ts.max(axis=1), "best_syn_idx": ts.argmax(axis=1),
+            "best_train": ts.max(axis=0), "best_train_idx": ts.argmax(axis=0),
+            "best_val_syn": corr(syn, val).max(axis=1)}
+
+
+def assert_count_matches(count: int, values: np.ndarray, tau: float, tol: float = 1e-9) -> None:
+    """``count`` equals #(values > tau), allowing only values within ``tol`` of tau to go either way."""
+    assert int((values > tau + tol).sum()) <= count <= int((values > tau - tol).sum())
+
+
+def assert_indices_match(got: np.ndarray, c: np.ndarray, ref_idx: np.ndarray, axis: int,
+                         candidates: np.ndarray) -> None:
+    """Indices equal the reference (first maximum), except where the maximum is within 1e-9 of a value that
+    belongs to a *different* candidate vector (a near-tie that rounding may decide either way)."""
+    c = c if axis == 1 else c.T
+    got, ref_idx = np.asarray(got), np.asarray(ref_idx)
+    for row in range(c.shape[0]):
+        near = np.flatnonzero(c[row] > c[row].max() - 1e-9)
+        if all(np.array_equal(candidates[j], candidates[near[0]]) for j in near):  # exact duplicates or unique
+            assert got[row] == ref_idx[row] == near[0], row
+
+
+def unambiguous_rows(c: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Rows of ``c`` with no two finite values within 1e-9 of each other from different candidate vectors
+    (exact duplicates tie exactly and must resolve to the lowest index; near-ties may round either way)."""
+    keep = np.ones(c.shape[0], dtype=bool)
+    for row in range(c.shape[0]):
+        finite = np.flatnonzero(np.isfinite(c[row]))
+        order = finite[np.argsort(c[row, finite], kind="stable")]
+        for a, b in zip(order[:-1], order[1:]):
+            if c[row, b] - c[row, a] < 1e-9 and not np.array_equal(candidates[a], candidates[b]):
+                keep[row] = False
+                break
+    return keep
+
+
+sizes = st.integers(min_value=1, max_value=40)
+dims = st.integers(min_value=2, max_value=12)
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+# ------------------------------------------------------------------------------------------------ pearson
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, seed=seeds, scale=st.sampled_from([1e-3, 1.0, 1e4]))
+def test_pearson_equals_scipy(n: int, m: int, d: int, seed: int, scale: float) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(n, d)) * scale + 3.0, rng.normal(size=(m, d)) * scale - 1.0
+    ref = corr(a, b)
+    np.testing.assert_allclose(pearson(a, b, device="cpu", dtype="float64").numpy(), ref, atol=1e-12, rtol=0)
+    a32 = a.astype(np.float32)  # float32 products of the same (float32) input agree with scipy to 1e-5
+    np.testing.assert_allclose(pearson(a32, b, device="cpu").numpy(), corr(a32.astype(np.float64), b), atol=1e-5,
+                               rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ top-k
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, k=st.integers(1, 6), seed=seeds, n_dup=st.integers(0, 10),
+       block=st.one_of(st.none(), st.integers(1, 7), st.tuples(st.integers(1, 7), st.integers(1, 7))))
+def test_topk_matches_bruteforce_with_ties_and_blocks(n: int, m: int, d: int, k: int, seed: int, n_dup: int,
+                                                      block) -> None:
+    rng = np.random.default_rng(seed)
+    q, r = rng.normal(size=(n, d)), with_duplicates(rng, m, d, n_dup)
+    c = corr(q, r)
+    values, indices = topk_correlation(q, r, k, device="cpu", dtype="float64", block_size=block)
+    ref_v, ref_i = brute_topk(c, k)
+    assert values.shape == indices.shape == (n, min(k, m))
+    assert values.dtype == np.float64 and indices.dtype == np.int64
+    np.testing.assert_allclose(values, ref_v, atol=1e-12, rtol=0)
+    keep = unambiguous_rows(c, r)
+    np.testing.assert_array_equal(indices[keep], ref_i[keep])
+
+
+def test_ties_go_to_lowest_index_across_block_boundaries() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 8))
+    reference = np.stack([base[1], base[0], base[2], base[0], base[0], base[1], base[2]])
+    query = base + 1e-3 * rng.normal(size=base.shape)
+    for block in [1, 2, 3, (1, 2), None]:
+        for dtype in ["float32", "float64"]:
+            v, i = topk_correlation(query, reference, k=3, device="cpu", block_size=block, dtype=dtype)
+            assert i[0].tolist() == [1, 3, 4], (block, dtype)
+            assert i[1].tolist() == [0, 5, i[1, 2]] and i[1, 2] in (1, 2)
+            assert i[2].tolist() == [2, 6, i[2, 2]]
+            assert v[0, 0] == v[0, 1] == v[0, 2]
+
+
+def test_k_larger_than_reference_is_capped() -> None:
+    rng = np.random.default_rng(1)
+    v, i = topk_correlation(rng.normal(size=(4, 5)), rng.normal(size=(3, 5)), k=10, device="cpu")
+    assert v.shape == (4, 3)
+    assert sorted(i[0].tolist()) == [0, 1, 2]
+
+
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, k=st.integers(1, 4), seed=seeds, n_subjects=st.integers(1, 6),
+       block=st.one_of(st.none(), st.integers(1, 5)), as_str=st.booleans())
+def test_subject_exclusion(n: int, m: int, d: int, k: int, seed: int, n_subjects: int, block, as_str: bool) -> None:
+    rng = np.random.default_rng(seed)
+    q, r = rng.normal(size=(n, d)), rng.normal(size=(m, d))
+    qg, rg = rng.integers(0, n_subjects, size=n), rng.integers(0, n_subjects, size=m)
+    if as_str:
+        qg, rg = np.array([f"patient-{g}" for g in qg]), [f"patient-{g}" for g in rg]
+    c = corr(q, r)
+    c[np.asarray(qg)[:, None] == np.asarray(rg)[None, :]] = -np.inf
+    v, i = topk_correlation(q, r, k, query_groups=qg, reference_groups=rg, device="cpu", dtype="float64",
+                            block_size=block)
+    ref_v, ref_i = brute_topk(c, k)
+    np.testing.assert_allclose(v, ref_v, atol=1e-12, rtol=0)
+    finite, keep = np.isfinite(ref_v), unambiguous_rows(c, r)
+    np.testing.assert_array_equal(i[keep & finite.all(1)], ref_i[keep & finite.all(1)])
+    assert (i[~finite] == -1).all() and (i[finite] >= 0).all()
+
+
+def test_groups_must_match_lengths() -> None:
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    with pytest.raises(InputError, match="query_groups"):
+        topk_correlation(x, x, query_groups=[1, 2], reference_groups=[1, 2, 3, 4], device="cpu")
+
+
+def test_tiny_memory_budget_still_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "_free_memory_bytes", lambda device: 1 << 10)
+    bq, br = metrics._block_shape(5000, 7000, torch.device("cpu"), torch.float32, None)
+    assert bq * br <= 1 << 12
+    rng = np.random.default_rng(3)
+    q, r = rng.normal(size=(60, 6)), rng.normal(size=(300, 6))
+    v, i = topk_correlation(q, r, 2, device="cpu", dtype="float64")
+    ref_v, ref_i = brute_topk(corr(q, r), 2)
+    np.testing.assert_allclose(v, ref_v, atol=1e-12)
+    np.testing.assert_array_equal(i, ref_i)
+
+
+def test_auto_block_never_covers_large_matrix() -> None:
+    bq, br = metrics._block_shape(200_000, 200_000, torch.device("cpu"), torch.float32, None)
+    assert bq * br <= metrics._CPU_TILE_CAP
+    assert metrics._free_memory_bytes(torch.device("cpu")) > 0
+
+
+# ------------------------------------------------------------------------------------------------ percentile / τ
+@SETTINGS
+@given(values=st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=60), p=st.floats(0, 100))
+def test_percentile_equals_numpy(values: list[float], p: float) -> None:
+    assert percentile(values, p) == pytest.approx(np.percentile(values, p), abs=1e-12)
+
+
+def test_percentile_beyond_torch_quantile_limit() -> None:
+    x = torch.rand(2**24 + 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
+    with pytest.raises(RuntimeError):
+        torch.quantile(torch.as_tensor(x), 0.95)  # the limit our implementation avoids
+    assert percentile(x, 95.0) == pytest.approx(np.percentile(x, 95.0), abs=1e-12)
+
+
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, seed=seeds, p=st.floats(0, 100), block=st.one_of(st.none(), st.integers(1, 5)))
+def test_calibrate_threshold_equals_paper(n: int, m: int, d: int, seed: int, p: float, block) -> None:
+    rng = np.random.default_rng(seed)
+    t, v = rng.normal(size=(n, d)), rng.normal(size=(m, d))
+    expected = np.percentile(corr(t, v).max(axis=1), p)
+    assert calibrate_threshold(t, v, p, device="cpu", dtype="float64", block_size=block) == pytest.approx(
+        expected, abs=1e-6)
+    assert calibrate_threshold(t, v, p, device="cpu") == pytest.approx(expected, abs=1e-5)
+
+
+def test_calibrate_threshold_subjects_excluded() -> None:
+    rng = np.random.default_rng(4)
+    t = rng.normal(size=(30, 5))
+    v = np.concatenate([t[:10] + 1e-6 * rng.normal(size=(10, 5)), rng.normal(size=(20, 5))])
+    ts, vs = [f"s{i}" for i in range(30)], [f"s{i}" for i in range(10)] + [f"o{i}" for i in range(20)]
+    c = corr(t, v)
+    c[np.asarray(ts)[:, None] == np.asarray(vs)[None, :]] = -np.inf
+    got = calibrate_threshold(t, v, 95, train_subjects=ts, val_subjects=vs, device="cpu", dtype="float64")
+    assert got == pytest.approx(np.percentile(c.max(axis=1), 95), abs=1e-9)
+    assert got < 0.999  # the same-patient near-copies no longer set τ
+    with pytest.raises(InputError, match=r"row 0"):
+        calibrate_threshold(t[:1], v[:1], train_subjects=["a"], val_subjects=["a"], device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ match
+@SETTINGS
+@given(n=st.integers(2, 30), m=st.integers(2, 30), s=st.integers(1, 30), d=dims, seed=seeds,
+       p=st.floats(0, 100), n_dup=st.integers(0, 6), block=st.one_of(st.none(), st.integers(1, 6)))
+def test_match_equals_paper(n: int, m: int, s: int, d: int, seed: int, p: float, n_dup: int, block) -> None:
+    rng = np.random.default_rng(seed)
+    train, val = with_duplicates(rng, n, d, n_dup), rng.normal(size=(m, d))
+    syn = np.concatenate([train[rng.integers(0, n, size=s // 2)] + 1e-3 * rng.normal(size=(s // 2, d)),
+                          rng.normal(size=(s - s // 2, d))])
+    ref = paper(train, val, syn, p)
+    res = match(train, val, syn, p, device="cpu", n_bootstrap=20, seed=seed, dtype="float64", block_size=block)
+    out = res.summary
+    assert out["threshold"] == pytest.approx(ref["tau"], abs=1e-6)
+    assert_count_matches(out["n_memorized_train"], ref["best_syn"], ref["tau"])
+    assert_count_matches(out["n_copies_synthetic"], ref["best_train"], ref["tau"])
+    assert out["frac_memorized_train"] == out["n_memorized_train"] / n
+    assert out["frac_copies_synthetic"] == out["n_copies_synthetic"] / s  # not / n_train as in the notebook
+    ts = corr(train, syn)
+    assert_indices_match(res.train_table["best_synthetic_index"], ts, ref["best_syn_idx"], 1, syn)
+    assert_indices_match(res.synthetic_table["best_train_index"], ts, ref["best_train_idx"], 0, train)
+    np.testing.assert_allclose(res.train_table["correlation"], ref["best_syn"], atol=1e-12)
+    np.testing.assert_allclose(res.synthetic_table["correlation"], ref["best_train"], atol=1e-12)
+    np.testing.assert_allclose(res.synthetic_table["best_validation_correlation"], ref["best_val_syn"], atol=1e-12)
+    np.testing.assert_allclose(res.synthetic_table["margin"], ref["best_train"] - out["threshold"], atol=1e-12)
+    np.testing.assert_array_equal(res.train_table["memorized"], res.best_synthetic_for_train > res.threshold)
+    np.testing.assert_array_equal(res.synthetic_table["copy"], res.best_train_for_synthetic > res.threshold)
+    np.testing.assert_allclose(res.best_val_for_train, corr(train, val).max(axis=1), atol=1e-12)
+
+
+def test_match_float32_agrees_with_float64() -> None:
+    rng = np.random.default_rng(7)
+    train, val, syn = rng.normal(size=(200, 16)), rng.normal(size=(150, 16)), rng.normal(size=(120, 16))
+    a = match(train, val, syn, device="cpu", n_bootstrap=0)
+    b = match(train, val, syn, device="cpu", n_bootstrap=0, dtype="float64")
+    assert a.threshold == pytest.approx(b.threshold, abs=1e-5)
+    np.testing.assert_allclose(a.best_train_for_synthetic, b.best_train_for_synthetic, atol=1e-5)
+    assert a.summary["dtype"] == "float32" and b.summary["dtype"] == "float64"
+
+
+def test_match_finds_planted_copies_and_tables() -> None:
+    rng = np.random.default_rng(11)
+    train, val = rng.normal(size=(120, 32)), rng.normal(size=(100, 32))
+    copied = np.arange(0, 120, 12)  # 10 training samples copied; 50 novel synthetic samples, none above τ
+    syn = np.concatenate([rng.normal(size=(50, 32)), train[copied] + 1e-4 * rng.normal(size=(10, 32))])
+    ids = [f"train/{i:03d}.png" for i in range(120)]
+    sids = [f"syn/{i:03d}.png" for i in range(60)]
+    res = match(train, val, syn, 99.0, device="cpu", n_bootstrap=300, seed=1, train_ids=ids, synthetic_ids=sids)
+    s = res.summary
+    for key in ["threshold", "percentile", "n_train", "n_val", "n_synthetic", "n_memorized_train",
+                "frac_memorized_train", "n_copies_synthetic", "frac_copies_synthetic", "threshold_ci95",
+                "frac_memorized_train_ci95", "frac_copies_synthetic_ci95", "null_rate", "memscan_version"]:
+        assert key in s
+    assert (s["n_train"], s["n_val"], s["n_synthetic"]) == (120, 100, 60)
+    assert s["n_copies_synthetic"] == 10 and s["n_memorized_train"] == 10
+    assert s["frac_copies_synthetic"] == pytest.approx(10 / 60)
+    flagged = res.train_table.loc[res.train_table["memorized"], "train_index"].to_numpy()
+    np.testing.assert_array_equal(flagged, copied)
+    np.testing.assert_array_equal(res.synthetic_table["best_train_index"].to_numpy()[50:], copied)
+    assert list(res.train_table.columns) == ["train_index", "train_id", "best_synthetic_index", "best_synthetic_id",
+                                             "correlation", "memorized"]
+    assert list(res.synthetic_table.columns) == ["synthetic_index", "synthetic_id", "best_train_index",
+                                                 "best_train_id", "correlation", "best_validation_correlation",
+                                                 "margin", "copy"]
+    assert res.synthetic_table["best_train_id"].iloc[55] == ids[copied[5]]
+    lo, hi = s["threshold_ci95"]
+    assert lo <= s["threshold"] <= hi
+    lo, hi = s["frac_copies_synthetic_ci95"]
+    assert lo <= s["frac_copies_synthetic"] <= hi and hi < 1
+    assert res.bootstrap["threshold"].shape == (300,)
+
+
+def test_bootstrap_is_the_resampling_it_claims() -> None:
+    rng = np.random.default_rng(2)
+    bv, bs, bt = rng.random(50), rng.random(50), rng.random(40)
+    draws = metrics._bootstrap(bv, bs, bt, 90.0, 25,
+                               np.random.default_rng(9))
+    again = np.random.default_rng(9)
+    idx = again.integers(0, 50, size=(25, 50))
+    tau = np.percentile(bv[idx], 90.0, axis=1)
+    np.testing.assert_allclose(draws["threshold"], tau, atol=1e-12)
+    np.testing.assert_allclose(draws["frac_memorized_train"], (bs[idx] > tau[:, None]).mean(axis=1))
+    share = (bt[None, :] > tau[:, None]).mean(axis=1)
+    np.testing.assert_allclose(draws["frac_copies_synthetic"], again.binomial(40, share) / 40)
+
+
+def test_match_is_reproducible_and_bootstrap_optional() -> None:
+    rng = np.random.default_rng(5)
+    train, val, syn = rng.normal(size=(40, 8)), rng.normal(size=(30, 8)), rng.normal(size=(20, 8))
+    a = match(train, val, syn, device="cpu", n_bootstrap=50, seed=3).summary
+    b = match(train, val, syn, device="cpu", n_bootstrap=50, seed=3).summary
+    assert a == b
+    c = match(train, val, syn, device="cpu", n_bootstrap=0).summary
+    assert c["threshold_ci95"] is None and c["n_bootstrap"] == 0
+
+
+def test_null_rate_is_near_nominal_on_exchangeable_data() -> None:
+    rates = []
+    for seed in range(6):
+        rng = np.random.default_rng(100 + seed)
+        train, val, syn = rng.normal(size=(400, 16)), rng.normal(size=(400, 16)), rng.normal(size=(20, 16))
+        s = match(train, val, syn, 95, device="cpu", n_bootstrap=0, seed=seed).summary
+        assert s["null_split_sizes"] == [200, 200]
+        assert s["null_rate_expected"] == pytest.approx(0.05)
+        rates.append(s["null_rate"])
+    assert 0.025 < np.mean(rates) < 0.09
+
+
+def test_null_split_by_subject_and_exclusion_flag() -> None:
+    rng = np.random.default_rng(6)
+    train, val, syn = rng.normal(size=(30, 8)), rng.normal(size=(24, 8)), rng.normal(size=(10, 8))
+    vs = np.repeat(np.arange(8), 3)
+    s = match(train, val, syn, device="cpu", n_bootstrap=0, val_subjects=vs).summary
+    assert s["null_split_sizes"] == [12, 12] and not s["subject_exclusion"]
+    s = match(train, val, syn, device="cpu", n_bootstrap=0, val_subjects=vs,
+              train_subjects=np.arange(100, 130)).summary
+    assert s["subject_exclusion"]
+    s = match(train, val[:3], syn, device="cpu", n_bootstrap=0, val_subjects=[1, 1, 1]).summary
+    assert s["null_rate"] is not None and np.isnan(s["null_rate"])  # one subject: no split possible
+    with pytest.raises(InputError, match="val_subjects"):
+        match(train, val, syn, device="cpu", val_subjects=[1, 2])
+
+
+def test_to_dir_writes_atomically(tmp_path) -> None:
+    rng = np.random.default_rng(8)
+    res = match(rng.normal(size=(20, 4)), rng.normal(size=(1, 4)), rng.normal(size=(5, 4)), device="cpu",
+                n_bootstrap=10)
+    paths = res.to_dir(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json", "synthetic_matches.csv",
+                                                                    "train_matches.csv"]
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["n_val"] == 1 and summary["null_rate"] is None  # one validation sample: no null split
+    assert summary["threshold"] == pytest.approx(res.threshold)
+    import pandas as pd
+
+    assert len(pd.read_csv(paths["train_matches"])) == 20
+    assert len(pd.read_csv(paths["synthetic_matches"])) == 5
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@pytest.mark.parametrize("bad, message, row", [
+    (np.ones(5), "2-D", None),
+    (np.ones((0, 5)), "no samples", None),
+    (np.ones((3, 0)), "0 features", None),
+    (np.array([[1.0, 2.0], [np.nan, 1.0]]), "NaN", 1),
+    (np.array([[1.0, 2.0], [0.0, 1.0], [np.inf, 1.0]]), "NaN or Inf", 2),
+    (np.array([[1.0, 2.0], [3.0, 3.0]]), "zero variance", 1),
+    (np.array([["a", "b"]]), "real numbers", None),
+])
+def test_validate_embeddings_rejects(bad: np.ndarray, message: str, row) -> None:
+    with pytest.raises(InputError, match=message) as err:
+        validate_embeddings(bad, "x.npy")
+    assert err.value.row == row and err.value.source == "x.npy"
+
+
+def test_match_rejects_mismatched_dims_and_bad_args() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 4)), rng.normal(size=(5, 3))
+    with pytest.raises(InputError, match=r"synthetic: embedding dimension 3 does not match train \(dimension 4\)"):
+        match(a, a, b, device="cpu")
+    with pytest.raises(InputError, match="percentile"):
+        match(a, a, a, percentile=120, device="cpu")
+    with pytest.raises(InputError, match="n_bootstrap"):
+        match(a, a, a, n_bootstrap=-1, device="cpu")
+    with pytest.raises(InputError, match="k"):
+        topk_correlation(a, a, k=0, device="cpu")
+
+
+def test_load_embeddings_formats(tmp_path) -> None:
+    x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    np.savez(tmp_path / "a.npz", emb=x)
+    torch.save(torch.from_numpy(x), tmp_path / "a.pt")
+    for name in ["a.npy", "a.npz", "a.pt"]:
+        np.testing.assert_array_equal(load_embeddings(tmp_path / name), x)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_matches_cpu() -> None:
+    rng = np.random.default_rng(0)
+    train, val, syn = rng.normal(size=(500, 32)), rng.normal(size=(400, 32)), rng.normal(size=(300, 32))
+    a = match(train, val, syn, device="cpu", n_bootstrap=0, dtype="float64")
+    b = match(train, val, syn, device="cuda", n_bootstrap=0, dtype="float64")
+    assert a.threshold == pytest.approx(b.threshold, abs=1e-9)
+    np.testing.assert_array_equal(a.train_table["best_synthetic_index"], b.train_table["best_synthetic_index"])
+    np.testing.assert_allclose(a.train_table["correlation"], b.train_table["correlation"], atol=1e-9)
