@@ -2,10 +2,11 @@
 
 Factories (fixtures returning a callable)::
 
-    folder = tiny_2d_folder(n=6, size=(32, 32), subjects=3)     # PNGs named s{subject}_{i}.png
-    folder = tiny_3d_folder(n=4, size=(16, 16, 16), subjects=2)  # NIfTIs named s{subject}_{i}.nii.gz
+    folder = tiny_2d_folder(n=6, size=(32, 32), subjects=3)     # PNGs s{subject}_{i}_{folder}.png
+    folder = tiny_3d_folder(n=4, size=(16, 16, 16), subjects=2)  # NIfTIs s{subject}_{i}_{folder}.nii.gz
 
-Every image is distinct (seeded noise + a blob), non-constant and finite. ``REAL_DATA`` points at the shared real
+Every image is distinct (seeded noise + a blob), non-constant and finite. Default subject ids (file stems) are unique
+across folders; ``subject_regex=SUBJECT_REGEX`` gives the shared ids ``s0``, ``s1``, ... ``REAL_DATA`` points at the shared real
 files when they exist (tests using it must skip otherwise).
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+SUBJECT_REGEX = r"^(?P<subject>s\d+)_"
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
@@ -54,7 +56,7 @@ def write_nifti(path: Path, arr: np.ndarray, spacing: Sequence[float] = (1.0, 1.
 
 @pytest.fixture
 def tiny_2d_folder(tmp_path: Path) -> Callable[..., Path]:
-    """Factory writing ``n`` distinct 8-bit PNGs ``s{subject}_{i}.png`` (subjects assigned round-robin)."""
+    """Factory writing ``n`` distinct 8-bit PNGs ``s{subject}_{i}_{folder}.png`` (subjects round-robin)."""
     counter = {"k": 0}
 
     def make(
@@ -64,7 +66,7 @@ def tiny_2d_folder(tmp_path: Path) -> Callable[..., Path]:
         folder = tmp_path / (name or f"set2d_{counter['k']}")
         n_subj = subjects or n
         for i in range(n):
-            write_png(folder / f"s{i % n_subj}_{i}.png", make_array(size, seed * 1000 + counter["k"] * 100 + i))
+            write_png(folder / f"s{i % n_subj}_{i}_{folder.name}.png", make_array(size, seed * 1000 + counter["k"] * 100 + i))
         return folder
 
     return make
@@ -72,7 +74,7 @@ def tiny_2d_folder(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def tiny_3d_folder(tmp_path: Path) -> Callable[..., Path]:
-    """Factory writing ``n`` distinct float32 NIfTI volumes ``s{subject}_{i}.nii.gz``."""
+    """Factory writing ``n`` distinct float32 NIfTI volumes ``s{subject}_{i}_{folder}.nii.gz``."""
     counter = {"k": 0}
 
     def make(
@@ -83,7 +85,7 @@ def tiny_3d_folder(tmp_path: Path) -> Callable[..., Path]:
         n_subj = subjects or n
         for i in range(n):
             arr = make_array(size, seed * 1000 + counter["k"] * 100 + i, dtype="float32")
-            write_nifti(folder / f"s{i % n_subj}_{i}.nii.gz", arr)
+            write_nifti(folder / f"s{i % n_subj}_{i}_{folder.name}.nii.gz", arr)
         return folder
 
     return make
