@@ -55,6 +55,7 @@ __all__ = [
     "DemoInputs",
     "DemoResult",
     "DEFAULT_CONTROLS",
+    "exit_on_gate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -742,7 +743,8 @@ def audit(
         export_clean: folder receiving the synthetic files that are not copies (names and formats kept; one
             sub-folder per set when several sets are audited).
         overwrite: allow a non-empty ``out_dir`` / ``export_clean``.
-        layout, subject_regex, strict: passed to :func:`memscan.data.load_image_set`.
+        layout, subject_regex, strict: passed to :func:`memscan.data.load_image_set` (``subject_regex`` for the
+            training and validation sets only: synthetic images have no patient).
         batch_size: embedding batch size.
         n_bootstrap: bootstrap draws for the intervals.
         seed: seed of the controls, bootstrap, null split and k-means.
@@ -781,16 +783,19 @@ def audit(
                           spatial_dims=spatial_dims)
     dims = int(spatial_dims or train_set.spatial_dims)
     val_set = _load_set(val, "val", layout=layout, subject_regex=subject_regex, strict=strict, spatial_dims=dims)
-    syn_sets = {name: _load_set(src, name, layout=layout, subject_regex=subject_regex, strict=strict,
-                                spatial_dims=dims) for name, src in sources.items()}
+    # synthetic images belong to no patient: the subject regex applies to the real sets only
+    syn_sets = {name: _load_set(src, name, layout=layout, subject_regex=None, strict=strict, spatial_dims=dims)
+                for name, src in sources.items()}
     for s in (train_set, val_set, *syn_sets.values()):
         if int(s.spatial_dims) != dims:
             raise InputError(s.source or s.name, f"set '{s.name}' is {s.spatial_dims}D but the audit is {dims}D")
     report = check_sets(train_set, val_set, syn_sets)
-    warnings.extend(str(w) for w in getattr(report, "warnings", []))
-    if not getattr(report, "usable", True):
-        problems = getattr(report, "errors", None) or [report.to_text().strip().splitlines()[-1]]
-        raise InputError("preflight", "; ".join(str(p) for p in problems))
+    warnings.extend(str(w) for w in report.warnings)
+    warnings.extend(f"note: {n}" for n in getattr(report, "notes", []))
+    if not report.usable:
+        errors = report.errors
+        problems = [f"{k}: {v}" for k, v in errors.items()] if isinstance(errors, Mapping) else list(errors)
+        raise InputError("preflight", "; ".join(problems) or "the inputs are not usable")
     skipped = pd.concat([s.skipped for s in (train_set, val_set, *syn_sets.values())], ignore_index=True)
     if len(train_set) < 2 or len(val_set) < 2:
         raise InputError("preflight", f"need at least 2 training and 2 validation images "
@@ -986,3 +991,19 @@ def audit(
     logger.info("audit written to %s (report: %s)", out, report_path)
     return AuditResult(out_dir=out, summary=summary, sets=set_audits, report_path=report_path, checkpoint=Path(ckpt),
                        gate_failed=gate_failed, exported=exported, warnings=warnings)
+
+
+def exit_on_gate(result: AuditResult) -> AuditResult:
+    """Exit with code 3 (:data:`memscan.errors.EXIT_GATE`) when the audit's release gate failed.
+
+    Used by the bundles' ``configs/audit.json`` so ``python -m monai.bundle run`` fails a CI pipeline exactly
+    like ``memscan audit --fail-above``.
+    """
+    if result.gate_failed:
+        import sys
+
+        from memscan.errors import EXIT_GATE
+
+        logger.error("release gate failed: %s", result.summary["gate"])
+        sys.exit(EXIT_GATE)
+    return result

@@ -1,0 +1,291 @@
+"""Tests for memscan.audit and ``memscan audit``: the whole pipeline on tiny real files (PNG / NIfTI)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from memscan.audit import (
+    _MARKER,
+    _rankdata,
+    audit,
+    authenticity_score,
+    data_copying_statistic,
+    mann_whitney_u,
+)
+from memscan.cli import main
+from memscan.errors import EXIT_BAD_INPUT, EXIT_GATE, InputError
+from memscan.networks import build_encoder
+
+SIZE = 32
+REGEX = r"(?P<subject>p\d+)_"
+FAST = {"n_bootstrap": 100, "device": "cpu", "batch_size": 8}
+
+
+def _phantom(seed: int, size: tuple[int, ...]) -> np.ndarray:
+    """Smooth anatomy-like phantom: a few Gaussian blobs of seed-dependent position, width and brightness."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in size], indexing="ij")
+    img = np.zeros(size)
+    for _ in range(5):
+        centre = rng.uniform(-0.6, 0.6, len(size))
+        width = rng.uniform(0.05, 0.3)
+        img += rng.uniform(0.3, 1.0) * np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / width)
+    img += 0.05 * rng.random(size)
+    return (img - img.min()) / (img.max() - img.min())
+
+
+def _perturb(img: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.roll(img, 1, axis=0) * rng.uniform(0.95, 1.05) + rng.normal(0, 0.01, img.shape)
+    return np.clip(out, 0, 1)
+
+
+def _write(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if img.ndim == 2:
+        from PIL import Image
+
+        Image.fromarray((img * 255).astype(np.uint8)).save(path)
+    else:
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(img.astype(np.float32), np.eye(4)), str(path))
+
+
+def make_sets(root: Path, dims: int = 2, n_train: int = 16, n_val: int = 12, n_copies: int = 4, n_new: int = 6,
+              name: str = "syn") -> tuple[Path, Path, Path, list[str]]:
+    """train / val / synthetic folders; the synthetic set holds perturbed copies of training images + new ones."""
+    size = (SIZE,) * 2 if dims == 2 else (16,) * 3
+    ext = ".png" if dims == 2 else ".nii.gz"
+    train_imgs = [_phantom(i, size) for i in range(n_train)]
+    for i, img in enumerate(train_imgs):
+        _write(root / "train" / f"p{i // 2}_{i}{ext}", img)
+    for i in range(n_val):
+        _write(root / "val" / f"p{100 + i // 2}_{i}{ext}", _phantom(1000 + i, size))
+    copies = []
+    for k in range(n_copies):
+        src = (3 * k) % n_train
+        _write(root / name / f"copy{k}_of_{src}{ext}", _perturb(train_imgs[src], k))
+        copies.append(f"copy{k}_of_{src}{ext}")
+    for k in range(n_new):
+        _write(root / name / f"new{k}{ext}", _phantom(5000 + k + 100 * len(name), size))
+    return root / "train", root / "val", root / name, copies
+
+
+@pytest.fixture(scope="module")
+def data2d(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("audit2d")
+    train, val, syn, copies = make_sets(root)
+    # a second synthetic set of only new images, and one corrupt file that must be skipped and listed
+    make_sets(root / "other", n_copies=0, n_new=8, name="gan")
+    (syn / "broken.png").write_bytes(b"not an image")
+    ckpt = root / "random.pt"
+    torch.manual_seed(0)
+    torch.save(build_encoder(2, "resnet18", 128).state_dict(), ckpt)
+    return {"root": root, "train": train, "val": val, "syn": syn, "gan": root / "other" / "gan", "copies": copies,
+            "ckpt": ckpt}
+
+
+@pytest.fixture(scope="module")
+def trained(data2d: dict) -> object:
+    """The documented default path: no checkpoint, a small encoder trained on the training set (1 epoch)."""
+    out = data2d["root"] / "out_trained"
+    return audit(data2d["train"], data2d["val"], {"syn": data2d["syn"]}, out_dir=out, epochs=1, image_size=SIZE,
+                 subject_regex=REGEX, train_overrides={"arch": "resnet10", "batch_size": 8, "num_workers": 0},
+                 **FAST)
+
+
+def test_trained_audit_writes_every_output(trained: object) -> None:
+    out = trained.out_dir
+    for name in ("summary.json", "train_matches.csv", "synthetic_matches.csv", "skipped.csv", "report.html",
+                 "embeddings/train.npy", "embeddings/val.npy", "embeddings/syn.npy", "embeddings/syn_files.csv",
+                 "figures/distributions.png", "figures/copies_syn.png", "figures/borderline_syn.png"):
+        assert (out / name).is_file(), name
+    assert not (out / _MARKER).exists()  # a finished audit leaves no "interrupted" marker
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("threshold", "percentile", "n_train", "n_val", "n_synthetic", "n_memorized_train",
+                "frac_memorized_train", "n_copies_synthetic", "frac_copies_synthetic", "null_rate"):
+        assert key in summary and key in summary["synthetic_sets"]["syn"]
+    assert summary["n_train"] == 16 and summary["n_val"] == 12 and summary["n_synthetic"] == 10
+    assert summary["skipped"] == {"train": 0, "val": 0, "syn": 1}
+    prov = summary["provenance"]
+    assert prov["encoder_source"] == "trained on the training set"
+    assert len(prov["checkpoint_sha256"]) == 64 and prov["monai_version"] and prov["torch_version"]
+    assert prov["inputs"]["syn"]["n_files"] == 10 and len(prov["inputs"]["train"]["file_list_sha256"]) == 64
+    assert prov["config"]["arch"] == "resnet10" and prov["config"]["image_size"] == [SIZE, SIZE]
+    block = summary["synthetic_sets"]["syn"]
+    assert block["n_train_subjects"] == 8  # p0..p7, two images each
+    assert block["controls"]["n"] == 8 and 0 <= block["controls"]["n_caught"] <= 8
+    emb = np.load(out / "embeddings" / "train.npy")
+    assert emb.shape[0] == 16
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert list(skipped["path"].map(lambda p: Path(p).name)) == ["broken.png"]
+
+
+def test_copies_found_with_a_trained_encoder(trained: object) -> None:
+    table = pd.read_csv(trained.out_dir / "synthetic_matches.csv")
+    assert {"synthetic_set", "path", "train_path", "best_train_correlation", "copy"} <= set(table.columns)
+    planted = table[table["path"].str.contains("copy")]
+    # every planted copy is matched to the training image it was made from
+    for row in planted.itertuples():
+        src = int(re.search(r"_of_(\d+)", row.path).group(1))
+        assert Path(row.train_path).name.endswith(f"_{src}.png")
+    # and the planted copies rank above every new image
+    new = table[table["path"].str.contains("new")]
+    assert planted["best_train_correlation"].min() > new["best_train_correlation"].max()
+
+
+def test_resume_reuses_cached_embeddings(trained: object, data2d: dict) -> None:
+    out = trained.out_dir
+    cache = out / "embeddings" / "cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(before) >= 16 + 12 + 10
+    (out / _MARKER).write_text("interrupted")  # what an interrupted audit leaves behind
+    (out / "summary.json").unlink()
+    again = audit(data2d["train"], data2d["val"], {"syn": data2d["syn"]}, out_dir=out, checkpoint=trained.checkpoint,
+                  image_size=SIZE, subject_regex=REGEX, train_overrides={"arch": "resnet10"}, **FAST)
+    after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert {k: after[k] for k in before} == before  # nothing recomputed
+    assert again.summary["provenance"]["resumed"] is True
+    assert again.threshold == pytest.approx(trained.threshold, abs=1e-6)
+
+
+def test_refuses_non_empty_output_unless_overwrite(data2d: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        audit(data2d["train"], data2d["val"], data2d["syn"], out_dir=out, checkpoint=data2d["ckpt"],
+              image_size=SIZE, **FAST)
+    assert (out / "notes.txt").read_text() == "mine"  # nothing lost
+    rc = main(["audit", "--train", str(data2d["train"]), "--val", str(data2d["val"]), "--synthetic",
+               str(data2d["syn"]), "--checkpoint", str(data2d["ckpt"]), "--image-size", str(SIZE), "--out", str(out),
+               "--device", "cpu", "--bootstrap", "50"])
+    assert rc == EXIT_BAD_INPUT
+
+
+def test_cli_two_sets_gate_and_clean_export(data2d: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # an older audit: replaced because of --overwrite
+    rc = main(["audit", "--overwrite", "--train", str(data2d["train"]), "--val", str(data2d["val"]),
+               "--synthetic", str(data2d["syn"]), "--synthetic", str(data2d["gan"]),
+               "--synthetic-name", "ldm", "--synthetic-name", "gan", "--checkpoint", str(data2d["ckpt"]),
+               "--image-size", str(SIZE), "--subject-regex", REGEX, "--device", "cpu", "--bootstrap", "50",
+               "--controls", "4", "--fail-above", "0.1", "--export-clean", str(clean), "--out", str(out)])
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["synthetic_sets"]) == ["ldm", "gan"]
+    fracs = {k: v["frac_copies_synthetic"] for k, v in summary["synthetic_sets"].items()}
+    assert rc == (EXIT_GATE if max(fracs.values()) > 0.1 else 0)
+    assert summary["gate"]["failed"] is (rc == EXIT_GATE)
+    assert "[ldm] copies:" in printed and "[gan] copies:" in printed and "report.html" in printed
+    table = pd.read_csv(out / "synthetic_matches.csv")
+    assert sorted(table["synthetic_set"].unique()) == ["gan", "ldm"]
+    # export: one folder per set, exactly the files that are not copies, same names and bytes
+    for name, src in (("ldm", data2d["syn"]), ("gan", data2d["gan"])):
+        rows = table[table["synthetic_set"] == name]
+        expected = sorted(Path(p).name for p in rows.loc[~rows["copy"], "path"])
+        assert sorted(p.name for p in (clean / name).iterdir()) == expected
+        for fname in expected:
+            assert (clean / name / fname).read_bytes() == (src / fname).read_bytes()
+    html = (out / "report.html").read_text()
+    assert "ldm" in html and "gan" in html and "http" not in html
+
+
+def test_bad_inputs_are_one_line_errors(data2d: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = main(["audit", "--train", str(empty), "--val", str(data2d["val"]), "--synthetic", str(data2d["syn"]),
+               "--checkpoint", str(data2d["ckpt"]), "--out", str(tmp_path / "o1")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "Traceback" not in err
+    # a checkpoint of another architecture: clear error naming the mismatch
+    other = tmp_path / "other.pt"
+    torch.save(build_encoder(2, "resnet10", 16).state_dict(), other)
+    with pytest.raises(InputError, match="does not fit|shape"):
+        audit(data2d["train"], data2d["val"], data2d["syn"], out_dir=tmp_path / "o2", checkpoint=other,
+              image_size=SIZE, **FAST)
+    with pytest.raises(InputError, match="percentile"):
+        audit(data2d["train"], data2d["val"], data2d["syn"], out_dir=tmp_path / "o3", percentile=120)
+    with pytest.raises(InputError, match="usable set name"):
+        audit(data2d["train"], data2d["val"], {"train": data2d["syn"]}, out_dir=tmp_path / "o4")
+    capsys.readouterr()
+    rc = main(["audit", "--train", "a", "--val", "b", "--synthetic", "c", "--synthetic-name", "x",
+               "--synthetic-name", "y", "--out", str(tmp_path / "o5")])
+    assert rc == EXIT_BAD_INPUT and "2 name(s) for 1 --synthetic set(s)" in capsys.readouterr().err
+    with pytest.raises(InputError, match="not found"):
+        audit(data2d["train"], data2d["val"], data2d["syn"], out_dir=tmp_path / "o6", checkpoint=tmp_path / "no.pt",
+              **FAST)
+
+
+def test_audit_3d_with_checkpoint(tmp_path: Path) -> None:
+    train, val, syn, _ = make_sets(tmp_path, dims=3, n_train=8, n_val=8, n_copies=2, n_new=3)
+    ckpt = tmp_path / "enc3d.pt"
+    torch.manual_seed(0)
+    torch.save(build_encoder(3, "resnet18", 32).state_dict(), ckpt)
+    result = audit(train, val, syn, out_dir=tmp_path / "out", checkpoint=ckpt, image_size=16, controls=2,
+                   subject_regex=REGEX, **FAST)
+    assert result.summary["provenance"]["config"]["spatial_dims"] == 3
+    assert result.summary["n_synthetic"] == 5
+    assert (tmp_path / "out" / "figures" / "copies_syn.png").is_file()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "six evenly spaced slices" in html
+
+
+def test_mann_whitney_matches_scipy() -> None:
+    st = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = rng.integers(0, 6, rng.integers(1, 30)).astype(float)
+        y = rng.integers(0, 6, rng.integers(1, 30)).astype(float)
+        assert mann_whitney_u(x, y)[0] == pytest.approx(st.mannwhitneyu(x, y).statistic)
+        assert np.allclose(_rankdata(np.concatenate([x, y])), st.rankdata(np.concatenate([x, y])))
+    with pytest.raises(ValueError):
+        mann_whitney_u(np.array([]), np.array([1.0]))
+
+
+def test_data_copying_and_authenticity_separate_copies_from_new_samples() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(200, 16))
+    val = rng.normal(size=(100, 16))
+    copies = train[:100] + 0.05 * rng.normal(size=(100, 16))
+    new = rng.normal(size=(100, 16))
+    ct_copies = data_copying_statistic(train, val, copies, device="cpu")
+    ct_new = data_copying_statistic(train, val, new, device="cpu")
+    assert ct_copies["data_copying_ct"] < -3 < ct_new["data_copying_ct"]
+    assert ct_copies["ct_cells_used"] >= 1
+    assert authenticity_score(train, copies, device="cpu")["authenticity"] < 0.05
+    assert 0.3 < authenticity_score(train, new, device="cpu")["authenticity"] < 0.8
+    assert np.isnan(authenticity_score(train[:1], new, device="cpu")["authenticity"])
+    # too few samples per cell: no cell qualifies → NaN rather than a made-up number
+    assert np.isnan(data_copying_statistic(train, val[:3], new[:3], device="cpu")["data_copying_ct"])
+
+
+@pytest.mark.parametrize("bundle", ["memscan_cxr_2d"])
+def test_bundle_audit_config_runs_the_same_audit(bundle: str, tmp_path: Path) -> None:
+    from monai.bundle import run
+
+    config = Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs" / "audit.json"
+    data = tmp_path / "dataset"
+    make_sets(data, n_train=8, n_val=8, n_copies=2, n_new=2, name="synthetic")
+    ckpt = tmp_path / "enc.pt"
+    torch.manual_seed(0)
+    torch.save(build_encoder(2, "resnet10", 16).state_dict(), ckpt)
+    overrides = {"dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "ckpt_path": str(ckpt),
+                 "arch": "resnet10", "embedding_dim": 16, "image_size": [SIZE, SIZE], "device": "cpu",
+                 "controls": 2, "fail_above": 0.0}
+    with pytest.raises(SystemExit) as exc:  # 2 copies in 4 images > 0.0: the release gate exits 3
+        run(config_file=str(config), **overrides)
+    assert exc.value.code == EXIT_GATE
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["provenance"]["checkpoint"] == str(ckpt)
+    assert summary["synthetic_set_names"] == ["synthetic"] and summary["n_synthetic"] == 4
+    assert summary["gate"] == {"fail_above": 0.0, "failed": True}
