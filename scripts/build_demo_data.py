@@ -180,7 +180,9 @@ def build_cxr(source: Path, out: Path, rows: list[dict]) -> None:
             out_name = Path(name).with_suffix(".png").name
             (d / out_name).write_bytes(png_bytes(np.ascontiguousarray(arr)))
             label = "normal" if name.startswith("NORMAL") else "bacterial_pneumonia"
-            manifest.append({"path": out_name, "subject_id": cxr_subject(name), "label": label, "source": f"cxr/{name}"})
+            manifest.append(
+                {"path": out_name, "subject_id": cxr_subject(name), "label": label, "source": f"cxr/{name}"}
+            )
         pd.DataFrame(manifest).to_csv(d / "manifest.csv", index=False)
         rows.append({"folder": f"cxr/{split}", "n": len(manifest), "source": "cxr/*.jpeg"})
 
@@ -261,7 +263,11 @@ def main() -> None:
                 raise SystemExit(f"{r['source']}: SHA-256 {digest} not in PROVENANCE.md")
             digests = f"`{r['source']}` ({digest[:16]}…)"
         pkg, lic = origin[r["source"]]
-        kind = {"mri2d": "axial T1 slices, 128² PNG", "mri3d": "T1 slabs 64×64×16 NIfTI", "cxr": "chest X-ray 256² PNG"}
+        kind = {
+            "mri2d": "axial T1 slices, 128² PNG",
+            "mri3d": "T1 slabs 64×64×16 NIfTI",
+            "cxr": "chest X-ray 256² PNG",
+        }
         table.append(f"| `{r['folder']}` | {r['n']} × {kind[r['folder'].split('/')[0]]} | {digests} | {pkg} | {lic} |")
     (tmp / "ATTRIBUTION.md").write_text(ATTRIBUTION.replace("{rows}", "\n".join(table)))
     (tmp / "LICENSE.md").write_text(LICENSE)

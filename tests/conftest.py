@@ -6,8 +6,8 @@ Factories (fixtures returning a callable)::
     folder = tiny_3d_folder(n=4, size=(16, 16, 16), subjects=2)  # NIfTIs s{subject}_{i}_{folder}.nii.gz
 
 Every image is distinct (seeded noise + a blob), non-constant and finite. Default subject ids (file stems) are unique
-across folders; ``subject_regex=SUBJECT_REGEX`` gives the shared ids ``s0``, ``s1``, ... ``REAL_DATA`` points at the shared real
-files when they exist (tests using it must skip otherwise).
+across folders; ``subject_regex=SUBJECT_REGEX`` gives the shared ids ``s0``, ``s1``, ... ``REAL_DATA`` points at the
+shared real files when they exist (tests using it must skip otherwise; the ``real_data`` fixture does).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def tiny_2d_folder(tmp_path: Path) -> Callable[..., Path]:
         folder = tmp_path / (name or f"set2d_{counter['k']}")
         n_subj = subjects or n
         for i in range(n):
-            write_png(folder / f"s{i % n_subj}_{i}_{folder.name}.png", make_array(size, seed * 1000 + counter["k"] * 100 + i))
+            arr = make_array(size, seed * 1000 + counter["k"] * 100 + i)
+            write_png(folder / f"s{i % n_subj}_{i}_{folder.name}.png", arr)
         return folder
 
     return make
@@ -78,7 +79,11 @@ def tiny_3d_folder(tmp_path: Path) -> Callable[..., Path]:
     counter = {"k": 0}
 
     def make(
-        n: int = 4, size: Sequence[int] = (16, 16, 16), subjects: int | None = None, name: str | None = None, seed: int = 0
+        n: int = 4,
+        size: Sequence[int] = (16, 16, 16),
+        subjects: int | None = None,
+        name: str | None = None,
+        seed: int = 0,
     ) -> Path:
         counter["k"] += 1
         folder = tmp_path / (name or f"set3d_{counter['k']}")

@@ -69,7 +69,11 @@ CASES_3D = {
         lambda p: write_dicom(p, make_array((8, 10, 12), 3, "uint16"), multiframe=True),
         (12, 10, 8),
     ),
-    "dicom_series_folder": ("series", lambda p: write_dicom_series(p, make_array((8, 10, 12), 4, "uint16")), (12, 10, 8)),
+    "dicom_series_folder": (
+        "series",
+        lambda p: write_dicom_series(p, make_array((8, 10, 12), 4, "uint16")),
+        (12, 10, 8),
+    ),
     "nrrd3d": ("a.nrrd", lambda p: _write_sitk(p, make_array((8, 10, 12), 5, "float32")), (12, 10, 8)),
     "mha3d": ("a.mha", lambda p: _write_sitk(p, make_array((8, 10, 12), 6, "int16")), (12, 10, 8)),
     "mhd3d": ("a.mhd", lambda p: _write_sitk(p, make_array((8, 10, 12), 7, "float32")), (12, 10, 8)),

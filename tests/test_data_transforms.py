@@ -63,6 +63,7 @@ def test_paper_2d_defaults():
     assert cfg.size == (512, 512) and cfg.crop_pad_size == 1024 and cfg.resize and cfg.intensity == "minmax"
     cfg3 = PreprocessConfig.paper_3d()
     assert cfg3.size == (32, 256, 256) and not cfg3.resize and cfg3.range == (-1.0, 1.0)
+    assert cfg3.flip_axis == 2 and cfg3.rotate_axis == 0  # MRNet stacks: flip columns, rotate within slices
     assert AUGMENT_PRESETS["paper"] == ("flip", "rotate")
 
 
@@ -176,3 +177,22 @@ def test_make_dataset_caches_preprocessing(tiny_2d_folder, tmp_path, persistent)
         # a different preprocessing config must not reuse the cached tensors
         other = Compose([preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=8)), view_transforms(cfg)])
         assert tuple(make_dataset(images.records, other, cache_dir=cache)[0]["image"].shape) == (1, 8, 8)
+
+
+@pytest.mark.parametrize("rotate_axis", [0, 2])
+def test_3d_rotation_axis(rotate_axis):
+    """Rotation about ``rotate_axis``: a volume constant along that axis stays constant along it."""
+    from monai.transforms import RandRotated
+
+    cfg = PreprocessConfig(spatial_dims=3, spatial_size=16, rotate_axis=rotate_axis, rotate_degrees=20)
+    vt = view_transforms(cfg, families=("rotate",))
+    rot = [t for t in vt.transforms if isinstance(t, RandRotated)][0]
+    assert rot.rand_rotate.range_x[1] if rotate_axis == 0 else rot.rand_rotate.range_z[1]
+    plane = torch.as_tensor(make_array((16, 16), 1, "float32"))
+    vol = plane.unsqueeze(rotate_axis).expand(*[16] * 3).clone()[None]
+    vt.set_random_state(seed=0)
+    out = vt({"image": vol})["view1"][0]
+    assert float((out - vol[0]).abs().mean()) > 1e-3
+    ref = out.select(rotate_axis, 8)
+    for k in (3, 12):
+        torch.testing.assert_close(out.select(rotate_axis, k), ref, atol=1e-4, rtol=0)

@@ -201,7 +201,8 @@ def _group_dicom(folder: Path, files: list[Path], n_in_folder: int) -> tuple[lis
             skipped.append(
                 (
                     str(f),
-                    f"slice of a DICOM series sharing folder {folder} with other files; put each series in its own folder",
+                    f"slice of a DICOM series sharing folder {folder} with other files; "
+                    "put each series in its own folder",
                     None,
                 )
             )
@@ -294,7 +295,9 @@ def _discover_nih(source: Path, split: str | None) -> tuple[list[Candidate], lis
     keep: set[str] | None = None
     if split is not None:
         if split not in NIH_SPLIT_LISTS:
-            raise InputError("--split", f"NIH ChestX-ray14 split must be one of {sorted(NIH_SPLIT_LISTS)}, got {split!r}")
+            raise InputError(
+                "--split", f"NIH ChestX-ray14 split must be one of {sorted(NIH_SPLIT_LISTS)}, got {split!r}"
+            )
         list_path = root / NIH_SPLIT_LISTS[split]
         if not list_path.is_file():
             raise InputError(list_path, f"not found; needed for split {split!r}")
@@ -372,7 +375,8 @@ def _discover_mrnet(source: Path, plane: str, split: str | None) -> tuple[list[C
         labels = _mrnet_labels(root, s)
         for f in _walk(folder):
             if image_suffix(f) != ".npy":
-                skipped.append((str(f), f"unsupported format '{image_suffix(f) or '(no suffix)'}' in MRNet folder", None))
+                reason = f"unsupported format '{image_suffix(f) or '(no suffix)'}' in MRNet folder"
+                skipped.append((str(f), reason, None))
                 continue
             case = default_subject(f)
             extras = {"split": s, "plane": plane, **{t: labels.get(case, {}).get(t, "") for t in MRNET_TASKS}}
@@ -525,9 +529,8 @@ def load_image_set(
     first_by_hash: dict[str, str] = {}
     for c, info in good:
         if info.spatial_dims != spatial_dims:
-            skipped.append(
-                (name, c.image, f"{info.spatial_dims}D image (shape {info.spatial_shape}) in a {spatial_dims}D set", c.row)
-            )
+            reason = f"{info.spatial_dims}D image (shape {info.spatial_shape}) in a {spatial_dims}D set"
+            skipped.append((name, c.image, reason, c.row))
             continue
         dup = first_by_hash.get(info.content_hash)
         if dup is not None:

@@ -311,7 +311,9 @@ def probe_image(path: str | Path) -> ImageInfo:
     if len(spatial) < 2:
         raise InputError(path, f"not an image: shape {tuple(img.shape[1:])}")
     if len(spatial) > 3:
-        raise InputError(path, f"{len(spatial)}D data (shape {spatial}) not supported: give one 2D or 3D image per file")
+        raise InputError(
+            path, f"{len(spatial)}D data (shape {spatial}) not supported: give one 2D or 3D image per file"
+        )
     if channels > 1 and (fmt not in _COLOUR_FORMATS or channels > 4):
         raise InputError(
             path,

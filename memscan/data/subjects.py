@@ -71,7 +71,7 @@ def compile_subject_regex(pattern: str | None) -> re.Pattern[str] | None:
 
 
 def subject_from_regex(regex: re.Pattern[str], path: str) -> str | None:
-    """Subject id captured by ``regex`` (group ``subject`` or the first group) searched in ``path``; None if no match."""
+    """Subject id captured by ``regex`` (group ``subject``, else the first group) in ``path``; None if no match."""
     m = regex.search(path)
     if m is None:
         return None

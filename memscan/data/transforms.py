@@ -90,8 +90,11 @@ class PreprocessConfig:
         ct_window: (centre, width) in HU for ``ct_window``.
         orientation: axis codes for 3D images (None keeps the file's orientation); ignored in 2D.
         pixdim: optional 3D resampling spacing in mm (None keeps the file's spacing).
-        flip_axis: spatial axis of the "horizontal" flip (0 = x for PIL images and RAS volumes).
+        flip_axis: spatial axis of the "horizontal" flip (0 = x for PIL images and RAS volumes; 2 = columns of an
+            MRNet (slices, rows, columns) stack, as in :meth:`paper_3d`).
         rotate_degrees: maximum rotation of the contrastive views (paper ±5°).
+        rotate_axis: 3D only, the axis rotated about: 2 (default) turns RAS volumes in the axial plane, 0 turns an
+            MRNet stack within its slices (:meth:`paper_3d`).
         augment_families: view augmentation families (see ``AUGMENT_FAMILIES``); None uses the preset.
     """
 
@@ -107,6 +110,7 @@ class PreprocessConfig:
     pixdim: Sequence[float] | None = None
     flip_axis: int = 0
     rotate_degrees: float = 5.0
+    rotate_axis: int = 2
     augment_families: Sequence[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -119,6 +123,8 @@ class PreprocessConfig:
             _size(self.crop_pad_size, self.spatial_dims, "crop_pad_size")
         if not 0 <= self.flip_axis < self.spatial_dims:
             raise InputError("flip_axis", f"must be a spatial axis 0..{self.spatial_dims - 1}, got {self.flip_axis}")
+        if self.rotate_axis not in (0, 1, 2):
+            raise InputError("rotate_axis", f"must be 0, 1 or 2, got {self.rotate_axis}")
         if self.augment_families is not None:
             unknown = set(self.augment_families) - set(AUGMENT_FAMILIES)
             if unknown:
@@ -143,8 +149,10 @@ class PreprocessConfig:
 
     @classmethod
     def paper_3d(cls, **overrides: Any) -> PreprocessConfig:
-        """Paper knee MRI setting: crop/pad to 32×256×256, min-max to [-1, 1]."""
-        return replace(cls(spatial_dims=3, spatial_size=(32, 256, 256), resize=False), **overrides)
+        """Paper knee MRI setting (MRNet (slices, rows, columns) stacks): crop/pad to 32×256×256, min-max to [-1, 1],
+        horizontal flip along the columns, rotation within the slices."""
+        base = cls(spatial_dims=3, spatial_size=(32, 256, 256), resize=False, flip_axis=2, rotate_axis=0)
+        return replace(base, **overrides)
 
 
 class ToGreyd(MapTransform):
@@ -201,7 +209,8 @@ def preprocess_transforms(cfg: PreprocessConfig, keys: KeysCollection = "image")
     Order: ``LoadImaged`` (explicit readers) → ``EnsureChannelFirstd`` → :class:`ToGreyd` →
     :class:`EnsureSpatialDimsd` → [3D: ``Orientationd``, ``Spacingd``] → intensity (``ScaleIntensityd`` /
     ``ScaleIntensityRangePercentilesd`` / ``ScaleIntensityRanged``) → [``ResizeWithPadOrCropd(crop_pad_size)``] →
-    ``Resized`` (then min-max again) or ``ResizeWithPadOrCropd`` → float32. Padding uses the lowest output intensity (background).
+    ``Resized`` (then min-max again) or ``ResizeWithPadOrCropd`` → float32. Padding uses the lowest output
+    intensity (background).
 
     Args:
         cfg: the settings.
@@ -233,12 +242,15 @@ def preprocess_transforms(cfg: PreprocessConfig, keys: KeysCollection = "image")
     else:
         centre, width = cfg.ct_window
         xs.append(
-            ScaleIntensityRanged(keys, a_min=centre - width / 2, a_max=centre + width / 2, b_min=lo, b_max=hi, clip=True)
+            ScaleIntensityRanged(
+                keys, a_min=centre - width / 2, a_max=centre + width / 2, b_min=lo, b_max=hi, clip=True
+            )
         )
     if cfg.crop_pad_size is not None:
         xs.append(ResizeWithPadOrCropd(keys, _size(cfg.crop_pad_size, cfg.spatial_dims, "crop_pad_size"), value=lo))
     if cfg.resize:
-        xs.append(Resized(keys, cfg.size, mode="bilinear" if cfg.spatial_dims == 2 else "trilinear", anti_aliasing=True))
+        mode = "bilinear" if cfg.spatial_dims == 2 else "trilinear"
+        xs.append(Resized(keys, cfg.size, mode=mode, anti_aliasing=True))
         if cfg.intensity == "minmax":
             xs.append(ScaleIntensityd(keys, minv=lo, maxv=hi))  # anti-aliasing narrows the range: restore it exactly
     else:
@@ -254,8 +266,10 @@ def _view_chain(key: str, families: Sequence[str], cfg: PreprocessConfig) -> lis
         if fam == "flip":
             chain.append(RandFlipd(key, prob=0.5, spatial_axis=cfg.flip_axis))
         elif fam == "rotate":
-            # in-plane rotation: 2D plane, or the plane of axes 1-2 in 3D (the slice plane of an MRNet stack)
-            chain.append(RandRotated(key, range_x=rad, prob=1.0, keep_size=True, padding_mode="border"))
+            # 2D: the image plane; 3D: about cfg.rotate_axis (MONAI's range_x/y/z rotate about axes 0/1/2)
+            axis = 0 if cfg.spatial_dims == 2 else cfg.rotate_axis
+            ranges = {("range_x", "range_y", "range_z")[axis]: rad}
+            chain.append(RandRotated(key, prob=1.0, keep_size=True, padding_mode="border", **ranges))
         elif fam == "affine":
             chain.append(
                 RandAffined(
@@ -271,7 +285,8 @@ def _view_chain(key: str, families: Sequence[str], cfg: PreprocessConfig) -> lis
         elif fam == "noise":
             chain.append(RandGaussianNoised(key, prob=0.5, std=0.02 * (cfg.range[1] - cfg.range[0])))
         elif fam == "smooth":
-            chain.append(RandGaussianSmoothd(key, prob=0.3, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0)))
+            sigma = (0.25, 1.0)
+            chain.append(RandGaussianSmoothd(key, prob=0.3, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma))
         elif fam == "shift":
             chain.append(RandShiftIntensityd(key, offsets=0.05 * (cfg.range[1] - cfg.range[0]), prob=0.5))
     return chain
