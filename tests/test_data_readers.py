@@ -195,3 +195,13 @@ def test_real_monochrome1_dicom_air_is_dark(real_data):
     assert img.shape == (1841, 1955)
     assert np.isfinite(img).all() and img.max() > img.min()
     assert centre.mean() > np.percentile(img, 5)
+
+
+def test_real_folders_through_loader(real_data):
+    mri = load_image_set(real_data / "mri_t1", "mri", strict=True)
+    assert mri.spatial_dims == 3 and len(mri) == 3 and (1.5, 1.5, 1.5) in mri.spacings
+    cxr = load_image_set(real_data / "cxr", "cxr", subject_regex=r"^(NORMAL2-IM-\d+|person\d+)", strict=True)
+    assert cxr.spatial_dims == 2 and len(cxr) == 16 and len(cxr.subjects) == 15  # person1946 has two images
+    dicom = load_image_set(real_data / "dicom", "dicom", strict=True)
+    assert len(dicom) == 2 and all(r["subject_id"] for r in dicom.records)
+
