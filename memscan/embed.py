@@ -1,0 +1,280 @@
+"""Embedding extraction: one row per image, in record order, through a MONAI ``SupervisedEvaluator``.
+
+:func:`embed_images` (Python, ``memscan embed``, ``memscan.audit``) and the bundles' ``inference.json`` run the same
+evaluator path: a ``monai.data.Dataset`` with the preprocessing transforms, a ``DataLoader``, a
+``SupervisedEvaluator`` and :class:`EmbeddingWriter`, under :func:`run_evaluator` (``torch.inference_mode``).
+On a GPU the batches use pinned memory and mixed precision; embeddings are returned in float32.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from memscan.errors import InputError
+
+__all__ = [
+    "EmbeddingWriter",
+    "prepare_images",
+    "run_evaluator",
+    "resolve_device",
+    "embed_images",
+    "save_embeddings",
+    "file_sha256",
+    "network_sha256",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else → ``torch.device(device)``.
+
+    Raises:
+        InputError: an unknown device string, or CUDA requested without a GPU.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError("device", f"unknown device {device!r} ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device", f"{device!r} requested but no CUDA GPU is available")
+    return resolved
+
+
+def prepare_images(
+    batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """``prepare_batch`` for the embedding evaluator: the ``"image"`` tensor only (records carry string fields)."""
+    image = torch.as_tensor(batchdata["image"])
+    return image.to(device=device, non_blocking=non_blocking, **kwargs), None
+
+
+class EmbeddingWriter:
+    """Ignite handler collecting the evaluator's predictions in order; optionally writes them on completion.
+
+    Args:
+        records: the records being embedded (their ``"image"`` paths go to the ``.files.csv`` list).
+        output_file: ``.npy`` to write (atomically) when the run completes, with ``<stem>.files.csv`` beside it;
+            None keeps the embeddings in memory only (:attr:`embeddings`).
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]] | None = None, output_file: str | Path | None = None):
+        self.records = list(records) if records is not None else None
+        self.output_file = None if output_file is None else Path(output_file)
+        self._chunks: list[torch.Tensor] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._complete)
+
+    def _reset(self, engine: Engine) -> None:
+        self._chunks = []
+
+    def _collect(self, engine: Engine) -> None:
+        pred = engine.state.output["pred"]
+        self._chunks.append(torch.as_tensor(pred).detach().float().cpu().reshape(pred.shape[0], -1))
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """The collected embeddings, ``[n, d]`` float32."""
+        if not self._chunks:
+            return np.zeros((0, 0), dtype=np.float32)
+        return torch.cat(self._chunks).numpy().astype(np.float32, copy=False)
+
+    def _complete(self, engine: Engine) -> None:
+        if self.output_file is not None:
+            files = [str(r["image"]) for r in self.records] if self.records is not None else None
+            save_embeddings(self.embeddings, self.output_file, files=files)
+            logger.info("wrote %s embeddings to %s", len(self.embeddings), self.output_file)
+
+
+def run_evaluator(evaluator: Engine) -> Any:
+    """Run an embedding evaluator without autograd bookkeeping (``torch.inference_mode``)."""
+    with torch.inference_mode():
+        evaluator.run()
+    return evaluator
+
+
+def save_embeddings(array: np.ndarray, path: str | Path, files: Sequence[str] | None = None) -> Path:
+    """Write ``array`` to ``path`` (``.npy``) and, if given, ``files`` to ``<path minus .npy>.files.csv``.
+
+    Both are written to a temporary file first and moved into place (``os.replace``).
+
+    Raises:
+        InputError: ``files`` does not have one entry per row.
+    """
+    path = Path(path)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if files is not None and len(files) != len(array):
+        raise InputError(path, f"{len(array)} embeddings but {len(files)} file names")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(array))
+    os.replace(tmp, path)
+    if files is not None:
+        listing = path.with_name(path.name[: -len(".npy")] + ".files.csv")
+        tmp = listing.with_name(f".{listing.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["index", "image"])
+            writer.writerows(enumerate(files))
+        os.replace(tmp, listing)
+    return path
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def network_sha256(network: nn.Module) -> str:
+    """SHA-256 of a network's parameters and buffers (identifies the weights when no checkpoint hash is given)."""
+    digest = hashlib.sha256()
+    for key, value in network.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cache_key(record: Mapping[str, Any], weights: str, preprocess: Any) -> str:
+    path = Path(str(record["image"]))
+    try:
+        stat = path.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        stamp = "missing"
+    text = f"{weights}|{path.resolve()}|{stamp}|{preprocess!r}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def embed_images(
+    network: nn.Module,
+    records: Sequence[Mapping[str, Any]],
+    preprocess: Any,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    cache_dir: str | Path | None = None,
+    checkpoint_sha256: str | None = None,
+    num_workers: int | None = None,
+    amp: bool | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Embed images with an encoder: one float32 row per record, in record order.
+
+    Args:
+        network: the encoder (``[B, C, *spatial]`` → ``[B, D]``); put in eval mode and moved to ``device``.
+        records: ``{"image": path, ...}`` dicts (``ImageSet.records``).
+        preprocess: deterministic transforms on key ``"image"`` (``memscan.data.preprocess_transforms``).
+        batch_size: images per forward pass.
+        device: ``"auto"`` (GPU when available), ``"cpu"``, ``"cuda:0"``, ...
+        cache_dir: folder for per-image embedding caches; an image is re-embedded only when its file, the weights
+            or the preprocessing change.
+        checkpoint_sha256: identifies the weights for the cache (computed from the network when omitted).
+        num_workers: data-loading processes (default: 2 on GPU, 0 on CPU).
+        amp: mixed precision (default: on for CUDA).
+        progress: show a progress bar.
+
+    Returns:
+        ``np.ndarray`` of shape ``[len(records), D]``.
+
+    Raises:
+        InputError: bad device or batch size; a record without ``"image"``.
+    """
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+    from monai.inferers import SimpleInferer
+
+    if int(batch_size) < 1:
+        raise InputError("batch_size", f"must be >= 1, got {batch_size}")
+    records = [dict(r) for r in records]
+    for row, record in enumerate(records):
+        if "image" not in record:
+            raise InputError("records", "record has no 'image' entry", row=row)
+    dev = resolve_device(device)
+    use_amp = (dev.type == "cuda") if amp is None else bool(amp) and dev.type == "cuda"
+    workers = (2 if dev.type == "cuda" else 0) if num_workers is None else int(num_workers)
+
+    cached: dict[int, np.ndarray] = {}
+    keys: list[str] = []
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        weights = checkpoint_sha256 or network_sha256(network)
+        keys = [_cache_key(r, weights, preprocess) for r in records]
+        for i, key in enumerate(keys):
+            f = cache / f"{key}.npy"
+            if f.is_file():
+                try:
+                    cached[i] = np.load(f, allow_pickle=False)
+                except (OSError, ValueError):
+                    pass  # unreadable cache entry: recompute it
+    todo = [i for i in range(len(records)) if i not in cached]
+
+    fresh = np.zeros((0, 0), dtype=np.float32)
+    if todo:
+        network = network.to(dev).eval()
+        loader = DataLoader(
+            Dataset([records[i] for i in todo], transform=preprocess),
+            batch_size=int(batch_size),
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=dev.type == "cuda",
+        )
+        writer = EmbeddingWriter()
+        handlers: list[Any] = [writer]
+        if progress:
+            from ignite.handlers import ProgressBar
+
+            handlers.append(ProgressBar(persist=True))
+        evaluator = SupervisedEvaluator(
+            device=dev,
+            val_data_loader=loader,
+            network=network,
+            inferer=SimpleInferer(),
+            prepare_batch=prepare_images,
+            non_blocking=dev.type == "cuda",
+            amp=use_amp,
+            decollate=False,
+            val_handlers=handlers,
+        )
+        run_evaluator(evaluator)
+        fresh = writer.embeddings
+        if len(fresh) != len(todo):
+            raise InputError("records", f"expected {len(todo)} embeddings, got {len(fresh)}")
+        if cache is not None:
+            for row, i in enumerate(todo):
+                target = cache / f"{keys[i]}.npy"
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as fh:
+                    np.save(fh, fresh[row])
+                os.replace(tmp, target)
+    if not records:
+        return np.zeros((0, 0), dtype=np.float32)
+    dim = fresh.shape[1] if len(fresh) else next(iter(cached.values())).shape[-1]
+    out = np.empty((len(records), dim), dtype=np.float32)
+    for row, i in enumerate(todo):
+        out[i] = fresh[row]
+    for i, value in cached.items():
+        out[i] = value
+    return out

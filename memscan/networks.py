@@ -1,0 +1,187 @@
+"""Encoder networks for the self-supervised embedding (MONAI nets, 2D and 3D through ``spatial_dims``).
+
+The embedding is the network's output: a ResNet / DenseNet whose classification head has ``embedding_dim`` outputs,
+as in Dar et al. (ResNet-50 with a 128-d head for chest X-ray, a 32-d head for knee MRI). Weights are never
+downloaded (``pretrained`` is always False); checkpoints are plain state_dicts loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.networks import nets
+from torch import nn
+
+from memscan.errors import InputError
+
+__all__ = ["ARCHITECTURES", "Encoder", "build_encoder", "load_encoder_checkpoint", "unwrap", "embedding_dim_of"]
+
+# name -> MONAI ResNet factory; densenet121 is handled separately (different constructor arguments)
+_RESNETS = {
+    "resnet10": nets.resnet10,
+    "resnet18": nets.resnet18,
+    "resnet34": nets.resnet34,
+    "resnet50": nets.resnet50,
+    "resnet101": nets.resnet101,
+    "resnet152": nets.resnet152,
+}
+ARCHITECTURES: tuple[str, ...] = (*_RESNETS, "densenet121")
+
+
+class Encoder(nn.Module):
+    """A MONAI backbone whose output is the embedding, optionally L2-normalised.
+
+    The backbone is kept as ``self.net`` so its state_dict keys are stable (``net.*``).
+
+    Args:
+        net: backbone mapping ``[B, C, *spatial]`` to ``[B, D]``.
+        normalize: L2-normalise the output (cosine similarity becomes a dot product).
+    """
+
+    def __init__(self, net: nn.Module, normalize: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return F.normalize(z, dim=1) if self.normalize else z
+
+
+def build_encoder(
+    spatial_dims: int,
+    arch: str = "resnet50",
+    embedding_dim: int = 128,
+    in_channels: int = 1,
+    normalize: bool = False,
+) -> nn.Module:
+    """Build a randomly initialised encoder from ``monai.networks.nets``.
+
+    ResNets use the standard ImageNet stem (7×7 convolution with stride 2, then max-pooling) so a 512² chest X-ray
+    or a 32×256×256 knee volume fits in GPU memory; the final fully connected layer has ``embedding_dim`` outputs.
+
+    Args:
+        spatial_dims: 2 for images, 3 for volumes.
+        arch: one of :data:`ARCHITECTURES` (``resnet10`` … ``resnet152``, ``densenet121``).
+        embedding_dim: size of the embedding (the network's number of outputs).
+        in_channels: input channels (1 for grey-scale medical images).
+        normalize: L2-normalise the embedding.
+
+    Returns:
+        An :class:`Encoder` mapping ``[B, in_channels, *spatial]`` to ``[B, embedding_dim]``.
+
+    Raises:
+        InputError: for an unknown architecture or invalid sizes.
+
+    Example:
+        >>> net = build_encoder(2, "resnet18", embedding_dim=16)
+        >>> net(torch.zeros(2, 1, 32, 32)).shape
+        torch.Size([2, 16])
+    """
+    if spatial_dims not in (2, 3):
+        raise InputError("spatial_dims", f"expected 2 or 3, got {spatial_dims!r}")
+    if int(embedding_dim) < 1 or int(in_channels) < 1:
+        raise InputError("encoder", f"embedding_dim and in_channels must be >= 1, got {embedding_dim}, {in_channels}")
+    name = str(arch).lower()
+    if name in _RESNETS:
+        net: nn.Module = _RESNETS[name](
+            pretrained=False,
+            spatial_dims=spatial_dims,
+            n_input_channels=int(in_channels),
+            num_classes=int(embedding_dim),
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            feed_forward=True,
+        )
+    elif name == "densenet121":
+        net = nets.DenseNet121(
+            spatial_dims=spatial_dims, in_channels=int(in_channels), out_channels=int(embedding_dim), pretrained=False
+        )
+    else:
+        raise InputError("arch", f"unknown encoder {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return Encoder(net, normalize=normalize)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """Return the module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def embedding_dim_of(network: nn.Module) -> int | None:
+    """Number of outputs of the encoder's last linear layer, or None when it has none."""
+    last = None
+    for module in unwrap(network).modules():
+        if isinstance(module, nn.Linear):
+            last = module
+    return None if last is None else int(last.out_features)
+
+
+def _strip_prefix(state: dict, prefix: str) -> dict:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_encoder_checkpoint(network: nn.Module, path: str | Path) -> nn.Module:
+    """Load a plain state_dict checkpoint into ``network`` (``torch.load(weights_only=True)``).
+
+    Accepts the bundle's ``model.pt`` (the encoder's own state_dict), a training checkpoint holding it under
+    ``"network"`` / ``"model"`` / ``"state_dict"``, and keys saved from a DDP-wrapped network (``module.``).
+
+    Args:
+        network: the encoder to fill (its architecture must match the checkpoint).
+        path: checkpoint file.
+
+    Returns:
+        ``network`` with the loaded weights.
+
+    Raises:
+        InputError: one line naming the file when it is missing, not a plain tensor checkpoint, or does not fit
+            the network (with both shapes for the first mismatching parameter).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError / EOFError depending on the damage
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"not a plain state_dict checkpoint loadable with weights_only=True ({first})") from None
+    if isinstance(state, dict):
+        for key in ("network", "model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(path, "checkpoint is not a state_dict of tensors")
+    state = _strip_prefix(state, "module.")
+    target = unwrap(network)
+    own = target.state_dict()
+    if not any(k in own for k in state) and any(("net." + k) in own for k in state):
+        state = {"net." + k: v for k, v in state.items()}  # a bare MONAI backbone state_dict
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise InputError(
+                path,
+                f"checkpoint does not fit the encoder: {key} has shape {tuple(value.shape)} in the checkpoint "
+                f"but {tuple(own[key].shape)} in the network (wrong architecture, embedding size or dimensions?)",
+            )
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise InputError(
+            path,
+            f"checkpoint does not fit the encoder: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"parameters (e.g. {example!r}); wrong architecture?",
+        )
+    target.load_state_dict(state)
+    return network

@@ -1,0 +1,712 @@
+"""Self-supervised (SimCLR / NT-Xent) training of the copy-detection encoder with MONAI engines.
+
+The pieces here are what the bundles' ``train.json`` / ``multi_gpu_train.json`` reference, so the bundle, the
+``memscan train`` command and Python users share one implementation:
+
+- :class:`ContrastivePrepareBatch` feeds ``cat([view1, view2])`` to the network in one forward pass;
+- :class:`NTXentLoss` wraps :class:`monai.losses.ContrastiveLoss` in float32 with a differentiable all-gather so
+  every rank's negatives come from the global batch;
+- :func:`collapse_metrics` / :class:`ContrastiveMetric` report positive, negative and nearest-negative similarity;
+- :class:`RNGState`, :class:`EngineState`, :class:`KeyMetricState`, :func:`latest_checkpoint` make a killed run
+  resume from its last epoch with ``weights_only=True`` checkpoints;
+- :data:`PRESETS` and :func:`train_encoder` run the bundle config through :class:`monai.bundle.ConfigWorkflow`.
+
+Method: Dar et al., "Unconditional latent diffusion models memorize patient imaging data" (2025); loss from
+Chen et al., "A simple framework for contrastive learning of visual representations" (ICML 2020).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from monai.data.utils import set_rnd
+from monai.engines import PrepareBatch
+from monai.losses import ContrastiveLoss
+from torch import nn
+
+from memscan.errors import InputError
+
+__all__ = [
+    "PRESETS",
+    "BUNDLES",
+    "preset",
+    "as_spatial_size",
+    "ContrastivePrepareBatch",
+    "gather_with_grad",
+    "NTXentLoss",
+    "collapse_metrics",
+    "ContrastiveMetric",
+    "lower_is_better",
+    "output_loss",
+    "RNGState",
+    "EngineState",
+    "KeyMetricState",
+    "ReseedTransforms",
+    "latest_checkpoint",
+    "bundle_dir",
+    "bundle_root",
+    "split_source",
+    "contrastive_dataset",
+    "is_main_process",
+    "init_distributed",
+    "distributed_device",
+    "to_device",
+    "wrap_ddp",
+    "train_encoder",
+]
+
+logger = logging.getLogger(__name__)
+
+#: bundle name per spatial dimensionality
+BUNDLES: dict[int, str] = {2: "memscan_cxr_2d", 3: "memscan_knee_3d"}
+
+#: Training presets, keyed by name then spatial dims. Keys are the bundles' top-level config ids.
+#: ``paper`` reproduces Dar et al. exactly; ``default`` is memscan's own (small, CPU-friendly for now).
+PRESETS: dict[str, dict[int, dict[str, Any]]] = {
+    "paper": {
+        2: {
+            "arch": "resnet50",
+            "embedding_dim": 128,
+            "image_size": [512, 512],
+            "temperature": 0.07,
+            "batch_size": 64,
+            "learning_rate": 1e-4,
+            "min_learning_rate": 5e-5,
+            "max_epochs": 200,
+            "augment": "paper",
+            "crop_pad_size": 1024,
+            "resize": True,
+        },
+        3: {
+            "arch": "resnet50",
+            "embedding_dim": 32,
+            "image_size": [32, 256, 256],
+            "temperature": 0.07,
+            "batch_size": 10,
+            "learning_rate": 1e-4,
+            "min_learning_rate": 1e-4,  # the paper states a constant Adam 1e-4 for knee MRI
+            "max_epochs": 200,
+            "augment": "paper",
+            "crop_pad_size": None,
+            "resize": False,
+        },
+    },
+    "default": {
+        2: {
+            "arch": "resnet18",
+            "embedding_dim": 128,
+            "image_size": [256, 256],
+            "temperature": 0.1,
+            "batch_size": 32,
+            "learning_rate": 3e-4,
+            "min_learning_rate": 3e-5,
+            "max_epochs": 100,
+            "augment": "default",
+            "crop_pad_size": None,
+            "resize": True,
+        },
+        3: {
+            "arch": "resnet18",
+            "embedding_dim": 32,
+            "image_size": [32, 128, 128],
+            "temperature": 0.1,
+            "batch_size": 8,
+            "learning_rate": 3e-4,
+            "min_learning_rate": 3e-5,
+            "max_epochs": 100,
+            "augment": "default",
+            "crop_pad_size": None,
+            "resize": True,
+        },
+    },
+}
+
+
+def preset(name: str, spatial_dims: int) -> dict[str, Any]:
+    """Return a copy of a training preset (bundle config overrides).
+
+    Raises:
+        InputError: unknown preset name or dimensionality.
+    """
+    if name not in PRESETS:
+        raise InputError("preset", f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    if spatial_dims not in PRESETS[name]:
+        raise InputError("spatial_dims", f"expected 2 or 3, got {spatial_dims!r}")
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in PRESETS[name][spatial_dims].items()}
+
+
+def as_spatial_size(size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """Expand ``512`` to ``(512, 512)`` (or check a per-axis size has ``spatial_dims`` entries).
+
+    Raises:
+        InputError: wrong number of axes or a non-positive size.
+    """
+    sizes = (int(size),) * spatial_dims if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+    if len(sizes) != spatial_dims or min(sizes) < 1:
+        raise InputError("image_size", f"expected {spatial_dims} positive sizes, got {size!r}")
+    return sizes
+
+
+# --------------------------------------------------------------------------------------------------------- batches
+class ContrastivePrepareBatch(PrepareBatch):
+    """Stack the two augmented views of each image into one batch: ``(cat([view1, view2]), None)``.
+
+    The network sees both views in a single forward pass (so batch-norm statistics cover both), and
+    :class:`NTXentLoss` splits the output back into the two halves.
+
+    Args:
+        view_keys: the two dictionary keys holding the views (from ``memscan.data.view_transforms``).
+        channels_last: convert the batch to channels-last memory format (faster convolutions with AMP on GPU).
+    """
+
+    def __init__(self, view_keys: Sequence[str] = ("view1", "view2"), channels_last: bool = False) -> None:
+        if len(view_keys) != 2:
+            raise InputError("view_keys", f"expected two keys, got {list(view_keys)}")
+        self.view_keys = tuple(view_keys)
+        self.channels_last = bool(channels_last)
+
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        views = [torch.as_tensor(batchdata[k]) for k in self.view_keys]
+        x = torch.cat(views, dim=0).to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        return x, None
+
+
+# ------------------------------------------------------------------------------------------------------------ loss
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums the gradients of all ranks and returns this rank's slice.
+
+    Written by hand because ``torch.distributed.nn.all_gather`` needs reduce-scatter / all-to-all in its backward,
+    which the gloo backend (CPU, CI) lacks; all-reduce works everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, keeping gradients (identity when not distributed).
+
+    Every rank must pass the same shape (the training loader drops its last incomplete batch).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent over a batch ``cat([z1, z2])``, computed by :class:`monai.losses.ContrastiveLoss` in float32.
+
+    Autocast is switched off for the loss: ``ContrastiveLoss`` exponentiates ``sim / T`` without log-sum-exp, which
+    overflows in float16 for ``T < 0.09``. Under ``torch.distributed`` the embeddings of all ranks are gathered
+    (with gradient) first, so negatives come from the global batch. Every rank then computes the same global loss;
+    DistributedDataParallel's gradient averaging turns the summed gathered gradients into the exact gradient.
+
+    Args:
+        temperature: softmax temperature (0.07 in Dar et al.).
+        gather: gather embeddings across ranks when distributed.
+    """
+
+    def __init__(self, temperature: float = 0.07, gather: bool = True) -> None:
+        super().__init__()
+        if not float(temperature) > 0:
+            raise InputError("temperature", f"must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.gather = gather
+        self.loss = ContrastiveLoss(temperature=self.temperature)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: pred: ``[2B, D]`` embeddings, views 1 then views 2; target: ignored (kept for MONAI engines)."""
+        z1, z2 = _split_views(pred)
+        autocast_off = torch.autocast(pred.device.type, enabled=False) if pred.device.type in ("cuda", "cpu") else nullcontext()
+        with autocast_off:
+            z1, z2 = z1.float(), z2.float()
+            if self.gather:
+                z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+            return self.loss(z1, z2)
+
+
+def _split_views(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pred = torch.as_tensor(pred)
+    if pred.ndim != 2 or pred.shape[0] % 2:
+        raise ValueError(f"expected embeddings [2B, D] (two views stacked), got shape {tuple(pred.shape)}")
+    z1, z2 = pred.chunk(2, dim=0)
+    return z1, z2
+
+
+@torch.no_grad()
+def collapse_metrics(z1: torch.Tensor, z2: torch.Tensor) -> dict[str, float]:
+    """Collapse diagnostics of a batch of paired embeddings (cosine similarities).
+
+    ``positive_similarity`` (two views of one image), ``negative_similarity`` (all pairs of different images) and
+    ``nearest_negative_similarity`` (each embedding's most similar other image, the one that decides whether a copy
+    is separable). A collapsed encoder has all three near 1.
+
+    Args:
+        z1: ``[B, D]`` embeddings of the first views.
+        z2: ``[B, D]`` embeddings of the second views (row ``i`` pairs with row ``i`` of ``z1``).
+
+    Returns:
+        dict with the three means as floats.
+    """
+    z1, z2 = torch.as_tensor(z1).float(), torch.as_tensor(z2).float()
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T
+    positive = torch.diagonal(sim, b).mean()
+    idx = torch.arange(2 * b, device=sim.device)
+    same_image = (idx[:, None] % b) == (idx[None, :] % b)
+    if b < 2:
+        nan = float("nan")
+        return {"positive_similarity": float(positive), "negative_similarity": nan, "nearest_negative_similarity": nan}
+    negatives = sim.masked_fill(same_image, float("nan"))
+    negative = torch.nanmean(negatives)
+    nearest = negatives.nan_to_num(nan=-2.0).max(dim=1).values.mean()
+    return {
+        "positive_similarity": float(positive),
+        "negative_similarity": float(negative),
+        "nearest_negative_similarity": float(nearest),
+    }
+
+
+def _pred_of(output: Any) -> torch.Tensor:
+    return output["pred"] if isinstance(output, Mapping) else output
+
+
+class ContrastiveMetric(Metric):
+    """Ignite metric: mean NT-Xent loss or one collapse diagnostic over an epoch of ``cat([z1, z2])`` outputs.
+
+    Batch means are weighted by batch size and summed across ranks (``sync_all_reduce``). MONAI has no contrastive
+    metric handler, hence this small class.
+
+    Args:
+        kind: ``"loss"``, ``"positive_similarity"``, ``"negative_similarity"`` or ``"nearest_negative_similarity"``.
+        temperature: NT-Xent temperature (``kind="loss"``).
+        output_transform: maps the engine output to the ``[2B, D]`` prediction (default: ``output["pred"]``).
+    """
+
+    KINDS = ("loss", "positive_similarity", "negative_similarity", "nearest_negative_similarity")
+
+    def __init__(self, kind: str = "loss", temperature: float = 0.07, output_transform: Any = _pred_of) -> None:
+        if kind not in self.KINDS:
+            raise InputError("kind", f"expected one of {', '.join(self.KINDS)}, got {kind!r}")
+        self.kind = kind
+        self._loss = NTXentLoss(temperature, gather=False)
+        super().__init__(output_transform=output_transform)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.zeros((), dtype=torch.float64)
+        self._count = torch.zeros((), dtype=torch.float64)
+
+    @reinit__is_reduced
+    def update(self, output: torch.Tensor) -> None:
+        pred = torch.as_tensor(output).detach()
+        z1, z2 = _split_views(pred)
+        if z1.shape[0] < 2:
+            return  # a batch of one image has no negatives: loss and similarities are undefined
+        if self.kind == "loss":
+            value = float(self._loss(pred))
+        else:
+            value = collapse_metrics(z1, z2)[self.kind]
+        if np.isfinite(value):
+            self._sum += value * z1.shape[0]
+            self._count += z1.shape[0]
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self) -> float:
+        return float(self._sum / self._count) if float(self._count) > 0 else float("nan")
+
+
+def output_loss(output: Any) -> float:
+    """The loss of a trainer iteration output (for ``StatsHandler`` / ``TensorBoardStatsHandler``)."""
+    loss = output["loss"] if isinstance(output, Mapping) else output
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+def lower_is_better(current: float, best: float) -> bool:
+    """Metric comparison for losses (``SupervisedEvaluator(metric_cmp_fn=...)``)."""
+    return current < best
+
+
+# ------------------------------------------------------------------------------------------------------ resumption
+def _rng_to_tensors() -> dict[str, torch.Tensor]:
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_meta": torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor(np_gauss, dtype=torch.float64),
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_meta": torch.tensor([py_version, py_gauss is not None], dtype=torch.int64),
+        "python_gauss": torch.tensor(0.0 if py_gauss is None else py_gauss, dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+class RNGState:
+    """Checkpointable random state of torch, NumPy and Python (stored as tensors for ``weights_only`` loading)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _rng_to_tensors()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+        pos, has_gauss = (int(v) for v in state["numpy_meta"])
+        keys = state["numpy_keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"])))
+        version, has_py_gauss = (int(v) for v in state["python_meta"])
+        py_gauss = float(state["python_gauss"]) if has_py_gauss else None
+        random.setstate((version, tuple(int(v) for v in state["python_state"]), py_gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu())
+
+
+class EngineState:
+    """Handler exposing the engine it is attached to as a checkpointable object (epoch, iteration).
+
+    Lets ``CheckpointSaver`` store the trainer's state without the config referring to the trainer from inside
+    the trainer's own handler list (a circular reference).
+    """
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        return dict(self.engine.state_dict())
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.engine is not None and state:
+            self.engine.load_state_dict(dict(state))
+
+
+class KeyMetricState:
+    """Checkpointable best-validation-loss tracking of a ``CheckpointSaver`` (so a resumed run keeps its best model).
+
+    Args:
+        saver: the evaluator's ``CheckpointSaver`` with ``save_key_metric=True``; None (disabled on other ranks)
+            makes this a no-op.
+    """
+
+    def __init__(self, saver: Any = None) -> None:
+        self.saver = saver
+
+    def _checkpoint(self) -> Any:
+        # MONAI's CheckpointSaver exposes only load_state_dict for this; the ignite Checkpoint holds the list
+        return getattr(self.saver, "_key_metric_checkpoint", None) if self.saver is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        ckpt = self._checkpoint()
+        if ckpt is None:
+            return {"saved": []}
+        return {"saved": [[float(item.priority), str(item.filename)] for item in ckpt._saved]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ckpt = self._checkpoint()
+        if ckpt is None:
+            return
+        ckpt.load_state_dict({"_saved": [(float(p), str(f)) for p, f in state.get("saved", [])]})
+
+
+class ReseedTransforms:
+    """Reseed a dataset's random transforms at every epoch start (for loaders with ``num_workers=0``).
+
+    With worker processes, MONAI's ``worker_init_fn`` already seeds transforms from torch's generator; in-process
+    loading would otherwise keep one stream that a resumed run cannot reproduce. With ``seed=None`` the seed is
+    drawn from torch's (checkpointed) generator, so a resumed run continues the exact augmentation sequence; a
+    fixed ``seed`` gives identical views every epoch (used for validation so its loss is comparable).
+
+    Args:
+        dataset: the dataset whose ``transform`` to reseed.
+        seed: fixed seed, or None to draw one from torch's global generator.
+        num_workers: the loader's workers; nothing is done when > 0.
+    """
+
+    def __init__(self, dataset: Any, seed: int | None = None, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.num_workers = int(num_workers)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if self.num_workers > 0:
+            return
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        set_rnd(self.dataset, seed)
+
+
+_EPOCH_FILE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> str | None:
+    """Newest readable ``checkpoint_epoch=N.pt`` in ``ckpt_dir``, or None (then the bundle starts from scratch).
+
+    A file truncated by a kill during writing is skipped in favour of the previous epoch's.
+    """
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_FILE.search(p.name))), reverse=True
+    )
+    for _, path in found:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a partially written file: fall back to the previous one
+            logger.warning("skipping unreadable checkpoint %s", path)
+            continue
+        return str(path)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ bundles and data
+def bundle_dir(spatial_dims: int) -> Path:
+    """Folder of the bundle for ``spatial_dims`` (``bundles/memscan_cxr_2d`` or ``bundles/memscan_knee_3d``).
+
+    Raises:
+        InputError: when the bundles folder is not next to the installed package.
+    """
+    if spatial_dims not in BUNDLES:
+        raise InputError("spatial_dims", f"expected 2 or 3, got {spatial_dims!r}")
+    path = Path(__file__).resolve().parent.parent / "bundles" / BUNDLES[spatial_dims]
+    if not (path / "configs" / "train.json").is_file():
+        raise InputError(path, "bundle not found (memscan must be installed from its source tree: pip install -e .)")
+    return path
+
+
+def bundle_root(default: str | None = None) -> str:
+    """The bundle folder of the config being parsed: the parent of the ``configs/`` folder it was read from.
+
+    ``monai.bundle`` does not pass the config file's location into the config, so this looks for the running
+    :class:`monai.bundle.ConfigWorkflow` (used by ``python -m monai.bundle run`` and by :func:`train_encoder`) on
+    the call stack and returns its config root. Falls back to ``default`` or the working directory.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, ConfigWorkflow):
+                root = Path(candidate.config_root_path).resolve()
+                return str(root.parent if root.name == "configs" else root)
+            frame = frame.f_back
+    finally:
+        del frame
+    return str(Path(default).resolve()) if default else os.getcwd()
+
+
+def split_source(dataset_dir: str | Path, split: str) -> str:
+    """``dataset_dir/<split>`` (a folder) or ``dataset_dir/<split>.csv`` (a manifest), whichever exists.
+
+    Raises:
+        InputError: when neither exists.
+    """
+    base = Path(dataset_dir)
+    for candidate in (base / split, base / f"{split}.csv"):
+        if candidate.exists():
+            return str(candidate)
+    raise InputError(base, f"expected a '{split}/' folder or a '{split}.csv' manifest in the dataset directory")
+
+
+def contrastive_dataset(
+    records: Sequence[Mapping[str, Any]],
+    preprocess: Any,
+    augment: str = "paper",
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    name: str = "train",
+) -> Any:
+    """Dataset yielding ``view1`` / ``view2``: each file is decoded and preprocessed once, augmented every step.
+
+    ``memscan.data.make_dataset`` over ``preprocess_transforms`` followed by ``view_transforms`` (flattened into one
+    ``Compose`` so the cache covers every deterministic step before the first random one).
+
+    Args:
+        records: ``{"image": path, ...}`` dicts (``ImageSet.records``).
+        preprocess: a ``memscan.data.PreprocessConfig``.
+        augment: view augmentation family (``"paper"`` or ``"default"``).
+        num_workers: threads used to fill the in-memory cache.
+        cache_dir: persistent on-disk cache (None: in memory).
+        name: the set's name, for error messages.
+
+    Raises:
+        InputError: an empty set.
+    """
+    from monai.transforms import Compose
+
+    from memscan import data
+
+    if len(records) == 0:
+        raise InputError(name, "no images to train on")
+    transform = Compose(
+        [data.preprocess_transforms(preprocess), data.view_transforms(preprocess, augment=augment, keep_image=False)]
+    ).flatten()
+    return data.make_dataset(records, transform, cache_dir=cache_dir, num_workers=max(int(num_workers), 1))
+
+
+# --------------------------------------------------------------------------------------------------- distribution
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an initialised process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def distributed_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when GPUs are available, else the CPU."""
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None) -> str:
+    """Initialise the torchrun process group: ``nccl`` on GPUs, ``gloo`` on CPUs. Returns the backend."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)
+    # ignite's idist runs collectives the first time it is queried; do it now on every rank, in step, so a
+    # rank-0-only handler (CheckpointSaver) querying it later cannot deadlock against the other ranks
+    import ignite.distributed as idist
+
+    idist.sync()
+    return str(dist.get_backend())
+
+
+def to_device(network: nn.Module, device: torch.device | str, channels_last: bool = False) -> nn.Module:
+    """Move a network to ``device``, optionally in channels-last memory format (matching ContrastivePrepareBatch)."""
+    network = network.to(device)
+    if channels_last:
+        dims = sum(1 for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)) and isinstance(m, nn.Conv3d))
+        network = network.to(memory_format=torch.channels_last_3d if dims else torch.channels_last)
+    return network
+
+
+def wrap_ddp(network: nn.Module, device: torch.device | str) -> nn.Module:
+    """Wrap a network (already on ``device``) in DistributedDataParallel (``device_ids`` only on GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(network, device_ids=[device])
+    return nn.parallel.DistributedDataParallel(network)
+
+
+# ------------------------------------------------------------------------------------------------------- front door
+def _source_overrides(value: Any, split: str) -> dict[str, Any]:
+    if hasattr(value, "records"):
+        return {f"{split}_records": [dict(r) for r in value.records]}
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], Mapping):
+        return {f"{split}_records": [dict(r) for r in value]}
+    path = Path(value)
+    if not path.exists():
+        raise InputError(path, f"{split} images not found")
+    return {f"{split}_source": str(path)}
+
+
+def train_encoder(
+    train: Any,
+    val: Any,
+    *,
+    spatial_dims: int,
+    out_dir: str | Path,
+    preset: str = "default",
+    epochs: int | None = None,
+    image_size: int | Sequence[int] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Path:
+    """Train the encoder by running the bundle's ``train.json`` with :class:`monai.bundle.ConfigWorkflow`.
+
+    Exactly what ``python -m monai.bundle run --config_file bundles/<b>/configs/train.json`` does, with the
+    preset's values and the arguments below as overrides. Rerunning with the same ``out_dir`` resumes from the
+    last completed epoch.
+
+    Args:
+        train: training images: a folder or CSV manifest path, an ``ImageSet`` or a list of records.
+        val: held-out validation images (for validation loss and model selection), same kinds.
+        spatial_dims: 2 (chest X-ray bundle) or 3 (knee MRI bundle).
+        out_dir: run folder: checkpoints (``model.pt`` = best by validation loss) and TensorBoard logs.
+        preset: ``"default"`` or ``"paper"`` (see :data:`PRESETS`).
+        epochs: override the preset's number of epochs.
+        image_size: override the preset's input size (int or per-axis list).
+        overrides: any other bundle config ids, e.g. ``{"device": "cpu", "num_workers": 0}``.
+
+    Returns:
+        Path of the best checkpoint (``out_dir/model.pt``), a plain state_dict.
+
+    Raises:
+        InputError: bad inputs, or when training finished without producing a checkpoint.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    root = bundle_dir(spatial_dims)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = dict(globals()["preset"](preset, spatial_dims))
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise InputError("epochs", f"must be >= 1, got {epochs}")
+        settings["max_epochs"] = int(epochs)
+    if image_size is not None:
+        settings["image_size"] = list(as_spatial_size(image_size, spatial_dims))
+    settings.update(_source_overrides(train, "train"))
+    settings.update(_source_overrides(val, "val"))
+    settings.update({"ckpt_dir": str(out), "output_dir": str(out / "logs"), "dataset_dir": str(out)})
+    settings.update(dict(overrides or {}))
+    workflow = ConfigWorkflow(
+        config_file=str(root / "configs" / "train.json"),
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        **settings,
+    )
+    workflow.initialize()
+    try:
+        workflow.run()
+    finally:
+        workflow.finalize()
+    best = out / "model.pt"
+    if not best.is_file():
+        raise InputError(out, "training finished without a best checkpoint (was validation run?)")
+    return best

@@ -1,0 +1,202 @@
+"""Tests for memscan.training: two-view batches, NT-Xent (float32, cross-rank gather), collapse metrics,
+resumable state, presets and train_encoder()."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from monai.losses import ContrastiveLoss
+
+from memscan.errors import InputError
+from memscan.training import (
+    PRESETS,
+    ContrastiveMetric,
+    ContrastivePrepareBatch,
+    NTXentLoss,
+    RNGState,
+    as_spatial_size,
+    bundle_dir,
+    collapse_metrics,
+    contrastive_dataset,
+    latest_checkpoint,
+    preset,
+    split_source,
+    train_encoder,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prepare_batch_stacks_the_two_views():
+    batch = {"view1": torch.zeros(3, 1, 8, 8), "view2": torch.ones(3, 1, 8, 8), "image": torch.rand(3, 1, 8, 8)}
+    x, y = ContrastivePrepareBatch()(batch, torch.device("cpu"))
+    assert y is None and x.shape == (6, 1, 8, 8)
+    assert x[:3].sum() == 0 and x[3:].min() == 1
+    x3, _ = ContrastivePrepareBatch(channels_last=True)({"view1": torch.rand(2, 1, 4, 4, 4), "view2": torch.rand(2, 1, 4, 4, 4)})
+    assert x3.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_ntxent_matches_monai_and_runs_in_float32():
+    torch.manual_seed(0)
+    z = torch.randn(8, 5)
+    expected = ContrastiveLoss(temperature=0.07)(z[:4], z[4:])
+    torch.testing.assert_close(NTXentLoss(0.07)(z), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = NTXentLoss(0.07)(z.to(torch.bfloat16))
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    # matching views give a lower loss than unrelated ones
+    a = torch.randn(6, 16)
+    assert NTXentLoss(0.1)(torch.cat([a, a + 0.01 * torch.randn_like(a)])) < NTXentLoss(0.1)(torch.randn(12, 16))
+    with pytest.raises(ValueError):
+        NTXentLoss()(torch.randn(5, 3))
+    with pytest.raises(InputError):
+        NTXentLoss(temperature=0)
+
+
+def test_collapse_metrics_sanity():
+    torch.manual_seed(0)
+    z = torch.randn(16, 32)
+    perfect = collapse_metrics(z, z)
+    assert perfect["positive_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(perfect["negative_similarity"]) < 0.2
+    assert perfect["negative_similarity"] < perfect["nearest_negative_similarity"] < 1.0
+    collapsed = collapse_metrics(torch.ones(4, 8), torch.ones(4, 8))
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in collapsed.values())
+
+
+def test_contrastive_metric_weights_batches_and_skips_singletons():
+    torch.manual_seed(0)
+    metric = ContrastiveMetric("positive_similarity")
+    z = torch.randn(4, 8)
+    metric.update(torch.cat([z, z]))
+    metric.update(torch.cat([z[:1], -z[:1]]))  # one image: no negatives, ignored
+    assert metric.compute() == pytest.approx(1.0, abs=1e-5)
+    loss = ContrastiveMetric("loss", temperature=0.5)
+    loss.update(torch.cat([z, z]))
+    assert loss.compute() == pytest.approx(float(ContrastiveLoss(0.5)(z, z)), rel=1e-5)
+
+
+def _gather_worker(rank: int, world: int, port: int, z: torch.Tensor, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        b = z.shape[0] // 2 // world
+        z1, z2 = z[: z.shape[0] // 2], z[z.shape[0] // 2 :]
+        local = torch.cat([z1[rank * b : (rank + 1) * b], z2[rank * b : (rank + 1) * b]]).clone().requires_grad_(True)
+        loss = NTXentLoss(0.2)(local)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": local.grad}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cross_rank_gather_gives_global_negatives_and_exact_gradients(tmp_path):
+    """Two gloo processes with half the batch each reproduce the single-process loss; the summed-gathered gradients
+    averaged by DDP equal the single-process gradient."""
+    torch.manual_seed(0)
+    z = torch.randn(8, 6)
+    # fork: the workers inherit the imported modules instead of re-importing MONAI
+    mp.start_processes(_gather_worker, args=(2, _free_port(), z, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    full = z.clone().requires_grad_(True)
+    ref = NTXentLoss(0.2)(full)
+    ref.backward()
+    g = full.grad
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(res["loss"], ref.detach())
+        rows = list(range(rank * 2, rank * 2 + 2)) + list(range(4 + rank * 2, 4 + rank * 2 + 2))
+        # each rank's gradient is world_size x the global gradient of its rows; DDP divides by world_size
+        torch.testing.assert_close(res["grad"] / 2, g[rows])
+
+
+def test_rng_state_roundtrip_through_weights_only(tmp_path):
+    state = RNGState()
+    path = tmp_path / "rng.pt"
+    torch.save({"rng": state.state_dict()}, path)
+    expected = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    torch.manual_seed(123), np.random.seed(123)
+    state.load_state_dict(torch.load(path, weights_only=True)["rng"])
+    torch.testing.assert_close(torch.rand(3), expected[0])
+    np.testing.assert_array_equal(np.random.rand(3), expected[1])
+    assert __import__("random").random() == expected[2]
+
+
+def test_latest_checkpoint_skips_truncated_files(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    torch.save({"a": torch.ones(100)}, tmp_path / "checkpoint_epoch=1.pt")
+    torch.save({"a": torch.ones(100)}, tmp_path / "checkpoint_epoch=2.pt")
+    data = (tmp_path / "checkpoint_epoch=2.pt").read_bytes()
+    (tmp_path / "checkpoint_epoch=10.pt").write_bytes(data[: len(data) // 2])  # killed while writing
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
+
+
+def test_presets_match_the_paper_and_the_bundles():
+    p2, p3 = preset("paper", 2), preset("paper", 3)
+    assert (p2["arch"], p2["embedding_dim"], p2["image_size"], p2["temperature"], p2["batch_size"]) == (
+        "resnet50", 128, [512, 512], 0.07, 64)
+    assert (p2["learning_rate"], p2["min_learning_rate"], p2["max_epochs"], p2["augment"]) == (1e-4, 5e-5, 200, "paper")
+    assert (p3["embedding_dim"], p3["image_size"], p3["batch_size"], p3["learning_rate"], p3["max_epochs"]) == (
+        32, [32, 256, 256], 10, 1e-4, 200)
+    # the bundles' train.json top-level values are the paper preset, and metadata declares the embedding size
+    for dims in (2, 3):
+        cfg = json.loads((bundle_dir(dims) / "configs" / "train.json").read_text())
+        for key, value in PRESETS["paper"][dims].items():
+            assert cfg[key] == value, (dims, key)
+        meta = json.loads((bundle_dir(dims) / "configs" / "metadata.json").read_text())
+        assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == PRESETS["paper"][dims]["embedding_dim"]
+    with pytest.raises(InputError):
+        preset("fast", 2)
+    assert as_spatial_size(32, 3) == (32, 32, 32)
+    with pytest.raises(InputError):
+        as_spatial_size([32, 32], 3)
+
+
+def test_split_source(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val.csv").write_text("image\n")
+    assert split_source(tmp_path, "train").endswith("train")
+    assert split_source(tmp_path, "val").endswith("val.csv")
+    with pytest.raises(InputError, match="synthetic"):
+        split_source(tmp_path, "synthetic")
+
+
+def test_two_views_of_one_image_differ(tiny_2d_folder):
+    from memscan.data import PreprocessConfig, load_image_set
+
+    records = load_image_set(tiny_2d_folder(n=2), "train").records
+    ds = contrastive_dataset(records, PreprocessConfig(spatial_dims=2, spatial_size=32), augment="paper")
+    ds.set_random_state(0) if hasattr(ds, "set_random_state") else None
+    item = ds[0]
+    assert item["view1"].shape == item["view2"].shape == (1, 32, 32)
+    assert not torch.equal(torch.as_tensor(item["view1"]), torch.as_tensor(item["view2"]))
+    with pytest.raises(InputError):
+        contrastive_dataset([], PreprocessConfig(spatial_dims=2, spatial_size=32))
+
+
+def test_train_encoder_runs_the_bundle_and_returns_best_checkpoint(tiny_2d_folder, tmp_path):
+    from memscan.networks import build_encoder, load_encoder_checkpoint
+
+    train, val = tiny_2d_folder(n=8, name="train"), tiny_2d_folder(n=4, name="val")
+    best = train_encoder(
+        train, val, spatial_dims=2, out_dir=tmp_path / "run", preset="default", epochs=1, image_size=32,
+        overrides={"arch": "resnet10", "embedding_dim": 16, "batch_size": 4, "num_workers": 0, "device": "cpu"},
+    )
+    assert best == (tmp_path / "run" / "model.pt").resolve() and best.is_file()
+    assert latest_checkpoint(tmp_path / "run").endswith("checkpoint_epoch=1.pt")
+    load_encoder_checkpoint(build_encoder(2, "resnet10", 16), best)  # plain state_dict, weights_only
+    with pytest.raises(InputError):
+        train_encoder(train, tmp_path / "missing", spatial_dims=2, out_dir=tmp_path / "r2")
