@@ -168,15 +168,21 @@ def test_make_dataset_caches_preprocessing(tiny_2d_folder, tmp_path, persistent)
     cache = tmp_path / "cache" if persistent else None
     ds = make_dataset(images.records, chain, cache_dir=cache)
     assert len(ds) == 3
-    a, b = ds[0], ds[0]
-    assert torch.equal(a["image"], b["image"])  # deterministic part cached
-    assert a["subject_id"] == images.records[0]["subject_id"]
     if persistent:
         _ = [ds[i] for i in range(3)]
         assert len(list(cache.glob("*.pt"))) == 3
         # a different preprocessing config must not reuse the cached tensors
-        other = Compose([preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=8)), view_transforms(cfg)])
+        other_cfg = PreprocessConfig(spatial_dims=2, spatial_size=8)
+        other = Compose([preprocess_transforms(other_cfg), view_transforms(other_cfg)])
         assert tuple(make_dataset(images.records, other, cache_dir=cache)[0]["image"].shape) == (1, 8, 8)
+        ds = make_dataset(images.records, chain, cache_dir=cache)  # a new run: served from disk
+    for p in folder.glob("*.png"):
+        p.unlink()  # from now on only the cache can serve the images
+    a, b = ds[0], ds[0]
+    assert tuple(a["image"].shape) == (1, 16, 16)
+    assert torch.equal(a["image"], b["image"])  # deterministic part cached
+    assert not torch.equal(a["view1"], b["view1"]) or not torch.equal(a["view2"], b["view2"])  # views stay random
+    assert a["subject_id"] == images.records[0]["subject_id"]
 
 
 @pytest.mark.parametrize("rotate_axis", [0, 2])

@@ -9,6 +9,9 @@ Paper settings (Dar et al., 2025): 2D chest X-ray crop/pad to 1024² then resize
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import json
 import math
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
@@ -16,10 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.data.utils import json_hashing
+from monai.data import CacheDataset, Dataset, ImageReader, PersistentDataset
 from monai.transforms import (
     Compose,
     CopyItemsd,
@@ -333,6 +336,30 @@ def view_transforms(
     return Compose(xs)
 
 
+def _describe(obj: Any, depth: int = 0) -> Any:
+    """JSON-able description of a transform's settings, stable across processes (no ids, no reader state)."""
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (tuple, list)):
+        return [_describe(o, depth + 1) for o in obj]
+    if isinstance(obj, dict):
+        return {str(k): _describe(v, depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return np.asarray(obj).tolist() if np.asarray(obj).size <= 64 else f"array{tuple(np.asarray(obj).shape)}"
+    if isinstance(obj, ImageReader) or depth >= 4 or not hasattr(obj, "__dict__"):
+        return type(obj).__qualname__
+    attrs = {k: _describe(v, depth + 1) for k, v in sorted(vars(obj).items()) if not k.startswith("_") and k != "R"}
+    return {"__class__": type(obj).__qualname__, **attrs}
+
+
+def _transform_fingerprint(transforms: Sequence[Any]) -> bytes:
+    # MONAI's json_hashing falls back to class names only, so two preprocessing configs would share one cache
+    text = json.dumps([_describe(t) for t in transforms], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest().encode()
+
+
 def make_dataset(
     records: Sequence[dict[str, Any]],
     transforms: Compose | Transform | None,
@@ -343,13 +370,14 @@ def make_dataset(
 ) -> Dataset:
     """Dataset that decodes each file once: ``PersistentDataset`` on disk if ``cache_dir`` else ``CacheDataset``.
 
-    Both cache the transform chain up to its first random transform, so pass ``Compose([preprocess, views])`` and the
-    views stay random per epoch.
+    Both cache the transform chain up to its first random transform, so pass ``Compose([preprocess, views])`` (nested
+    ``Compose`` objects are flattened) and the views stay random per epoch.
 
     Args:
         records: record dicts (``image`` key and metadata).
         transforms: transform chain.
-        cache_dir: folder for the persistent cache (created if missing); None caches in memory.
+        cache_dir: folder for the persistent cache (created if missing); None caches in memory. Entries are keyed by
+            the record and the deterministic transforms' settings, not by file content: clear it when files change.
         num_workers: threads used to fill the in-memory cache.
         progress: show a progress bar while caching.
 
@@ -357,8 +385,13 @@ def make_dataset(
         A MONAI dataset.
     """
     data = [dict(r) for r in records]
+    if isinstance(transforms, Compose):
+        # a nested Compose counts as random for the caches, which would then cache nothing: flatten it
+        transforms = transforms.flatten()
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         # the transform chain is part of the cache key, so changing the preprocessing never reuses stale tensors
-        return PersistentDataset(data, transform=transforms, cache_dir=Path(cache_dir), hash_transform=json_hashing)
+        return PersistentDataset(
+            data, transform=transforms, cache_dir=Path(cache_dir), hash_transform=_transform_fingerprint
+        )
     return CacheDataset(data, transform=transforms, cache_rate=1.0, num_workers=num_workers, progress=progress)
