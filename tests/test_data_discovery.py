@@ -314,3 +314,15 @@ def test_mhd_raw_companion_not_reported(tmp_path):
     images = load_image_set(tmp_path, "x")
     assert [Path(p).name for p in images.paths] == ["v.mhd"]
     assert list(images.skipped["path"].map(lambda p: Path(p).name)) == ["orphan.raw"]
+
+
+def test_dicomdir_reported_and_series_kept(tmp_path):
+    from conftest import write_dicom_series
+
+    write_dicom_series(tmp_path / "study" / "series1", make_array((3, 8, 8), 1, "uint16"), patient_id="P5")
+    write_dicom_series(tmp_path / "study" / "series2", make_array((4, 8, 8), 2, "uint16"), patient_id="P5")
+    (tmp_path / "study" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    images = load_image_set(tmp_path / "study", "x")
+    assert images.spatial_dims == 3 and [Path(p).name for p in images.paths] == ["series1", "series2"]
+    assert images.subjects == ["P5"]
+    assert "DICOMDIR index file" in images.skipped.iloc[0]["reason"]

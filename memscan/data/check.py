@@ -126,6 +126,7 @@ class CheckReport:
                 f"{label}: {len(s)} image(s), {s.spatial_dims}D, {len(s.subjects)} subject(s), "
                 f"{len(s.skipped)} skipped  [{s.layout}: {s.source}]"
             )
+            lines.append(f"  subjects: {_examples(s.subjects, 8)}")
             lines.append(f"  shapes:   {_fmt_counts(s.shapes)}")
             lines.append(f"  spacings: {_fmt_counts(s.spacings)}")
             if len(s.skipped):

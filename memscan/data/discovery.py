@@ -230,6 +230,10 @@ def _discover_folder(root: Path) -> tuple[list[Candidate], list[tuple]]:
             else:
                 per_dir[f.parent] -= 1
             continue
+        if f.name.upper() == "DICOMDIR":
+            skipped.append((str(f), "DICOMDIR index file (holds no pixels; its images are read directly)", None))
+            per_dir[f.parent] -= 1
+            continue
         fmt = format_of(f)
         if fmt is None:
             skipped.append((str(f), f"unsupported format '{suffix or '(no suffix)'}'", None))
