@@ -56,6 +56,7 @@ __all__ = [
     "DemoResult",
     "DEFAULT_CONTROLS",
     "exit_on_gate",
+    "DEMO_SETTINGS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -627,9 +628,9 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
             png = figure_to_png(plot_pair_gallery(pairs, title=f"{name}: {title.lower()}", threshold=tau,
                                                   spatial_dims=spatial_dims))
             save_figure(png, figures_dir / f"{kind}_{name}.png")
-            caption = (f"{title}: each row a training image (left) beside the synthetic image that matches it "
-                       f"(right), ranked by correlation" + ("; six evenly spaced slices per volume"
-                                                             if spatial_dims == 3 else ""))
+            caption = (f"{title}: each training image (blue frame) beside the synthetic image that matches it "
+                       f"(orange frame), ranked by correlation" + ("; six evenly spaced slices per volume"
+                                                                    if spatial_dims == 3 else ""))
             figs.append((caption, png))
             tables.append((f"{title} ({len(shown)} shown; all in synthetic_matches.csv)", shown))
         notes = [f"{sa.block.get('n_unauthentic', 0)} synthetic images are closer to a training image than any "
@@ -873,13 +874,19 @@ def audit(
     train_paths = [r["image"] for r in train_set.records]
     train_subjects = [str(r.get("subject_id")) for r in train_set.records]
     val_subjects = [str(r.get("subject_id")) for r in val_set.records]
+    # the null rate splits the validation set by patient; with a single validation patient it splits by image
+    split_by_subject = len(set(val_subjects)) >= 2
+    if not split_by_subject:
+        warnings.append("the validation set holds a single patient: the null rate splits it by image, and "
+                        "training/validation pairs of the same patient are not excluded")
     set_audits: dict[str, SetAudit] = {}
     controls_block: dict[str, Any] = {"n": n_controls}
     for name, s in syn_sets.items():
         logger.info("matching %s against the training set", name)
         syn_paths = [r["image"] for r in s.records]
         res = match(embeddings["train"], embeddings["val"], embeddings[name], percentile, device,
-                    train_subjects=train_subjects, val_subjects=val_subjects, n_bootstrap=n_bootstrap, seed=seed,
+                    train_subjects=train_subjects if split_by_subject else None,
+                    val_subjects=val_subjects if split_by_subject else None, n_bootstrap=n_bootstrap, seed=seed,
                     train_ids=train_paths, synthetic_ids=syn_paths)
         block = dict(res.summary)
         n_subj_mem, n_subj = _subject_counts(train_set.records, res.train_table["memorized"].to_numpy(bool))
@@ -1007,3 +1014,187 @@ def exit_on_gate(result: AuditResult) -> AuditResult:
         logger.error("release gate failed: %s", result.summary["gate"])
         sys.exit(EXIT_GATE)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the demo: planted copies in real images, audited end to end
+# ----------------------------------------------------------------------------------------------------------------
+#: Demo settings per dimensionality: encoder and training kept small enough for ~2 minutes on two CPU cores.
+DEMO_SETTINGS: dict[int, dict[str, Any]] = {
+    2: {"folder": "mri2d", "arch": "resnet10", "embedding_dim": 64, "image_size": [64, 64], "epochs": 20,
+        "batch_size": 8, "n_copies": 8, "n_unseen": 24},
+    3: {"folder": "mri3d", "arch": "resnet10", "embedding_dim": 32, "image_size": [64, 64, 16], "epochs": 15,
+        "batch_size": 4, "n_copies": 2, "n_unseen": 4},
+}
+
+
+@dataclass
+class DemoInputs:
+    """The demo's input folders and the ground truth of its synthetic set.
+
+    Attributes:
+        train: training images (one subject).
+        val: validation images (another subject).
+        synthetic: the synthetic folder written by :func:`build_demo`.
+        truth: one row per synthetic file: ``file``, ``kind`` (``"planted copy"`` / ``"unseen subject"``) and the
+            ``source`` image it was made from.
+        subject_regex: subject regex for the real sets (None: their manifests carry ``subject_id``).
+        spatial_dims: 2 or 3.
+    """
+
+    train: Path
+    val: Path
+    synthetic: Path
+    truth: pd.DataFrame
+    subject_regex: str | None
+    spatial_dims: int
+
+
+@dataclass
+class DemoResult:
+    """Outcome of :func:`run_demo`: the audit plus how it did against the planted ground truth."""
+
+    audit: AuditResult
+    inputs: DemoInputs
+    n_copies_planted: int
+    n_copies_caught: int
+    n_unseen: int
+    n_unseen_flagged: int
+
+
+def _perturb_file(src: Path, dst: Path, spatial_dims: int, seed: int) -> None:
+    """Write a perturbed copy of ``src`` (shift ≤3% per axis, intensity ±5%, 1% noise; MONAI transforms), same format."""
+    from monai.transforms import Compose, LoadImage, RandAffine, RandGaussianNoise, RandScaleIntensity
+
+    image = LoadImage(image_only=True, ensure_channel_first=True)(str(src))
+    arr = np.asarray(image, dtype=np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    shift = [max(1.0, round(0.03 * n)) for n in arr.shape[1:]]  # ~3% of each axis, at least one voxel
+    perturb = Compose([
+        RandAffine(prob=1.0, translate_range=shift, padding_mode="border"),
+        RandScaleIntensity(factors=0.05, prob=1.0),
+        RandGaussianNoise(prob=1.0, std=0.01 * (hi - lo)),
+    ])
+    perturb.set_random_state(seed=seed)
+    out = np.clip(np.asarray(perturb(arr), dtype=np.float32)[0], lo, hi)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if spatial_dims == 2:
+        from PIL import Image
+
+        # LoadImage returns PNGs as (x, y): transpose back to PIL's (rows, columns)
+        Image.fromarray(np.round(out).astype(np.uint8).T).save(dst)
+    else:
+        import nibabel as nib
+
+        src_img = nib.load(str(src))
+        nib.save(nib.Nifti1Image(out.astype(src_img.get_data_dtype()), src_img.affine, src_img.header), str(dst))
+
+
+def build_demo(out_dir: str | os.PathLike[str], *, spatial_dims: int = 2, n_copies: int | None = None,
+               n_unseen: int | None = None, seed: int = 0) -> DemoInputs:
+    """Build the demo's inputs from the real demo data (:func:`memscan.data.demo_data_dir`).
+
+    Training and validation images are two different subjects. The synthetic set (written to
+    ``out_dir/synthetic`` with neutral names) holds ``n_copies`` perturbed copies of evenly spaced training images
+    — planted copies a good audit must catch — and ``n_unseen`` images of a third subject the model never saw,
+    which it should not flag (beyond the threshold's false-alarm rate). The ground truth goes to
+    ``out_dir/truth.csv``.
+
+    Args:
+        out_dir: folder for the synthetic set and the truth table.
+        spatial_dims: 2 (axial T1 slices, PNG) or 3 (T1 slabs, NIfTI).
+        n_copies: planted copies (default per :data:`DEMO_SETTINGS`).
+        n_unseen: unseen-subject images (default per :data:`DEMO_SETTINGS`; capped at what exists).
+        seed: seed of the perturbations and of the file order.
+
+    Returns:
+        :class:`DemoInputs`.
+
+    Raises:
+        InputError: bad ``spatial_dims``, or the demo data is missing from the installation.
+    """
+    from memscan.data import demo_data_dir
+
+    if spatial_dims not in DEMO_SETTINGS:
+        raise InputError("dims", f"must be 2 or 3, got {spatial_dims!r}")
+    cfg = DEMO_SETTINGS[spatial_dims]
+    root = demo_data_dir() / cfg["folder"]
+    if not (root / "train").is_dir():
+        raise InputError(root, "demo data not found in this installation (reinstall memscan from its source tree)")
+    ext = ".png" if spatial_dims == 2 else ".nii.gz"
+    train_files = sorted(p for p in (root / "train").iterdir() if p.name.endswith(ext))
+    unseen_files = sorted(p for p in (root / "unseen").iterdir() if p.name.endswith(ext))
+    n_copies = min(int(cfg["n_copies"] if n_copies is None else n_copies), len(train_files))
+    n_unseen = min(int(cfg["n_unseen"] if n_unseen is None else n_unseen), len(unseen_files))
+    out = Path(out_dir).expanduser().resolve()
+    syn = out / "synthetic"
+    shutil.rmtree(syn, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    picks = [train_files[int(i)] for i in np.linspace(0, len(train_files) - 1, n_copies).round()] if n_copies else []
+    unseen = [unseen_files[int(i)] for i in np.linspace(0, len(unseen_files) - 1, n_unseen).round()] if n_unseen else []
+    items = [("planted copy", p) for p in picks] + [("unseen subject", p) for p in unseen]
+    order = rng.permutation(len(items))
+    rows = []
+    for k, idx in enumerate(order):
+        kind, src = items[int(idx)]
+        dst = syn / f"sample_{k:03d}{ext}"
+        if kind == "planted copy":
+            _perturb_file(src, dst, spatial_dims, seed + k)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        rows.append({"file": dst.name, "kind": kind, "source": f"{cfg['folder']}/{src.parent.name}/{src.name}"})
+    truth = pd.DataFrame(rows, columns=["file", "kind", "source"])
+    from memscan.report.tables import write_csv
+
+    write_csv(truth, out / "truth.csv")
+    return DemoInputs(train=root / "train", val=root / "val", synthetic=syn, truth=truth, subject_regex=None,
+                      spatial_dims=spatial_dims)
+
+
+def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2, epochs: int | None = None,
+             image_size: int | Sequence[int] | None = None, device: str = "auto", controls: int = DEFAULT_CONTROLS,
+             n_bootstrap: int = 1000, seed: int = 0, arch: str | None = None) -> DemoResult:
+    """Build the demo inputs, train a small encoder, audit, and score the audit against the planted truth.
+
+    ``out_dir`` receives ``inputs/`` (synthetic set + ``truth.csv``) and ``audit/`` (the audit's outputs and
+    ``report.html``). Rerunning into the same folder replaces the previous demo (the trained encoder is reused).
+
+    Args:
+        out_dir: demo folder (new, empty, or a previous demo).
+        dims: 2 or 3.
+        epochs, image_size, arch: override :data:`DEMO_SETTINGS` (smaller = faster).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        controls: positive controls.
+        n_bootstrap: bootstrap draws.
+        seed: seed of the demo inputs and the audit.
+
+    Returns:
+        :class:`DemoResult`.
+
+    Raises:
+        InputError: ``out_dir`` holds something other than a previous demo.
+    """
+    if dims not in DEMO_SETTINGS:
+        raise InputError("dims", f"must be 2 or 3, got {dims!r}")
+    cfg = DEMO_SETTINGS[dims]
+    out = Path(out_dir).expanduser().resolve()
+    previous = (out / "inputs" / "truth.csv").is_file()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not previous)):
+        raise InputError(out, "demo folder exists and is not a previous memscan demo; choose another --out")
+    inputs = build_demo(out / "inputs", spatial_dims=dims, seed=seed)
+    size = cfg["image_size"] if image_size is None else image_size
+    result = audit(inputs.train, inputs.val, {"synthetic": inputs.synthetic}, out_dir=out / "audit",
+                   epochs=int(cfg["epochs"] if epochs is None else epochs), image_size=size, spatial_dims=dims,
+                   device=device, controls=controls, overwrite=previous, n_bootstrap=n_bootstrap, seed=seed,
+                   subject_regex=inputs.subject_regex,
+                   train_overrides={"arch": arch or cfg["arch"], "embedding_dim": cfg["embedding_dim"],
+                                    "batch_size": cfg["batch_size"], "num_workers": 0})
+    table = result.sets["synthetic"].synthetic_table
+    flagged = dict(zip(table["path"].map(lambda p: Path(p).name), table["copy"].astype(bool)))
+    truth = inputs.truth
+    planted = truth.loc[truth["kind"] == "planted copy", "file"]
+    unseen = truth.loc[truth["kind"] == "unseen subject", "file"]
+    return DemoResult(audit=result, inputs=inputs, n_copies_planted=len(planted),
+                      n_copies_caught=int(sum(flagged.get(f, False) for f in planted)), n_unseen=len(unseen),
+                      n_unseen_flagged=int(sum(flagged.get(f, False) for f in unseen)))
