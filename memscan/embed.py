@@ -24,6 +24,7 @@ from torch import nn
 from memscan.errors import InputError
 
 __all__ = [
+    "load_encoder",
     "EmbeddingWriter",
     "prepare_images",
     "run_evaluator",
@@ -35,6 +36,64 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def load_encoder(
+    checkpoint: str | Path,
+    *,
+    spatial_dims: int | None = None,
+    arch: str | None = None,
+    embedding_dim: int | None = None,
+    image_size: int | Sequence[int] | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a trained encoder and the preprocessing it was trained with.
+
+    Settings come from, in order of priority: the arguments, ``encoder.json`` beside the checkpoint (written by
+    :func:`memscan.training.train_encoder`), the checkpoint itself (dimensionality, architecture and embedding size
+    are recognised from the weights), and the ``paper`` preset's preprocessing (the bundles' defaults).
+
+    Args:
+        checkpoint: plain state_dict file (``model.pt``).
+        spatial_dims, arch, embedding_dim, image_size: explicit settings.
+
+    Returns:
+        ``(network, preprocess_config)``: the encoder in eval mode on the CPU and a ``memscan.data.PreprocessConfig``.
+
+    Raises:
+        InputError: unreadable checkpoint or settings that do not fit it.
+    """
+    import json
+
+    from memscan.data import PreprocessConfig
+    from memscan.networks import build_encoder, infer_encoder, load_encoder_checkpoint, read_state_dict
+    from memscan.training import ENCODER_KEYS, as_spatial_size, preset
+
+    path = Path(checkpoint)
+    settings: dict[str, Any] = {}
+    sidecar = path.with_name("encoder.json")
+    if sidecar.is_file():
+        try:
+            settings = {k: v for k, v in json.loads(sidecar.read_text()).items() if k in (*ENCODER_KEYS, "spatial_dims")}
+        except (OSError, ValueError) as err:
+            raise InputError(sidecar, f"unreadable encoder settings ({err})") from None
+    if not {"spatial_dims", "arch", "embedding_dim"} <= settings.keys():
+        settings = {**infer_encoder(read_state_dict(path), path), **settings}
+    explicit = {"spatial_dims": spatial_dims, "arch": arch, "embedding_dim": embedding_dim, "image_size": image_size}
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    dims = int(settings["spatial_dims"])
+    defaults = preset("paper", dims)
+    for key in ("image_size", "crop_pad_size", "resize"):
+        settings.setdefault(key, defaults[key])
+    network = build_encoder(dims, settings["arch"], int(settings["embedding_dim"]), int(settings.get("in_channels", 1)))
+    load_encoder_checkpoint(network, path)
+    cfg = PreprocessConfig(
+        spatial_dims=dims,
+        spatial_size=as_spatial_size(settings["image_size"], dims),
+        crop_pad_size=settings["crop_pad_size"],
+        resize=bool(settings["resize"]),
+        intensity=settings.get("intensity", "minmax"),
+    )
+    return network.eval(), cfg
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -156,6 +215,36 @@ def network_sha256(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _describe(obj: Any, depth: int = 4) -> str:
+    """A restart-stable description of a transform chain for cache keys (a plain ``repr`` holds memory addresses)."""
+    text = repr(obj)
+    if " at 0x" not in text:
+        return text
+    if depth == 0:
+        return type(obj).__name__
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(_describe(o, depth - 1) for o in obj) + "]"
+    fields = []
+    for key, value in sorted(vars(obj).items()) if hasattr(obj, "__dict__") else []:
+        if key.startswith("_") or key == "R" or callable(value) and not hasattr(value, "__dict__"):
+            continue
+        fields.append(f"{key}={_describe(value, depth - 1)}")
+    return f"{type(obj).__module__}.{type(obj).__name__}({', '.join(fields)})"
+
+
+class _ConfiguredPreprocess:
+    """Preprocessing built from a ``PreprocessConfig``, described by its settings (stable cache keys)."""
+
+    def __init__(self, cfg: Any, compose: Any) -> None:
+        self.cfg, self.compose = cfg, compose
+
+    def __call__(self, data: Any) -> Any:
+        return self.compose(data)
+
+    def __repr__(self) -> str:
+        return f"memscan.data.preprocess_transforms({self.cfg!r})"
+
+
 def _cache_key(record: Mapping[str, Any], weights: str, preprocess: Any) -> str:
     path = Path(str(record["image"]))
     try:
@@ -163,7 +252,7 @@ def _cache_key(record: Mapping[str, Any], weights: str, preprocess: Any) -> str:
         stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
     except OSError:
         stamp = "missing"
-    text = f"{weights}|{path.resolve()}|{stamp}|{preprocess!r}"
+    text = f"{weights}|{path.resolve()}|{stamp}|{preprocess}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -185,7 +274,8 @@ def embed_images(
     Args:
         network: the encoder (``[B, C, *spatial]`` → ``[B, D]``); put in eval mode and moved to ``device``.
         records: ``{"image": path, ...}`` dicts (``ImageSet.records``).
-        preprocess: deterministic transforms on key ``"image"`` (``memscan.data.preprocess_transforms``).
+        preprocess: deterministic transforms on key ``"image"`` (``memscan.data.preprocess_transforms``), or the
+            ``PreprocessConfig`` to build them from.
         batch_size: images per forward pass.
         device: ``"auto"`` (GPU when available), ``"cpu"``, ``"cuda:0"``, ...
         cache_dir: folder for per-image embedding caches; an image is re-embedded only when its file, the weights
@@ -211,6 +301,10 @@ def embed_images(
     for row, record in enumerate(records):
         if "image" not in record:
             raise InputError("records", "record has no 'image' entry", row=row)
+    if not callable(preprocess) and hasattr(preprocess, "spatial_dims"):  # a PreprocessConfig
+        from memscan.data import preprocess_transforms
+
+        preprocess = _ConfiguredPreprocess(preprocess, preprocess_transforms(preprocess))
     dev = resolve_device(device)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp) and dev.type == "cuda"
     workers = (2 if dev.type == "cuda" else 0) if num_workers is None else int(num_workers)
@@ -221,7 +315,8 @@ def embed_images(
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         weights = checkpoint_sha256 or network_sha256(network)
-        keys = [_cache_key(r, weights, preprocess) for r in records]
+        description = _describe(preprocess)
+        keys = [_cache_key(r, weights, description) for r in records]
         for i, key in enumerate(keys):
             f = cache / f"{key}.npy"
             if f.is_file():

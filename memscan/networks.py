@@ -8,6 +8,7 @@ downloaded (``pretrained`` is always False); checkpoints are plain state_dicts l
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import nn
 
 from memscan.errors import InputError
 
-__all__ = ["ARCHITECTURES", "Encoder", "build_encoder", "load_encoder_checkpoint", "unwrap", "embedding_dim_of"]
+__all__ = ["ARCHITECTURES", "Encoder", "build_encoder", "load_encoder_checkpoint", "unwrap", "embedding_dim_of", "read_state_dict", "infer_encoder"]
 
 # name -> MONAI ResNet factory; densenet121 is handled separately (different constructor arguments)
 _RESNETS = {
@@ -130,6 +131,55 @@ def _strip_prefix(state: dict, prefix: str) -> dict:
     return state
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an encoder state_dict with ``weights_only=True`` (unwrapping ``network``/``model``/``state_dict`` keys
+    and a DDP ``module.`` prefix).
+
+    Raises:
+        InputError: missing file, or not a plain tensor checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError / EOFError depending on the damage
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"not a plain state_dict checkpoint loadable with weights_only=True ({first})") from None
+    if isinstance(state, dict):
+        for key in ("network", "model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(path, "checkpoint is not a state_dict of tensors")
+    return _strip_prefix(state, "module.")
+
+
+def infer_encoder(state: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> dict[str, Any]:
+    """Recover ``spatial_dims``, ``arch`` and ``embedding_dim`` of an encoder from its state_dict.
+
+    Dimensionality comes from the first convolution's kernel rank, the embedding size from the last linear layer,
+    the architecture from the first of :data:`ARCHITECTURES` whose parameter names and shapes all match.
+
+    Raises:
+        InputError: when no known architecture matches.
+    """
+    convs = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (4, 5)]
+    linears = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if not convs or not linears:
+        raise InputError(source, "not an encoder checkpoint (no convolution or final linear layer)")
+    dims, dim, channels = convs[0].ndim - 2, int(linears[-1].shape[0]), int(convs[0].shape[1])
+    for arch in ARCHITECTURES:
+        own = build_encoder(dims, arch, dim, in_channels=channels).state_dict()
+        keys = set(state) if any(k.startswith("net.") for k in state) else {"net." + k for k in state}
+        if keys == set(own):
+            fixed = state if any(k.startswith("net.") for k in state) else {"net." + k: v for k, v in state.items()}
+            if all(own[k].shape == v.shape for k, v in fixed.items()):
+                return {"spatial_dims": dims, "arch": arch, "embedding_dim": dim, "in_channels": channels}
+    raise InputError(source, f"no known encoder ({', '.join(ARCHITECTURES)}) matches the checkpoint")
+
+
 def load_encoder_checkpoint(network: nn.Module, path: str | Path) -> nn.Module:
     """Load a plain state_dict checkpoint into ``network`` (``torch.load(weights_only=True)``).
 
@@ -148,21 +198,7 @@ def load_encoder_checkpoint(network: nn.Module, path: str | Path) -> nn.Module:
             the network (with both shapes for the first mismatching parameter).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError / EOFError depending on the damage
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(path, f"not a plain state_dict checkpoint loadable with weights_only=True ({first})") from None
-    if isinstance(state, dict):
-        for key in ("network", "model", "state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(path, "checkpoint is not a state_dict of tensors")
-    state = _strip_prefix(state, "module.")
+    state = read_state_dict(path)
     target = unwrap(network)
     own = target.state_dict()
     if not any(k in own for k in state) and any(("net." + k) in own for k in state):

@@ -68,6 +68,7 @@ __all__ = [
     "to_device",
     "wrap_ddp",
     "train_encoder",
+    "ENCODER_KEYS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -709,4 +710,22 @@ def train_encoder(
     best = out / "model.pt"
     if not best.is_file():
         raise InputError(out, "training finished without a best checkpoint (was validation run?)")
+    _write_encoder_settings(out, spatial_dims, settings, preset)
     return best
+
+
+#: settings that describe a trained encoder and its preprocessing (written to ``<run>/encoder.json``)
+ENCODER_KEYS = ("arch", "embedding_dim", "in_channels", "image_size", "crop_pad_size", "resize", "intensity")
+
+
+def _write_encoder_settings(out: Path, spatial_dims: int, settings: Mapping[str, Any], preset_name: str) -> None:
+    import json
+
+    info: dict[str, Any] = {"spatial_dims": spatial_dims, "preset": preset_name}
+    for key in ENCODER_KEYS:
+        if key in settings:
+            value = settings[key]
+            info[key] = list(value) if isinstance(value, (list, tuple)) else value
+    tmp = out / f".encoder.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, out / "encoder.json")

@@ -1,0 +1,106 @@
+"""Tests for memscan.embed: embeddings in record order, caching, encoder loading, and ``memscan embed``."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memscan.cli import main
+from memscan.data import PreprocessConfig, load_image_set, preprocess_transforms
+from memscan.embed import embed_images, load_encoder, save_embeddings
+from memscan.errors import InputError
+from memscan.networks import build_encoder
+
+
+@pytest.fixture
+def images(tiny_2d_folder):
+    return load_image_set(tiny_2d_folder(n=5, size=(36, 40)), "images").records
+
+
+@pytest.fixture
+def encoder():
+    torch.manual_seed(0)
+    return build_encoder(2, "resnet10", embedding_dim=8).eval()
+
+
+CFG = PreprocessConfig(spatial_dims=2, spatial_size=32)
+
+
+def test_shapes_and_record_order(images, encoder):
+    pre = preprocess_transforms(CFG)
+    emb = embed_images(encoder, images, pre, batch_size=2, device="cpu")
+    assert emb.shape == (5, 8) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    single = np.concatenate([embed_images(encoder, [r], pre, batch_size=1, device="cpu") for r in images])
+    np.testing.assert_allclose(emb, single, rtol=1e-4, atol=1e-5)  # batching does not change rows (eval mode)
+    reversed_emb = embed_images(encoder, images[::-1], pre, batch_size=3, device="cpu")
+    np.testing.assert_allclose(reversed_emb, emb[::-1], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(emb[0], emb[1])  # distinct images, distinct embeddings
+
+
+def test_cache_reuses_unchanged_images(images, encoder, tmp_path):
+    first = embed_images(encoder, images, CFG, cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="abc")
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 5
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the cache should have answered")
+
+    again = embed_images(Broken(), images, CFG, cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="abc")
+    np.testing.assert_array_equal(first, again)
+    other = embed_images(encoder, images[:2], CFG, cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="new")
+    np.testing.assert_allclose(other, first[:2], rtol=1e-4, atol=1e-5)  # different weights id: recomputed
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 7
+
+
+def test_bad_arguments(images, encoder):
+    with pytest.raises(InputError):
+        embed_images(encoder, images, CFG, batch_size=0)
+    with pytest.raises(InputError):
+        embed_images(encoder, [{"path": "x"}], CFG)
+    with pytest.raises(InputError, match="device"):
+        embed_images(encoder, images, CFG, device="cuda:7" if not torch.cuda.is_available() else "nonsense")
+
+
+def test_save_embeddings_writes_array_and_file_list(tmp_path):
+    path = save_embeddings(np.eye(3, dtype=np.float32), tmp_path / "x.npy", files=["a", "b", "c"])
+    np.testing.assert_array_equal(np.load(path), np.eye(3))
+    rows = list(csv.reader(open(tmp_path / "x.files.csv")))
+    assert rows == [["index", "image"], ["0", "a"], ["1", "b"], ["2", "c"]]
+    with pytest.raises(InputError):
+        save_embeddings(np.eye(3), tmp_path / "y.npy", files=["a"])
+
+
+def test_load_encoder_recognises_checkpoint_and_reads_sidecar(tmp_path, encoder):
+    path = tmp_path / "model.pt"
+    torch.save(encoder.state_dict(), path)
+    net, cfg = load_encoder(path, image_size=32)
+    assert cfg.spatial_dims == 2 and cfg.size == (32, 32)
+    torch.testing.assert_close(net.state_dict()["net.fc.weight"], encoder.state_dict()["net.fc.weight"])
+    (tmp_path / "encoder.json").write_text(json.dumps({"spatial_dims": 2, "arch": "resnet10", "embedding_dim": 8,
+                                                       "image_size": [48, 48], "resize": True, "crop_pad_size": None}))
+    _, cfg2 = load_encoder(path)
+    assert cfg2.size == (48, 48)
+
+
+def test_cli_embed_end_to_end(tmp_path, tiny_2d_folder, encoder, capsys):
+    folder = tiny_2d_folder(n=3)
+    ckpt = tmp_path / "model.pt"
+    torch.save(encoder.state_dict(), ckpt)
+    out = tmp_path / "emb" / "x.npy"
+    code = main(["embed", "--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out),
+                 "--image-size", "32", "--device", "cpu"])
+    assert code == 0
+    emb = np.load(out)
+    assert emb.shape == (3, 8)
+    listing = list(csv.DictReader(open(tmp_path / "emb" / "x.files.csv")))
+    assert [r["image"] for r in listing] == [r["image"] for r in load_image_set(folder, "s").records]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    code = main(["embed", "--checkpoint", str(bad), "--images", str(folder), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "bad.pt" in err[0]
