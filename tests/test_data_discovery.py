@@ -53,6 +53,12 @@ def test_manifest_relative_paths_subjects_and_extra_columns(tmp_path):
     assert row["reason"].startswith("file not found") and row["row"] == 4 and row["set"] == "train"
 
 
+def test_manifest_excel_bom_and_capitalised_columns(tmp_path):
+    write_png(tmp_path / "a.png", make_array((16, 16), 1))
+    (tmp_path / "m.csv").write_bytes("Path,Subject_ID\na.png,P7\n".encode("utf-8-sig"))
+    assert load_image_set(tmp_path / "m.csv", "x").records[0]["subject_id"] == "P7"
+
+
 def test_manifest_without_path_column(tmp_path):
     csv = tmp_path / "m.csv"
     csv.write_text("file,subject_id\na.png,1\n")

@@ -254,7 +254,7 @@ def _discover_folder(root: Path) -> tuple[list[Candidate], list[tuple]]:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")  # BOM from Excel
     except Exception as err:  # pandas raises several parser / decode errors
         raise InputError(path, f"cannot read CSV ({type(err).__name__}: {' '.join(str(err).split())[:160]})") from None
 
@@ -264,6 +264,8 @@ def _discover_manifest(csv_path: Path) -> tuple[list[Candidate], list[tuple]]:
         csv_path = csv_path / MANIFEST_NAME
     df = _read_csv(csv_path)
     df.columns = [str(c).strip() for c in df.columns]
+    lower = {c.lower(): c for c in df.columns}
+    df = df.rename(columns={lower[k]: k for k in ("path", "subject_id") if k not in df.columns and k in lower})
     if "path" not in df.columns:
         raise InputError(csv_path, f"manifest needs a 'path' column (found: {', '.join(df.columns) or 'none'})")
     base = csv_path.parent
