@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memscan.cli import main
 from memscan.data import load_image_set, split_by_subject, subject_overlap
@@ -79,3 +81,21 @@ def test_split_cli_bad_input_exit_2(tmp_path, capsys):
     assert main(["split", str(tmp_path / "e"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("memscan split: error:") and "no usable images" in err and "Traceback" not in err
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    subjects=st.lists(st.sampled_from([f"p{i}" for i in range(12)]), min_size=2, max_size=40),
+    fraction=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**16),
+)
+def test_split_properties(subjects, fraction, seed):
+    recs = [{"image": f"/x/{i}.png", "subject_id": s} for i, s in enumerate(subjects)]
+    if len(set(subjects)) < 2:
+        with pytest.raises(InputError):
+            split_by_subject(recs, fraction, seed)
+        return
+    train, val = split_by_subject(recs, fraction, seed)
+    assert train and val and not subject_overlap(train, val)
+    assert sorted(r["image"] for r in train + val) == sorted(r["image"] for r in recs)
+    assert split_by_subject(recs, fraction, seed) == (train, val)
