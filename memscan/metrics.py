@@ -61,6 +61,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 _CPU_TILE_CAP = 1 << 22  # 4M elements (16 MB in float32): tiles stay in cache for the max/top-k pass
 _GPU_TILE_CAP = 1 << 28  # 256M elements (1 GiB in float32)
 _STANDARDIZE_CHUNK = 1 << 16  # rows standardised at a time (bounds the float64 temporary)
+_CHUNK = 64  # CPU search: maxima of chunks of this many values, then the argmax inside one chunk
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,15 +126,20 @@ def _block_shape(n: int, m: int, device: torch.device, dtype: torch.dtype,
         bq, br = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
         if int(bq) < 1 or int(br) < 1:
             raise InputError("block_size", f"must be >= 1, got {block_size!r}")
-        return max(1, min(n, int(bq))), max(1, min(m, int(br)))
+        bq, br = int(bq), int(br)
+        if bq % _CHUNK == 0 and br % _CHUNK == 0:  # keep chunk-aligned tiles chunk-aligned (rows get padded)
+            return min(bq, -(-n // _CHUNK) * _CHUNK), min(br, -(-m // _CHUNK) * _CHUNK)
+        return min(n, bq), min(m, br)
     itemsize = torch.empty((), dtype=dtype).element_size()
     # a tile, its comparison mask and top-k scratch: budget an eighth of free memory for it
     budget = _free_memory_bytes(device) // (8 * itemsize)
     cap = _GPU_TILE_CAP if device.type == "cuda" else _CPU_TILE_CAP
-    elems = int(max(1 << 12, min(budget, cap)))
+    elems = int(max(1 << 14, min(budget, cap)))
     row_block = 8192 if device.type == "cuda" else 512
-    br = max(1, min(m, elems // min(n, row_block)))
-    bq = max(1, min(n, elems // br))
+    c = _CHUNK  # tiles in multiples of _CHUNK rows (the CPU search reduces chunks of that many values)
+    n_pad, m_pad = -(-n // c) * c, -(-m // c) * c
+    br = min(m_pad, max(c, elems // min(n_pad, row_block) // c * c))
+    bq = min(n_pad, max(c, elems // br // c * c))
     return bq, br
 
 
@@ -279,17 +285,21 @@ def _group_codes(query_groups: ArrayLike | None, reference_groups: ArrayLike | N
 # ----------------------------------------------------------------------------------------------------------------
 # correlation and search
 # ----------------------------------------------------------------------------------------------------------------
-def _standardize(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Centre each row and scale it to unit L2 norm (in float64), so a matrix product gives Pearson r."""
+def _standardize(x: ArrayLike, device: torch.device, dtype: torch.dtype, pad_to: int = 1) -> torch.Tensor:
+    """Centre each row and scale it to unit L2 norm (in float64), so a matrix product gives Pearson r.
+
+    numpy, chunked: O(N·D) work that would otherwise be many small multi-threaded torch calls. Zero rows are
+    appended up to a multiple of ``pad_to`` (the search masks them).
+    """
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
-    out = torch.empty((x.shape[0], x.shape[1]), dtype=dtype, device=device)
+    out = torch.zeros((-(-x.shape[0] // pad_to) * pad_to, x.shape[1]), dtype=dtype, device=device)
     for start in range(0, x.shape[0], _STANDARDIZE_CHUNK):
-        chunk = torch.as_tensor(x[start:start + _STANDARDIZE_CHUNK]).to(device=device, dtype=torch.float64)
-        chunk = chunk - chunk.mean(dim=1, keepdim=True)
-        chunk = chunk / torch.linalg.vector_norm(chunk, dim=1, keepdim=True)
-        out[start:start + chunk.shape[0]] = chunk.to(dtype)
+        chunk = x[start:start + _STANDARDIZE_CHUNK].astype(np.float64)
+        chunk -= chunk.mean(axis=1, keepdims=True)
+        chunk /= np.sqrt(np.einsum("ij,ij->i", chunk, chunk))[:, None]
+        out[start:start + len(chunk)] = torch.from_numpy(chunk).to(device=device, dtype=dtype)
     return out
 
 
@@ -328,41 +338,82 @@ def _tile_topk(tile: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals.gather(1, order), idx.gather(1, order)
 
 
-def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, q_codes: np.ndarray | None = None,
-            r_codes: np.ndarray | None = None, block: tuple[int, int], columns: bool = False,
+def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor, offset: int, dim: int,
+                 chunk: int) -> None:
+    """Merge a tile's maxima along ``dim`` into running (value, index) vectors, in place.
+
+    A tile replaces a running value only when strictly greater, and within a tile the first maximum is taken,
+    so ties keep the lowest index. On the GPU (``chunk == 0``) ``max`` with indices is fast. On the CPU
+    ``argmax`` is several times slower than the tile's matmul while ``amax`` is vectorised: values come from
+    ``amax`` and indices only for the lines that improved (after the first tiles, few do) — with
+    ``chunk > 0`` (chunk-aligned tiles) from the maxima of chunks of ``chunk`` values and one argmax inside
+    the winning chunk; with ``chunk < 0`` (tiles of any shape) from a plain argmax.
+    """
+    if chunk == 0:
+        v, i = tile.max(dim=dim)
+        better = v > best_v
+        best_v.copy_(torch.where(better, v, best_v))
+        best_i.copy_(torch.where(better, i + offset, best_i))
+        return
+    v = tile.amax(dim=dim)
+    lines = torch.nonzero(v > best_v).squeeze(1)
+    n_lines = lines.numel()
+    if n_lines == 0:
+        return
+    sub = tile if n_lines == v.numel() else tile.index_select(1 - dim, lines)
+    if chunk < 0:
+        i = sub.argmax(dim=dim)
+    elif dim == 1:
+        t3 = sub.view(n_lines, -1, chunk)  # lines × chunks × values
+        first = t3.amax(dim=2).argmax(dim=1)  # first chunk holding the line's maximum
+        i = first * chunk + t3[torch.arange(n_lines, device=tile.device), first].argmax(dim=1)
+    else:
+        t3 = sub.view(-1, chunk, n_lines)  # chunks × values × lines
+        first = t3.amax(dim=1).argmax(dim=0)
+        i = first * chunk + t3[first, :, torch.arange(n_lines, device=tile.device)].argmax(dim=1)
+    best_v[lines] = v[lines]
+    best_i[lines] = i + offset
+
+
+def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_codes: np.ndarray | None = None,
+            r_codes: np.ndarray | None = None, block: tuple[int, int], columns: bool = False, chunk: int = 0,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Blockwise exact search over standardised rows.
+    """Blockwise exact search over standardised rows (``q``/``r`` may carry zero padding rows past n / m).
 
     Returns the top-k (value, reference index) of every query row and, when ``columns``, the best
-    (value, query index) of every reference row, from the same tiles. Excluded pairs count as -inf.
-    Ties go to the lowest index: tiles are visited in increasing index order and a later tile replaces a
-    running value only when strictly greater (``max`` returns the first maximum within a tile).
+    (value, query index) of every reference row, from the same tiles. Excluded and padding pairs count as -inf.
+    Ties go to the lowest index: tiles are visited in increasing index order, a later tile replaces a running
+    value only when strictly greater, and within a tile the first maximum wins.
     """
-    n, m = q.shape[0], r.shape[0]
     bq, br = block
+    nq, nr = q.shape[0], r.shape[0]
     device, dtype = q.device, q.dtype
     k = int(min(k, m))
-    row_v = torch.full((n, k), -math.inf, dtype=dtype, device=device)
-    row_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
-    col_v = torch.full((m,), -math.inf, dtype=dtype, device=device) if columns else None
-    col_i = torch.full((m,), -1, dtype=torch.int64, device=device) if columns else None
-    qc = None if q_codes is None else torch.as_tensor(q_codes, device=device)
-    rc = None if r_codes is None else torch.as_tensor(r_codes, device=device)
+    row_v = torch.full((nq, k), -math.inf, dtype=dtype, device=device)
+    row_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+    col_v = torch.full((nr,), -math.inf, dtype=dtype, device=device) if columns else None
+    col_i = torch.full((nr,), -1, dtype=torch.int64, device=device) if columns else None
+    qc = rc = None
+    if q_codes is not None and r_codes is not None:  # padding rows get codes that match nothing
+        qc = torch.full((nq,), -1, dtype=torch.int64, device=device)
+        rc = torch.full((nr,), -2, dtype=torch.int64, device=device)
+        qc[:n], rc[:m] = torch.as_tensor(q_codes, device=device), torch.as_tensor(r_codes, device=device)
     buffer = torch.empty(bq * br, dtype=dtype, device=device)  # one tile, reused (allocation costs more than mm)
-    for q0 in range(0, n, bq):
-        q1 = min(n, q0 + bq)
+    for q0 in range(0, nq, bq):
+        q1 = min(nq, q0 + bq)
         run_v, run_i = row_v[q0:q1], row_i[q0:q1]
-        for r0 in range(0, m, br):
-            r1 = min(m, r0 + br)
+        for r0 in range(0, nr, br):
+            r1 = min(nr, r0 + br)
             tile = buffer[: (q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
             torch.mm(q[q0:q1], r[r0:r1].T, out=tile)
             if qc is not None:
                 tile.masked_fill_(qc[q0:q1, None] == rc[None, r0:r1], -math.inf)
+            if q1 > n:
+                tile[max(0, n - q0):].fill_(-math.inf)
+            if r1 > m:
+                tile[:, max(0, m - r0):].fill_(-math.inf)
             if k == 1:
-                v, i = tile.max(dim=1)
-                better = v > run_v[:, 0]
-                run_v[:, 0] = torch.where(better, v, run_v[:, 0])
-                run_i[:, 0] = torch.where(better, i + r0, run_i[:, 0])
+                _update_best(tile, run_v[:, 0], run_i[:, 0], r0, dim=1, chunk=chunk)
             else:
                 kk = min(k, r1 - r0)
                 v, i = _tile_topk(tile, kk)
@@ -373,12 +424,11 @@ def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, q_codes: np.ndarray
                 run_v.copy_(cand_v.gather(1, order))
                 run_i.copy_(cand_i.gather(1, order))
             if columns:
-                v, i = tile.max(dim=0)
-                better = v > col_v[r0:r1]
-                col_v[r0:r1] = torch.where(better, v, col_v[r0:r1])
-                col_i[r0:r1] = torch.where(better, i + q0, col_i[r0:r1])
+                _update_best(tile, col_v[r0:r1], col_i[r0:r1], q0, dim=0, chunk=chunk)
+    row_v, row_i = row_v[:n], row_i[:n]
     row_i[torch.isneginf(row_v)] = -1
     if columns:
+        col_v, col_i = col_v[:m], col_i[:m]
         col_i[torch.isneginf(col_v)] = -1
     return row_v, row_i, col_v, col_i
 
@@ -429,10 +479,16 @@ def _exact_search(query: np.ndarray, reference: np.ndarray, k: int, *, q_codes: 
     r_first, r_inv = _unique_rows(reference, r_codes)
     k_eff = int(min(k, len(r_first)))
     block = _block_shape(len(q_first), len(r_first), device, dtype, block_size)
-    rv, ri, cv, ci = _search(_standardize(query[q_first], device, dtype),
-                             _standardize(reference[r_first], device, dtype), k_eff,
-                             q_codes=None if q_codes is None else q_codes[q_first],
-                             r_codes=None if r_codes is None else r_codes[r_first], block=block, columns=columns)
+    if device.type != "cpu":
+        chunk = 0
+    else:
+        chunk = _CHUNK if block[0] % _CHUNK == 0 and block[1] % _CHUNK == 0 else -1
+    pad = max(chunk, 1)
+    rv, ri, cv, ci = _search(_standardize(query[q_first], device, dtype, pad),
+                             _standardize(reference[r_first], device, dtype, pad), k_eff, n=len(q_first),
+                             m=len(r_first), q_codes=None if q_codes is None else q_codes[q_first],
+                             r_codes=None if r_codes is None else r_codes[r_first], block=block, columns=columns,
+                             chunk=chunk)
     rv, ri = _expand_duplicates(rv.cpu().to(torch.float64).numpy(), ri.cpu().numpy(), r_first, r_inv,
                                 int(min(k, len(reference))))
     col_v = col_i = None

@@ -138,6 +138,28 @@ def test_ties_go_to_lowest_index_across_block_boundaries() -> None:
             assert v[0, 0] == v[0, 1] == v[0, 2]
 
 
+@pytest.mark.parametrize("block", [(64, 128), (128, 64), (64, 64), None, (50, 70)])
+def test_chunked_cpu_search_exact_across_tiles(block) -> None:
+    """Multi-tile CPU search (chunked maxima, padding rows) with exact ties spread over tiles, both directions."""
+    rng = np.random.default_rng(21)
+    train = with_duplicates(rng, 300, 16, 60)
+    syn = with_duplicates(rng, 450, 16, 80)
+    syn[-5:] = train[-5:]  # the same vectors in both sets: ties in rows and columns
+    res = match(train, rng.normal(size=(70, 16)), syn, device="cpu", n_bootstrap=0, dtype="float64",
+                block_size=block)
+    ts = corr(train, syn)
+    ref_rows = np.array([np.flatnonzero(row == row.max())[0] for row in ts])
+    ref_cols = np.array([np.flatnonzero(col == col.max())[0] for col in ts.T])
+    keep_r, keep_c = unambiguous_rows(ts, syn), unambiguous_rows(ts.T, train)
+    np.testing.assert_array_equal(res.train_table["best_synthetic_index"].to_numpy()[keep_r], ref_rows[keep_r])
+    np.testing.assert_array_equal(res.synthetic_table["best_train_index"].to_numpy()[keep_c], ref_cols[keep_c])
+    np.testing.assert_allclose(res.best_train_for_synthetic, ts.max(axis=0), atol=1e-12)
+    v, i = topk_correlation(syn, train, 3, device="cpu", dtype="float64", block_size=block)
+    ref_v, ref_i = brute_topk(ts.T, 3)
+    np.testing.assert_allclose(v, ref_v, atol=1e-12)
+    np.testing.assert_array_equal(i[keep_c], ref_i[keep_c])
+
+
 def test_k_larger_than_reference_is_capped() -> None:
     rng = np.random.default_rng(1)
     v, i = topk_correlation(rng.normal(size=(4, 5)), rng.normal(size=(3, 5)), k=10, device="cpu")
@@ -174,7 +196,7 @@ def test_groups_must_match_lengths() -> None:
 def test_tiny_memory_budget_still_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics, "_free_memory_bytes", lambda device: 1 << 10)
     bq, br = metrics._block_shape(5000, 7000, torch.device("cpu"), torch.float32, None)
-    assert bq * br <= 1 << 12
+    assert bq * br <= 1 << 14 and bq % metrics._CHUNK == 0 and br % metrics._CHUNK == 0
     rng = np.random.default_rng(3)
     q, r = rng.normal(size=(60, 6)), rng.normal(size=(300, 6))
     v, i = topk_correlation(q, r, 2, device="cpu", dtype="float64")
