@@ -1,0 +1,64 @@
+"""Smoke test of the detection benchmark (benchmarks/detection): perturbations, scoring loop, real-data builder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import GaussianSmooth
+
+from benchmarks.detection import build, evaluate, perturb, presets
+
+
+def _blobs(n: int, seed: int, shape=(16, 16)) -> np.ndarray:
+    """Smooth random images in [0, 1] (distinct, non-constant)."""
+    rng = np.random.default_rng(seed)
+    smooth = GaussianSmooth(sigma=2.0)
+    out = [np.asarray(smooth(torch.as_tensor(rng.random((1, *shape), dtype=np.float32)))) for _ in range(n)]
+    out = np.stack(out)
+    lo, hi = out.min(axis=tuple(range(1, out.ndim)), keepdims=True), out.max(axis=tuple(range(1, out.ndim)),
+                                                                             keepdims=True)
+    return ((out - lo) / (hi - lo)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (6, 12, 12)])
+def test_every_family_keeps_shape_and_range(shape):
+    x = _blobs(4, 0, shape)
+    for family, strength in perturb.settings():
+        y = perturb.perturb(x, family, strength, seed=3)
+        assert y.shape == x.shape and y.dtype == np.float32, family
+        assert y.min() >= 0.0 and y.max() <= 1.0, family
+        np.testing.assert_array_equal(y, perturb.perturb(x, family, strength, seed=3))  # replayable
+    np.testing.assert_array_equal(perturb.perturb(x, "exact", "-"), x)
+    np.testing.assert_array_equal(perturb.perturb(x, "hflip", "-"), x[..., ::-1])
+    assert not np.allclose(perturb.perturb(x, "noise_blur", "strong"), x)
+    with pytest.raises(ValueError, match="unknown setting"):
+        perturb.perturb(x, "nope", "weak")
+
+
+def test_score_case_pixel_and_tiny_encoder():
+    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(8, 10 + i) for i in range(3)}}
+    tiny = {**presets.PAPER, "encoder": {**presets.PAPER["encoder"], "widths": [4, 8, 8, 8], "embedding_dim": 8,
+                                          "steps": 2, "batch_size": 8}}
+    scores = evaluate.score_case(case, {"pixel": presets.PIXEL, "tiny": tiny}, 2, ["exact", "hflip"],
+                                 log=lambda *_: None)
+    assert set(scores.columns) >= {"perm", "detector", "family", "label", "score", "tau"}
+    assert scores["perm"].nunique() == 2 and np.isfinite(scores["score"]).all()
+    summary = evaluate.summarize(scores).set_index(["detector", "family"])
+    # an exact copy has correlation 1 with its source: perfectly separated, always above τ
+    assert summary.loc[("pixel", "exact"), "auroc"] == 1.0
+    assert summary.loc[("pixel", "exact"), "recall"] == 1.0
+    assert {"overall", "exact", "hflip"} <= set(summary.loc["tiny"].index)
+
+
+def test_permutations_rotate_subjects():
+    perms = evaluate.permutations(["a", "b", "c"], 6)
+    assert len(set(perms)) == 6
+    assert {p[0] for p in perms[:3]} == {"a", "b", "c"}
+
+
+@pytest.mark.skipif(not (build.DEFAULT_ROOT / "cxr").is_dir(), reason="shared real data not present")
+def test_cxr_case_groups_by_patient():
+    groups = build.cxr_images(build.DEFAULT_ROOT, size=16)
+    assert sum(len(v) for v in groups.values()) == 16
+    assert all(v.shape[1:] == (1, 16, 16) and 0.0 <= v.min() and v.max() <= 1.0 for v in groups.values())
