@@ -164,6 +164,34 @@ def test_nifti_real_4d_is_rejected(tmp_path):
         probe_image(path)
 
 
+def test_palette_png_gives_intensities_not_indices(tmp_path):
+    from PIL import Image
+
+    grey = make_array((20, 24), 1)
+    # a shuffled palette: index perm[g] shows grey level g, so indices say nothing about brightness
+    perm = np.random.default_rng(0).permutation(256)
+    pal = Image.fromarray(perm[grey].astype(np.uint8), mode="P")
+    levels = np.empty(256, np.uint8)
+    levels[perm] = np.arange(256)
+    pal.putpalette(np.repeat(levels, 3).tolist())
+    pal.save(tmp_path / "pal.png")
+    assert Image.open(tmp_path / "pal.png").mode == "P"
+    loaded = preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=(24, 20), resize=False))(
+        {"image": str(tmp_path / "pal.png")}
+    )["image"][0].numpy()
+    reference = grey.T.astype(float)
+    assert np.corrcoef(loaded.ravel(), reference.ravel())[0, 1] > 0.95
+
+
+def test_multipage_tiff_refused(tmp_path):
+    from PIL import Image
+
+    pages = [Image.fromarray(make_array((16, 16), k)) for k in range(3)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(InputError, match="multi-page file \\(3 pages\\)"):
+        probe_image(tmp_path / "stack.tif")
+
+
 def test_format_detection():
     assert image_suffix("a/B.NII.GZ") == ".nii.gz"
     assert format_of("x.mhd") == "sitk" and format_of("x.npy") == "numpy" and format_of("x.tif") == "pil"

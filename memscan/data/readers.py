@@ -149,6 +149,17 @@ class SimpleITKReader(ImageReader):
         return arr, meta
 
 
+def _pil_to_pixels(img: Any) -> Any:
+    """Make a PIL image's array hold intensities: palette / bilevel / CMYK converted; multi-page files refused."""
+    if getattr(img, "n_frames", 1) > 1:
+        raise ValueError(f"multi-page file ({img.n_frames} pages) not supported: save one image per file")
+    if img.mode == "P":
+        return img.convert("RGBA" if "transparency" in img.info else "RGB")  # palette indices are not intensities
+    if img.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        return img.convert("L" if img.mode == "1" else "RGB")
+    return img
+
+
 class MemscanReader(ImageReader):
     """One explicit MONAI reader per format, chosen by suffix (directories are DICOM series).
 
@@ -159,7 +170,7 @@ class MemscanReader(ImageReader):
     def __init__(self) -> None:
         super().__init__()
         self.readers: dict[str, ImageReader] = {
-            "pil": PILReader(),
+            "pil": PILReader(converter=_pil_to_pixels),
             "dicom": PydicomReader(fname_regex=None),
             "nifti": NibabelReader(squeeze_non_spatial_dims=True),
             "sitk": SimpleITKReader(),
