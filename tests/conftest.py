@@ -116,14 +116,15 @@ def write_dicom(
     position: Sequence[float] | None = None,
     multiframe: bool = False,
 ) -> Path:
-    """Write a minimal valid uint16 DICOM file (2D; ``multiframe`` writes a 3D array as frames).
+    """Write a minimal valid DICOM file: uint16 grey 2D, 8-bit RGB for (rows, cols, 3), frames with ``multiframe``.
 
     ``position`` adds ImagePositionPatient/ImageOrientationPatient/PixelSpacing (a slice of a volume series).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    arr = np.ascontiguousarray(arr.astype(np.uint16))
+    colour = arr.ndim == 3 and arr.shape[-1] == 3 and not multiframe
+    arr = np.ascontiguousarray(arr.astype(np.uint8 if colour else np.uint16))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -138,10 +139,16 @@ def write_dicom(
     ds.Modality = "OT"
     if multiframe:
         ds.NumberOfFrames = arr.shape[0]
-    ds.Rows, ds.Columns = arr.shape[-2], arr.shape[-1]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if colour:
+        ds.Rows, ds.Columns = arr.shape[0], arr.shape[1]
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.PhotometricInterpretation = "RGB"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    else:
+        ds.Rows, ds.Columns = arr.shape[-2], arr.shape[-1]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     if slope is not None:
         ds.RescaleSlope = slope
     if intercept is not None:

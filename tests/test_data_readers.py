@@ -49,6 +49,11 @@ CASES_2D = {
     "tiff8": ("a.tif", lambda p: _write_tiff(p, make_array((20, 24), 4)), (24, 20)),
     "tiff16": ("a.tiff", lambda p: _write_tiff(p, make_array((20, 24), 5, "uint16")), (24, 20)),
     "dicom2d": ("a.dcm", lambda p: write_dicom(p, make_array((20, 24), 6, "uint16")), (24, 20)),
+    "dicom_rgb": (
+        "a.dcm",
+        lambda p: write_dicom(p, np.stack([make_array((20, 24), s) for s in (1, 2, 3)], -1)),
+        (24, 20),
+    ),
     "dicom_nosuffix": ("IM0001", lambda p: write_dicom(p, make_array((20, 24), 7, "uint16")), (24, 20)),
     "nifti2d": ("a.nii.gz", lambda p: write_nifti(p, make_array((24, 20), 8, "float32")), (24, 20)),
     "nifti2d_singleton": ("a.nii", lambda p: write_nifti(p, make_array((24, 20, 1), 9, "float32")), (24, 20)),

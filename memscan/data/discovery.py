@@ -91,7 +91,8 @@ class ImageSet:
 
     @property
     def shapes(self) -> dict[tuple[int, ...], int]:
-        """Spatial shape -> number of images, most common first."""
+        """Spatial shape -> number of images, most common first (MONAI axis order x, y[, z]: width first for
+        PNG/JPEG)."""
         return dict(Counter(i.spatial_shape for i in self.infos).most_common())
 
     @property

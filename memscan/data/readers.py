@@ -65,7 +65,7 @@ IMAGE_SUFFIXES: dict[str, str] = {
 }
 #: pixel-data files referenced by a header (.mhd/.nhdr); never images on their own
 COMPANION_SUFFIXES: frozenset[str] = frozenset({".raw", ".zraw", ".raw.gz"})
-_COLOUR_FORMATS = {"pil", "sitk"}
+_COLOUR_FORMATS = {"pil", "sitk", "dicom"}
 
 
 def image_suffix(path: str | Path) -> str:
@@ -195,8 +195,14 @@ class MemscanReader(ImageReader):
             arr, meta = self.readers[fmt].get_data(obj)
         if fmt == "dicom":
             first = obj[0] if isinstance(obj, list) else obj
-            if not isinstance(obj, list) and int(getattr(obj, "NumberOfFrames", 1) or 1) > 1 and arr.ndim == 3:
+            if not isinstance(obj, list) and int(getattr(obj, "NumberOfFrames", 1) or 1) > 1:
+                if int(getattr(obj, "SamplesPerPixel", 1) or 1) > 1:
+                    raise ValueError("multi-frame colour DICOM (cine) not supported")
                 arr, meta = _fix_multiframe(obj, arr, meta)
+            elif int(getattr(first, "SamplesPerPixel", 1) or 1) > 1 and arr.ndim == 3:
+                # colour samples are the last axis; PydicomReader reports them as a spatial axis
+                meta["original_channel_dim"] = -1
+                meta["spatial_shape"] = tuple(arr.shape[:-1])
             if str(getattr(first, "PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
                 # MONOCHROME1: low values are bright; flip within the image's own range so air stays dark
                 arr = arr.max() + arr.min() - arr
