@@ -19,6 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+# This machine is shared and oversubscribed: spinning OpenMP workers would stall every multi-threaded op for
+# both sides alike. Set before torch loads; applies to the baseline and memscan equally (and to the child).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import resource
 import subprocess
@@ -189,7 +193,8 @@ def main() -> None:
     print(f"memscan metrics benchmark  {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}"
           f"{'  (--quick)' if args.quick else ''}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), load average at start {os.getloadavg()[0]:.1f}")
+          f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
+          f"load average at start {os.getloadavg()[0]:.1f}")
     section_compare(n_cmp, 95.0)
     section_gflops(n_cmp)
     if not args.skip_big:

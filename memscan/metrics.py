@@ -355,22 +355,27 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor,
         best_v.copy_(torch.where(better, v, best_v))
         best_i.copy_(torch.where(better, i + offset, best_i))
         return
-    v = tile.amax(dim=dim)
-    lines = torch.nonzero(v > best_v).squeeze(1)
-    n_lines = lines.numel()
-    if n_lines == 0:
-        return
-    sub = tile if n_lines == v.numel() else tile.index_select(1 - dim, lines)
-    if chunk < 0:
-        i = sub.argmax(dim=dim)
-    elif dim == 1:
-        t3 = sub.view(n_lines, -1, chunk)  # lines × chunks × values
-        first = t3.amax(dim=2).argmax(dim=1)  # first chunk holding the line's maximum
-        i = first * chunk + t3[torch.arange(n_lines, device=tile.device), first].argmax(dim=1)
+    if chunk > 0:  # chunk maxima in the single pass that also gives the values
+        if dim == 1:
+            t3 = tile.view(tile.shape[0], -1, chunk)  # lines × chunks × values
+            chunk_max = t3.amax(dim=2)  # lines × chunks
+        else:
+            t3 = tile.view(-1, chunk, tile.shape[1])  # chunks × values × lines
+            chunk_max = t3.amax(dim=1).T  # lines × chunks
+        v = chunk_max.amax(dim=1)
     else:
-        t3 = sub.view(-1, chunk, n_lines)  # chunks × values × lines
-        first = t3.amax(dim=1).argmax(dim=0)
-        i = first * chunk + t3[first, :, torch.arange(n_lines, device=tile.device)].argmax(dim=1)
+        v = tile.amax(dim=dim)
+    lines = torch.nonzero(v > best_v).squeeze(1)
+    if lines.numel() == 0:
+        return
+    if chunk > 0:
+        first = chunk_max[lines].argmax(dim=1)  # first chunk holding the line's maximum
+        inside = t3[lines, first] if dim == 1 else t3[first, :, lines]  # lines × values
+        i = first * chunk + inside.argmax(dim=1)
+    elif lines.numel() == v.numel():
+        i = tile.argmax(dim=dim)
+    else:
+        i = tile.index_select(1 - dim, lines).argmax(dim=dim)
     best_v[lines] = v[lines]
     best_i[lines] = i + offset
 
