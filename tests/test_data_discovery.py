@@ -332,3 +332,20 @@ def test_dicomdir_reported_and_series_kept(tmp_path):
     assert images.spatial_dims == 3 and [Path(p).name for p in images.paths] == ["series1", "series2"]
     assert images.subjects == ["P5"]
     assert "DICOMDIR index file" in images.skipped.iloc[0]["reason"]
+
+
+def test_files_validated_once_per_process(tmp_path, monkeypatch):
+    import memscan.data.readers as readers
+
+    write_png(tmp_path / "a.png", make_array((16, 16), 1))
+    write_png(tmp_path / "b.png", make_array((16, 16), 2))
+    calls = []
+    real = readers.probe_image
+    monkeypatch.setattr(readers, "probe_image", lambda p: calls.append(Path(p).name) or real(p))
+    load_image_set(tmp_path, "train")
+    load_image_set(tmp_path, "again")
+    assert sorted(calls) == ["a.png", "b.png"]
+    write_png(tmp_path / "b.png", make_array((20, 20), 3))  # changed file: validated again
+    os.utime(tmp_path / "b.png", ns=(1, 10**18))
+    again = load_image_set(tmp_path, "third")
+    assert sorted(calls) == ["a.png", "b.png", "b.png"] and (20, 20) in again.shapes

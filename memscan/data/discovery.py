@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from memscan.data.readers import COMPANION_SUFFIXES, ImageInfo, format_of, image_suffix, probe_image
+from memscan.data.readers import COMPANION_SUFFIXES, ImageInfo, format_of, image_suffix, probe_image_cached
 from memscan.data.subjects import compile_subject_regex, default_subject, dicom_patient_id, subject_from_regex
 from memscan.errors import InputError
 
@@ -429,7 +429,7 @@ def discover(
 def _probe_all(paths: Sequence[str], workers: int | None) -> list[ImageInfo | InputError]:
     def one(path: str) -> ImageInfo | InputError:
         try:
-            return probe_image(path)
+            return probe_image_cached(path)
         except InputError as err:
             return err
 

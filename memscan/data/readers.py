@@ -43,6 +43,7 @@ __all__ = [
     "is_dicom_file",
     "make_loader",
     "probe_image",
+    "probe_image_cached",
     "spatial_shape_of",
 ]
 
@@ -358,3 +359,30 @@ def probe_image(path: str | Path) -> ImageInfo:
             pass
     spacing = tuple(1.0 if not math.isfinite(s) or s == 0 else s for s in spacing)
     return ImageInfo(spatial, spacing, channels, digest.hexdigest(), fmt)
+
+
+_PROBED: dict[tuple[str, int, int], ImageInfo] = {}
+_PROBED_MAX = 1_000_000
+
+
+def probe_image_cached(path: str | Path) -> ImageInfo:
+    """:func:`probe_image`, remembered for this process per (file, size, modification time).
+
+    The audit, the bundle configs and ``memscan check`` may load the same set more than once in one process; a file
+    is then validated (decoded) once. Folders (DICOM series) and failures are not remembered.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return probe_image(path)
+    if not p.is_file():
+        return probe_image(path)
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    info = _PROBED.get(key)
+    if info is None:
+        info = probe_image(path)
+        if len(_PROBED) >= _PROBED_MAX:
+            _PROBED.clear()
+        _PROBED[key] = info
+    return info
