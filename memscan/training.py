@@ -36,6 +36,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.data.utils import set_rnd
 from monai.engines import PrepareBatch
+from monai.inferers import SimpleInferer
 from monai.losses import ContrastiveLoss
 from torch import nn
 
@@ -47,6 +48,7 @@ __all__ = [
     "preset",
     "as_spatial_size",
     "ContrastivePrepareBatch",
+    "AutocastInferer",
     "gather_with_grad",
     "NTXentLoss",
     "collapse_metrics",
@@ -193,6 +195,31 @@ class ContrastivePrepareBatch(PrepareBatch):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
         return x, None
+
+
+class AutocastInferer(SimpleInferer):
+    """``SimpleInferer`` under ``torch.autocast`` for one device type (default: bfloat16 on the CPU).
+
+    MONAI engines' ``amp`` flag autocasts on CUDA only; this gives CPUs with bfloat16 units (AMX, AVX-512 BF16)
+    the same mixed precision. Inputs on another device type run unchanged, so GPU runs keep using ``amp``. The
+    loss is computed outside, in float32 (:class:`NTXentLoss`).
+
+    Args:
+        enabled: switch autocast on.
+        device_type: the device type to autocast on (``"cpu"``).
+        dtype: ``"bfloat16"`` or ``"float16"``.
+    """
+
+    def __init__(self, enabled: bool = True, device_type: str = "cpu", dtype: str = "bfloat16") -> None:
+        super().__init__()
+        self.enabled, self.device_type, self.dtype = bool(enabled), device_type, getattr(torch, dtype)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled or inputs.device.type != self.device_type:
+            return super().__call__(inputs, network, *args, **kwargs)
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = super().__call__(inputs, network, *args, **kwargs)
+        return out.float() if isinstance(out, torch.Tensor) else out
 
 
 # ------------------------------------------------------------------------------------------------------------ loss
@@ -354,6 +381,8 @@ class ContrastiveMetric(Metric):
 
 def output_loss(output: Any) -> float:
     """The loss of a trainer iteration output (for ``StatsHandler`` / ``TensorBoardStatsHandler``)."""
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
+        output = output[0]  # decollated batch: the loss is replicated in every item
     loss = output["loss"] if isinstance(output, Mapping) else output
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 

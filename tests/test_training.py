@@ -179,7 +179,9 @@ def test_two_views_of_one_image_differ(tiny_2d_folder):
 
     records = load_image_set(tiny_2d_folder(n=2), "train").records
     ds = contrastive_dataset(records, PreprocessConfig(spatial_dims=2, spatial_size=32), augment="paper")
-    ds.set_random_state(0) if hasattr(ds, "set_random_state") else None
+    from monai.data.utils import set_rnd
+
+    set_rnd(ds, 0)
     item = ds[0]
     assert item["view1"].shape == item["view2"].shape == (1, 32, 32)
     assert not torch.equal(torch.as_tensor(item["view1"]), torch.as_tensor(item["view2"]))
@@ -200,3 +202,16 @@ def test_train_encoder_runs_the_bundle_and_returns_best_checkpoint(tiny_2d_folde
     load_encoder_checkpoint(build_encoder(2, "resnet10", 16), best)  # plain state_dict, weights_only
     with pytest.raises(InputError):
         train_encoder(train, tmp_path / "missing", spatial_dims=2, out_dir=tmp_path / "r2")
+
+
+def test_autocast_inferer_bf16_on_cpu_returns_float32_close_to_fp32():
+    from memscan.networks import build_encoder
+    from memscan.training import AutocastInferer
+
+    torch.manual_seed(0)
+    net = build_encoder(2, "resnet10", 8).eval()
+    x = torch.rand(2, 1, 32, 32)
+    ref = AutocastInferer(enabled=False)(x, net)
+    out = AutocastInferer(enabled=True)(x, net)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, rtol=0.1, atol=0.1) and not torch.equal(out, ref)
