@@ -1021,10 +1021,10 @@ def exit_on_gate(result: AuditResult) -> AuditResult:
 # ----------------------------------------------------------------------------------------------------------------
 #: Demo settings per dimensionality: encoder and training kept small enough for ~2 minutes on two CPU cores.
 DEMO_SETTINGS: dict[int, dict[str, Any]] = {
-    2: {"folder": "mri2d", "arch": "resnet10", "embedding_dim": 64, "image_size": [64, 64], "epochs": 20,
-        "batch_size": 8, "n_copies": 8, "n_unseen": 24},
-    3: {"folder": "mri3d", "arch": "resnet10", "embedding_dim": 32, "image_size": [64, 64, 16], "epochs": 15,
-        "batch_size": 4, "n_copies": 2, "n_unseen": 4},
+    2: {"folder": "mri2d", "arch": "resnet10", "embedding_dim": 64, "image_size": [64, 64], "epochs": 12,
+        "batch_size": 8, "val_interval": 4, "n_copies": 8, "n_unseen": 24},
+    3: {"folder": "mri3d", "arch": "resnet10", "embedding_dim": 32, "image_size": [64, 64, 16], "epochs": 16,
+        "batch_size": 4, "val_interval": 4, "n_copies": 2, "n_unseen": 4},
 }
 
 
@@ -1063,16 +1063,16 @@ class DemoResult:
 
 
 def _perturb_file(src: Path, dst: Path, spatial_dims: int, seed: int) -> None:
-    """Write a perturbed copy of ``src`` (shift ≤3% per axis, intensity ±5%, 1% noise; MONAI transforms), same format."""
+    """Write a perturbed copy of ``src`` in its format (MONAI transforms): a sub-voxel shift (resampling), intensity
+    ±3% and Gaussian noise of 1% of the range — a near-duplicate like the memorized samples of Dar et al."""
     from monai.transforms import Compose, LoadImage, RandAffine, RandGaussianNoise, RandScaleIntensity
 
     image = LoadImage(image_only=True, ensure_channel_first=True)(str(src))
     arr = np.asarray(image, dtype=np.float32)
     lo, hi = float(arr.min()), float(arr.max())
-    shift = [max(1.0, round(0.03 * n)) for n in arr.shape[1:]]  # ~3% of each axis, at least one voxel
     perturb = Compose([
-        RandAffine(prob=1.0, translate_range=shift, padding_mode="border"),
-        RandScaleIntensity(factors=0.05, prob=1.0),
+        RandAffine(prob=1.0, translate_range=[0.5] * spatial_dims, padding_mode="border"),  # sub-voxel shift
+        RandScaleIntensity(factors=0.03, prob=1.0),
         RandGaussianNoise(prob=1.0, std=0.01 * (hi - lo)),
     ])
     perturb.set_random_state(seed=seed)
@@ -1189,7 +1189,9 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
                    device=device, controls=controls, overwrite=previous, n_bootstrap=n_bootstrap, seed=seed,
                    subject_regex=inputs.subject_regex,
                    train_overrides={"arch": arch or cfg["arch"], "embedding_dim": cfg["embedding_dim"],
-                                    "batch_size": cfg["batch_size"], "num_workers": 0})
+                                    "batch_size": cfg["batch_size"], "num_workers": 0,
+                                    "val_interval": min(int(cfg["val_interval"]), int(cfg["epochs"] if epochs is None
+                                                                                      else epochs))})
     table = result.sets["synthetic"].synthetic_table
     flagged = dict(zip(table["path"].map(lambda p: Path(p).name), table["copy"].astype(bool)))
     truth = inputs.truth

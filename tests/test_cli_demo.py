@@ -1,0 +1,69 @@
+"""``memscan demo``: builds planted copies from the real demo data, audits them and reports what it caught."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from memscan.audit import build_demo
+from memscan.cli import main
+from memscan.errors import EXIT_BAD_INPUT
+
+FAST = ["--epochs", "1", "--bootstrap", "100", "--controls", "2", "--device", "cpu"]
+
+
+def _counts(printed: str, label: str) -> tuple[int, int]:
+    m = re.search(rf"{label}: (\d+) of (\d+)", printed)
+    assert m, printed
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.parametrize("dims,size", [(2, "32"), (3, "32 32 8")])
+def test_demo_reports_planted_copies_against_the_truth(dims: int, size: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--dims", str(dims), "--image-size", *size.split(), *FAST])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    report = out / "audit" / "report.html"
+    assert report.is_file() and f"report: {report}" in printed
+    caught, planted = _counts(printed, "planted copies caught")
+    flagged, unseen = _counts(printed, "unseen-subject images wrongly flagged")
+    # the printed numbers are the audit's flags scored against the ground truth written beside the inputs
+    truth = pd.read_csv(out / "inputs" / "truth.csv")
+    table = pd.read_csv(out / "audit" / "synthetic_matches.csv")
+    table["file"] = table["path"].map(lambda p: Path(p).name)
+    merged = truth.merge(table, on="file")
+    assert len(merged) == len(truth) == planted + unseen
+    assert caught == int(merged.loc[merged["kind"] == "planted copy", "copy"].sum())
+    assert flagged == int(merged.loc[merged["kind"] == "unseen subject", "copy"].sum())
+    assert planted >= 2 and unseen >= 4
+    # train and validation are different people; the unseen subject is neither
+    summary = pd.read_json(out / "audit" / "summary.json", typ="series")
+    assert summary["n_train"] > 0 and summary["n_val"] > 0
+
+
+def test_demo_reruns_into_its_own_folder_but_not_a_foreign_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("keep me")
+    rc = main(["demo", "--out", str(foreign), "--image-size", "32", *FAST])
+    assert rc == EXIT_BAD_INPUT and "not a previous memscan demo" in capsys.readouterr().err
+    assert (foreign / "thesis.txt").read_text() == "keep me"
+
+
+def test_build_demo_plants_perturbed_copies(tmp_path: Path) -> None:
+    inputs = build_demo(tmp_path, spatial_dims=2, n_copies=3, n_unseen=5)
+    assert sorted(inputs.truth["kind"].value_counts().items()) == [("planted copy", 3), ("unseen subject", 5)]
+    files = sorted(p.name for p in inputs.synthetic.iterdir())
+    assert files == sorted(inputs.truth["file"]) and all(f.startswith("sample_") for f in files)
+    # planted copies are perturbed (not byte-identical to their source), unseen images are the real files
+    from memscan.data import demo_data_dir
+
+    for row in inputs.truth.itertuples():
+        src = (demo_data_dir() / row.source).read_bytes()
+        same = (inputs.synthetic / row.file).read_bytes() == src
+        assert same is (row.kind == "unseen subject")
