@@ -30,8 +30,10 @@ import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1200,3 +1202,14 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
     return DemoResult(audit=result, inputs=inputs, n_copies_planted=len(planted),
                       n_copies_caught=int(sum(flagged.get(f, False) for f in planted)), n_unseen=len(unseen),
                       n_unseen_flagged=int(sum(flagged.get(f, False) for f in unseen)))
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``memscan.audit(...)`` work after ``import memscan.audit``: importing the submodule replaces the package
+    attribute ``memscan.audit`` (the lazily exported function) with this module, so the module forwards calls."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AuditResult:
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
