@@ -47,7 +47,7 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict, *, max_seconds: float = 900.0,
-                        n_samples: int = 64, log=print) -> dict:
+                        n_samples: int = 64, sample_steps: int = 100, log=print) -> dict:
     """Train (or reuse) the DDPM, sample it, and write ``detection_generator.{md,png}`` under ``out``."""
     t0 = time.time()
     train = generator_training_set(mri_groups, "colin27")
@@ -57,7 +57,7 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
         log(f"training the DDPM for at most {max_seconds:.0f}s")
         rec_path.write_text(json.dumps(train_generator(train, ckpt, max_seconds=max_seconds, log=log)))
     record = json.loads(rec_path.read_text()) if rec_path.exists() else {}
-    samples = sample_generator(ckpt, n_samples, train.shape[-1])
+    samples = sample_generator(ckpt, n_samples, train.shape[-1], steps=sample_steps)
     np.save(cache / "ddpm_samples.npy", samples)
 
     s_train = ssim_matrix(samples, train)
@@ -80,13 +80,14 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
         "# A real memorizing generator: DDPM audit",
         "",
         f"MONAI `DiffusionModelUNet` + `DDPMScheduler` (`DiffusionInferer`) trained on {len(train)} axial T1 slices "
-        f"(Colin27, {train.shape[-1]}²) for {record.get('steps', '?')} steps / {record.get('seconds', '?')} s on a "
-        f"shared 2-core CPU (final loss EMA {record.get('loss_ema', '?')}); {n_samples} samples drawn with DDIM "
-        "(100 steps). Validation (τ) = pycortex S1 slices.",
+        f"(Colin27, {train.shape[-1]}²) for {record.get('steps', '?')} steps ({record.get('cpu_seconds', '?')} CPU s, "
+        f"{record.get('seconds', '?')} s wall on a shared 2-core CPU; final loss EMA {record.get('loss_ema', '?')}); {n_samples} samples drawn with DDIM "
+        f"({sample_steps} steps). Validation (τ) = pycortex S1 slices.",
         "",
         f"SSIM reference: τ_SSIM = {tau_ssim:.3f} (95th percentile of train→validation best SSIM); "
         f"{int(ssim_copy.sum())}/{n_samples} samples are SSIM copies; best-SSIM median {np.median(ssim_best):.3f} "
-        f"(validation slices vs training: {np.median(ssim_matrix(val, train).max(1)):.3f}).",
+        f"(validation slices vs training: {np.median(ssim_matrix(val, train).max(1)):.3f}). Flags: a sample whose best "
+        "training correlation exceeds the detector's τ (`memscan.metrics.match`).",
         "",
         "| detector | τ | flagged copies | flagged & SSIM copy | flagged only | SSIM copy missed | agreement | "
         "same nearest slice as SSIM |",
@@ -102,6 +103,10 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
     return {"ssim_copies": int(ssim_copy.sum()), **{k: int(v.sum()) for k, v in flags.items()}}
 
 
+def _mark(name: str) -> str:
+    return {"pixel": "X", "paper": "P", "memscan_default": "M"}.get(name, name[0].upper())
+
+
 def _pairs_figure(samples, train, ssim_best, ssim_nn, ssim_copy, flags, path: Path, n: int = 8) -> None:
     import matplotlib
 
@@ -114,14 +119,14 @@ def _pairs_figure(samples, train, ssim_best, ssim_nn, ssim_copy, flags, path: Pa
     for c, i in enumerate(pick):
         axes[0, c].imshow(samples[i, 0], cmap="gray", vmin=0, vmax=1)
         axes[1, c].imshow(train[ssim_nn[i], 0], cmap="gray", vmin=0, vmax=1)
-        marks = "".join(k[0].upper() if flags[k][i] else "·" for k in flags)
+        marks = "".join(_mark(k) if flags[k][i] else "·" for k in flags)
         axes[0, c].set_title(f"SSIM {ssim_best[i]:.2f}{' copy' if ssim_copy[i] else ''}\nflags {marks}", fontsize=5)
         axes[0, c].axis("off")
         axes[1, c].axis("off")
     axes[0, 0].text(-4, 16, "sample", rotation=90, fontsize=6, va="center")
     axes[1, 0].text(-4, 16, "SSIM NN", rotation=90, fontsize=6, va="center")
-    fig.suptitle("DDPM samples (top) and nearest training slice by SSIM (bottom); flags: " +
-                 " ".join(f"{k[0].upper()}={k}" for k in flags), fontsize=6)
+    fig.suptitle("DDPM samples (top) and nearest training slice by SSIM (bottom); copy flags: " +
+                 " ".join(f"{_mark(k)}={k}" for k in flags), fontsize=6)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -46,7 +46,7 @@ def train_generator(images: np.ndarray, out_path: Path, *, max_seconds: float = 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     x0 = torch.as_tensor(images, dtype=torch.float32) * 2.0 - 1.0
     n = len(x0)
-    start, step, ema = time.time(), 0, None
+    start, cpu0, step, ema = time.time(), time.process_time(), 0, None
     net.train()
     while step < max_steps and time.time() - start < max_seconds:
         idx = torch.randint(0, n, (batch_size,), generator=gen)
@@ -68,6 +68,7 @@ def train_generator(images: np.ndarray, out_path: Path, *, max_seconds: float = 
     os.replace(tmp, out_path)
     prev = resume or {}
     return {"steps": step + prev.get("steps", 0), "seconds": round(time.time() - start + prev.get("seconds", 0), 1),
+            "cpu_seconds": round(time.process_time() - cpu0 + prev.get("cpu_seconds", 0), 1),
             "loss_ema": round(float(ema), 5), "n_train": n, "size": int(images.shape[-1])}
 
 
@@ -105,10 +106,12 @@ if __name__ == "__main__":
     parser.add_argument("--cache", type=Path, default=Path("/tmp/memscan_detection_cache"))
     parser.add_argument("--max-seconds", type=float, default=900.0)
     parser.add_argument("--resume", action="store_true", help="continue from <cache>/ddpm.pt")
+    parser.add_argument("--batch-size", type=int, default=16)
     a = parser.parse_args()
     torch.set_num_threads(1)
     data = generator_training_set(load_cases(a.cache)["mri_t1_2d"]["groups"])
     prev = json.loads((a.cache / "ddpm.json").read_text()) if a.resume else None
-    record = train_generator(data, a.cache / "ddpm.pt", max_seconds=a.max_seconds, resume=prev)
+    record = train_generator(data, a.cache / "ddpm.pt", max_seconds=a.max_seconds, resume=prev,
+                             batch_size=a.batch_size)
     (a.cache / "ddpm.json").write_text(json.dumps(record))
     print(record)

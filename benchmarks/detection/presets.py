@@ -46,12 +46,15 @@ CANDIDATES: dict[str, dict] = {
     "pixel_multiscale_tta": {**PIXEL, "pixel": [[1, 1.0], [4, 1.0]], "tta_flip": True},
     "fused_tta": {"pixel": [[4, 1.0]], "encoder": {**_ENCODER, "augment": "artefacts"}, "embedding_weight": 1.0,
                   "tta_flip": True},
+    # the current memscan.training "default" preset's views and temperature (memscan.data view families)
+    "memscan_preset_default": {**PAPER, "encoder": {**_ENCODER, "augment": "memscan:default", "temperature": 0.1}},
     "fused_tta_emb2": {"pixel": [[4, 1.0]], "encoder": {**_ENCODER, "augment": "artefacts"},
                        "embedding_weight": 2.0, "tta_flip": True},
 }
 
-# the recommended memscan default (updated from the lever study; see docs/benchmarks/detection.md)
-DEFAULT: dict = copy.deepcopy(CANDIDATES["fused_tta"])
+# the recommended memscan default, the lever study's best overall AUROC at low FPR (docs/benchmarks/detection_levers.md):
+# artefact-matched views, coarse pixels (4x downsampled) fused with the embedding at weight 1:2, flip-invariant scoring
+DEFAULT: dict = copy.deepcopy(CANDIDATES["fused_tta_emb2"])
 
 
 def recipe_for(recipe: dict, spatial_dims: int) -> dict:

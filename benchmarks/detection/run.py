@@ -181,6 +181,21 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
     _atomic_text(out / ("detection_quick.txt" if args.quick else "detection.txt"), "\n\n".join(full) + "\n")
 
 
+def write_levers(scores: pd.DataFrame, out: Path, seconds: float) -> None:
+    """``detection_levers.md``: AUROC / recall / FPR of every candidate recipe, one table per metric."""
+    sm = summarize(scores)
+    n_perm = scores["perm"].nunique()
+    perms = scores.drop_duplicates("perm")[["train", "val", "unseen"]].apply(tuple, axis=1).tolist()
+    lines = ["# Lever study (2D MRI)", "",
+             f"`python benchmarks/detection/run.py --levers` — {n_perm} permutation(s) {perms}, {seconds / 60:.0f} min "
+             "on the shared 2-core CPU. Each candidate changes one or two things from the paper recipe or the pixel "
+             "baseline (benchmarks/detection/presets.py); all strengths of a family pooled.", ""]
+    for metric in ("auroc", "recall", "fpr"):
+        piv = sm.pivot(index="family", columns="detector", values=metric)
+        lines += [f"## {metric}", "", _markdown(piv.T), ""]
+    _atomic_text(out / "detection_levers.md", "\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one permutation, short training, MRI cases only")
@@ -219,18 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.levers:
         recipes = _with_steps({"pixel": PIXEL, "paper": PAPER, **CANDIDATES}, args.steps)
         lever_cases = {k: v for k, v in cases.items() if k == "mri_t1_2d"}
-        scores, summaries = run_benchmark(lever_cases, recipes, args.permutations)
-        sm = summaries["mri_t1_2d"]
-        lines = ["# Lever study (2D MRI)", "",
-                 f"`python benchmarks/detection/run.py --levers --permutations {args.permutations}` — "
-                 f"{(time.time() - t0) / 60:.1f} min. Each candidate changes one thing from the paper recipe or "
-                 "the pixel baseline (see benchmarks/detection/presets.py).", ""]
-        for metric in ("auroc", "recall", "fpr"):
-            piv = sm.pivot(index="family", columns="detector", values=metric).round(3)
-            lines += [f"## {metric}", "", _markdown(piv), ""]
-        _atomic_text(args.out / "detection_levers.md", "\n".join(lines))
+        scores, _ = run_benchmark(lever_cases, recipes, args.permutations)
+        write_levers(scores["mri_t1_2d"], args.out, time.time() - t0)
         return 0
-
     recipes = _with_steps({"pixel": PIXEL, "paper": PAPER, "memscan_default": DEFAULT}, args.steps)
     scores, summaries = run_benchmark(cases, recipes, args.permutations)
     sizes = {k: {s: len(a) for s, a in v["groups"].items()} for k, v in cases.items()}
