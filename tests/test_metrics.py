@@ -160,6 +160,21 @@ def test_chunked_cpu_search_exact_across_tiles(block) -> None:
     np.testing.assert_array_equal(i[keep_c], ref_i[keep_c])
 
 
+@SETTINGS
+@given(n=sizes, m=sizes, d=dims, seed=seeds, n_dup=st.integers(0, 8),
+       block=st.one_of(st.none(), st.integers(1, 7), st.just((64, 64))))
+def test_best_matches_both_directions(n: int, m: int, d: int, seed: int, n_dup: int, block) -> None:
+    rng = np.random.default_rng(seed)
+    q, r = with_duplicates(rng, n, d, n_dup), with_duplicates(rng, m, d, n_dup)
+    c = corr(q, r)
+    qv, qi, rv, ri = metrics.best_matches(q, r, device="cpu", dtype="float64", block_size=block)
+    np.testing.assert_allclose(qv, c.max(axis=1), atol=1e-12)
+    np.testing.assert_allclose(rv, c.max(axis=0), atol=1e-12)
+    keep_q, keep_r = unambiguous_rows(c, r), unambiguous_rows(c.T, q)
+    np.testing.assert_array_equal(qi[keep_q], c.argmax(axis=1)[keep_q])
+    np.testing.assert_array_equal(ri[keep_r], c.argmax(axis=0)[keep_r])
+
+
 def test_k_larger_than_reference_is_capped() -> None:
     rng = np.random.default_rng(1)
     v, i = topk_correlation(rng.normal(size=(4, 5)), rng.normal(size=(3, 5)), k=10, device="cpu")
@@ -327,7 +342,7 @@ def test_bootstrap_is_the_resampling_it_claims() -> None:
     draws = metrics._bootstrap(bv, bs, bt, 90.0, 25,
                                np.random.default_rng(9))
     again = np.random.default_rng(9)
-    idx = again.integers(0, 50, size=(25, 50))
+    idx = np.argsort(bv, kind="stable")[again.integers(0, 50, size=(25, 50))]  # draws are ranks by best_val
     tau = np.percentile(bv[idx], 90.0, axis=1)
     np.testing.assert_allclose(draws["threshold"], tau, atol=1e-12)
     np.testing.assert_allclose(draws["frac_memorized_train"], (bs[idx] > tau[:, None]).mean(axis=1))
