@@ -164,6 +164,13 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         json.dumps(DEFAULT),
         "```",
         "",
+        "Read with care: (1) one subject per split — τ comes from one validation subject, so FPR on the unseen",
+        "subject mostly measures how much closer that subject is to the training subject than the validation one",
+        "(see fpr_max in detection.txt); (2) the proposed default's training views include the same kinds of",
+        "transforms as some perturbation families (that is the lever \"augmentations matched to generator",
+        "artefacts\"), which favours it on those families; (3) networks are CPU-sized ResNets (widths 32-256, 150",
+        "steps), not the paper's ResNet-50 for 200 epochs; (4) CT blocks are pseudo-subjects (one CT patient).",
+        "",
     ]
     for case, sm in summaries.items():
         sc = scores[case]
@@ -181,7 +188,7 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
     _atomic_text(out / ("detection_quick.txt" if args.quick else "detection.txt"), "\n\n".join(full) + "\n")
 
 
-def write_levers(scores: pd.DataFrame, out: Path, seconds: float) -> None:
+def write_levers(scores: pd.DataFrame, out: Path, seconds: float, note: str = "") -> None:
     """``detection_levers.md``: AUROC / recall / FPR of every candidate recipe, one table per metric."""
     sm = summarize(scores)
     n_perm = scores["perm"].nunique()
@@ -189,7 +196,8 @@ def write_levers(scores: pd.DataFrame, out: Path, seconds: float) -> None:
     lines = ["# Lever study (2D MRI)", "",
              f"`python benchmarks/detection/run.py --levers` — {n_perm} permutation(s) {perms}, {seconds / 60:.0f} min "
              "on the shared 2-core CPU. Each candidate changes one or two things from the paper recipe or the pixel "
-             "baseline (benchmarks/detection/presets.py); all strengths of a family pooled.", ""]
+             "baseline (benchmarks/detection/presets.py); all strengths of a family pooled.", ""] + \
+        ([note, ""] if note else [])
     for metric in ("auroc", "recall", "fpr"):
         piv = sm.pivot(index="family", columns="detector", values=metric)
         lines += [f"## {metric}", "", _markdown(piv.T), ""]
@@ -201,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one permutation, short training, MRI cases only")
     parser.add_argument("--levers", action="store_true", help="run the lever study instead of the main benchmark")
     parser.add_argument("--generator", action="store_true", help="run only the memorizing-DDPM audit")
+    parser.add_argument("--no-generator", action="store_true", help="skip the DDPM audit in a full run")
+    parser.add_argument("--render", action="store_true", help="re-render docs from the cached scores")
     parser.add_argument("--permutations", type=int, default=None,
                         help="subject permutations for every case (1-6; default: 6 for MRI, 2 for CT / X-ray)")
     parser.add_argument("--steps", type=int, default=None, help="override encoder training steps")
@@ -238,11 +248,24 @@ def main(argv: list[str] | None = None) -> int:
         write_levers(scores["mri_t1_2d"], args.out, time.time() - t0)
         return 0
     recipes = _with_steps({"pixel": PIXEL, "paper": PAPER, "memscan_default": DEFAULT}, args.steps)
-    scores, summaries = run_benchmark(cases, recipes, args.permutations)
+    cached = args.cache / ("scores_quick.pkl" if args.quick else "scores.pkl")
+    if args.render:  # re-render the tables and figures from the last run's scores
+        saved = pd.read_pickle(cached)
+        scores, seconds = saved["scores"], saved["seconds"]
+        summaries = {k: summarize(v) for k, v in scores.items()}
+    else:
+        scores, summaries = run_benchmark(cases, recipes, args.permutations)
+        seconds = time.time() - t0
+        pd.to_pickle({"scores": scores, "seconds": seconds}, cached)
     sizes = {k: {s: len(a) for s, a in v["groups"].items()} for k, v in cases.items()}
-    write_main(summaries, scores, sizes, args, time.time() - t0, args.out)
+    write_main(summaries, scores, sizes, args, seconds, args.out)
     _auroc_figure(summaries, MAIN, args.out / ("detection_auroc_quick.png" if args.quick else "detection_auroc.png"))
     print((args.out / ("detection_quick.md" if args.quick else "detection.md")).read_text())
+    if not (args.quick or args.no_generator or args.render):
+        from audit_generator import run_generator_audit
+
+        run_generator_audit(load_cases(args.cache, args.root)["mri_t1_2d"]["groups"], args.cache, args.out,
+                            recipes=recipes)
     return 0
 
 
