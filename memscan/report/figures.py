@@ -6,7 +6,9 @@
 * :func:`plot_pair_gallery` — ranked training/synthetic pairs with their correlation: the strongest copies, or the
   borderline pairs just below τ. A 3D volume is shown as a row of evenly spaced slices (the paper showed six).
 
-Every function returns a :class:`matplotlib.figure.Figure`; :func:`figure_to_png` turns one into PNG bytes.
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state, no display, no
+backend switch: PNGs are rendered by Agg), so the library is safe headless and in notebooks, where a returned
+figure displays inline; :func:`figure_to_png` turns one into PNG bytes.
 """
 
 from __future__ import annotations
@@ -18,12 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)  # headless: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 __all__ = [
     "PairImage",
@@ -127,7 +125,8 @@ def plot_distributions(
     """
     names = list(best_synthetic_for_train)
     n = max(1, len(names))
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), sharey=True, squeeze=False)
+    fig = Figure(figsize=(5.2 * n, 3.8))
+    axes = fig.subplots(1, n, sharey=True, squeeze=False)
     val = np.asarray(best_val_for_train, dtype=np.float64)
     arrays = [np.asarray(best_synthetic_for_train[k], dtype=np.float64) for k in names]
     everything = np.concatenate([val, *arrays, [threshold]]) if arrays else np.concatenate([val, [threshold]])
@@ -181,7 +180,8 @@ def plot_pair_gallery(
     """
     pairs = list(pairs)[:max_pairs]
     if not pairs:
-        fig, ax = plt.subplots(figsize=(6, 0.9))
+        fig = Figure(figsize=(6, 0.9))
+        ax = fig.subplots()
         ax.axis("off")
         ax.text(0.5, 0.5, f"{title}: none", ha="center", va="center", fontsize=11)
         return fig
@@ -194,7 +194,8 @@ def plot_pair_gallery(
     n_rows = math.ceil(len(pairs) / per_row)
     n_cols = per_row * 2 * per_side
     panel = 1.55 if per_side > 1 else 2.0
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(panel * n_cols, (panel + 0.35) * n_rows + 0.5), squeeze=False)
+    fig = Figure(figsize=(panel * n_cols, (panel + 0.35) * n_rows + 0.5))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for k, (pair, (t_sl, s_sl)) in enumerate(zip(pairs, views)):
@@ -228,12 +229,10 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-def figure_to_png(fig: Figure, *, dpi: int = 110, close: bool = True) -> bytes:
-    """Render a figure to PNG bytes (and close it unless ``close=False``)."""
+def figure_to_png(fig: Figure, *, dpi: int = 110) -> bytes:
+    """Render a figure to PNG bytes with Agg (no software tag or URL in the PNG metadata)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-    if close:
-        plt.close(fig)
     return buf.getvalue()
 
 
