@@ -862,7 +862,8 @@ def audit(
     # positive controls: perturbed training images, embedded with the synthetic sets, never in the statistics
     rng = np.random.default_rng(seed)
     n_controls = int(min(controls, len(train_set)))
-    control_src = np.sort(rng.choice(len(train_set), size=n_controls, replace=False)) if n_controls else np.array([], int)
+    control_src = (np.sort(rng.choice(len(train_set), size=n_controls, replace=False)) if n_controls
+                   else np.array([], dtype=int))
     control_emb = None
     if n_controls:
         from memscan.training import as_spatial_size

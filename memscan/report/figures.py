@@ -185,10 +185,8 @@ def plot_pair_gallery(
         ax.axis("off")
         ax.text(0.5, 0.5, f"{title}: none", ha="center", va="center", fontsize=11)
         return fig
-    views = [
-        (display_slices(p.train_image, n_slices, spatial_dims), display_slices(p.synthetic_image, n_slices, spatial_dims))
-        for p in pairs
-    ]
+    views = [(display_slices(p.train_image, n_slices, spatial_dims),
+              display_slices(p.synthetic_image, n_slices, spatial_dims)) for p in pairs]
     per_side = max(max(len(t), len(s)) for t, s in views)
     per_row = max(1, pairs_per_row) if per_side == 1 else 1
     n_rows = math.ceil(len(pairs) / per_row)

@@ -155,7 +155,8 @@ def _table(df: pd.DataFrame | None, t: _Text, *, max_rows: int = 500, empty: str
             cells.append(f'<td class="num">{t(value)}</td>' if numeric else f"<td>{t(value)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<p>… {len(df) - max_rows} more rows in the CSV files.</p>" if len(df) > max_rows else ""
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>{more}'
+    body = "".join(rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}'
 
 
 def _level(level: str) -> str:

@@ -74,7 +74,8 @@ def verdict(block: Mapping[str, Any]) -> tuple[str, str]:
 
     Rules: no synthetic image above τ → ``"clean"``; the copy fraction's lower 95% bound (or the fraction itself
     when no interval exists) above the rate at which τ flags held-out real images of other patients as copies
-    (``null_rate_copies`` of :func:`memscan.metrics.match`, else ``null_rate``, else (100−p)%) → ``"copies"``; otherwise ``"review"`` (matches within what chance explains, still worth a look).
+    (``null_rate_copies`` of :func:`memscan.metrics.match`, else ``null_rate``, else (100−p)%) → ``"copies"``;
+    otherwise ``"review"`` (matches within what chance explains, still worth a look).
 
     Args:
         block: a per-set summary block with ``n_copies_synthetic``, ``n_synthetic``, ``frac_copies_synthetic``,
