@@ -269,19 +269,19 @@ def test_data_copying_and_authenticity_separate_copies_from_new_samples() -> Non
     assert np.isnan(data_copying_statistic(train, val[:3], new[:3], device="cpu")["data_copying_ct"])
 
 
-@pytest.mark.parametrize("bundle", ["memscan_cxr_2d"])
-def test_bundle_audit_config_runs_the_same_audit(bundle: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bundle,dims", [("memscan_cxr_2d", 2), ("memscan_knee_3d", 3)])
+def test_bundle_audit_config_runs_the_same_audit(bundle: str, dims: int, tmp_path: Path) -> None:
     from monai.bundle import run
 
     config = Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs" / "audit.json"
     data = tmp_path / "dataset"
-    make_sets(data, n_train=8, n_val=8, n_copies=2, n_new=2, name="synthetic")
+    make_sets(data, dims=dims, n_train=8, n_val=8, n_copies=2, n_new=2, name="synthetic")
     ckpt = tmp_path / "enc.pt"
     torch.manual_seed(0)
-    torch.save(build_encoder(2, "resnet10", 16).state_dict(), ckpt)
+    torch.save(build_encoder(dims, "resnet10", 16).state_dict(), ckpt)
     overrides = {"dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "ckpt_path": str(ckpt),
-                 "arch": "resnet10", "embedding_dim": 16, "image_size": [SIZE, SIZE], "device": "cpu",
-                 "controls": 2, "fail_above": 0.0}
+                 "arch": "resnet10", "embedding_dim": 16, "image_size": [SIZE if dims == 2 else 16] * dims,
+                 "device": "cpu", "controls": 2, "fail_above": 0.0}
     with pytest.raises(SystemExit) as exc:  # 2 copies in 4 images > 0.0: the release gate exits 3
         run(config_file=str(config), **overrides)
     assert exc.value.code == EXIT_GATE
