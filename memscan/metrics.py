@@ -62,7 +62,8 @@ ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
 _CPU_TILE_CAP = 1 << 22  # 4M elements (16 MB in float32): a tile stays in cache between matmul and reductions
 _GPU_TILE_CAP = 1 << 28  # 256M elements (1 GiB in float32)
-_STANDARDIZE_CHUNK = 1 << 16  # rows standardised at a time (bounds the float64 temporary)
+_STANDARDIZE_CHUNK = 1 << 14  # rows standardised at a time (bounds the float64 temporary)
+_HASH_CHUNK = 1 << 14  # rows hashed / compared at a time in the duplicate search
 _CHUNK = 64  # CPU search: maxima of chunks of this many values, then the argmax inside one chunk
 
 
@@ -340,7 +341,7 @@ def _tile_topk(tile: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals.gather(1, order), idx.gather(1, order)
 
 
-def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor, offset: int, dim: int,
+def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor | None, offset: int, dim: int,
                  chunk: int) -> None:
     """Merge a tile's maxima along ``dim`` into running (value, index) vectors, in place.
 
@@ -349,8 +350,11 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor,
     ``argmax`` is several times slower than the tile's matmul while ``amax`` is vectorised: values come from
     ``amax`` and indices only for the lines that improved (after the first tiles, few do) — with
     ``chunk > 0`` (chunk-aligned tiles) from the maxima of chunks of ``chunk`` values and one argmax inside
-    the winning chunk; with ``chunk < 0`` (tiles of any shape) from a plain argmax.
+    the winning chunk; with ``chunk < 0`` (tiles of any shape) from a plain argmax. ``best_i=None``: values only.
     """
+    if best_i is None:  # values only
+        torch.maximum(best_v, tile.amax(dim=dim), out=best_v)
+        return
     if chunk == 0:
         v, i = tile.max(dim=dim)
         better = v > best_v
@@ -384,7 +388,7 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor,
 
 def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_codes: np.ndarray | None = None,
             r_codes: np.ndarray | None = None, block: tuple[int, int], columns: bool = False, chunk: int = 0,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            indices: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Blockwise exact search over standardised rows (``q``/``r`` may carry zero padding rows past n / m).
 
     Returns the top-k (value, reference index) of every query row and, when ``columns``, the best
@@ -420,7 +424,7 @@ def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_c
             if r1 > m:
                 tile[:, max(0, m - r0):].fill_(-math.inf)
             if k == 1:
-                _update_best(tile, run_v[:, 0], run_i[:, 0], r0, dim=1, chunk=chunk)
+                _update_best(tile, run_v[:, 0], run_i[:, 0] if indices else None, r0, dim=1, chunk=chunk)
             else:
                 kk = min(k, r1 - r0)
                 v, i = _tile_topk(tile, kk)
@@ -431,7 +435,7 @@ def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_c
                 run_v.copy_(cand_v.gather(1, order))
                 run_i.copy_(cand_i.gather(1, order))
             if columns:
-                _update_best(tile, col_v[r0:r1], col_i[r0:r1], q0, dim=0, chunk=chunk)
+                _update_best(tile, col_v[r0:r1], col_i[r0:r1] if indices else None, q0, dim=0, chunk=chunk)
     row_v, row_i = row_v[:n], row_i[:n]
     row_i[torch.isneginf(row_v)] = -1
     if columns:
@@ -445,15 +449,42 @@ def _unique_rows(x: np.ndarray, codes: np.ndarray | None) -> tuple[np.ndarray, n
 
     Identical vectors are exact ties, but a BLAS kernel may round their products differently in different
     tile shapes; searching each distinct vector once makes "ties go to the lowest index" exact.
+    A 64-bit multiply-add hash of each row's bits (computed in chunks: no full copy) groups the rows; every row
+    is then compared with its group's first row, and only on a hash collision the exact byte-key grouping runs.
     """
+    n = len(x)
+    bits = np.uint64 if x.dtype.itemsize == 8 else np.uint32
+    weights = np.random.default_rng(0x6D656D).integers(1, 2**63, size=x.shape[1], dtype=np.uint64) | np.uint64(1)
+    sign_bit = bits(1) << bits(8 * x.dtype.itemsize - 1)
+    hashes = np.empty(n, dtype=np.uint64)
+    for s in range(0, n, _HASH_CHUNK):
+        u = np.ascontiguousarray(x[s:s + _HASH_CHUNK]).view(bits)
+        u = np.where(u == sign_bit, bits(0), u).astype(np.uint64)  # -0.0 hashes as 0.0
+        hashes[s:s + _HASH_CHUNK] = (u * weights).sum(axis=1)  # wraps modulo 2**64
+    if codes is not None:
+        hashes ^= codes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    inverse = pd.factorize(hashes)[0].astype(np.int64)  # codes in order of first appearance
+    first = np.unique(inverse, return_index=True)[1]
+    if len(first) < n:  # verify the groups: equal values (and codes) as the group's first row
+        for s in range(0, n, _HASH_CHUNK):
+            rep = first[inverse[s:s + _HASH_CHUNK]]
+            same = (x[s:s + _HASH_CHUNK] == x[rep]).all(axis=1)
+            if codes is not None:
+                same &= codes[s:s + _HASH_CHUNK] == codes[rep]
+            if not same.all():
+                return _unique_rows_exact(x, codes)
+    return first, inverse
+
+
+def _unique_rows_exact(x: np.ndarray, codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact grouping by the rows' bytes (memory-hungrier fallback for a hash collision)."""
     rows = np.ascontiguousarray(x + 0.0)  # + 0.0 maps -0.0 to 0.0
     key = rows.view(np.uint8).reshape(len(rows), -1)
     if codes is not None:
         key = np.concatenate([key, codes.astype("<i8").reshape(-1, 1).view(np.uint8)], axis=1)
     key = np.ascontiguousarray(key).view(np.dtype((np.void, key.shape[1]))).ravel()
-    inverse, _ = pd.factorize(key)  # codes in order of first appearance
-    first = np.unique(inverse, return_index=True)[1]
-    return first, inverse.astype(np.int64)
+    inverse = pd.factorize(key)[0].astype(np.int64)
+    return np.unique(inverse, return_index=True)[1], inverse
 
 
 def _expand_duplicates(values: np.ndarray, uidx: np.ndarray, first: np.ndarray, inverse: np.ndarray,
@@ -476,11 +507,12 @@ def _expand_duplicates(values: np.ndarray, uidx: np.ndarray, first: np.ndarray, 
 
 def _exact_search(query: np.ndarray, reference: np.ndarray, k: int, *, q_codes: np.ndarray | None,
                   r_codes: np.ndarray | None, device: torch.device, dtype: torch.dtype,
-                  block_size: int | tuple[int, int] | None, columns: bool = False,
+                  block_size: int | tuple[int, int] | None, columns: bool = False, indices: bool = True,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Validated numpy sets → exact top-k per query row (and best query per reference row when ``columns``).
 
-    Returns float64 values and int64 indices (``-1`` where every pair was excluded).
+    Returns float64 values and int64 indices (``-1`` where every pair was excluded; all ``-1`` for k=1 when
+    ``indices`` is False, which skips locating the maxima).
     """
     q_first, q_inv = _unique_rows(query, q_codes)
     r_first, r_inv = _unique_rows(reference, r_codes)
@@ -493,11 +525,13 @@ def _exact_search(query: np.ndarray, reference: np.ndarray, k: int, *, q_codes: 
     pad = max(chunk, 1)
     logger.debug("search %d x %d distinct vectors (k=%d) on %s in %s tiles of %d x %d", len(q_first), len(r_first),
                  k_eff, device, dtype, *block)
-    rv, ri, cv, ci = _search(_standardize(query[q_first], device, dtype, pad),
-                             _standardize(reference[r_first], device, dtype, pad), k_eff, n=len(q_first),
+    distinct_q = query if len(q_first) == len(query) else query[q_first]  # no copy in the usual case
+    distinct_r = reference if len(r_first) == len(reference) else reference[r_first]
+    rv, ri, cv, ci = _search(_standardize(distinct_q, device, dtype, pad),
+                             _standardize(distinct_r, device, dtype, pad), k_eff, n=len(q_first),
                              m=len(r_first), q_codes=None if q_codes is None else q_codes[q_first],
                              r_codes=None if r_codes is None else r_codes[r_first], block=block, columns=columns,
-                             chunk=chunk)
+                             chunk=chunk, indices=indices or k_eff > 1)
     rv, ri = _expand_duplicates(rv.cpu().to(torch.float64).numpy(), ri.cpu().numpy(), r_first, r_inv,
                                 int(min(k, len(reference))))
     col_v = col_i = None
@@ -633,8 +667,12 @@ def calibrate_threshold(train: ArrayLike, val: ArrayLike, percentile: float = 95
         τ as a float.
     """
     p = _check_percentile(percentile)
-    values, _ = topk_correlation(train, val, 1, query_groups=train_subjects, reference_groups=val_subjects,
-                                 device=device, dtype=dtype, block_size=block_size)
+    dev, dt = resolve_device(device), _resolve_dtype(dtype)
+    t_arr, v_arr = validate_embeddings(train, "train"), validate_embeddings(val, "val")
+    _check_dims([("train", t_arr), ("val", v_arr)])
+    tc, vc = _group_codes(train_subjects, val_subjects, len(t_arr), len(v_arr), ("train_subjects", "val_subjects"))
+    values = _exact_search(t_arr, v_arr, 1, q_codes=tc, r_codes=vc, device=dev, dtype=dt, block_size=block_size,
+                           indices=False)[0]
     _no_valid_row(values[:, 0], "train_subjects", "this training sample shares its subject with every validation "
                                                   "sample")
     return _percentile_1d(values[:, 0], p)
@@ -866,7 +904,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     for k_part, rows in enumerate(parts):
         v, _, cv, _ = _exact_search(train, val[rows], 1, q_codes=t_codes,
                                     r_codes=None if v_codes is None else v_codes[rows],
-                                    columns=halves is not None and k_part == 1, **search)
+                                    columns=halves is not None and k_part == 1, indices=False, **search)
         part_best.append(v[:, 0])
         part_cols.append(cv)
     best_val_t = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
@@ -883,7 +921,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     # train ↔ synthetic: row and column maxima from the same tiles
     best_syn_t, best_syn_t_idx, best_train_s, best_train_s_idx = best_matches(train, syn, **search)
     # synthetic → validation (for the table's best validation correlation)
-    best_val_s = _exact_search(syn, val, 1, q_codes=None, r_codes=None, **search)[0][:, 0]
+    best_val_s = _exact_search(syn, val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
 
     memorized = best_syn_t > tau
     copies = best_train_s > tau

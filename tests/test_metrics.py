@@ -175,6 +175,22 @@ def test_best_matches_both_directions(n: int, m: int, d: int, seed: int, n_dup: 
     np.testing.assert_array_equal(ri[keep_r], c.argmax(axis=0)[keep_r])
 
 
+def test_duplicate_grouping_hash_matches_exact_bytes() -> None:
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        x = with_duplicates(rng, 500, 8, 120).astype(dtype)
+        x[7] = x[3]
+        x[3, 0], x[7, 0] = 0.0, -0.0  # -0.0 and 0.0 are the same value
+        codes = rng.integers(0, 3, size=500)
+        for c in (None, codes):
+            first, inverse = metrics._unique_rows(x, c)
+            ref_first, ref_inverse = metrics._unique_rows_exact(x, c)
+            np.testing.assert_array_equal(first, ref_first)
+            np.testing.assert_array_equal(inverse, ref_inverse)
+            assert (np.diff(first) > 0).all() and (x[first[inverse]] == x).all()
+        assert metrics._unique_rows(x, None)[1][7] == metrics._unique_rows(x, None)[1][3]
+
+
 def test_k_larger_than_reference_is_capped() -> None:
     rng = np.random.default_rng(1)
     v, i = topk_correlation(rng.normal(size=(4, 5)), rng.normal(size=(3, 5)), k=10, device="cpu")
