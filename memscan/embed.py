@@ -118,6 +118,8 @@ def prepare_images(
 ) -> tuple[torch.Tensor, None]:
     """``prepare_batch`` for the embedding evaluator: the ``"image"`` tensor only (records carry string fields)."""
     image = torch.as_tensor(batchdata["image"])
+    if type(image) is not torch.Tensor:  # MetaTensor: plain tensor so the network does not pay for metadata
+        image = image.as_subclass(torch.Tensor)
     return image.to(device=device, non_blocking=non_blocking, **kwargs), None
 
 

@@ -166,6 +166,12 @@ def as_spatial_size(size: int | Sequence[int], spatial_dims: int) -> tuple[int, 
 
 
 # --------------------------------------------------------------------------------------------------------- batches
+def _plain(x: Any) -> torch.Tensor:
+    """A plain ``torch.Tensor`` view of a tensor / MetaTensor / array (no copy for tensors)."""
+    x = torch.as_tensor(x)
+    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+
+
 class ContrastivePrepareBatch(PrepareBatch):
     """Stack the two augmented views of each image into one batch: ``(cat([view1, view2]), None)``.
 
@@ -190,7 +196,8 @@ class ContrastivePrepareBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        views = [torch.as_tensor(batchdata[k]) for k in self.view_keys]
+        # plain tensors: a MetaTensor input would route every network op through MetaTensor.__torch_function__
+        views = [_plain(batchdata[k]) for k in self.view_keys]
         x = torch.cat(views, dim=0).to(device=device, non_blocking=non_blocking, **kwargs)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)

@@ -15,6 +15,15 @@ from memscan.embed import embed_images, load_encoder, save_embeddings
 from memscan.errors import InputError
 from memscan.networks import build_encoder
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core CI machine, OpenMP threads waiting on each other dominate tiny nets."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 @pytest.fixture
 def images(tiny_2d_folder):

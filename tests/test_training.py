@@ -29,10 +29,18 @@ from memscan.training import (
     latest_checkpoint,
     preset,
     split_source,
-    train_encoder,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core CI machine, OpenMP threads waiting on each other dominate tiny nets."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def test_prepare_batch_stacks_the_two_views():
@@ -189,19 +197,27 @@ def test_two_views_of_one_image_differ(tiny_2d_folder):
         contrastive_dataset([], PreprocessConfig(spatial_dims=2, spatial_size=32))
 
 
-def test_train_encoder_runs_the_bundle_and_returns_best_checkpoint(tiny_2d_folder, tmp_path):
-    from memscan.networks import build_encoder, load_encoder_checkpoint
+def test_memscan_train_cli_runs_train_encoder_and_the_bundle(tiny_2d_folder, tmp_path, capsys):
+    from memscan.cli import main
+    from memscan.embed import load_encoder
 
     train, val = tiny_2d_folder(n=8, name="train"), tiny_2d_folder(n=4, name="val")
-    best = train_encoder(
-        train, val, spatial_dims=2, out_dir=tmp_path / "run", preset="default", epochs=1, image_size=32,
-        overrides={"arch": "resnet10", "embedding_dim": 16, "batch_size": 4, "num_workers": 0, "device": "cpu"},
-    )
-    assert best == (tmp_path / "run" / "model.pt").resolve() and best.is_file()
-    assert latest_checkpoint(tmp_path / "run").endswith("checkpoint_epoch=1.pt")
-    load_encoder_checkpoint(build_encoder(2, "resnet10", 16), best)  # plain state_dict, weights_only
-    with pytest.raises(InputError):
-        train_encoder(train, tmp_path / "missing", spatial_dims=2, out_dir=tmp_path / "r2")
+    run = tmp_path / "run"
+    code = main(["train", "--train", str(train), "--val", str(val), "--dims", "2", "--out", str(run), "--epochs", "1",
+                 "--image-size", "32", "--arch", "resnet10", "--batch-size", "4", "--workers", "0", "--device", "cpu"])
+    assert code == 0
+    best = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert best == (run / "model.pt").resolve() and best.is_file()
+    assert latest_checkpoint(run).endswith("checkpoint_epoch=1.pt")
+    settings = json.loads((run / "encoder.json").read_text())
+    assert settings["arch"] == "resnet10" and settings["image_size"] == [32, 32] and settings["preset"] == "default"
+    net, cfg = load_encoder(best)  # plain state_dict + encoder.json: ready for memscan embed / audit
+    assert cfg.size == (32, 32) and net(torch.rand(2, 1, 32, 32)).shape == (2, 128)
+    # bad input: one line, exit 2, nothing trained
+    code = main(["train", "--train", str(train), "--val", str(tmp_path / "missing"), "--dims", "2",
+                 "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing" in err[0]
 
 
 def test_autocast_inferer_bf16_on_cpu_returns_float32_close_to_fp32():
