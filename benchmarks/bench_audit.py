@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, GPU: "
         f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
-        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start "
+        f"{os.getloadavg()[0]:.2f} (other jobs on the same cores slow both sides of each ratio)",
         "",
     ]
     tmp = Path(tempfile.mkdtemp(prefix="memscan-bench-"))
