@@ -122,6 +122,7 @@ PRESETS: dict[str, dict[int, dict[str, Any]]] = {
             "augment": "default",
             "crop_pad_size": None,
             "resize": True,
+            "cpu_bf16": True,  # bfloat16 autocast where the CPU has it natively (5.8x vs the seed loop, see benchmarks)
         },
         3: {
             "arch": "resnet18",
@@ -135,6 +136,7 @@ PRESETS: dict[str, dict[int, dict[str, Any]]] = {
             "augment": "default",
             "crop_pad_size": None,
             "resize": True,
+            "cpu_bf16": True,  # bfloat16 autocast where the CPU has it natively (5.8x vs the seed loop, see benchmarks)
         },
     },
 }
@@ -204,12 +206,22 @@ class ContrastivePrepareBatch(PrepareBatch):
         return x, None
 
 
+def _native_low_precision(device_type: str) -> bool:
+    """True when the device computes bfloat16 natively (CPU: oneDNN with AVX-512 BF16 / AMX); emulated bf16 is slow."""
+    if device_type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class AutocastInferer(SimpleInferer):
     """``SimpleInferer`` under ``torch.autocast`` for one device type (default: bfloat16 on the CPU).
 
     MONAI engines' ``amp`` flag autocasts on CUDA only; this gives CPUs with bfloat16 units (AMX, AVX-512 BF16)
-    the same mixed precision. Inputs on another device type run unchanged, so GPU runs keep using ``amp``. The
-    loss is computed outside, in float32 (:class:`NTXentLoss`).
+    the same mixed precision. Inputs on another device type, or a CPU without native bfloat16, run unchanged, so GPU
+    runs keep using ``amp``. The loss is computed outside, in float32 (:class:`NTXentLoss`).
 
     Args:
         enabled: switch autocast on.
@@ -222,7 +234,7 @@ class AutocastInferer(SimpleInferer):
         self.enabled, self.device_type, self.dtype = bool(enabled), device_type, getattr(torch, dtype)
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.enabled or inputs.device.type != self.device_type:
+        if not self.enabled or inputs.device.type != self.device_type or not _native_low_precision(self.device_type):
             return super().__call__(inputs, network, *args, **kwargs)
         with torch.autocast(self.device_type, dtype=self.dtype):
             out = super().__call__(inputs, network, *args, **kwargs)
