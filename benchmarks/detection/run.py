@@ -32,7 +32,7 @@ from presets import CANDIDATES, DEFAULT, PAPER, PIXEL  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 GOAL = {"auroc": 0.99, "recall": 0.95, "fpr": 0.05}
 # subject permutations per case: an encoder depends only on its training subject, so 6 permutations of the MRI
-# subjects cost 3 trainings; the CT (pseudo-subjects) and chest X-ray groups use one training group, 2 orders
+# subjects cost 3 trainings; the CT (pseudo-subjects) and chest X-ray groups use the first 2 cyclic orders
 PERMUTATIONS = {"mri_t1_2d": 6, "mri_t1_3d": 6, "ct_2d": 2, "cxr_2d": 2}
 MAIN = ["pixel", "paper", "memscan_default"]
 
