@@ -454,23 +454,6 @@ def _preprocess_config(spatial_dims: int, settings: Mapping[str, Any]) -> Any:
                                                                                     spatial_dims))
 
 
-class _StableCompose:
-    """The data layer's preprocessing whose ``repr`` names its settings, so embedding-cache keys survive a restart
-    (a plain ``Compose``'s repr holds its memory address)."""
-
-    def __init__(self, cfg: Any) -> None:
-        from memscan.data import preprocess_transforms
-
-        self.cfg = cfg
-        self.compose = preprocess_transforms(cfg)
-
-    def __call__(self, data: Any) -> Any:
-        return self.compose(data)
-
-    def __repr__(self) -> str:
-        return f"memscan.data.preprocess_transforms({self.cfg!r})"
-
-
 def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int) -> Any:
     """Preprocessing followed by a small seeded perturbation (the positive controls): a shift of up to one voxel
     per axis (with resampling), ±3% intensity scaling and Gaussian noise of 1% of the intensity range — the kind
@@ -764,7 +747,7 @@ def audit(
     import torch
 
     from memscan.data import check_sets
-    from memscan.embed import embed_images
+    from memscan.embed import configured_preprocess, embed_images
     from memscan.metrics import match, resolve_device, topk_correlation
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
@@ -841,7 +824,7 @@ def audit(
     network.eval()
     ckpt_sha = _sha256_file(ckpt)
     preprocess_cfg = _preprocess_config(dims, settings)
-    preprocess = _StableCompose(preprocess_cfg)
+    preprocess = configured_preprocess(preprocess_cfg)
 
     # 3. embeddings -------------------------------------------------------------------------------------------
     cache_dir = out / "embeddings" / "cache"

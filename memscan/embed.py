@@ -9,10 +9,11 @@ On a GPU the batches use pinned memory and mixed precision; embeddings are retur
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "resolve_device",
     "embed_images",
     "save_embeddings",
+    "configured_preprocess",
     "file_sha256",
     "network_sha256",
 ]
@@ -247,15 +249,39 @@ class _ConfiguredPreprocess:
         return f"memscan.data.preprocess_transforms({self.cfg!r})"
 
 
+@functools.lru_cache(maxsize=65536)
+def _content_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """File content hash, remembered per (path, size, mtime) so one process hashes a file once."""
+    return file_sha256(path)
+
+
 def _cache_key(record: Mapping[str, Any], weights: str, preprocess: Any) -> str:
+    """Embedding-cache key: the file's content hash, the weights and the preprocessing settings.
+
+    Keyed by content (not path) so a resumed audit reuses embeddings after the data folder moves, and an edited
+    file is embedded again.
+    """
     path = Path(str(record["image"]))
     try:
-        stat = path.stat()
-        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        if path.is_dir():  # a DICOM series folder: hash its member files' names and contents
+            parts = sorted(p for p in path.rglob("*") if p.is_file())
+            content = hashlib.sha256("".join(
+                f"{p.relative_to(path)}:{_content_sha256(str(p), p.stat().st_size, p.stat().st_mtime_ns)}"
+                for p in parts).encode()).hexdigest()
+        else:
+            stat = path.stat()
+            content = _content_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     except OSError:
-        stamp = "missing"
-    text = f"{weights}|{path.resolve()}|{stamp}|{preprocess}"
+        content = f"missing:{path.resolve()}"
+    text = f"{weights}|{content}|{preprocess}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def configured_preprocess(cfg: Any) -> Callable[[Any], Any]:
+    """The data layer's preprocessing for ``cfg`` whose ``repr`` names its settings (stable embedding-cache keys)."""
+    from memscan.data import preprocess_transforms
+
+    return _ConfiguredPreprocess(cfg, preprocess_transforms(cfg))
 
 
 def embed_images(
@@ -304,9 +330,7 @@ def embed_images(
         if "image" not in record:
             raise InputError("records", "record has no 'image' entry", row=row)
     if not callable(preprocess) and hasattr(preprocess, "spatial_dims"):  # a PreprocessConfig
-        from memscan.data import preprocess_transforms
-
-        preprocess = _ConfiguredPreprocess(preprocess, preprocess_transforms(preprocess))
+        preprocess = configured_preprocess(preprocess)
     dev = resolve_device(device)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp) and dev.type == "cuda"
     workers = (2 if dev.type == "cuda" else 0) if num_workers is None else int(num_workers)

@@ -12,7 +12,7 @@ shared real files when they exist (tests using it must skip otherwise; the ``rea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +173,14 @@ def write_dicom_series(folder: Path, vol: np.ndarray, patient_id: str = "P1") ->
     for z in range(vol.shape[0]):
         write_dicom(folder / f"slice{z:03d}.dcm", vol[z], patient_id=patient_id, series_uid=uid, position=(0, 0, z))
     return folder
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core CI machine, OpenMP threads waiting on each other dominate tiny nets."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -27,13 +27,7 @@ TINY = {2: {"image_size": 32, "arch": "resnet10", "batch_size": 4},
 REQUIRED_FILES = ["configs/metadata.json", "configs/train.json", "configs/multi_gpu_train.json",
                   "configs/inference.json", "configs/logging.conf", "docs/README.md", "LICENSE", "models"]
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core CI machine, OpenMP threads waiting on each other dominate tiny nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,13 +17,7 @@ from memscan.embed import embed_images, load_encoder, save_embeddings
 from memscan.errors import InputError
 from memscan.networks import build_encoder
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core CI machine, OpenMP threads waiting on each other dominate tiny nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
@@ -63,6 +59,28 @@ def test_cache_reuses_unchanged_images(images, encoder, tmp_path):
     other = embed_images(encoder, images[:2], CFG, cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="new")
     np.testing.assert_allclose(other, first[:2], rtol=1e-4, atol=1e-5)  # different weights id: recomputed
     assert len(list((tmp_path / "c").glob("*.npy"))) == 7
+
+
+def test_cache_follows_file_content_not_path(images, encoder, tmp_path):
+    import shutil
+
+    first = embed_images(encoder, images, CFG, cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="abc")
+    moved = []
+    for i, record in enumerate(images):  # the same bytes under new names in another folder
+        target = tmp_path / "moved" / f"renamed_{i}{Path(record['image']).suffix}"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(record["image"], target)
+        moved.append({**record, "image": str(target)})
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the cache should have answered")
+
+    np.testing.assert_array_equal(
+        embed_images(Broken(), moved, CFG, cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="abc"), first)
+    shutil.copy(images[1]["image"], moved[0]["image"])  # edited content: embedded again, not served stale
+    again = embed_images(encoder, moved[:1], CFG, cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="abc")
+    np.testing.assert_allclose(again[0], first[1], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments(images, encoder):

@@ -10,13 +10,7 @@ import torch
 from memscan.errors import InputError
 from memscan.networks import ARCHITECTURES, build_encoder, embedding_dim_of, load_encoder_checkpoint
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core CI machine, OpenMP threads waiting on each other dominate tiny nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
