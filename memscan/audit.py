@@ -23,7 +23,6 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -31,7 +30,6 @@ import platform
 import re
 import shutil
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Mapping, Sequence
@@ -44,6 +42,7 @@ import pandas as pd
 
 from memscan import __version__
 from memscan.errors import InputError
+from memscan.io import copy_file_atomic, save_npy_atomic, write_bytes_atomic, write_csv_atomic, write_json_atomic
 
 __all__ = [
     "audit",
@@ -284,54 +283,6 @@ class AuditResult:
 # ----------------------------------------------------------------------------------------------------------------
 # small I/O helpers (atomic writes)
 # ----------------------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    _atomic_write_bytes(path, json.dumps(_json_safe(data), indent=2, allow_nan=False).encode("utf-8"))
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    os.close(fd)
-    try:
-        np.save(tmp, np.asarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -512,9 +463,7 @@ def _export_clean(sets: Mapping[str, SetAudit], records: Mapping[str, list[dict]
             if Path(src).is_dir():
                 shutil.copytree(src, target, dirs_exist_ok=True)
             else:
-                tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-                shutil.copy2(src, tmp)
-                os.replace(tmp, target)
+                copy_file_atomic(src, target)
             written.append(str(target))
         exported[name] = written
     return exported
@@ -590,7 +539,6 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
         verdict,
         write_report,
     )
-    from memscan.report.figures import save_figure
     from memscan.report.tables import format_fraction, interval
 
     first = next(iter(set_audits.values()))
@@ -600,7 +548,7 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
     dist_png = figure_to_png(plot_distributions(first.match.best_val_for_train,
                                                 {n: sa.match.best_synthetic_for_train for n, sa in set_audits.items()},
                                                 tau, percentile=pct))
-    save_figure(dist_png, figures_dir / "distributions.png")
+    write_bytes_atomic(figures_dir / "distributions.png", dist_png)
     train_names = _relative_names([r["image"] for r in train_set.records])
     sections = []
     for name, sa in set_audits.items():
@@ -612,7 +560,7 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
             pairs, shown = _pairs(sa, kind, tau, train_set.records, syn_records, preprocess, train_names, syn_names)
             png = figure_to_png(plot_pair_gallery(pairs, title=f"{name}: {title.lower()}", threshold=tau,
                                                   spatial_dims=spatial_dims))
-            save_figure(png, figures_dir / f"{kind}_{name}.png")
+            write_bytes_atomic(figures_dir / f"{kind}_{name}.png", png)
             caption = (f"{title}: each training image (blue frame) beside the synthetic image that matches it "
                        f"(orange frame), ranked by correlation" + ("; six evenly spaced slices per volume"
                                                                     if spatial_dims == 3 else ""))
@@ -835,10 +783,9 @@ def audit(
         emb = embed_images(network, s.records, preprocess, batch_size=batch_size, device=device,
                            cache_dir=cache_dir, checkpoint_sha256=ckpt_sha)
         embeddings[name] = np.asarray(emb, dtype=np.float32)
-        _write_npy(out / "embeddings" / f"{name}.npy", embeddings[name])
-        from memscan.report.tables import write_csv
+        save_npy_atomic(out / "embeddings" / f"{name}.npy", embeddings[name])
 
-        write_csv(pd.DataFrame({"index": np.arange(len(s)), "path": [r["image"] for r in s.records],
+        write_csv_atomic(pd.DataFrame({"index": np.arange(len(s)), "path": [r["image"] for r in s.records],
                                 "subject_id": [r.get("subject_id") for r in s.records]}),
                   out / "embeddings" / f"{name}_files.csv")
 
@@ -919,12 +866,11 @@ def audit(
             logger.warning(msg)
 
     # 5. outputs ------------------------------------------------------------------------------------------------
-    from memscan.report.tables import write_csv
 
-    write_csv(pd.concat([sa.train_table for sa in set_audits.values()], ignore_index=True), out / "train_matches.csv")
-    write_csv(pd.concat([sa.synthetic_table for sa in set_audits.values()], ignore_index=True),
+    write_csv_atomic(pd.concat([sa.train_table for sa in set_audits.values()], ignore_index=True), out / "train_matches.csv")
+    write_csv_atomic(pd.concat([sa.synthetic_table for sa in set_audits.values()], ignore_index=True),
               out / "synthetic_matches.csv")
-    write_csv(skipped, out / "skipped.csv")
+    write_csv_atomic(skipped, out / "skipped.csv")
 
     gate_failed = False
     if fail_above is not None:
@@ -979,7 +925,7 @@ def audit(
     report_path = _build_report(summary, set_audits, train_set=train_set, syn_sets=syn_sets, preprocess=preprocess,
                                skipped=skipped, out_dir=out, spatial_dims=dims)
     summary["provenance"]["seconds"] = round(time.time() - started, 2)
-    _write_json(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     (out / _MARKER).unlink(missing_ok=True)
     logger.info("audit written to %s (report: %s)", out, report_path)
     return AuditResult(out_dir=out, summary=summary, sets=set_audits, report_path=report_path, checkpoint=Path(ckpt),
@@ -1133,9 +1079,8 @@ def build_demo(out_dir: str | os.PathLike[str], *, spatial_dims: int = 2, n_copi
             shutil.copy2(src, dst)
         rows.append({"file": dst.name, "kind": kind, "source": f"{cfg['folder']}/{src.parent.name}/{src.name}"})
     truth = pd.DataFrame(rows, columns=["file", "kind", "source"])
-    from memscan.report.tables import write_csv
 
-    write_csv(truth, out / "truth.csv")
+    write_csv_atomic(truth, out / "truth.csv")
     return DemoInputs(train=root / "train", val=root / "val", synthetic=syn, truth=truth, subject_regex=None,
                       spatial_dims=spatial_dims)
 

@@ -8,21 +8,21 @@ On a GPU the batches use pinned memory and mixed precision; embeddings are retur
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
 from memscan.errors import InputError
+from memscan.io import save_npy_atomic, write_csv_atomic
 
 __all__ = [
     "load_encoder",
@@ -186,18 +186,10 @@ def save_embeddings(array: np.ndarray, path: str | Path, files: Sequence[str] | 
     path.parent.mkdir(parents=True, exist_ok=True)
     if files is not None and len(files) != len(array):
         raise InputError(path, f"{len(array)} embeddings but {len(files)} file names")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(array))
-    os.replace(tmp, path)
+    save_npy_atomic(path, array)
     if files is not None:
         listing = path.with_name(path.name[: -len(".npy")] + ".files.csv")
-        tmp = listing.with_name(f".{listing.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["index", "image"])
-            writer.writerows(enumerate(files))
-        os.replace(tmp, listing)
+        write_csv_atomic(pd.DataFrame({"index": range(len(files)), "image": [str(f) for f in files]}), listing)
     return path
 
 
@@ -385,11 +377,7 @@ def embed_images(
             raise InputError("records", f"expected {len(todo)} embeddings, got {len(fresh)}")
         if cache is not None:
             for row, i in enumerate(todo):
-                target = cache / f"{keys[i]}.npy"
-                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as fh:
-                    np.save(fh, fresh[row])
-                os.replace(tmp, target)
+                save_npy_atomic(cache / f"{keys[i]}.npy", fresh[row])
     if not records:
         return np.zeros((0, 0), dtype=np.float32)
     dim = fresh.shape[1] if len(fresh) else next(iter(cached.values())).shape[-1]

@@ -23,12 +23,10 @@ of the device (``/proc/meminfo`` or ``os.sysconf`` on the CPU, ``torch.cuda.mem_
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import pickle  # noqa: S403 - only for its exception type; nothing is unpickled
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ import torch
 
 from memscan import __version__
 from memscan.errors import InputError
+from memscan.io import write_csv_atomic, write_json_atomic
 
 __all__ = [
     "resolve_device",
@@ -681,33 +680,6 @@ def calibrate_threshold(train: ArrayLike, val: ArrayLike, percentile: float = 95
 # ----------------------------------------------------------------------------------------------------------------
 # match
 # ----------------------------------------------------------------------------------------------------------------
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class MatchResult:
     """Outcome of :func:`match`.
@@ -751,10 +723,9 @@ class MatchResult:
         paths = {"summary": out / "summary.json", "train_matches": out / "train_matches.csv",
                  "synthetic_matches": out / "synthetic_matches.csv"}
         try:
-            _atomic_write(paths["train_matches"], lambda fh: self.train_table.to_csv(fh, index=False))
-            _atomic_write(paths["synthetic_matches"], lambda fh: self.synthetic_table.to_csv(fh, index=False))
-            _atomic_write(paths["summary"], lambda fh: json.dump(_json_safe(self.summary), fh, indent=2,
-                                                                 allow_nan=False))
+            write_csv_atomic(self.train_table, paths["train_matches"])
+            write_csv_atomic(self.synthetic_table, paths["synthetic_matches"])
+            write_json_atomic(paths["summary"], self.summary)
         except OSError as err:
             raise InputError(out, f"cannot write results ({err.strerror or err})") from err
         return paths

@@ -767,13 +767,11 @@ ENCODER_KEYS = ("arch", "embedding_dim", "in_channels", "image_size", "crop_pad_
 
 
 def _write_encoder_settings(out: Path, spatial_dims: int, settings: Mapping[str, Any], preset_name: str) -> None:
-    import json
+    from memscan.io import write_json_atomic
 
     info: dict[str, Any] = {"spatial_dims": spatial_dims, "preset": preset_name}
     for key in ENCODER_KEYS:
         if key in settings:
             value = settings[key]
             info[key] = list(value) if isinstance(value, (list, tuple)) else value
-    tmp = out / f".encoder.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out / "encoder.json")
+    write_json_atomic(out / "encoder.json", info)

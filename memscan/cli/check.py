@@ -47,12 +47,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run :func:`memscan.data.check_sources`, print the report, write skipped.csv when ``--out`` is given."""
-    import json
-    import os
-    import tempfile
     from pathlib import Path
 
     from memscan.data.check import check_sources
+    from memscan.io import write_json_atomic
 
     report = check_sources(
         args.train, args.val, args.synthetic, layout=args.layout, subject_regex=args.subject_regex,
@@ -63,9 +61,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         path = report.write_skipped(out)
-        fd, tmp = tempfile.mkstemp(prefix=".check.json.", dir=out)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report.summary(), f, indent=2)
-        os.replace(tmp, out / "check.json")
+        write_json_atomic(out / "check.json", report.summary())
         print(f"wrote {path} ({len(report.skipped)} row(s)) and {out / 'check.json'}")
     return EXIT_OK if report.usable else EXIT_BAD_INPUT

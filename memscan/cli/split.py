@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from memscan.data import load_image_set, split_by_subject
-    from memscan.data.check import write_csv_atomic
+    from memscan.io import write_csv_atomic
     from memscan.data.discovery import records_to_manifest
 
     images = load_image_set(

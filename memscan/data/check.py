@@ -6,8 +6,6 @@ patients or identical images shared by training and validation (either inflates 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,25 +16,12 @@ import pandas as pd
 from memscan.data.discovery import SKIPPED_COLUMNS, ImageSet, load_image_set
 from memscan.data.subjects import subject_overlap
 from memscan.errors import InputError
+from memscan.io import write_csv_atomic
 
-__all__ = ["CheckReport", "check_sets", "check_sources", "write_csv_atomic"]
+__all__ = ["CheckReport", "check_sets", "check_sources"]
 
 _MAX_LISTED = 5
 
-
-def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``frame`` to ``path`` as CSV via a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            frame.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fmt_shape(shape: Sequence[Any]) -> str:

@@ -574,7 +574,7 @@ def load_image_set(
 def records_to_manifest(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Manifest table for ``records``: ``path`` (absolute), ``subject_id``, then the extra columns.
 
-    Written with :func:`memscan.data.check.write_csv_atomic`, it loads back with ``layout="manifest"``.
+    Written with :func:`memscan.io.write_csv_atomic`, it loads back with ``layout="manifest"``.
     """
     rows = []
     for r in records:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -29,7 +27,6 @@ __all__ = [
     "plot_pair_gallery",
     "display_slices",
     "figure_to_png",
-    "save_figure",
 ]
 
 _VAL_COLOUR = "#4c72b0"
@@ -232,12 +229,3 @@ def figure_to_png(fig: Figure, *, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return buf.getvalue()
-
-
-def save_figure(png: bytes, path: str | os.PathLike[str]) -> None:
-    """Write PNG bytes atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)

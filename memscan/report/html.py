@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from memscan.io import write_text_atomic
+
 __all__ = ["ReportSection", "ReportContent", "render_html", "write_report", "png_data_uri"]
 
 VERDICT_LEVELS = ("copies", "review", "clean", "info")
@@ -240,9 +242,4 @@ def write_report(content: ReportContent, path: str | os.PathLike[str], *, redact
     Returns:
         the path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(render_html(content, redact=redact), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, render_html(content, redact=redact))

@@ -2,15 +2,13 @@
 
 The audit writes one block per synthetic set (see :func:`memscan.audit.audit`); these helpers turn such blocks
 into what a reviewer reads: headline numbers with 95% intervals, a verdict, the ranked copies and the borderline
-pairs just below τ. Every function is pure (no I/O) except :func:`write_csv`.
+pairs just below τ. Every function is pure (no I/O).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,7 +20,6 @@ __all__ = [
     "set_headline",
     "comparison_table",
     "ranked_pairs",
-    "write_csv",
     "SYNTHETIC_COLUMNS",
 ]
 
@@ -186,13 +183,3 @@ def ranked_pairs(table: pd.DataFrame, threshold: float, *, kind: str = "copies",
     chosen = chosen.copy()
     chosen["margin"] = chosen["best_train_correlation"] - threshold
     return chosen
-
-
-def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write a DataFrame as CSV atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
