@@ -31,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"memscan.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"memscan.cli.{name}":
-                continue  # subcommand not part of this build
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"memscan.cli.{name}").add_parser(sub)
     return parser
 
 
