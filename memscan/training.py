@@ -743,13 +743,20 @@ def train_encoder(
     settings.update(_source_overrides(val, "val"))
     settings.update({"ckpt_dir": str(out), "output_dir": str(out / "logs"), "dataset_dir": str(out)})
     settings.update(dict(overrides or {}))
-    workflow = ConfigWorkflow(
-        config_file=str(root / "configs" / "train.json"),
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type="train",
-        **settings,
-    )
+    # logging_file=False keeps the caller's logging setup; MONAI warns about that choice, so mute that one warning
+    workflows_logger = logging.getLogger("monai.bundle.workflows")
+    level = workflows_logger.level
+    workflows_logger.setLevel(logging.ERROR)
+    try:
+        workflow = ConfigWorkflow(
+            config_file=str(root / "configs" / "train.json"),
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type="train",
+            **settings,
+        )
+    finally:
+        workflows_logger.setLevel(level)
     workflow.initialize()
     try:
         workflow.run()
