@@ -86,33 +86,24 @@ CASES_3D = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES_2D))
-def test_2d_formats_load_and_preprocess(tmp_path, case):
-    name, write, shape = CASES_2D[case]
+FORMAT_CASES = [(2, c) for c in sorted(CASES_2D)] + [(3, c) for c in sorted(CASES_3D)]
+PREPROCESS = {2: PreprocessConfig(spatial_dims=2, spatial_size=(16, 16)),
+              3: PreprocessConfig(spatial_dims=3, spatial_size=(8, 8, 8), resize=False)}
+
+
+@pytest.mark.parametrize(("dims", "case"), FORMAT_CASES)
+def test_formats_load_and_preprocess(tmp_path, dims, case):
+    name, write, shape = (CASES_2D if dims == 2 else CASES_3D)[case]
     path = tmp_path / "set" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     write(path)
     images = load_image_set(tmp_path / "set", "train", strict=True)
-    assert len(images) == 1 and images.spatial_dims == 2
+    assert len(images) == 1 and images.spatial_dims == dims
     assert list(images.shapes) == [shape]
-    out = preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=16))(images.records[0])["image"]
-    assert tuple(out.shape) == (1, 16, 16)
-    assert float(out.min()) == pytest.approx(0.0) and float(out.max()) == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("case", sorted(CASES_3D))
-def test_3d_formats_load_and_preprocess(tmp_path, case):
-    name, write, shape = CASES_3D[case]
-    path = tmp_path / "set" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(path)
-    images = load_image_set(tmp_path / "set", "train", strict=True)
-    assert len(images) == 1 and images.spatial_dims == 3
-    assert list(images.shapes) == [shape]
-    out = preprocess_transforms(PreprocessConfig(spatial_dims=3, spatial_size=(8, 8, 8), resize=False))(
-        images.records[0]
-    )["image"]
-    assert tuple(out.shape) == (1, 8, 8, 8)
+    out = preprocess_transforms(PREPROCESS[dims])(images.records[0])["image"]
+    assert tuple(out.shape) == (1,) + tuple(PREPROCESS[dims].spatial_size)
+    if dims == 2:
+        assert float(out.min()) == pytest.approx(0.0) and float(out.max()) == pytest.approx(1.0)
 
 
 def test_orientation_consistent_across_formats(tmp_path):
