@@ -90,14 +90,13 @@ def _row_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def bench_embedding(n: int, size: int, batch_size: int, workers: int, tmp: Path) -> list[str]:
     from memscan.data import PreprocessConfig
-    from memscan.embed import embed_images
+    from memscan.embed import configured_preprocess, embed_images
     from memscan.networks import build_encoder
-    from memscan.audit import _StableCompose
 
     paths = _images(tmp / "images", n, size)
     torch.manual_seed(0)
     net = build_encoder(2, "resnet18", 128).eval()
-    preprocess = _StableCompose(PreprocessConfig(spatial_dims=2, spatial_size=size))
+    preprocess = configured_preprocess(PreprocessConfig(spatial_dims=2, spatial_size=size))
     records = [{"image": str(p)} for p in paths]
     # warm-up both paths on a few images (allocator, MKL-DNN kernels)
     seed_way(net, paths[:2], size)
