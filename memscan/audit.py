@@ -9,8 +9,7 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
 2. **Encoder** — a given checkpoint (or a bundle's ``models/model.pt``) is loaded; otherwise a small
    self-supervised encoder is trained on the training set with :func:`memscan.training.train_encoder`.
 3. **Embeddings** — every set through :func:`memscan.embed.embed_images` (batched; cached by file content hash and
-   checkpoint sha256, so an interrupted audit resumes where it stopped). With ``score="fused"`` the matched
-   features are :mod:`memscan.scoring`'s flip-invariant pixel + embedding fusion (:func:`_score_features`).
+   checkpoint sha256, so an interrupted audit resumes where it stopped).
 4. **Matching** — :func:`memscan.metrics.match` per synthetic set (τ from train→validation, copies, memorized
    training images, bootstrap intervals, null rate), plus the patient-level count, the positive controls, and two
    aggregate statistics from the literature (:func:`data_copying_statistic`, :func:`authenticity_score`).
@@ -59,7 +58,6 @@ __all__ = [
     "DEFAULT_CONTROLS",
     "exit_on_gate",
     "DEMO_SETTINGS",
-    "SCORES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -422,78 +420,7 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
     return Compose([getattr(preprocess, "compose", preprocess), perturb])
 
 
-#: Score modes: ``"embedding"`` (Dar et al.'s score) or ``"fused"`` (flip-invariant pixel + embedding features).
-SCORES = ("embedding", "fused")
-#: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
-FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
-
-
-class _Flipped:
-    """Preprocessing followed by a left-right flip (first spatial axis, MONAI's x); its ``repr`` names both so the
-    flipped embeddings get their own embedding-cache keys."""
-
-    def __init__(self, preprocess: Any) -> None:
-        from monai.transforms import Flipd
-
-        self.preprocess, self.flip = preprocess, Flipd(keys="image", spatial_axis=0)
-
-    def __call__(self, data: Any) -> Any:
-        return self.flip(self.preprocess(data))
-
-    def __repr__(self) -> str:
-        from memscan.embed import _describe
-
-        return f"Flipd(spatial_axis=0)({_describe(self.preprocess)})"
-
-
-def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str,
-                    image_size: Sequence[int], batch_size: int, device: str, cache_dir: Path | None,
-                    checkpoint_sha256: str | None) -> np.ndarray:
-    """The features matched for one set: the encoder's embedding, or the fused flip-invariant score.
-
-    ``"fused"`` is :mod:`memscan.scoring`'s construction (the detection benchmark's best recipe): for an image and
-    its left-right mirror, pixels area-downsampled to ``image_size // 4`` (weight 1) fused with the embedding
-    (weight 2) by :func:`~memscan.scoring.fuse_features`; the two standardised rows are averaged, as
-    :func:`~memscan.scoring.flip_invariant_features` does. Embeddings go through :func:`memscan.embed.embed_images`
-    (the flipped ones cached under their own key); pixel features are computed fresh and never cached.
-
-    Args:
-        network: the encoder.
-        records: ``{"image": ...}`` records.
-        preprocess: deterministic preprocessing on key ``"image"``.
-        score: ``"embedding"`` or ``"fused"``.
-        image_size: spatial size after preprocessing.
-        batch_size, device, cache_dir, checkpoint_sha256: passed to ``embed_images``.
-
-    Returns:
-        ``float32`` N×D features for :func:`memscan.metrics.match`.
-    """
-    from memscan.embed import embed_images
-    from memscan.scoring import fuse_features, pixel_features, standardize_rows
-
-    def embed(preprocess: Any) -> np.ndarray:
-        return np.asarray(embed_images(network, records, preprocess, batch_size=batch_size, device=device,
-                                       cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256), np.float32)
-
-    if score == "embedding":
-        return embed(preprocess)
-    coarse = [max(1, int(n) // 4) for n in image_size]
-    total = None
-    for flipped in (False, True):
-        tf = _Flipped(preprocess) if flipped else preprocess
-        emb = embed(tf)
-        pixels = np.concatenate([  # batched so a large set never sits in memory at full resolution
-            pixel_features(np.stack([_preprocessed_image(tf, r) for r in records[i:i + batch_size]]), coarse)
-            for i in range(0, len(records), batch_size)])
-        part = standardize_rows(fuse_features({"pixel": pixels, "embedding": emb}, FUSED_WEIGHTS), "features")
-        total = part if total is None else total + part
-    return (total / 2).astype(np.float32)
-
-
-def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int,
-                score: str = "embedding") -> None:
-    if score not in SCORES:
-        raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
+def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int) -> None:
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
         raise InputError("percentile", f"must be a number in [0, 100], got {percentile!r}")
     if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 0:
@@ -595,14 +522,6 @@ def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[di
         "margin to τ": table["margin"].to_numpy(float),
     })
     return pairs, shown
-
-
-_SCORE_TEXT = {
-    "embedding": "Score: the embedding's Pearson correlation, as in the paper (memscan --score embedding).",
-    "fused": "Score (memscan --score fused, not the paper's): the correlation of flip-invariant fused features — "
-             "pixels downsampled to a quarter of the input size (weight 1) and the embedding (weight 2), averaged "
-             "over the image and its left-right mirror — so every correlation below, τ included, is on that score.",
-}
 
 
 def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit], *, train_set: Any,
@@ -707,8 +626,7 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
                   "(blue; τ is its percentile) and with a synthetic image (orange). Orange mass right of τ = "
                   "memorized training images.", dist_png)],
         sections=sections, skipped=shown_skipped, warnings=[scrub(w) for w in summary["warnings"]],
-        method=[_METHOD[0] + " " + _SCORE_TEXT[prov["config"].get("score", "embedding")], *_METHOD[1:]],
-        provenance=provenance,
+        method=_METHOD, provenance=provenance,
     )
     return write_report(content, out_dir / "report.html")
 
@@ -737,7 +655,6 @@ def audit(
     n_bootstrap: int = 1000,
     seed: int = 0,
     train_overrides: Mapping[str, Any] | None = None,
-    score: str = "embedding",
 ) -> AuditResult:
     """Audit one or more synthetic sets for copies of the training patients (Dar et al. 2025).
 
@@ -766,8 +683,6 @@ def audit(
         n_bootstrap: bootstrap draws for the intervals.
         seed: seed of the controls, bootstrap, null split and k-means.
         train_overrides: extra bundle config overrides when training the encoder (e.g. ``{"arch": "resnet10"}``).
-        score: ``"embedding"`` (default: Dar et al.'s embedding correlation) or ``"fused"`` (flip-invariant pixel +
-            embedding features, see :func:`_score_features`); τ and everything downstream are computed the same way.
 
     Returns:
         :class:`AuditResult`.
@@ -780,12 +695,12 @@ def audit(
     import torch
 
     from memscan.data import check_sets
-    from memscan.embed import configured_preprocess
+    from memscan.embed import configured_preprocess, embed_images
     from memscan.metrics import match, resolve_device, topk_correlation
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
-    _check_args(percentile, controls, fail_above, batch_size, score)
+    _check_args(percentile, controls, fail_above, batch_size)
     sources = _synthetic_sources(synthetic)
     out = Path(out_dir).expanduser().resolve()
     export_dir = None if export_clean is None else Path(export_clean).expanduser().resolve()
@@ -860,16 +775,13 @@ def audit(
     preprocess = configured_preprocess(preprocess_cfg)
 
     # 3. embeddings -------------------------------------------------------------------------------------------
-    from memscan.training import as_spatial_size
-
     cache_dir = out / "embeddings" / "cache"
-    spatial_size = list(as_spatial_size(settings["image_size"], dims))
     all_sets = {"train": train_set, "val": val_set, **syn_sets}
     embeddings: dict[str, np.ndarray] = {}
     for name, s in all_sets.items():
         logger.info("embedding %s: %d image(s)", name, len(s))
-        emb = _score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
-                              batch_size=batch_size, device=device, cache_dir=cache_dir, checkpoint_sha256=ckpt_sha)
+        emb = embed_images(network, s.records, preprocess, batch_size=batch_size, device=device,
+                           cache_dir=cache_dir, checkpoint_sha256=ckpt_sha)
         embeddings[name] = np.asarray(emb, dtype=np.float32)
         save_npy_atomic(out / "embeddings" / f"{name}.npy", embeddings[name])
 
@@ -884,13 +796,12 @@ def audit(
                    else np.array([], dtype=int))
     control_emb = None
     if n_controls:
+        from memscan.training import as_spatial_size
+
         logger.info("embedding %d positive control(s) (perturbed training images)", n_controls)
-        # perturbed once, in order, from the seed; then scored from memory like any set (no cache)
-        ctrl_tf = _controls_transform(preprocess, spatial_size, seed)
-        control_images = [{"image": _preprocessed_image(ctrl_tf, train_set.records[i])} for i in control_src]
-        control_emb = _score_features(network, control_images, lambda d: d, score=score, image_size=spatial_size,
-                                      batch_size=batch_size, device=device, cache_dir=None,
-                                      checkpoint_sha256=ckpt_sha)
+        ctrl_tf = _controls_transform(preprocess, as_spatial_size(settings["image_size"], dims), seed)
+        control_emb = np.asarray(embed_images(network, [train_set.records[i] for i in control_src], ctrl_tf,
+                                              batch_size=batch_size, device=device, cache_dir=None), np.float32)
 
     # 4. matching ---------------------------------------------------------------------------------------------
     train_paths = [r["image"] for r in train_set.records]
@@ -1000,7 +911,7 @@ def audit(
                 "percentile": float(percentile), "device": str(resolve_device(device)), "controls": int(controls),
                 "batch_size": int(batch_size), "n_bootstrap": int(n_bootstrap), "seed": int(seed),
                 "epochs": epochs, "layout": layout, "subject_regex": subject_regex, "strict": bool(strict),
-                "fail_above": fail_above, "score": score,
+                "fail_above": fail_above,
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),
                                 "n_skipped": int(len(s.skipped)),

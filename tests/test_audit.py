@@ -226,43 +226,6 @@ def test_bad_inputs_are_one_line_errors(data2d: dict, tmp_path: Path, capsys: py
               **FAST)
 
 
-def test_fused_score_flags_exact_and_mirrored_copies(data2d: dict, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    from PIL import Image
-
-    syn = tmp_path / "fused_syn"
-    syn.mkdir()
-    for src in sorted(data2d["syn"].glob("new*.png")):
-        (syn / src.name).write_bytes(src.read_bytes())
-    train_file = sorted(data2d["train"].glob("*.png"))[5]
-    (syn / "exact.png").write_bytes(train_file.read_bytes())  # a planted exact copy
-    Image.fromarray(np.fliplr(np.asarray(Image.open(train_file)))).save(syn / "mirror.png")  # left-right mirror
-    out = tmp_path / "out"
-    result = audit(data2d["train"], data2d["val"], {"syn": syn}, out_dir=out, checkpoint=data2d["ckpt"],
-                   image_size=SIZE, controls=2, subject_regex=REGEX, score="fused", **FAST)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["provenance"]["config"]["score"] == "fused"
-    flags = dict(zip(result.sets["syn"].synthetic_table["path"].map(lambda p: Path(p).name),
-                     result.sets["syn"].synthetic_table["best_train_correlation"]))
-    assert flags["exact.png"] == pytest.approx(1.0, abs=1e-4) and flags["mirror.png"] == pytest.approx(1.0, abs=1e-4)
-    copies = result.sets["syn"].synthetic_table
-    flagged = set(copies.loc[copies["copy"].astype(bool), "path"].map(lambda p: Path(p).name))
-    assert {"exact.png", "mirror.png"} <= flagged
-    # matched features are the fused ones: a quarter-size pixel block beside the 128-d embedding
-    assert np.load(out / "embeddings" / "train.npy").shape == (16, (SIZE // 4) ** 2 + 128)
-    assert "flip-invariant fused features" in (out / "report.html").read_text()
-    # the embedding cache holds the plain and the mirrored embedding of each distinct file content (exact.png
-    # shares its training file's entries), never a fused row
-    cached = [np.load(f) for f in (out / "embeddings" / "cache").iterdir()]
-    assert len(cached) == 2 * (16 + 12 + 7) and all(c.shape == (128,) for c in cached)
-    # a bad --score is a one-line error (exit 2) before any work
-    capsys.readouterr()
-    rc = main(["audit", "--train", str(data2d["train"]), "--val", str(data2d["val"]), "--synthetic", str(syn),
-               "--checkpoint", str(data2d["ckpt"]), "--score", "pixels", "--out", str(tmp_path / "bad")])
-    err = capsys.readouterr().err
-    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "score" in err and "Traceback" not in err
-
-
 def test_audit_3d_with_checkpoint(tmp_path: Path) -> None:
     train, val, syn, _ = make_sets(tmp_path, dims=3, n_train=8, n_val=8, n_copies=2, n_new=3)
     ckpt = tmp_path / "enc3d.pt"
