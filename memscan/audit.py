@@ -283,14 +283,6 @@ class AuditResult:
 # ----------------------------------------------------------------------------------------------------------------
 # small I/O helpers (atomic writes)
 # ----------------------------------------------------------------------------------------------------------------
-def _sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _file_list_hash(paths: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(str(p) for p in paths).encode("utf-8")).hexdigest()
 
@@ -695,7 +687,7 @@ def audit(
     import torch
 
     from memscan.data import check_sets
-    from memscan.embed import configured_preprocess, embed_images
+    from memscan.embed import configured_preprocess, embed_images, file_sha256
     from memscan.metrics import match, resolve_device, topk_correlation
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
@@ -770,7 +762,7 @@ def audit(
     network = build_encoder(dims, str(settings["arch"]), int(settings["embedding_dim"]))
     network = load_encoder_checkpoint(network, ckpt)
     network.eval()
-    ckpt_sha = _sha256_file(ckpt)
+    ckpt_sha = file_sha256(ckpt)
     preprocess_cfg = _preprocess_config(dims, settings)
     preprocess = configured_preprocess(preprocess_cfg)
 

@@ -22,6 +22,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from memscan.errors import InputError
+from memscan.metrics import resolve_device
 from memscan.io import save_npy_atomic, write_csv_atomic
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "EmbeddingWriter",
     "prepare_images",
     "run_evaluator",
-    "resolve_device",
     "embed_images",
     "save_embeddings",
     "configured_preprocess",
@@ -96,23 +96,6 @@ def load_encoder(
         intensity=settings.get("intensity", "minmax"),
     )
     return network.eval(), cfg
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else → ``torch.device(device)``.
-
-    Raises:
-        InputError: an unknown device string, or CUDA requested without a GPU.
-    """
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InputError("device", f"unknown device {device!r} ({err})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device", f"{device!r} requested but no CUDA GPU is available")
-    return resolved
 
 
 def prepare_images(

@@ -69,8 +69,8 @@ _CHUNK = 64  # CPU search: maxima of chunks of this many values, then the argmax
 # ----------------------------------------------------------------------------------------------------------------
 # devices, dtypes, memory
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Turn ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` into a device.
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn ``"auto"`` or ``None`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` into a device.
 
     Raises:
         InputError: for an unknown device string or a CUDA device that is not available.
@@ -78,7 +78,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         dev = device
     else:
-        name = str(device).strip().lower()
+        name = "auto" if device is None else str(device).strip().lower()
         if name == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:

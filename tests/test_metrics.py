@@ -459,6 +459,7 @@ def test_load_embeddings_formats(tmp_path) -> None:
 
 def test_resolve_device() -> None:
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(InputError, match="device"):
         resolve_device("tpu")

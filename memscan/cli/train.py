@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Call :func:`memscan.training.train_encoder` and print the best checkpoint's path."""
-    from memscan.embed import resolve_device
+    from memscan.metrics import resolve_device
     from memscan.errors import InputError
     from memscan.training import train_encoder
 
