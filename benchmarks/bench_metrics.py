@@ -135,7 +135,7 @@ def section_gflops(n: int) -> None:
     out = torch.empty(n, n)
     flop = 2.0 * n * n * D
     t_mm, t_search = float("inf"), float("inf")
-    for _ in range(5):  # interleaved, min of 5: both see the same machine load
+    for _ in range(15):  # interleaved, min of 15: both see the same machine load
         t_mm = min(t_mm, timed(lambda: torch.mm(a, b.T, out=out))[0])
         t_search = min(t_search, timed(lambda: best_matches(train, syn, device="cpu"))[0])
     del out

@@ -27,8 +27,11 @@ import logging
 import math
 import os
 import pickle  # noqa: S403 - only for its exception type; nothing is unpickled
+import threading
+import warnings
 import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -186,12 +189,23 @@ def validate_embeddings(array: ArrayLike, source: str | Path = "embeddings") -> 
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
         raise InputError(source, "embedding contains NaN or Inf", row=row)
-    constant = arr.max(axis=1) == arr.min(axis=1)
+    constant = _constant_rows(arr)
     if constant.any():
         row = int(np.flatnonzero(constant)[0])
         raise InputError(source, "embedding has zero variance (all features equal): correlation is undefined",
                          row=row)
     return arr
+
+
+def _constant_rows(arr: np.ndarray) -> np.ndarray:
+    """Rows whose features are all equal (``torch.aminmax`` is one pass, twice as fast as numpy's max and min)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only arrays (memory maps): only read here
+            lo, hi = torch.aminmax(torch.from_numpy(arr), dim=1)
+        return (lo == hi).numpy()
+    except (ValueError, RuntimeError, TypeError):  # layouts torch cannot view (negative strides)
+        return arr.max(axis=1) == arr.min(axis=1)
 
 
 def load_embeddings(path: str | Path) -> np.ndarray:
@@ -290,18 +304,18 @@ def _group_codes(query_groups: ArrayLike | None, reference_groups: ArrayLike | N
 def _standardize(x: ArrayLike, device: torch.device, dtype: torch.dtype, pad_to: int = 1) -> torch.Tensor:
     """Centre each row and scale it to unit L2 norm (in float64), so a matrix product gives Pearson r.
 
-    numpy, chunked: O(N·D) work that would otherwise be many small multi-threaded torch calls. Zero rows are
-    appended up to a multiple of ``pad_to`` (the search masks them).
+    Chunked (bounds the float64 temporary) and in place on CPU tensors; zero rows are appended up to a multiple
+    of ``pad_to`` (the search masks them).
     """
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        x = torch.from_numpy(x if x.flags.writeable else x.copy())
     out = torch.zeros((-(-x.shape[0] // pad_to) * pad_to, x.shape[1]), dtype=dtype, device=device)
     for start in range(0, x.shape[0], _STANDARDIZE_CHUNK):
-        chunk = x[start:start + _STANDARDIZE_CHUNK].astype(np.float64)
-        chunk -= chunk.mean(axis=1, keepdims=True)
-        chunk /= np.sqrt(np.einsum("ij,ij->i", chunk, chunk))[:, None]
-        out[start:start + len(chunk)] = torch.from_numpy(chunk).to(device=device, dtype=dtype)
+        chunk = x[start:start + _STANDARDIZE_CHUNK].detach().to(device="cpu", dtype=torch.float64, copy=True)
+        chunk -= chunk.mean(dim=1, keepdim=True)
+        chunk /= torch.linalg.vector_norm(chunk, dim=1, keepdim=True)
+        out[start:start + len(chunk)] = chunk.to(device=device, dtype=dtype)
     return out
 
 
@@ -361,21 +375,27 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor 
         best_i.copy_(torch.where(better, i + offset, best_i))
         return
     if chunk > 0:  # chunk maxima in the single pass that also gives the values
+        width = tile.shape[1]
         if dim == 1:
-            t3 = tile.view(tile.shape[0], -1, chunk)  # lines × chunks × values
-            chunk_max = t3.amax(dim=2)  # lines × chunks
+            chunk_max = tile.view(tile.shape[0], -1, chunk).amax(dim=2)  # lines × chunks
+            v = chunk_max.amax(dim=1)
         else:
-            t3 = tile.view(-1, chunk, tile.shape[1])  # chunks × values × lines
-            chunk_max = t3.amax(dim=1).T  # lines × chunks
-        v = chunk_max.amax(dim=1)
+            chunk_max = tile.view(-1, chunk, width).amax(dim=1)  # chunks × lines (contiguous)
+            v = chunk_max.amax(dim=0)
     else:
         v = tile.amax(dim=dim)
     lines = torch.nonzero(v > best_v).squeeze(1)
     if lines.numel() == 0:
         return
-    if chunk > 0:
-        first = chunk_max[lines].argmax(dim=1)  # first chunk holding the line's maximum
-        inside = t3[lines, first] if dim == 1 else t3[first, :, lines]  # lines × values
+    if chunk > 0:  # first chunk holding the line's maximum, then the first maximum inside it (flat gathers)
+        if dim == 1:
+            first = chunk_max.index_select(0, lines).argmax(dim=1)
+            start, step = lines * width + first * chunk, 1
+        else:
+            first = chunk_max.index_select(1, lines).argmax(dim=0)
+            start, step = first * (chunk * width) + lines, width
+        steps = torch.arange(chunk, device=tile.device) * step
+        inside = tile.view(-1).take(start[:, None] + steps[None, :])  # lines × chunk
         i = first * chunk + inside.argmax(dim=1)
     elif lines.numel() == v.numel():
         i = tile.argmax(dim=dim)
@@ -387,13 +407,19 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor 
 
 def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_codes: np.ndarray | None = None,
             r_codes: np.ndarray | None = None, block: tuple[int, int], columns: bool = False, chunk: int = 0,
-            indices: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            indices: bool = True, workers: int = 1,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Blockwise exact search over standardised rows (``q``/``r`` may carry zero padding rows past n / m).
 
     Returns the top-k (value, reference index) of every query row and, when ``columns``, the best
     (value, query index) of every reference row, from the same tiles. Excluded and padding pairs count as -inf.
-    Ties go to the lowest index: tiles are visited in increasing index order, a later tile replaces a running
-    value only when strictly greater, and within a tile the first maximum wins.
+    Ties go to the lowest index: each worker visits its tiles in increasing index order, a later tile replaces a
+    running value only when strictly greater, within a tile the first maximum wins, and the workers' column
+    maxima are merged preferring the lower query index on equal values.
+
+    ``workers > 1`` (CPU): that many threads take query row blocks from a shared counter, each running its ops
+    single-threaded. Many small ops each synchronising all cores cost more than the matmul once other processes
+    share the cores; independent workers need no per-op barrier (torch releases the GIL inside its kernels).
     """
     bq, br = block
     nq, nr = q.shape[0], r.shape[0]
@@ -401,43 +427,69 @@ def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_c
     k = int(min(k, m))
     row_v = torch.full((nq, k), -math.inf, dtype=dtype, device=device)
     row_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
-    col_v = torch.full((nr,), -math.inf, dtype=dtype, device=device) if columns else None
-    col_i = torch.full((nr,), -1, dtype=torch.int64, device=device) if columns else None
     qc = rc = None
     if q_codes is not None and r_codes is not None:  # padding rows get codes that match nothing
         qc = torch.full((nq,), -1, dtype=torch.int64, device=device)
         rc = torch.full((nr,), -2, dtype=torch.int64, device=device)
         qc[:n], rc[:m] = torch.as_tensor(q_codes, device=device), torch.as_tensor(r_codes, device=device)
-    buffer = torch.empty(bq * br, dtype=dtype, device=device)  # one tile, reused (allocation costs more than mm)
-    for q0 in range(0, nq, bq):
-        q1 = min(nq, q0 + bq)
-        run_v, run_i = row_v[q0:q1], row_i[q0:q1]
-        for r0 in range(0, nr, br):
-            r1 = min(nr, r0 + br)
-            tile = buffer[: (q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
-            torch.mm(q[q0:q1], r[r0:r1].T, out=tile)
-            if qc is not None:
-                tile.masked_fill_(qc[q0:q1, None] == rc[None, r0:r1], -math.inf)
-            if q1 > n:
-                tile[max(0, n - q0):].fill_(-math.inf)
-            if r1 > m:
-                tile[:, max(0, m - r0):].fill_(-math.inf)
-            if k == 1:
-                _update_best(tile, run_v[:, 0], run_i[:, 0] if indices else None, r0, dim=1, chunk=chunk)
-            else:
-                kk = min(k, r1 - r0)
-                v, i = _tile_topk(tile, kk)
-                # running entries have lower indices than this tile's: concatenation is index-ordered in ties
-                cand_v = torch.cat([run_v, v], dim=1)
-                cand_i = torch.cat([run_i, i + r0], dim=1)
-                order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
-                run_v.copy_(cand_v.gather(1, order))
-                run_i.copy_(cand_i.gather(1, order))
-            if columns:
-                _update_best(tile, col_v[r0:r1], col_i[r0:r1] if indices else None, q0, dim=0, chunk=chunk)
+    starts = iter(range(0, nq, bq))
+    lock = threading.Lock()
+
+    def work() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        col_v = torch.full((nr,), -math.inf, dtype=dtype, device=device) if columns else None
+        col_i = torch.full((nr,), -1, dtype=torch.int64, device=device) if columns else None
+        buffer = torch.empty(bq * br, dtype=dtype, device=device)  # one tile, reused (allocation costs more than mm)
+        while True:
+            with lock:
+                q0 = next(starts, None)
+            if q0 is None:
+                return col_v, col_i
+            q1 = min(nq, q0 + bq)
+            run_v, run_i = row_v[q0:q1], row_i[q0:q1]
+            for r0 in range(0, nr, br):
+                r1 = min(nr, r0 + br)
+                tile = buffer[: (q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
+                torch.mm(q[q0:q1], r[r0:r1].T, out=tile)
+                if qc is not None:
+                    tile.masked_fill_(qc[q0:q1, None] == rc[None, r0:r1], -math.inf)
+                if q1 > n:
+                    tile[max(0, n - q0):].fill_(-math.inf)
+                if r1 > m:
+                    tile[:, max(0, m - r0):].fill_(-math.inf)
+                if k == 1:
+                    _update_best(tile, run_v[:, 0], run_i[:, 0] if indices else None, r0, dim=1, chunk=chunk)
+                else:
+                    kk = min(k, r1 - r0)
+                    v, i = _tile_topk(tile, kk)
+                    # running entries have lower indices than this tile's: concatenation is index-ordered in ties
+                    cand_v = torch.cat([run_v, v], dim=1)
+                    cand_i = torch.cat([run_i, i + r0], dim=1)
+                    order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
+                    run_v.copy_(cand_v.gather(1, order))
+                    run_i.copy_(cand_i.gather(1, order))
+                if columns:
+                    _update_best(tile, col_v[r0:r1], col_i[r0:r1] if indices else None, q0, dim=0, chunk=chunk)
+
+    workers = max(1, min(int(workers), -(-nq // bq)))
+    if workers == 1:
+        results = [work()]
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memscan-search") as pool:
+                results = [f.result() for f in [pool.submit(work) for _ in range(workers)]]
+        finally:
+            torch.set_num_threads(threads)
     row_v, row_i = row_v[:n], row_i[:n]
     row_i[torch.isneginf(row_v)] = -1
+    col_v = col_i = None
     if columns:
+        col_v, col_i = results[0]
+        for other_v, other_i in results[1:]:  # higher value wins; equal values: the lower query index
+            take = (other_v > col_v) | ((other_v == col_v) & (other_i >= 0) & ((other_i < col_i) | (col_i < 0)))
+            col_v = torch.where(take, other_v, col_v)
+            col_i = torch.where(take, other_i, col_i)
         col_v, col_i = col_v[:m], col_i[:m]
         col_i[torch.isneginf(col_v)] = -1
     return row_v, row_i, col_v, col_i
@@ -452,14 +504,15 @@ def _unique_rows(x: np.ndarray, codes: np.ndarray | None) -> tuple[np.ndarray, n
     is then compared with its group's first row, and only on a hash collision the exact byte-key grouping runs.
     """
     n = len(x)
-    bits = np.uint64 if x.dtype.itemsize == 8 else np.uint32
-    weights = np.random.default_rng(0x6D656D).integers(1, 2**63, size=x.shape[1], dtype=np.uint64) | np.uint64(1)
-    sign_bit = bits(1) << bits(8 * x.dtype.itemsize - 1)
+    lanes = x.shape[1] * x.dtype.itemsize // 8  # the row's bytes as 64-bit words (a float32 row of odd width: + 1)
+    lanes += int(x.shape[1] * x.dtype.itemsize % 8 != 0)
+    weights = np.random.default_rng(0x6D656D).integers(1, 2**63, size=lanes, dtype=np.uint64) | np.uint64(1)
     hashes = np.empty(n, dtype=np.uint64)
     for s in range(0, n, _HASH_CHUNK):
-        u = np.ascontiguousarray(x[s:s + _HASH_CHUNK]).view(bits)
-        u = np.where(u == sign_bit, bits(0), u).astype(np.uint64)  # -0.0 hashes as 0.0
-        hashes[s:s + _HASH_CHUNK] = (u * weights).sum(axis=1)  # wraps modulo 2**64
+        block = x[s:s + _HASH_CHUNK]
+        words = np.zeros((len(block), lanes * 8 // x.dtype.itemsize), dtype=x.dtype)
+        np.add(block, 0.0, out=words[:, :x.shape[1]], dtype=x.dtype)  # + 0.0 maps -0.0 to 0.0 (equal values)
+        hashes[s:s + _HASH_CHUNK] = (words.view(np.uint64) * weights).sum(axis=1)  # wraps modulo 2**64
     if codes is not None:
         hashes ^= codes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     inverse = pd.factorize(hashes)[0].astype(np.int64)  # codes in order of first appearance
@@ -530,7 +583,8 @@ def _exact_search(query: np.ndarray, reference: np.ndarray, k: int, *, q_codes: 
                              _standardize(distinct_r, device, dtype, pad), k_eff, n=len(q_first),
                              m=len(r_first), q_codes=None if q_codes is None else q_codes[q_first],
                              r_codes=None if r_codes is None else r_codes[r_first], block=block, columns=columns,
-                             chunk=chunk, indices=indices or k_eff > 1)
+                             chunk=chunk, indices=indices or k_eff > 1,
+                             workers=torch.get_num_threads() if device.type == "cpu" else 1)
     rv, ri = _expand_duplicates(rv.cpu().to(torch.float64).numpy(), ri.cpu().numpy(), r_first, r_inv,
                                 int(min(k, len(reference))))
     col_v = col_i = None

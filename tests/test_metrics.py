@@ -160,6 +160,29 @@ def test_chunked_cpu_search_exact_across_tiles(block) -> None:
     np.testing.assert_array_equal(i[keep_c], ref_i[keep_c])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_search_workers_keep_lowest_index_ties(threads: int) -> None:
+    """Worker threads take row blocks in any order: exact ties across blocks still go to the lowest index."""
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=16)
+    train = rng.normal(size=(400, 16))
+    train[[10, 150, 290, 399]] = [v, 2 * v, 4 * v, 8 * v]  # distinct rows (no dedup), identical once standardised
+    syn = rng.normal(size=(300, 16))
+    syn[[7, 123, 250]] = [v, 0.5 * v, 16 * v]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        qv, qi, rv, ri = metrics.best_matches(train, syn, device="cpu", dtype="float32", block_size=64)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    assert qi[[10, 150, 290, 399]].tolist() == [7, 7, 7, 7]
+    assert ri[[7, 123, 250]].tolist() == [10, 10, 10]
+    c = corr(train, syn)
+    np.testing.assert_allclose(qv, c.max(axis=1), atol=1e-5)
+    np.testing.assert_allclose(rv, c.max(axis=0), atol=1e-5)
+
+
 @SETTINGS
 @given(n=sizes, m=sizes, d=dims, seed=seeds, n_dup=st.integers(0, 8),
        block=st.one_of(st.none(), st.integers(1, 7), st.just((64, 64))))
