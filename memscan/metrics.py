@@ -55,6 +55,7 @@ __all__ = [
     "MatchResult",
     "load_embeddings",
     "load_embedding_sets",
+    "load_labels",
     "validate_embeddings",
 ]
 
@@ -281,6 +282,50 @@ def load_embedding_sets(train: str | Path, val: str | Path, synthetic: str | Pat
     sets = [(path, load_embeddings(path)) for path in (train, val, synthetic)]
     _check_dims(sets)
     return sets[0][1], sets[1][1], sets[2][1]
+
+
+def load_labels(path: str | Path, n: int, columns: Sequence[str] = ("subject", "subject_id", "patient_id"),
+                ) -> np.ndarray:
+    """Read one label per embedding row (subject ids or sample names) from a text or CSV file.
+
+    ``.txt``/``.lst``: one label per line. ``.csv``/``.tsv``: the first of ``columns`` present in the header, or
+    the only column (an audit's ``embeddings/<set>.files.csv`` lists files in its ``image`` column).
+
+    Args:
+        path: the label file.
+        n: number of embedding rows it must label.
+        columns: preferred column names, in order.
+
+    Returns:
+        An object array of ``n`` strings.
+
+    Raises:
+        InputError: missing or unreadable file, no usable column, empty labels, or a count other than ``n``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "label file not found")
+    try:
+        if path.suffix.lower() in (".csv", ".tsv"):
+            table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str,
+                                keep_default_na=False)
+            name = next((c for c in columns if c in table.columns), None)
+            if name is None and len(table.columns) == 1:
+                name = table.columns[0]
+            if name is None:
+                raise InputError(path, f"no column named {' or '.join(columns)} among {list(table.columns)}")
+            labels = table[name].str.strip().to_numpy(dtype=object)
+        else:
+            text = path.read_text(encoding="utf-8")
+            labels = np.array([line.strip() for line in text.splitlines() if line.strip()], dtype=object)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as err:
+        raise InputError(path, f"not a readable text/CSV label file ({type(err).__name__})") from err
+    empty = np.flatnonzero(labels == "")
+    if len(empty):
+        raise InputError(path, "empty label", row=int(empty[0]))
+    if len(labels) != n:
+        raise InputError(path, f"has {len(labels)} labels for {n} embedding rows")
+    return labels
 
 
 def _group_codes(query_groups: ArrayLike | None, reference_groups: ArrayLike | None, n: int, m: int,

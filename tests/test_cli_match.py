@@ -163,3 +163,36 @@ def test_real_process_prints_no_traceback(sets: dict[str, Path], tmp_path: Path)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"memscan match: error: {bad} (row 3): embedding contains NaN or Inf"
+
+
+def test_match_cli_subjects_and_ids(sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Subject files exclude same-patient pairs exactly as the Python API; id files name the table rows."""
+    train = np.load(sets["train"])
+    val = np.load(sets["val"])["embeddings"]
+    syn = torch.load(sets["syn"], weights_only=True).numpy()
+    val[:5] = train[:5] + 1e-3  # the same patients' other scans in the validation set: they would set τ
+    np.savez(sets["val"], embeddings=val)
+    t_subj = [f"p{i}" for i in range(60)]
+    v_subj = [f"p{i}" for i in range(5)] + [f"q{i}" for i in range(45)]
+    (tmp_path / "train_subjects.txt").write_text("\n".join(t_subj) + "\n")
+    pd.DataFrame({"image": [f"v{i}.png" for i in range(50)], "subject": v_subj}).to_csv(tmp_path / "val.csv",
+                                                                                      index=False)
+    pd.DataFrame({"index": range(60), "image": [f"t{i}.png" for i in range(60)]}).to_csv(tmp_path / "t.files.csv",
+                                                                                       index=False)
+    out = tmp_path / "out"
+    assert main(argv(sets, out, "--bootstrap", "0", "--train-subjects", str(tmp_path / "train_subjects.txt"),
+                     "--val-subjects", str(tmp_path / "val.csv"), "--train-ids", str(tmp_path / "t.files.csv"))) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    expected = match(train, val, syn, device="cpu", n_bootstrap=0, train_subjects=t_subj, val_subjects=v_subj)
+    without = match(train, val, syn, device="cpu", n_bootstrap=0)
+    assert summary["threshold"] == pytest.approx(expected.summary["threshold"])
+    assert summary["threshold"] < without.summary["threshold"]  # the same-patient near-copies no longer set τ
+    assert (out / "train_matches.csv").read_text().count("t59.png") == 1
+    capsys.readouterr()
+    (tmp_path / "short.txt").write_text("a\nb\n")
+    assert main(argv(sets, tmp_path / "out2", "--train-subjects", str(tmp_path / "short.txt"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "short.txt" in err[0] and "2 labels for 60" in err[0]
+    assert main(argv(sets, tmp_path / "out3", "--val-subjects", str(tmp_path / "t.files.csv"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no column named subject" in err[0]

@@ -22,6 +22,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--val-emb", required=True, metavar="V",
                         help="validation embeddings: held-out real images of other patients")
     parser.add_argument("--synthetic-emb", required=True, metavar="S", help="synthetic embeddings")
+    parser.add_argument("--train-subjects", metavar="FILE",
+                        help="subject id of each training row (.txt one per line, or .csv with a 'subject' column)")
+    parser.add_argument("--val-subjects", metavar="FILE",
+                        help="subject id of each validation row; with --train-subjects, same-subject pairs are "
+                        "excluded from calibration, and the null-rate split keeps patients apart")
+    parser.add_argument("--train-ids", metavar="FILE",
+                        help="a name per training row for the tables (.txt, or .csv with an 'image' column, e.g. "
+                        "an audit's embeddings/train.files.csv)")
+    parser.add_argument("--synthetic-ids", metavar="FILE", help="a name per synthetic row for the tables")
     parser.add_argument("--percentile", type=float, default=95.0, help="τ percentile (default 95)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
@@ -60,11 +69,15 @@ def format_summary(summary: dict[str, Any], out_dir: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the three embedding files, run :func:`memscan.metrics.match`, write and print the results."""
-    from memscan.metrics import load_embedding_sets, match  # torch loads only when the command runs
+    from memscan.metrics import load_embedding_sets, load_labels, match  # torch loads only when the command runs
 
     train, val, synthetic = load_embedding_sets(args.train_emb, args.val_emb, args.synthetic_emb)
+    subjects, names = ("subject", "subject_id", "patient_id"), ("image", "id", "file", "path", "name")
+    labels = {key: (None if getattr(args, key) is None else load_labels(getattr(args, key), len(rows), columns))
+              for key, rows, columns in [("train_subjects", train, subjects), ("val_subjects", val, subjects),
+                                         ("train_ids", train, names), ("synthetic_ids", synthetic, names)]}
     result = match(train, val, synthetic, percentile=args.percentile, device=args.device,
-                   n_bootstrap=args.bootstrap, seed=args.seed)
+                   n_bootstrap=args.bootstrap, seed=args.seed, **labels)
     result.to_dir(args.out)
     print(format_summary(result.summary, args.out))
     return EXIT_OK
