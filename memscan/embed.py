@@ -3,7 +3,9 @@
 :func:`embed_images` (Python, ``memscan embed``, ``memscan.audit``) and the bundles' ``inference.json`` run the same
 evaluator path: a ``monai.data.Dataset`` with the preprocessing transforms, a ``DataLoader``, a
 ``SupervisedEvaluator`` and :class:`EmbeddingWriter`, under :func:`run_evaluator` (``torch.inference_mode``).
-On a GPU the batches use pinned memory and mixed precision; embeddings are returned in float32.
+Precision (:func:`resolve_precision`): ``"auto"`` runs float16 autocast on CUDA (with pinned memory) and bfloat16
+autocast with channels-last tensors on a CPU that computes bfloat16 natively (AMX / AVX-512 BF16), float32
+elsewhere; embeddings are always returned in float32, and the precision is part of the embedding-cache key.
 """
 
 from __future__ import annotations
@@ -21,11 +23,18 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from monai.data import MetaTensor
+from monai.inferers import SimpleInferer
+
+from memscan.data.transforms import transform_fingerprint
 from memscan.errors import InputError
-from memscan.metrics import resolve_device
 from memscan.io import save_npy_atomic, write_csv_atomic
+from memscan.metrics import resolve_device
 
 __all__ = [
+    "PRECISIONS",
+    "resolve_precision",
+    "EmbeddingInferer",
     "load_encoder",
     "EmbeddingWriter",
     "prepare_images",
@@ -38,6 +47,72 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: accepted ``precision`` values of :func:`embed_images` (``"auto"`` resolves to one of the others)
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_precision(precision: str | None = "auto", device: str | torch.device | None = "auto") -> str:
+    """The arithmetic an embedding run uses on ``device``: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+
+    ``"auto"`` (or None): float16 autocast on CUDA; bfloat16 autocast on a CPU that computes it natively (oneDNN
+    with AMX / AVX-512 BF16, where it is several times faster than float32); float32 otherwise (emulated bfloat16 is
+    slower than float32). An explicit value is used as given.
+
+    Raises:
+        InputError: an unknown precision or device; float16 on a CPU.
+    """
+    from memscan.training import _native_low_precision  # the oneDNN bfloat16 check the training presets use
+
+    dev = resolve_device(device)
+    name = "auto" if precision is None else str(precision).strip().lower()
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+    if name not in PRECISIONS:
+        raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if name == "auto":
+        if dev.type == "cuda":
+            return "float16"
+        return "bfloat16" if _native_low_precision("cpu") else "float32"
+    if name == "float16" and dev.type != "cuda":
+        raise InputError("precision", "float16 needs a CUDA device (use bfloat16 or float32 on a CPU)")
+    return name
+
+
+class EmbeddingInferer(SimpleInferer):
+    """``SimpleInferer`` for embedding: autocast to ``precision``, channels-last inputs, float32 outputs.
+
+    MONAI engines' ``amp`` flag autocasts on CUDA only; this inferer autocasts on the inputs' device type, so a CPU
+    with native bfloat16 gets mixed precision too. Under low precision the network and its inputs use the
+    channels-last memory format (oneDNN's and cuDNN's fast path). A batch whose low-precision output is not finite
+    is recomputed in float32 (logged), so an overflow never reaches the statistics.
+
+    Args:
+        precision: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :func:`resolve_precision`; ``"auto"`` is
+            resolved on the first batch's device).
+    """
+
+    def __init__(self, precision: str = "float32") -> None:
+        super().__init__()
+        self.precision = precision
+        self._formatted: set[int] = set()
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        precision = resolve_precision(self.precision, inputs.device)
+        if precision == "float32":
+            return super().__call__(inputs, network, *args, **kwargs).float()
+        fmt = torch.channels_last if inputs.ndim == 4 else torch.channels_last_3d if inputs.ndim == 5 else None
+        if fmt is not None:
+            if id(network) not in self._formatted and isinstance(network, nn.Module):
+                network.to(memory_format=fmt)  # in place, like the move to the device
+                self._formatted.add(id(network))
+            inputs = inputs.contiguous(memory_format=fmt)
+        with torch.autocast(inputs.device.type, dtype=getattr(torch, precision)):
+            out = super().__call__(inputs, network, *args, **kwargs)
+        out = out.float()
+        if not bool(torch.isfinite(out).all()):
+            logger.warning("%s embedding gave non-finite values: batch recomputed in float32", precision)
+            out = super().__call__(inputs.float(), network, *args, **kwargs).float()
+        return out
 
 
 def load_encoder(
@@ -194,34 +269,25 @@ def network_sha256(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _describe(obj: Any, depth: int = 4) -> str:
-    """A restart-stable description of a transform chain for cache keys (a plain ``repr`` holds memory addresses)."""
-    text = repr(obj)
-    if " at 0x" not in text:
-        return text
-    if depth == 0:
-        return type(obj).__name__
-    if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(_describe(o, depth - 1) for o in obj) + "]"
-    fields = []
-    for key, value in sorted(vars(obj).items()) if hasattr(obj, "__dict__") else []:
-        if key.startswith("_") or key == "R" or callable(value) and not hasattr(value, "__dict__"):
-            continue
-        fields.append(f"{key}={_describe(value, depth - 1)}")
-    return f"{type(obj).__module__}.{type(obj).__name__}({', '.join(fields)})"
+class _LoaderTransform:
+    """The embedding loader's per-image work: preprocessing (on one intra-op thread when asked), then the image as
+    a plain tensor (the batch collates and the network runs without MetaTensor bookkeeping)."""
 
+    def __init__(self, transform: Callable[[Any], Any], single_thread: bool) -> None:
+        self.transform, self.single_thread = transform, single_thread
 
-class _ConfiguredPreprocess:
-    """Preprocessing built from a ``PreprocessConfig``, described by its settings (stable cache keys)."""
-
-    def __init__(self, cfg: Any, compose: Any) -> None:
-        self.cfg, self.compose = cfg, compose
-
-    def __call__(self, data: Any) -> Any:
-        return self.compose(data)
-
-    def __repr__(self) -> str:
-        return f"memscan.data.preprocess_transforms({self.cfg!r})"
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        threads = torch.get_num_threads()
+        if self.single_thread and threads > 1:
+            # per-image ops are too small to split: 2+ threads only wait on each other (much worse on busy cores)
+            torch.set_num_threads(1)
+        try:
+            out = self.transform(data)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        image = out["image"]
+        return {"image": image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)}
 
 
 @functools.lru_cache(maxsize=65536)
@@ -230,8 +296,8 @@ def _content_sha256(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
-def _cache_key(record: Mapping[str, Any], weights: str, preprocess: Any) -> str:
-    """Embedding-cache key: the file's content hash, the weights and the preprocessing settings.
+def _cache_key(record: Mapping[str, Any], weights: str, preprocess: str, precision: str) -> str:
+    """Embedding-cache key: the file's content hash, the weights, the preprocessing settings and the precision.
 
     Keyed by content (not path) so a resumed audit reuses embeddings after the data folder moves, and an edited
     file is embedded again.
@@ -248,15 +314,16 @@ def _cache_key(record: Mapping[str, Any], weights: str, preprocess: Any) -> str:
             content = _content_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     except OSError:
         content = f"missing:{path.resolve()}"
-    text = f"{weights}|{content}|{preprocess}"
+    text = f"{weights}|{content}|{preprocess}|{precision}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def configured_preprocess(cfg: Any) -> Callable[[Any], Any]:
-    """The data layer's preprocessing for ``cfg`` whose ``repr`` names its settings (stable embedding-cache keys)."""
+    """The data layer's preprocessing for ``cfg`` (``preprocess_transforms``; its embedding-cache key is
+    :func:`memscan.data.transforms.transform_fingerprint` of the chain, whichever way it was built)."""
     from memscan.data import preprocess_transforms
 
-    return _ConfiguredPreprocess(cfg, preprocess_transforms(cfg))
+    return preprocess_transforms(cfg)
 
 
 def embed_images(
@@ -270,35 +337,39 @@ def embed_images(
     checkpoint_sha256: str | None = None,
     num_workers: int | None = None,
     amp: bool | None = None,
+    precision: str = "auto",
     progress: bool = False,
 ) -> np.ndarray:
     """Embed images with an encoder: one float32 row per record, in record order.
 
     Args:
-        network: the encoder (``[B, C, *spatial]`` → ``[B, D]``); put in eval mode and moved to ``device``.
+        network: the encoder (``[B, C, *spatial]`` → ``[B, D]``); put in eval mode and moved to ``device`` (under
+            low precision also to the channels-last memory format), in place.
         records: ``{"image": path, ...}`` dicts (``ImageSet.records``).
         preprocess: deterministic transforms on key ``"image"`` (``memscan.data.preprocess_transforms``), or the
             ``PreprocessConfig`` to build them from.
         batch_size: images per forward pass.
         device: ``"auto"`` (GPU when available), ``"cpu"``, ``"cuda:0"``, ...
-        cache_dir: folder for per-image embedding caches; an image is re-embedded only when its file, the weights
-            or the preprocessing change.
+        cache_dir: folder for per-image embedding caches; an image is re-embedded only when its file, the weights,
+            the preprocessing (:func:`memscan.data.transforms.transform_fingerprint`) or the precision change.
         checkpoint_sha256: identifies the weights for the cache (computed from the network when omitted).
-        num_workers: data-loading processes (default: 2 on GPU, 0 on CPU).
-        amp: mixed precision (default: on for CUDA).
+        num_workers: data-loading processes that decode and preprocess while the network runs (default: 2 on GPU,
+            0 on CPU, where the main process preprocesses each image on one thread between batches).
+        amp: legacy switch: False means ``precision="float32"``; True or None leave ``precision`` as given.
+        precision: ``"auto"`` (default), ``"float32"``, ``"bfloat16"`` or ``"float16"``; see
+            :func:`resolve_precision`.
         progress: show a progress bar.
 
     Returns:
         ``np.ndarray`` of shape ``[len(records), D]``.
 
     Raises:
-        InputError: bad device or batch size; a record without ``"image"``.
+        InputError: bad device, precision or batch size; a record without ``"image"``.
     """
     from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedEvaluator
-    from monai.inferers import SimpleInferer
 
-    if int(batch_size) < 1:
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
         raise InputError("batch_size", f"must be >= 1, got {batch_size}")
     records = [dict(r) for r in records]
     for row, record in enumerate(records):
@@ -307,8 +378,10 @@ def embed_images(
     if not callable(preprocess) and hasattr(preprocess, "spatial_dims"):  # a PreprocessConfig
         preprocess = configured_preprocess(preprocess)
     dev = resolve_device(device)
-    use_amp = (dev.type == "cuda") if amp is None else bool(amp) and dev.type == "cuda"
+    resolved = resolve_precision("float32" if amp is False else precision, dev)
     workers = (2 if dev.type == "cuda" else 0) if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise InputError("num_workers", f"must be >= 0, got {num_workers}")
 
     cached: dict[int, np.ndarray] = {}
     keys: list[str] = []
@@ -316,8 +389,8 @@ def embed_images(
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         weights = checkpoint_sha256 or network_sha256(network)
-        description = _describe(preprocess)
-        keys = [_cache_key(r, weights, description) for r in records]
+        description = transform_fingerprint(preprocess)
+        keys = [_cache_key(r, weights, description, resolved) for r in records]
         for i, key in enumerate(keys):
             f = cache / f"{key}.npy"
             if f.is_file():
@@ -329,9 +402,10 @@ def embed_images(
 
     fresh = np.zeros((0, 0), dtype=np.float32)
     if todo:
+        logger.info("embedding %d image(s) on %s in %s (%d cached)", len(todo), dev, resolved, len(cached))
         network = network.to(dev).eval()
         loader = DataLoader(
-            Dataset([records[i] for i in todo], transform=preprocess),
+            Dataset([records[i] for i in todo], transform=_LoaderTransform(preprocess, single_thread=workers == 0)),
             batch_size=int(batch_size),
             shuffle=False,
             num_workers=workers,
@@ -347,10 +421,10 @@ def embed_images(
             device=dev,
             val_data_loader=loader,
             network=network,
-            inferer=SimpleInferer(),
+            inferer=EmbeddingInferer(resolved),
             prepare_batch=prepare_images,
             non_blocking=dev.type == "cuda",
-            amp=use_amp,
+            amp=False,  # the inferer autocasts (CPU bfloat16 as well as CUDA)
             decollate=False,
             val_handlers=handlers,
         )

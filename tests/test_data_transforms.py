@@ -202,3 +202,31 @@ def test_3d_rotation_axis(rotate_axis):
     ref = out.select(rotate_axis, 8)
     for k in (3, 12):
         torch.testing.assert_close(out.select(rotate_axis, k), ref, atol=1e-4, rtol=0)
+
+
+def test_transform_fingerprint_follows_every_setting():
+    """One cache key for the PersistentDataset and the embedding cache: equal settings, equal key; any change in a
+    transform parameter, a new key; stable text (no object addresses)."""
+    import json
+
+    from monai.transforms import ScaleIntensityd
+
+    from memscan.data.transforms import _describe, transform_fingerprint
+    from memscan.embed import configured_preprocess
+
+    base = PreprocessConfig(spatial_dims=2, spatial_size=32)
+    key = transform_fingerprint(preprocess_transforms(base))
+    assert len(key) == 64 and key == transform_fingerprint(preprocess_transforms(PreprocessConfig(2, 32)))
+    assert key == transform_fingerprint(configured_preprocess(base))  # the embedding cache's view of the same chain
+    assert key == transform_fingerprint(Compose([Compose(preprocess_transforms(base).transforms[:3]),
+                                                 *preprocess_transforms(base).transforms[3:]]))  # nesting is no change
+    changed = [dict(spatial_size=24), dict(crop_pad_size=64), dict(resize=False), dict(intensity="percentile"),
+               dict(output_range=(-1.0, 1.0))]
+    keys = {transform_fingerprint(preprocess_transforms(PreprocessConfig(**{"spatial_dims": 2, "spatial_size": 32,
+                                                                            **c}))) for c in changed}
+    assert key not in keys and len(keys) == len(changed)
+    lo = transform_fingerprint(Compose([ScaleIntensityd("image", minv=0.0, maxv=1.0)]))
+    assert lo != transform_fingerprint(Compose([ScaleIntensityd("image", minv=0.0, maxv=2.0)]))
+    assert lo != transform_fingerprint(Compose([ScaleIntensityd("label", minv=0.0, maxv=1.0)]))
+    for cfg in (base, PreprocessConfig.paper_3d(), PreprocessConfig(spatial_dims=3, spatial_size=8, pixdim=(1, 1, 1))):
+        assert " at 0x" not in json.dumps(_describe(preprocess_transforms(cfg)), default=str)

@@ -119,8 +119,8 @@ def test_cli_embed_end_to_end(tmp_path, tiny_2d_folder, encoder, capsys):
     torch.save(encoder.state_dict(), ckpt)
     out = tmp_path / "emb" / "x.npy"
     code = main(["embed", "--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out),
-                 "--image-size", "32", "--device", "cpu"])
-    assert code == 0
+                 "--image-size", "32", "--device", "cpu", "--precision", "float32", "--num-workers", "1"])
+    assert code == 0 and "(float32 forward pass)" in capsys.readouterr().out
     emb = np.load(out)
     assert emb.shape == (3, 8)
     listing = list(csv.DictReader(open(tmp_path / "emb" / "x.files.csv")))
@@ -131,3 +131,73 @@ def test_cli_embed_end_to_end(tmp_path, tiny_2d_folder, encoder, capsys):
     code = main(["embed", "--checkpoint", str(bad), "--images", str(folder), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "bad.pt" in err[0]
+
+
+def test_precision_resolution():
+    from memscan.embed import resolve_precision
+
+    native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    assert resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert resolve_precision(None, "cpu") == resolve_precision("auto", "cpu")
+    assert resolve_precision("bf16", "cpu") == "bfloat16" and resolve_precision("float32", "cpu") == "float32"
+    with pytest.raises(InputError, match="precision"):
+        resolve_precision("float16", "cpu")
+    with pytest.raises(InputError, match="precision"):
+        resolve_precision("int8", "cpu")
+    with pytest.raises(InputError, match="precision"):
+        embed_images(build_encoder(2, "resnet10", 4), [{"image": "x.png"}], CFG, device="cpu", precision="half")
+
+
+def test_bfloat16_agrees_with_float32_and_has_its_own_cache(images, encoder, tmp_path):
+    fp32 = embed_images(encoder, images, CFG, device="cpu", precision="float32", batch_size=5)
+    legacy = embed_images(encoder, images, CFG, device="cpu", amp=False, batch_size=5)
+    np.testing.assert_array_equal(fp32, legacy)  # amp=False is float32
+    bf16 = embed_images(encoder, images, CFG, device="cpu", precision="bfloat16", batch_size=2,
+                        cache_dir=tmp_path / "c", checkpoint_sha256="w")
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    a, b = fp32 - fp32.mean(1, keepdims=True), bf16 - bf16.mean(1, keepdims=True)
+    r = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    assert r.min() > 0.99, r  # bfloat16 keeps 8 mantissa bits: close, not equal
+    assert not np.array_equal(fp32, bf16)  # it really ran in bfloat16
+    # the precision is part of the cache key: float32 is not served the bfloat16 rows
+    again = embed_images(encoder, images, CFG, device="cpu", precision="float32", batch_size=5,
+                         cache_dir=tmp_path / "c", checkpoint_sha256="w")
+    np.testing.assert_allclose(again, fp32, rtol=1e-4, atol=1e-5)
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2 * len(images)
+
+
+def test_non_finite_low_precision_batch_is_recomputed_in_float32(images, encoder):
+    class OverflowsInBf16(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)
+            return out * float("inf") if torch.is_autocast_enabled(x.device.type) else out
+
+    guarded = embed_images(OverflowsInBf16(encoder), images, CFG, device="cpu", precision="bfloat16")
+    np.testing.assert_allclose(guarded, embed_images(encoder, images, CFG, device="cpu", precision="float32"),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_preprocessing_change_changes_the_cache_key(images, encoder, tmp_path):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.net(x)
+
+    net = Counting(encoder)
+    embed_images(net, images, CFG, cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="w", batch_size=8)
+    embed_images(net, images, preprocess_transforms(CFG), cache_dir=tmp_path / "c", device="cpu",
+                 checkpoint_sha256="w", batch_size=8)
+    assert calls == [5]  # the config and the chain built from it share one key
+    embed_images(net, images, PreprocessConfig(spatial_dims=2, spatial_size=32, output_range=(-1.0, 1.0)),
+                 cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="w", batch_size=8)
+    assert calls == [5, 5]  # another intensity range: embedded again

@@ -10,6 +10,7 @@ Paper settings (Dar et al., 2025): 2D chest X-ray crop/pad to 1024² then resize
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -61,6 +62,7 @@ __all__ = [
     "preprocess_transforms",
     "view_transforms",
     "make_dataset",
+    "transform_fingerprint",
 ]
 
 INTENSITY_MODES = ("minmax", "percentile", "ct_window")
@@ -342,22 +344,50 @@ def _describe(obj: Any, depth: int = 0) -> Any:
         return obj
     if isinstance(obj, enum.Enum):
         return obj.value
+    if isinstance(obj, torch.dtype):
+        return str(obj)
     if isinstance(obj, (tuple, list)):
         return [_describe(o, depth + 1) for o in obj]
     if isinstance(obj, dict):
         return {str(k): _describe(v, depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (np.ndarray, torch.Tensor)):
         return np.asarray(obj).tolist() if np.asarray(obj).size <= 64 else f"array{tuple(np.asarray(obj).shape)}"
-    if isinstance(obj, ImageReader) or depth >= 4 or not hasattr(obj, "__dict__"):
-        return type(obj).__qualname__
+    if isinstance(obj, Compose):  # nested chains describe like one flat chain (as the dataset caches see them)
+        return [_describe(t, depth + 1) for t in obj.flatten().transforms]
+    if isinstance(obj, functools.partial):
+        return {"__partial__": _describe(obj.func, depth + 1), "args": _describe(obj.args, depth + 1),
+                "keywords": _describe(obj.keywords, depth + 1)}
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if callable(obj) and hasattr(obj, "__qualname__"):  # a function or class used as a transform
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    if isinstance(obj, ImageReader) or depth >= 8 or not hasattr(obj, "__dict__"):
+        return name
     attrs = {k: _describe(v, depth + 1) for k, v in sorted(vars(obj).items()) if not k.startswith("_") and k != "R"}
-    return {"__class__": type(obj).__qualname__, **attrs}
+    return {"__class__": name, **attrs}
 
 
-def _transform_fingerprint(transforms: Sequence[Any]) -> bytes:
+def transform_fingerprint(transforms: Any) -> str:
+    """SHA-256 (hex) of a transform chain's settings: the cache key of preprocessed tensors and embeddings.
+
+    Stable across processes and restarts (no object ids, random states or reader internals) and different whenever
+    a transform's class or one of its public settings differs, so a changed preprocessing never reuses a stale
+    cache entry. Used by :func:`make_dataset` (``PersistentDataset``) and :func:`memscan.embed.embed_images`.
+
+    Args:
+        transforms: a transform, a ``Compose`` (nested ones are flattened), a sequence of transforms, or any
+            callable whose public attributes hold its settings (e.g. :func:`memscan.embed.configured_preprocess`).
+
+    Returns:
+        64 hex characters.
+    """
     # MONAI's json_hashing falls back to class names only, so two preprocessing configs would share one cache
-    text = json.dumps([_describe(t) for t in transforms], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest().encode()
+    text = json.dumps(_describe(transforms), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _persistent_hash(transforms: Sequence[Any]) -> bytes:
+    """``PersistentDataset``'s ``hash_transform`` (it wants bytes): :func:`transform_fingerprint`."""
+    return transform_fingerprint(list(transforms)).encode()
 
 
 def make_dataset(
@@ -392,6 +422,6 @@ def make_dataset(
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         # the transform chain is part of the cache key, so changing the preprocessing never reuses stale tensors
         return PersistentDataset(
-            data, transform=transforms, cache_dir=Path(cache_dir), hash_transform=_transform_fingerprint
+            data, transform=transforms, cache_dir=Path(cache_dir), hash_transform=_persistent_hash
         )
     return CacheDataset(data, transform=transforms, cache_rate=1.0, num_workers=num_workers, progress=progress)
