@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,11 @@ class EmbeddingInferer(SimpleInferer):
                 network.to(memory_format=fmt)  # in place, like the move to the device
                 self._formatted.add(id(network))
             inputs = inputs.contiguous(memory_format=fmt)
-        with torch.autocast(inputs.device.type, dtype=getattr(torch, precision)):
+        # oneDNN gets a few bf16 conv shapes wrong, often finitely (pytorch/pytorch#169688): those run in float32
+        from memscan.training import Float32UnsafeConvs
+
+        guard = Float32UnsafeConvs() if inputs.device.type == "cpu" else nullcontext()
+        with torch.autocast(inputs.device.type, dtype=getattr(torch, precision)), guard:
             out = super().__call__(inputs, network, *args, **kwargs)
         out = out.float()
         if not bool(torch.isfinite(out).all()):

@@ -39,6 +39,7 @@ from monai.engines import PrepareBatch
 from monai.inferers import SimpleInferer
 from monai.losses import ContrastiveLoss
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from memscan.errors import InputError
 
@@ -49,6 +50,8 @@ __all__ = [
     "as_spatial_size",
     "ContrastivePrepareBatch",
     "AutocastInferer",
+    "bf16_conv_is_unsafe",
+    "Float32UnsafeConvs",
     "gather_with_grad",
     "NTXentLoss",
     "collapse_metrics",
@@ -216,12 +219,83 @@ def _native_low_precision(device_type: str) -> bool:
         return False
 
 
+def _per_axis(value: Any, n: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * n
+
+
+def bf16_conv_is_unsafe(
+    input_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> bool:
+    """True for the convolution shapes whose oneDNN bfloat16 CPU kernels give wrong results (garbage, Inf or NaN).
+
+    oneDNN's AVX-512/AMX bf16 convolution returns values read from the wrong memory when the innermost output axis
+    has size 1 under a stride > 1 (pytorch/pytorch#169688: ``conv3d``, any channel count; ``conv2d`` with many
+    channels) and when a kernel is larger than its input along an axis. Which garbage comes out depends on the heap,
+    so a run can be fine, finite but wrong, or NaN depending on what ran earlier in the process. The rule is
+    conservative: a measured grid (2D/3D, 1-256 channels, kernels 1/3/7, strides 1-3, axes 1-9) has no wrong
+    result outside it, and the layers it catches are tiny (spatial size 1-2).
+
+    Args:
+        input_shape: ``[B, C, *spatial]``.
+        kernel_size: the kernel's spatial size (``weight.shape[2:]``).
+        stride, padding, dilation: as passed to ``torch.nn.functional.conv{2,3}d``.
+    """
+    spatial = tuple(int(s) for s in input_shape[2:])
+    n = len(spatial)
+    kernel = _per_axis(kernel_size, n)
+    if max(kernel, default=1) <= 1:
+        return False
+    if any(k > 1 and size < k for size, k in zip(spatial, kernel)):
+        return True
+    strides, dilations = _per_axis(stride, n), _per_axis(dilation, n)
+    if strides[-1] <= 1:
+        return False
+    if isinstance(padding, str):
+        pad = 0 if padding == "valid" else (dilations[-1] * (kernel[-1] - 1)) // 2
+    else:
+        pad = _per_axis(padding, n)[-1]
+    out_last = (spatial[-1] + 2 * pad - dilations[-1] * (kernel[-1] - 1) - 1) // strides[-1] + 1
+    return out_last <= 1
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+class Float32UnsafeConvs(TorchFunctionMode):
+    """Inside bfloat16 CPU autocast, run the convolutions of :func:`bf16_conv_is_unsafe` in float32.
+
+    A ``TorchFunctionMode`` so the network, its state_dict and checkpoints stay untouched; every other convolution
+    keeps oneDNN's fast bf16 kernels. Written here because neither torch's autocast policy nor MONAI can choose a
+    precision per input shape.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.conv3d or func is torch.conv2d:
+            call = dict(_CONV_DEFAULTS)
+            call.update(zip(_CONV_ARGS, args))
+            call.update(kwargs)
+            x, w = call["input"], call["weight"]
+            if bf16_conv_is_unsafe(x.shape, w.shape[2:], call["stride"], call["padding"], call["dilation"]):
+                bias = call["bias"]
+                with torch.autocast(x.device.type, enabled=False):
+                    return func(x.float(), w.float(), None if bias is None else bias.float(), call["stride"],
+                                call["padding"], call["dilation"], call["groups"])
+        return func(*args, **kwargs)
+
+
 class AutocastInferer(SimpleInferer):
     """``SimpleInferer`` under ``torch.autocast`` for one device type (default: bfloat16 on the CPU).
 
     MONAI engines' ``amp`` flag autocasts on CUDA only; this gives CPUs with bfloat16 units (AMX, AVX-512 BF16)
     the same mixed precision. Inputs on another device type, or a CPU without native bfloat16, run unchanged, so GPU
-    runs keep using ``amp``. The loss is computed outside, in float32 (:class:`NTXentLoss`).
+    runs keep using ``amp``. The loss is computed outside, in float32 (:class:`NTXentLoss`). On the CPU, the few
+    convolutions oneDNN computes wrongly in bfloat16 run in float32 (:class:`Float32UnsafeConvs`).
 
     Args:
         enabled: switch autocast on.
@@ -236,7 +310,8 @@ class AutocastInferer(SimpleInferer):
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled or inputs.device.type != self.device_type or not _native_low_precision(self.device_type):
             return super().__call__(inputs, network, *args, **kwargs)
-        with torch.autocast(self.device_type, dtype=self.dtype):
+        guard = Float32UnsafeConvs() if self.device_type == "cpu" else nullcontext()
+        with torch.autocast(self.device_type, dtype=self.dtype), guard:
             out = super().__call__(inputs, network, *args, **kwargs)
         return out.float() if isinstance(out, torch.Tensor) else out
 
