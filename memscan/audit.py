@@ -9,7 +9,8 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
 2. **Encoder** — a given checkpoint (or a bundle's ``models/model.pt``) is loaded; otherwise a small
    self-supervised encoder is trained on the training set with :func:`memscan.training.train_encoder`.
 3. **Embeddings** — every set through :func:`memscan.embed.embed_images` (batched; cached by file content hash and
-   checkpoint sha256, so an interrupted audit resumes where it stopped).
+   checkpoint sha256, so an interrupted audit resumes where it stopped). With ``score="fused"`` the matched
+   features are :mod:`memscan.scoring`'s flip-invariant pixel + embedding fusion (:func:`score_features`).
 4. **Matching** — :func:`memscan.metrics.match` per synthetic set (τ from train→validation, copies, memorized
    training images, bootstrap intervals, null rate), plus the patient-level count, the positive controls, and two
    aggregate statistics from the literature (:func:`data_copying_statistic`, :func:`authenticity_score`).
@@ -58,6 +59,9 @@ __all__ = [
     "DEFAULT_CONTROLS",
     "exit_on_gate",
     "DEMO_SETTINGS",
+    "SCORES",
+    "FUSED_WEIGHTS",
+    "score_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -412,7 +416,71 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
     return Compose([getattr(preprocess, "compose", preprocess), perturb])
 
 
-def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int) -> None:
+#: Score modes: ``"embedding"`` (Dar et al.'s score) or ``"fused"`` (flip-invariant pixel + embedding features).
+SCORES = ("embedding", "fused")
+#: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
+FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
+
+
+def score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str = "embedding",
+                   image_size: Sequence[int], batch_size: int = 16, device: str = "auto",
+                   cache_dir: str | os.PathLike[str] | None = None,
+                   checkpoint_sha256: str | None = None) -> np.ndarray:
+    """The features :func:`memscan.metrics.match` compares for one set: the embedding, or the fused score.
+
+    ``"fused"`` is :mod:`memscan.scoring`'s construction (the detection benchmark's best recipe): for an image and
+    its left-right mirror (MONAI ``Flipd`` on the first spatial axis), pixels area-downsampled to ``image_size // 4``
+    (weight 1) fused with the embedding (weight 2) by :func:`~memscan.scoring.fuse_features`; the two standardised
+    rows are averaged, as :func:`~memscan.scoring.flip_invariant_features` does, so an image and its mirror copy get
+    the same row. Embeddings go through :func:`memscan.embed.embed_images` (the mirrored ones cached under their own
+    preprocessing fingerprint); each image is preprocessed once more for its pixels, which are never cached.
+
+    Args:
+        network: the encoder (eval mode).
+        records: ``{"image": path or array}`` records.
+        preprocess: deterministic preprocessing on key ``"image"``.
+        score: one of :data:`SCORES`.
+        image_size: spatial size after preprocessing.
+        batch_size, device, cache_dir, checkpoint_sha256: passed to ``embed_images``.
+
+    Returns:
+        ``float32`` N×D features (D = the embedding size, or ``prod(image_size // 4) + embedding size``).
+
+    Raises:
+        InputError: an unknown ``score``, or a constant image (its pixel correlation is undefined).
+    """
+    from monai.transforms import Compose, Flipd
+
+    from memscan.embed import embed_images
+    from memscan.scoring import fuse_features, pixel_features, standardize_rows
+
+    if score not in SCORES:
+        raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
+
+    def embed(tf: Any) -> np.ndarray:
+        return np.asarray(embed_images(network, records, tf, batch_size=batch_size, device=device,
+                                       cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256), np.float32)
+
+    if score == "embedding":
+        return embed(preprocess)
+    coarse = [max(1, int(n) // 4) for n in image_size]
+    pixels, mirrored = [], []
+    for i in range(0, len(records), batch_size):  # batched so a large set never sits in memory at full resolution
+        batch = np.stack([_preprocessed_image(preprocess, r) for r in records[i:i + batch_size]])
+        pixels.append(pixel_features(batch, coarse))
+        mirrored.append(pixel_features(np.flip(batch, axis=2).copy(), coarse))  # axis 2 = Flipd's spatial axis 0
+    flipped_tf = Compose([getattr(preprocess, "compose", preprocess), Flipd(keys="image", spatial_axis=0)])
+    total = None
+    for pix, emb in ((np.concatenate(pixels), embed(preprocess)), (np.concatenate(mirrored), embed(flipped_tf))):
+        part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
+        total = part if total is None else total + part
+    return (total / 2).astype(np.float32)
+
+
+def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int,
+                score: str = "embedding") -> None:
+    if score not in SCORES:
+        raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
         raise InputError("percentile", f"must be a number in [0, 100], got {percentile!r}")
     if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 0:
@@ -466,6 +534,11 @@ def _subject_counts(train_records: Sequence[dict], memorized: np.ndarray) -> tup
     return int(len(set(subjects[memorized]))), int(len(set(subjects)))
 
 
+def _identity(data: Any) -> Any:
+    """Preprocessing of records that hold already preprocessed arrays (the fused score's positive controls)."""
+    return data
+
+
 def _preprocessed_image(preprocess: Any, record: Mapping[str, Any]) -> np.ndarray:
     out = preprocess({"image": record["image"]})
     image = out["image"]
@@ -514,6 +587,14 @@ def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[di
         "margin to τ": table["margin"].to_numpy(float),
     })
     return pairs, shown
+
+
+_SCORE_TEXT = {
+    "embedding": "Score: the embedding's Pearson correlation, as in the paper (memscan --score embedding).",
+    "fused": "Score (memscan --score fused, not the paper's): the correlation of flip-invariant fused features — "
+             "pixels downsampled to a quarter of the input size (weight 1) and the embedding (weight 2), averaged "
+             "over the image and its left-right mirror — so every correlation below, τ included, is on that score.",
+}
 
 
 def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit], *, train_set: Any,
@@ -618,7 +699,8 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
                   "(blue; τ is its percentile) and with a synthetic image (orange). Orange mass right of τ = "
                   "memorized training images.", dist_png)],
         sections=sections, skipped=shown_skipped, warnings=[scrub(w) for w in summary["warnings"]],
-        method=_METHOD, provenance=provenance,
+        method=[_METHOD[0] + " " + _SCORE_TEXT[prov["config"].get("score", "embedding")], *_METHOD[1:]],
+        provenance=provenance,
     )
     return write_report(content, out_dir / "report.html")
 
@@ -647,6 +729,7 @@ def audit(
     n_bootstrap: int = 1000,
     seed: int = 0,
     train_overrides: Mapping[str, Any] | None = None,
+    score: str = "embedding",
 ) -> AuditResult:
     """Audit one or more synthetic sets for copies of the training patients (Dar et al. 2025).
 
@@ -675,6 +758,8 @@ def audit(
         n_bootstrap: bootstrap draws for the intervals.
         seed: seed of the controls, bootstrap, null split and k-means.
         train_overrides: extra bundle config overrides when training the encoder (e.g. ``{"arch": "resnet10"}``).
+        score: ``"embedding"`` (default: Dar et al.'s embedding correlation) or ``"fused"`` (flip-invariant pixel +
+            embedding features, see :func:`score_features`); τ and everything downstream are computed the same way.
 
     Returns:
         :class:`AuditResult`.
@@ -692,7 +777,7 @@ def audit(
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
-    _check_args(percentile, controls, fail_above, batch_size)
+    _check_args(percentile, controls, fail_above, batch_size, score)
     sources = _synthetic_sources(synthetic)
     out = Path(out_dir).expanduser().resolve()
     export_dir = None if export_clean is None else Path(export_clean).expanduser().resolve()
@@ -767,13 +852,16 @@ def audit(
     preprocess = configured_preprocess(preprocess_cfg)
 
     # 3. embeddings -------------------------------------------------------------------------------------------
+    from memscan.training import as_spatial_size
+
     cache_dir = out / "embeddings" / "cache"
+    spatial_size = list(as_spatial_size(settings["image_size"], dims))
     all_sets = {"train": train_set, "val": val_set, **syn_sets}
     embeddings: dict[str, np.ndarray] = {}
     for name, s in all_sets.items():
         logger.info("embedding %s: %d image(s)", name, len(s))
-        emb = embed_images(network, s.records, preprocess, batch_size=batch_size, device=device,
-                           cache_dir=cache_dir, checkpoint_sha256=ckpt_sha)
+        emb = score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
+                             batch_size=batch_size, device=device, cache_dir=cache_dir, checkpoint_sha256=ckpt_sha)
         embeddings[name] = np.asarray(emb, dtype=np.float32)
         save_npy_atomic(out / "embeddings" / f"{name}.npy", embeddings[name])
 
@@ -788,12 +876,15 @@ def audit(
                    else np.array([], dtype=int))
     control_emb = None
     if n_controls:
-        from memscan.training import as_spatial_size
-
         logger.info("embedding %d positive control(s) (perturbed training images)", n_controls)
-        ctrl_tf = _controls_transform(preprocess, as_spatial_size(settings["image_size"], dims), seed)
-        control_emb = np.asarray(embed_images(network, [train_set.records[i] for i in control_src], ctrl_tf,
-                                              batch_size=batch_size, device=device, cache_dir=None), np.float32)
+        ctrl_tf = _controls_transform(preprocess, spatial_size, seed)
+        if score == "embedding":
+            control_emb = np.asarray(embed_images(network, [train_set.records[i] for i in control_src], ctrl_tf,
+                                                  batch_size=batch_size, device=device, cache_dir=None), np.float32)
+        else:  # perturbed once, in order, from the seed, so the pixels and both embeddings see the same image
+            control_images = [{"image": _preprocessed_image(ctrl_tf, train_set.records[i])} for i in control_src]
+            control_emb = score_features(network, control_images, _identity, score=score, image_size=spatial_size,
+                                         batch_size=batch_size, device=device, cache_dir=None)
 
     # 4. matching ---------------------------------------------------------------------------------------------
     train_paths = [r["image"] for r in train_set.records]
@@ -903,7 +994,7 @@ def audit(
                 "percentile": float(percentile), "device": str(resolve_device(device)), "controls": int(controls),
                 "batch_size": int(batch_size), "n_bootstrap": int(n_bootstrap), "seed": int(seed),
                 "epochs": epochs, "layout": layout, "subject_regex": subject_regex, "strict": bool(strict),
-                "fail_above": fail_above,
+                "fail_above": fail_above, "score": score,
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),
                                 "n_skipped": int(len(s.skipped)),

@@ -226,6 +226,49 @@ def test_bad_inputs_are_one_line_errors(data2d: dict, tmp_path: Path, capsys: py
               **FAST)
 
 
+def test_fused_score_flags_exact_and_mirrored_copies(data2d: dict, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    syn = tmp_path / "fused_syn"
+    syn.mkdir()
+    for src in sorted(data2d["syn"].glob("new*.png")):
+        (syn / src.name).write_bytes(src.read_bytes())
+    train_file = sorted(data2d["train"].glob("*.png"))[5]
+    (syn / "exact.png").write_bytes(train_file.read_bytes())  # a planted exact copy
+    Image.fromarray(np.fliplr(np.asarray(Image.open(train_file)))).save(syn / "mirror.png")  # left-right mirror
+    out = tmp_path / "out"
+    result = audit(data2d["train"], data2d["val"], {"syn": syn}, out_dir=out, checkpoint=data2d["ckpt"],
+                   image_size=SIZE, controls=2, subject_regex=REGEX, score="fused", **FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["provenance"]["config"]["score"] == "fused"
+    table = result.sets["syn"].synthetic_table
+    best = dict(zip(table["path"].map(lambda p: Path(p).name), table["best_train_correlation"]))
+    # the fused row is the same for an image and its mirror: both copies correlate 1 with their training image
+    assert best["exact.png"] == pytest.approx(1.0, abs=1e-4) and best["mirror.png"] == pytest.approx(1.0, abs=1e-4)
+    flagged = set(table.loc[table["copy"].astype(bool), "path"].map(lambda p: Path(p).name))
+    assert {"exact.png", "mirror.png"} <= flagged
+    # matched features are the fused ones: a quarter-size pixel block beside the 128-d embedding
+    assert np.load(out / "embeddings" / "train.npy").shape == (16, (SIZE // 4) ** 2 + 128)
+    assert "flip-invariant fused features" in (out / "report.html").read_text()
+    # the embedding cache holds the plain and the mirrored embedding of each distinct file content (exact.png
+    # shares its training file's entries), never a fused row
+    cached = [np.load(f) for f in (out / "embeddings" / "cache").glob("*.npy")]
+    assert len(cached) == 2 * (16 + 12 + 7) and all(c.shape == (128,) for c in cached)
+    # the default stays the paper's embedding score
+    plain = audit(data2d["train"], data2d["val"], {"syn": syn}, out_dir=tmp_path / "plain", checkpoint=data2d["ckpt"],
+                  image_size=SIZE, controls=0, subject_regex=REGEX, **FAST)
+    assert plain.summary["provenance"]["config"]["score"] == "embedding"
+    assert np.load(tmp_path / "plain" / "embeddings" / "train.npy").shape == (16, 128)
+    # a bad --score is a one-line error (exit 2) before any work
+    capsys.readouterr()
+    rc = main(["audit", "--train", str(data2d["train"]), "--val", str(data2d["val"]), "--synthetic", str(syn),
+               "--checkpoint", str(data2d["ckpt"]), "--score", "pixels", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "score" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_audit_3d_with_checkpoint(tmp_path: Path) -> None:
     train, val, syn, _ = make_sets(tmp_path, dims=3, n_train=8, n_val=8, n_copies=2, n_new=3)
     ckpt = tmp_path / "enc3d.pt"
@@ -281,7 +324,7 @@ def test_bundle_audit_config_runs_the_same_audit(bundle: str, dims: int, tmp_pat
     torch.save(build_encoder(dims, "resnet10", 16).state_dict(), ckpt)
     overrides = {"dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "ckpt_path": str(ckpt),
                  "arch": "resnet10", "embedding_dim": 16, "image_size": [SIZE if dims == 2 else 16] * dims,
-                 "device": "cpu", "controls": 2, "fail_above": 0.0}
+                 "device": "cpu", "controls": 2, "fail_above": 0.0, "score": "fused" if dims == 3 else "embedding"}
     with pytest.raises(SystemExit) as exc:  # 2 copies in 4 images > 0.0: the release gate exits 3
         run(config_file=str(config), **overrides)
     assert exc.value.code == EXIT_GATE
@@ -289,3 +332,4 @@ def test_bundle_audit_config_runs_the_same_audit(bundle: str, dims: int, tmp_pat
     assert summary["provenance"]["checkpoint"] == str(ckpt)
     assert summary["synthetic_set_names"] == ["synthetic"] and summary["n_synthetic"] == 4
     assert summary["gate"] == {"fail_above": 0.0, "failed": True}
+    assert summary["provenance"]["config"]["score"] == ("fused" if dims == 3 else "embedding")
