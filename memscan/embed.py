@@ -274,20 +274,52 @@ def network_sha256(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _meta_split(transform: Callable[[Any], Any]) -> tuple[Callable[[Any], Any], Callable[[Any], Any] | None]:
+    """Split a ``Compose`` after its last transform that reads image metadata (loading, channel, orientation,
+    spacing); the rest can run on plain tensors. Other callables are not split."""
+    from monai.transforms import (Compose, EnsureChannelFirst, EnsureChannelFirstd, LoadImage, LoadImaged,
+                                  Orientation, Orientationd, Spacing, Spacingd)
+
+    from memscan.data.transforms import EnsureSpatialDimsd
+
+    if not isinstance(transform, Compose):
+        return transform, None
+    chain = list(transform.flatten().transforms)
+    needs_meta = (LoadImage, LoadImaged, EnsureChannelFirst, EnsureChannelFirstd, Orientation, Orientationd,
+                  Spacing, Spacingd, EnsureSpatialDimsd)
+    last = max((i for i, t in enumerate(chain) if isinstance(t, needs_meta)), default=-1)
+    if last + 1 >= len(chain):
+        return transform, None
+    return Compose(chain[: last + 1]), Compose(chain[last + 1 :])
+
+
 class _LoaderTransform:
-    """The embedding loader's per-image work: preprocessing (on one intra-op thread when asked), then the image as
-    a plain tensor (the batch collates and the network runs without MetaTensor bookkeeping)."""
+    """The embedding loader's per-image work: preprocessing (on one intra-op thread when asked; after the
+    metadata-reading steps on plain tensors, MONAI's ``track_meta`` off), then the image as a plain tensor."""
 
     def __init__(self, transform: Callable[[Any], Any], single_thread: bool) -> None:
         self.transform, self.single_thread = transform, single_thread
+        self.head, self.tail = _meta_split(transform)
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from monai.data import get_track_meta, set_track_meta
+
         threads = torch.get_num_threads()
         if self.single_thread and threads > 1:
             # per-image ops are too small to split: 2+ threads only wait on each other (much worse on busy cores)
             torch.set_num_threads(1)
         try:
-            out = self.transform(data)
+            out = self.head(data)
+            if self.tail is not None:
+                out = dict(out)
+                if isinstance(out.get("image"), MetaTensor):
+                    out["image"] = out["image"].as_tensor()
+                tracking = get_track_meta()
+                set_track_meta(False)  # process-wide flag; the loader runs one image at a time per process
+                try:
+                    out = self.tail(out)
+                finally:
+                    set_track_meta(tracking)
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)

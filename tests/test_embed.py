@@ -201,3 +201,35 @@ def test_preprocessing_change_changes_the_cache_key(images, encoder, tmp_path):
     embed_images(net, images, PreprocessConfig(spatial_dims=2, spatial_size=32, output_range=(-1.0, 1.0)),
                  cache_dir=tmp_path / "c", device="cpu", checkpoint_sha256="w", batch_size=8)
     assert calls == [5, 5]  # another intensity range: embedded again
+
+
+def test_loader_transform_runs_plain_tensors_without_changing_values(images, tiny_3d_folder):
+    """The embedding loader runs the steps after loading/orientation/spacing with MONAI's track_meta off (faster,
+    plain tensors): same values as the chain itself, and the process-wide flag is restored, also after an error."""
+    from monai.data import get_track_meta
+
+    from memscan.embed import _LoaderTransform
+
+    records_3d = load_image_set(tiny_3d_folder(n=1), "v").records
+    for cfg, record in ((CFG, images[0]),
+                        (PreprocessConfig(spatial_dims=3, spatial_size=8, pixdim=(2.0, 2.0, 2.0)), records_3d[0])):
+        chain = preprocess_transforms(cfg)
+        loader = _LoaderTransform(chain, single_thread=True)
+        assert loader.tail is not None
+        out = loader(dict(record))["image"]
+        assert type(out) is torch.Tensor and get_track_meta()
+        torch.testing.assert_close(out, chain(dict(record))["image"].as_tensor())
+    from monai.transforms import Compose, Lambdad
+
+    def fail(x):
+        assert not get_track_meta()  # the tail runs without metadata tracking
+        raise ValueError("boom")
+
+    failing = _LoaderTransform(Compose([preprocess_transforms(CFG), Lambdad("image", fail)]), single_thread=True)
+    with pytest.raises(Exception) as info:  # MONAI wraps the error in a RuntimeError
+        failing(dict(images[0]))
+    causes = [info.value]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    assert any("boom" in str(c) for c in causes)
+    assert get_track_meta()  # restored after the failure
