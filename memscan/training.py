@@ -139,7 +139,7 @@ PRESETS: dict[str, dict[int, dict[str, Any]]] = {
             "augment": "default",
             "crop_pad_size": None,
             "resize": True,
-            "cpu_bf16": False,  # bf16 autocast gave NaN validation losses in small 3D runs; fp32 until fixed
+            "cpu_bf16": True,  # 1.6-1.9x per step at 32x128x128 (docs/benchmarks/cpu_bf16.txt); see Float32UnsafeConvs
         },
     },
 }
@@ -232,12 +232,15 @@ def bf16_conv_is_unsafe(
 ) -> bool:
     """True for the convolution shapes whose oneDNN bfloat16 CPU kernels give wrong results (garbage, Inf or NaN).
 
-    oneDNN's AVX-512/AMX bf16 convolution returns values read from the wrong memory when the innermost output axis
-    has size 1 under a stride > 1 (pytorch/pytorch#169688: ``conv3d``, any channel count; ``conv2d`` with many
-    channels) and when a kernel is larger than its input along an axis. Which garbage comes out depends on the heap,
-    so a run can be fine, finite but wrong, or NaN depending on what ran earlier in the process. The rule is
-    conservative: a measured grid (2D/3D, 1-256 channels, kernels 1/3/7, strides 1-3, axes 1-9) has no wrong
-    result outside it, and the layers it catches are tiny (spatial size 1-2).
+    Two kernel bugs, measured on a grid (2D/3D; 1-512 channels; kernels 1/3/5/7; strides 1-3; axes of 1-16):
+
+    - the innermost output axis has size 1 under a stride > 1 (pytorch/pytorch#169688): ``conv3d`` at any channel
+      count, ``conv2d`` with many channels — e.g. a ResNet on 32x32x8 volumes, whose last axis shrinks to 1;
+    - ``conv3d`` with a first spatial axis of size 1 (kernel > 1 along it) and a channel count that is not a multiple
+      of 16 (oneDNN's channel blocking tail).
+
+    The wrong values depend on what the heap held, so a run can be right, finite but wrong, or NaN depending on what
+    ran earlier in the process. No wrong result on the grid falls outside these two rules.
 
     Args:
         input_shape: ``[B, C, *spatial]``.
@@ -247,9 +250,9 @@ def bf16_conv_is_unsafe(
     spatial = tuple(int(s) for s in input_shape[2:])
     n = len(spatial)
     kernel = _per_axis(kernel_size, n)
-    if max(kernel, default=1) <= 1:
+    if n == 0 or max(kernel) <= 1:
         return False
-    if any(k > 1 and size < k for size, k in zip(spatial, kernel)):
+    if n == 3 and spatial[0] == 1 and kernel[0] > 1 and int(input_shape[1]) % 16:
         return True
     strides, dilations = _per_axis(stride, n), _per_axis(dilation, n)
     if strides[-1] <= 1:

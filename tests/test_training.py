@@ -235,11 +235,13 @@ def test_autocast_inferer_bf16_on_cpu_returns_float32_close_to_fp32():
 def test_bf16_conv_guard_rule(dims):
     from memscan.training import bf16_conv_is_unsafe
 
-    last = (1,) * (dims - 1)
-    # innermost output axis of size 1 under a stride (pytorch/pytorch#169688), or a kernel larger than its input
+    # innermost output axis of size 1 under a stride (pytorch/pytorch#169688)
     assert bf16_conv_is_unsafe((8, 64, *(8,) * (dims - 1), 2), (3,) * dims, 2, 1)
     assert bf16_conv_is_unsafe((8, 64, *(8,) * (dims - 1), 3), (3,) * dims, 3, 1)
-    assert bf16_conv_is_unsafe((2, 1, *last, 9), (3,) * dims, 1, 1)
+    # 3D only: a first axis of size 1 with a channel count that is not a multiple of 16
+    assert bf16_conv_is_unsafe((2, 1, 1, *(9,) * (dims - 1)), (3,) * dims, 1, 1) == (dims == 3)
+    assert bf16_conv_is_unsafe((2, 8, 1, *(8,) * (dims - 1)), (3,) * dims, 1, 1) == (dims == 3)
+    assert not bf16_conv_is_unsafe((2, 64, 1, *(8,) * (dims - 1)), (3,) * dims, 1, 1)
     # ordinary layers keep the fast bf16 kernels: stride 1, 1x1 kernels, larger innermost axes
     assert not bf16_conv_is_unsafe((8, 64, *(8,) * (dims - 1), 4), (3,) * dims, 1, 1)
     assert not bf16_conv_is_unsafe((8, 64, *(8,) * (dims - 1), 2), (1,) * dims, 2, 0)
@@ -253,7 +255,7 @@ def test_autocast_inferer_bf16_3d_encoder_with_thin_last_axis_matches_fp32():
     under CPU bf16 autocast (oneDNN's strided bf16 conv3d with one output column, pytorch/pytorch#169688), so the 3D
     demo trained to NaN validation loss depending on what ran earlier in the process."""
     from memscan.networks import build_encoder
-    from memscan.training import AutocastInferer, _native_low_precision
+    from memscan.training import AutocastInferer, Float32UnsafeConvs, _native_low_precision
 
     if not _native_low_precision("cpu"):
         pytest.skip("this CPU has no native bfloat16: AutocastInferer runs in float32 here")
@@ -265,18 +267,18 @@ def test_autocast_inferer_bf16_3d_encoder_with_thin_last_axis_matches_fp32():
         out = AutocastInferer(enabled=True)(x, net)
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
-    # a single strided conv with one output column on the innermost axis
-    conv = torch.nn.Conv3d(16, 32, 3, stride=2, padding=1, bias=False)
-    x = torch.randn(4, 16, 8, 8, 2)
-    ref = conv(x)
-    out = AutocastInferer(enabled=True)(x, conv)
-    assert out.shape == (4, 32, 4, 4, 1) and torch.isfinite(out).all()
-    assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    # single convolutions: strided with one output column on the innermost axis; a single-slice, single-channel
+    # volume (the second oneDNN bug: first axis of size 1)
+    for conv, x, shape in ((torch.nn.Conv3d(16, 32, 3, stride=2, padding=1, bias=False), torch.randn(4, 16, 8, 8, 2),
+                            (4, 32, 4, 4, 1)),
+                           (torch.nn.Conv3d(1, 32, 3, padding=1, bias=False), torch.randn(4, 1, 1, 8, 8),
+                            (4, 32, 1, 8, 8))):
+        ref = conv(x)
+        out = AutocastInferer(enabled=True)(x, conv)
+        assert out.shape == shape and torch.isfinite(out).all()
+        assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
     # the guard leaves ordinary convolutions in bf16 (it must not silently turn autocast off)
-    big = torch.nn.Conv3d(16, 32, 3, stride=2, padding=1, bias=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        from memscan.training import Float32UnsafeConvs
-
-        with Float32UnsafeConvs():
-            assert big(torch.randn(2, 16, 8, 8, 8)).dtype == torch.bfloat16
-            assert big(x).dtype == torch.float32
+    conv = torch.nn.Conv3d(16, 32, 3, stride=2, padding=1, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Float32UnsafeConvs():
+        assert conv(torch.randn(2, 16, 8, 8, 8)).dtype == torch.bfloat16
+        assert conv(torch.randn(2, 16, 8, 8, 2)).dtype == torch.float32
