@@ -7,7 +7,8 @@ Side by side in one run, same encoder (memscan's default 2D preset: ResNet-18, 1
 * **memscan** — :func:`memscan.embed.embed_images`: MONAI preprocessing through a DataLoader (one intra-op thread per
   image, plain tensors), batched forward passes under ``inference_mode``, in float32 and in its ``auto`` precision
   (bfloat16 autocast + channels-last on a CPU with native bfloat16; AMP and pinned memory on a GPU), with 0 and 1
-  loader workers;
+  loader workers, and on one intra-op thread (on busy cores both sides do best on one thread, so the seed gets that
+  row too and every ratio is taken against the faster seed row);
 * **memscan, cached** — the same call again with its embedding cache (what a resumed or repeated audit does).
 
 Then the end-to-end time of ``memscan demo`` (build inputs, train the encoder, audit, report) and of a repeated audit
@@ -16,7 +17,7 @@ with the trained checkpoint and a warm embedding cache.
 Usage::
 
     nice python benchmarks/bench_audit.py [--n 96] [--size 256] [--batch-size 32] [--workers 0 1] [--repeats 2]
-        [--dims 2 3] [--out docs/benchmarks/audit.txt]
+        [--dims 2 3] [--out docs/benchmarks/audit.txt [--append]]
 
 ``--dims`` with no value runs only the embedding part. Methods are interleaved and each reports its best run, since
 other jobs on the same cores slow whichever method happens to run beside them.
