@@ -139,7 +139,7 @@ PRESETS: dict[str, dict[int, dict[str, Any]]] = {
             "augment": "default",
             "crop_pad_size": None,
             "resize": True,
-            "cpu_bf16": True,  # 1.6-1.9x per step at 32x128x128 (docs/benchmarks/cpu_bf16.txt); see Float32UnsafeConvs
+            "cpu_bf16": True,  # 1.9x per step at 32x128x128 (docs/benchmarks/cpu_bf16.txt); see Float32UnsafeConvs
         },
     },
 }
