@@ -201,7 +201,8 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
         lines.append(f"  {label:64s}: {t:7.2f} s  {n / t:7.1f} img/s   → {t_seed / t:5.2f}× the seed")
     lines.append(f"  {'memscan embed_images, cached rerun (resume)':64s}: {t_cached:7.2f} s  {n / t_cached:7.1f} img/s"
                  f"   → {t_seed / t_cached:5.1f}× the seed")
-    lines.append(f"  breakdown: memscan preprocessing {1000 * t_prep:.1f} ms/img (decode + MONAI transforms, one thread), "
+    lines.append(f"  breakdown: memscan preprocessing {1000 * t_prep:.1f} ms/img (decode + MONAI transforms, one "
+                 f"thread), "
                  f"network alone {1000 * t_net:.1f} ms/img ({auto}, batch {len(batch)}); the seed needs "
                  f"{1000 * t_seed / n:.1f} ms/img in all, so the network alone caps memscan at "
                  f"{t_seed / n / t_net:.1f}× the seed")
@@ -210,10 +211,12 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
                  f"(MONAI's Gaussian anti-aliasing vs torch's)")
     if auto != "float32":
         low = _row_corr(outs[variants[0]], outs[default])
-        lines.append(f"  agreement memscan {auto} vs float32 (row Pearson r): min {low.min():.5f}, mean {low.mean():.5f}")
+        lines.append(f"  agreement memscan {auto} vs float32 (row Pearson r): min {low.min():.5f}, "
+                     f"mean {low.mean():.5f}")
     ratio = t_seed_default / min(times[default])
     best = t_seed / min(min(v) for k, v in times.items() if isinstance(k, tuple))
-    lines.append(f"  target ≥5× (uncached): default settings on both sides (seed: torch's {threads} threads; memscan: "
+    lines.append(f"  target ≥5× (uncached): default settings on both sides (seed: torch's {threads} threads; "
+                 f"memscan: "
                  f"precision auto = {auto}, {workers[0]} workers) {ratio:.2f}×; each side's best row {best:.2f}× — "
                  f"{'MET' if min(ratio, best) >= 5 else 'NOT MET'} at this load")
     return lines
