@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
-_CPU_TILE_CAP = 1 << 22  # 4M elements (16 MB in float32): a tile stays in cache between matmul and reductions
+_CPU_TILE_CAP = 1 << 21  # 2M elements (8 MB in float32) per worker: measured best of 512-2048-row tiles (bench_metrics)
 _GPU_TILE_CAP = 1 << 28  # 256M elements (1 GiB in float32)
 _STANDARDIZE_CHUNK = 1 << 14  # rows standardised at a time (bounds the float64 temporary)
 _HASH_CHUNK = 1 << 14  # rows hashed / compared at a time in the duplicate search
@@ -141,7 +141,7 @@ def _block_shape(n: int, m: int, device: torch.device, dtype: torch.dtype,
     budget = _free_memory_bytes(device) // (8 * itemsize)
     cap = _GPU_TILE_CAP if device.type == "cuda" else _CPU_TILE_CAP
     elems = int(max(1 << 14, min(budget, cap)))
-    row_block = 8192 if device.type == "cuda" else 512
+    row_block = 8192 if device.type == "cuda" else 1024
     c = _CHUNK  # tiles in multiples of _CHUNK rows (the CPU search reduces chunks of that many values)
     n_pad, m_pad = -(-n // c) * c, -(-m // c) * c
     br = min(m_pad, max(c, elems // min(n_pad, row_block) // c * c))
@@ -432,20 +432,32 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor 
     lines = torch.nonzero(v > best_v).squeeze(1)
     if lines.numel() == 0:
         return
-    if chunk > 0:  # first chunk holding the line's maximum, then the first maximum inside it (flat gathers)
+    if chunk > 0:  # first chunk holding the line's maximum, then the first maximum inside it
+        # max(dim).indices gives the first maximum like argmax but runs several times faster on the CPU;
+        # many lines: gathers over the full tile (rows read contiguously); few lines: flat gathers of their chunk
+        many = lines.numel() * 8 >= v.numel()
         if dim == 1:
-            first = chunk_max.index_select(0, lines).argmax(dim=1)
-            start, step = lines * width + first * chunk, 1
+            if many:
+                first = chunk_max.max(dim=1).indices
+                t3 = tile.view(tile.shape[0], -1, chunk)
+                inside = t3.gather(1, first.view(-1, 1, 1).expand(-1, 1, chunk)).squeeze(1)  # lines × chunk
+                i = (first * chunk + inside.max(dim=1).indices)[lines]
+            else:
+                first = chunk_max.index_select(0, lines).max(dim=1).indices
+                flat = (lines * width + first * chunk)[:, None] + torch.arange(chunk, device=tile.device)
+                i = first * chunk + tile.view(-1).take(flat).max(dim=1).indices
+        elif many:
+            first = chunk_max.max(dim=0).indices  # per column
+            inside = tile.view(-1, chunk, width).gather(0, first.view(1, 1, -1).expand(1, chunk, -1)).squeeze(0)
+            i = (first * chunk + inside.max(dim=0).indices)[lines]
         else:
-            first = chunk_max.index_select(1, lines).argmax(dim=0)
-            start, step = first * (chunk * width) + lines, width
-        steps = torch.arange(chunk, device=tile.device) * step
-        inside = tile.view(-1).take(start[:, None] + steps[None, :])  # lines × chunk
-        i = first * chunk + inside.argmax(dim=1)
+            first = chunk_max.index_select(1, lines).max(dim=0).indices
+            flat = (first * (chunk * width) + lines)[:, None] + torch.arange(chunk, device=tile.device) * width
+            i = first * chunk + tile.view(-1).take(flat).max(dim=1).indices
     elif lines.numel() == v.numel():
-        i = tile.argmax(dim=dim)
+        i = tile.max(dim=dim).indices
     else:
-        i = tile.index_select(1 - dim, lines).argmax(dim=dim)
+        i = tile.index_select(1 - dim, lines).max(dim=dim).indices
     best_v[lines] = v[lines]
     best_i[lines] = i + offset
 
