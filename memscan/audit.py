@@ -425,7 +425,7 @@ FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
 def score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str = "embedding",
                    image_size: Sequence[int], batch_size: int = 16, device: str = "auto",
                    cache_dir: str | os.PathLike[str] | None = None,
-                   checkpoint_sha256: str | None = None) -> np.ndarray:
+                   checkpoint_sha256: str | None = None, precision: str = "auto") -> np.ndarray:
     """The features :func:`memscan.metrics.match` compares for one set: the embedding, or the fused score.
 
     ``"fused"`` is :mod:`memscan.scoring`'s construction (the detection benchmark's best recipe): for an image and
@@ -441,7 +441,7 @@ def score_features(network: Any, records: Sequence[Mapping[str, Any]], preproces
         preprocess: deterministic preprocessing on key ``"image"``.
         score: one of :data:`SCORES`.
         image_size: spatial size after preprocessing.
-        batch_size, device, cache_dir, checkpoint_sha256: passed to ``embed_images``.
+        batch_size, device, cache_dir, checkpoint_sha256, precision: passed to ``embed_images``.
 
     Returns:
         ``float32`` N×D features (D = the embedding size, or ``prod(image_size // 4) + embedding size``).
@@ -459,7 +459,8 @@ def score_features(network: Any, records: Sequence[Mapping[str, Any]], preproces
 
     def embed(tf: Any) -> np.ndarray:
         return np.asarray(embed_images(network, records, tf, batch_size=batch_size, device=device,
-                                       cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256), np.float32)
+                                       cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
+                                       precision=precision), np.float32)
 
     if score == "embedding":
         return embed(preprocess)
@@ -730,6 +731,7 @@ def audit(
     seed: int = 0,
     train_overrides: Mapping[str, Any] | None = None,
     score: str = "embedding",
+    precision: str = "auto",
 ) -> AuditResult:
     """Audit one or more synthetic sets for copies of the training patients (Dar et al. 2025).
 
@@ -760,6 +762,9 @@ def audit(
         train_overrides: extra bundle config overrides when training the encoder (e.g. ``{"arch": "resnet10"}``).
         score: ``"embedding"`` (default: Dar et al.'s embedding correlation) or ``"fused"`` (flip-invariant pixel +
             embedding features, see :func:`score_features`); τ and everything downstream are computed the same way.
+        precision: embedding precision, ``"auto"`` (float16 on CUDA, bfloat16 on CPUs with native bf16, else
+            float32), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :func:`memscan.embed.resolve_precision`);
+            the resolved one is recorded in ``summary.json``.
 
     Returns:
         :class:`AuditResult`.
@@ -772,12 +777,13 @@ def audit(
     import torch
 
     from memscan.data import check_sets
-    from memscan.embed import configured_preprocess, embed_images, file_sha256
+    from memscan.embed import configured_preprocess, embed_images, file_sha256, resolve_precision
     from memscan.metrics import match, resolve_device, topk_correlation
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
     _check_args(percentile, controls, fail_above, batch_size, score)
+    resolve_precision(precision, resolve_device(device))  # a bad precision or device fails before any work
     sources = _synthetic_sources(synthetic)
     out = Path(out_dir).expanduser().resolve()
     export_dir = None if export_clean is None else Path(export_clean).expanduser().resolve()
@@ -861,7 +867,8 @@ def audit(
     for name, s in all_sets.items():
         logger.info("embedding %s: %d image(s)", name, len(s))
         emb = score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
-                             batch_size=batch_size, device=device, cache_dir=cache_dir, checkpoint_sha256=ckpt_sha)
+                             batch_size=batch_size, device=device, cache_dir=cache_dir, checkpoint_sha256=ckpt_sha,
+                             precision=precision)
         embeddings[name] = np.asarray(emb, dtype=np.float32)
         save_npy_atomic(out / "embeddings" / f"{name}.npy", embeddings[name])
 
@@ -880,11 +887,12 @@ def audit(
         ctrl_tf = _controls_transform(preprocess, spatial_size, seed)
         if score == "embedding":
             control_emb = np.asarray(embed_images(network, [train_set.records[i] for i in control_src], ctrl_tf,
-                                                  batch_size=batch_size, device=device, cache_dir=None), np.float32)
+                                                  batch_size=batch_size, device=device, cache_dir=None,
+                                                  precision=precision), np.float32)
         else:  # perturbed once, in order, from the seed, so the pixels and both embeddings see the same image
             control_images = [{"image": _preprocessed_image(ctrl_tf, train_set.records[i])} for i in control_src]
             control_emb = score_features(network, control_images, _identity, score=score, image_size=spatial_size,
-                                         batch_size=batch_size, device=device, cache_dir=None)
+                                         batch_size=batch_size, device=device, cache_dir=None, precision=precision)
 
     # 4. matching ---------------------------------------------------------------------------------------------
     train_paths = [r["image"] for r in train_set.records]
@@ -995,6 +1003,7 @@ def audit(
                 "batch_size": int(batch_size), "n_bootstrap": int(n_bootstrap), "seed": int(seed),
                 "epochs": epochs, "layout": layout, "subject_regex": subject_regex, "strict": bool(strict),
                 "fail_above": fail_above, "score": score,
+                "precision": resolve_precision(precision, resolve_device(device)),
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),
                                 "n_skipped": int(len(s.skipped)),

@@ -427,7 +427,11 @@ def embed_images(
         cache.mkdir(parents=True, exist_ok=True)
         weights = checkpoint_sha256 or network_sha256(network)
         description = transform_fingerprint(preprocess)
-        keys = [_cache_key(r, weights, description, resolved) for r in records]
+        from memscan.training import Float32UnsafeConvs
+
+        # CPU bfloat16 results depend on which convolutions the guard runs in float32: key them on its rule set
+        key_precision = f"{resolved}+{Float32UnsafeConvs.VERSION}" if resolved == "bfloat16" else resolved
+        keys = [_cache_key(r, weights, description, key_precision) for r in records]
         for i, key in enumerate(keys):
             f = cache / f"{key}.npy"
             if f.is_file():

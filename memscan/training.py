@@ -272,10 +272,13 @@ _CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dila
 class Float32UnsafeConvs(TorchFunctionMode):
     """Inside bfloat16 CPU autocast, run the convolutions of :func:`bf16_conv_is_unsafe` in float32.
 
+    ``VERSION`` names the rule set: embedding caches key bfloat16 results on it, so a changed rule re-embeds.
     A ``TorchFunctionMode`` so the network, its state_dict and checkpoints stay untouched; every other convolution
     keeps oneDNN's fast bf16 kernels. Written here because neither torch's autocast policy nor MONAI can choose a
     precision per input shape.
     """
+
+    VERSION = "onednn-bf16-conv-guard-2"
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -120,6 +120,9 @@ def test_trained_audit_writes_every_output(trained: object) -> None:
     assert len(prov["checkpoint_sha256"]) == 64 and prov["monai_version"] and prov["torch_version"]
     assert prov["inputs"]["syn"]["n_files"] == 10 and len(prov["inputs"]["train"]["file_list_sha256"]) == 64
     assert prov["config"]["arch"] == "resnet10" and prov["config"]["image_size"] == [SIZE, SIZE]
+    from memscan.embed import resolve_precision
+
+    assert prov["config"]["precision"] == resolve_precision("auto", "cpu")  # the resolved precision, not "auto"
     block = summary["synthetic_sets"]["syn"]
     assert block["n_train_subjects"] == 8  # p0..p7, two images each
     assert block["controls"]["n"] == 8 and 0 <= block["controls"]["n_caught"] <= 8
@@ -257,8 +260,9 @@ def test_fused_score_flags_exact_and_mirrored_copies(data2d: dict, tmp_path: Pat
     assert len(cached) == 2 * (16 + 12 + 7) and all(c.shape == (128,) for c in cached)
     # the default stays the paper's embedding score
     plain = audit(data2d["train"], data2d["val"], {"syn": syn}, out_dir=tmp_path / "plain", checkpoint=data2d["ckpt"],
-                  image_size=SIZE, controls=0, subject_regex=REGEX, **FAST)
+                  image_size=SIZE, controls=0, subject_regex=REGEX, precision="float32", **FAST)
     assert plain.summary["provenance"]["config"]["score"] == "embedding"
+    assert plain.summary["provenance"]["config"]["precision"] == "float32"
     assert np.load(tmp_path / "plain" / "embeddings" / "train.npy").shape == (16, 128)
     # a bad --score is a one-line error (exit 2) before any work
     capsys.readouterr()

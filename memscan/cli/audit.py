@@ -36,6 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="input size after preprocessing (one int, or one per axis)")
     enc.add_argument("--dims", type=int, choices=(2, 3), default=None, help="2D or 3D (default: from the data)")
     parser.add_argument("--percentile", type=float, default=95.0, help="τ percentile (default 95)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="embedding precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else "
+                        "float32; default), or one of them explicitly (recorded in summary.json)")
     parser.add_argument("--score", default="embedding", metavar="MODE",
                         help="similarity score: embedding (the paper's, default) or fused (flip-invariant pixel + "
                              "embedding features; better on the detection benchmark)")
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, controls=DEFAULT_CONTROLS if args.controls is None else args.controls,
         fail_above=args.fail_above, export_clean=args.export_clean, overwrite=args.overwrite, layout=args.layout,
         subject_regex=args.subject_regex, strict=args.strict, batch_size=args.batch_size, n_bootstrap=args.bootstrap,
-        seed=args.seed, score=args.score,
+        seed=args.seed, score=args.score, precision=args.precision,
     )
     print(format_result(result))
     if result.gate_failed:
