@@ -352,9 +352,8 @@ def _standardize(x: ArrayLike, device: torch.device, dtype: torch.dtype, pad_to:
     Chunked (bounds the float64 temporary) and in place on CPU tensors; zero rows are appended up to a multiple
     of ``pad_to`` (the search masks them).
     """
-    if not isinstance(x, torch.Tensor):
-        x = np.asarray(x)
-        x = torch.from_numpy(x if x.flags.writeable else x.copy())
+    if not isinstance(x, torch.Tensor):  # torch views C-ordered writeable arrays; others (reversed, memmap) copy
+        x = torch.from_numpy(np.require(np.asarray(x), requirements=["C", "W"]))
     out = torch.zeros((-(-x.shape[0] // pad_to) * pad_to, x.shape[1]), dtype=dtype, device=device)
     for start in range(0, x.shape[0], _STANDARDIZE_CHUNK):
         chunk = x[start:start + _STANDARDIZE_CHUNK].detach().to(device="cpu", dtype=torch.float64, copy=True)

@@ -160,6 +160,21 @@ def test_chunked_cpu_search_exact_across_tiles(block) -> None:
     np.testing.assert_array_equal(i[keep_c], ref_i[keep_c])
 
 
+def test_search_accepts_any_array_layout(tmp_path) -> None:
+    """Reversed, strided, read-only and memory-mapped embeddings give the same answer as a plain copy."""
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(90, 12)).astype(np.float32), rng.normal(size=(70, 24)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    frozen = b[:, ::2].copy()
+    frozen.flags.writeable = False
+    for q, r in [(mapped, b[:, ::2]), (a[::-1], frozen), (np.asfortranarray(a), b[::-1, ::2])]:
+        got = metrics.best_matches(q, r, device="cpu")
+        expected = metrics.best_matches(np.array(q), np.array(r), device="cpu")
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_search_workers_keep_lowest_index_ties(threads: int) -> None:
     """Worker threads take row blocks in any order: exact ties across blocks still go to the lowest index."""
