@@ -67,7 +67,7 @@ _CPU_TILE_CAP = 1 << 21  # 2M elements (8 MB in float32) per worker: measured be
 _GPU_TILE_CAP = 1 << 28  # 256M elements (1 GiB in float32)
 _STANDARDIZE_CHUNK = 1 << 14  # rows standardised at a time (bounds the float64 temporary)
 _HASH_CHUNK = 1 << 14  # rows hashed / compared at a time in the duplicate search
-_CHUNK = 64  # CPU search: maxima of chunks of this many values, then the argmax inside one chunk
+_CHUNK = 64  # CPU search: maxima of chunks of this many values, then the first maximum inside one chunk
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,11 +403,11 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor 
     """Merge a tile's maxima along ``dim`` into running (value, index) vectors, in place.
 
     A tile replaces a running value only when strictly greater, and within a tile the first maximum is taken,
-    so ties keep the lowest index. On the GPU (``chunk == 0``) ``max`` with indices is fast. On the CPU
-    ``argmax`` is several times slower than the tile's matmul while ``amax`` is vectorised: values come from
-    ``amax`` and indices only for the lines that improved (after the first tiles, few do) — with
-    ``chunk > 0`` (chunk-aligned tiles) from the maxima of chunks of ``chunk`` values and one argmax inside
-    the winning chunk; with ``chunk < 0`` (tiles of any shape) from a plain argmax. ``best_i=None``: values only.
+    so ties keep the lowest index. On the GPU (``chunk == 0``) ``max`` with indices is fast. On the CPU a
+    reduction with indices costs several times one without: values come from ``amax`` and indices only for the
+    lines that improved (after the first tiles, few do) — with ``chunk > 0`` (chunk-aligned tiles) from the
+    maxima of chunks of ``chunk`` values and the first maximum inside the winning chunk; with ``chunk < 0``
+    (tiles of any shape) from the tile's first maxima. ``best_i=None``: values only.
     """
     if best_i is None:  # values only
         torch.maximum(best_v, tile.amax(dim=dim), out=best_v)
