@@ -62,3 +62,48 @@ def test_cxr_case_groups_by_patient():
     groups = build.cxr_images(build.DEFAULT_ROOT, size=16)
     assert sum(len(v) for v in groups.values()) == 16
     assert all(v.shape[1:] == (1, 16, 16) and 0.0 <= v.min() and v.max() <= 1.0 for v in groups.values())
+
+
+def test_default_detector_is_memscans_default():
+    """presets.DEFAULT follows the package: the training preset's views and temperature, the audit's default score."""
+    import inspect
+
+    from memscan.audit import FUSED_WEIGHTS, audit
+    from memscan.training import PRESETS
+
+    score = inspect.signature(audit).parameters["score"].default
+    assert presets.DEFAULT_SCORE == score and presets.DEFAULT == presets.MEMSCAN_SCORES[score]
+    for dims in (2, 3):
+        enc = presets.recipe_for(presets.DEFAULT, dims)["encoder"]
+        assert enc["augment"] == "memscan:" + PRESETS["default"][dims]["augment"]
+        assert enc["temperature"] == PRESETS["default"][dims]["temperature"]
+        assert enc["embedding_dim"] == min(128, PRESETS["default"][dims]["embedding_dim"])
+    fused = presets.MEMSCAN_SCORES["fused"]
+    assert fused["tta_flip"] and fused["pixel"] == [[4, FUSED_WEIGHTS["pixel"]]]
+    assert fused["embedding_weight"] == FUSED_WEIGHTS["embedding"]
+    assert not presets.MEMSCAN_SCORES["embedding"]["pixel"] and not presets.MEMSCAN_SCORES["embedding"]["tta_flip"]
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (6, 12, 12)])
+def test_memscan_default_views_in_the_benchmark(shape):
+    from benchmarks.detection import detectors
+
+    views = detectors.view_transform("memscan:default", len(shape), shape, seed=0)
+    img = torch.as_tensor(_blobs(1, 0, shape)[0])
+    v1, v2 = views(img)
+    assert v1.shape == v2.shape == img.shape and not torch.equal(v1, v2)
+
+
+def test_scores_of_one_encoder_share_its_training(monkeypatch):
+    from benchmarks.detection import detectors
+
+    calls = []
+    real = detectors.train_contrastive
+    monkeypatch.setattr(detectors, "train_contrastive", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tiny = {"widths": [4, 8, 8, 8], "embedding_dim": 8, "steps": 1, "batch_size": 8}
+    recipes = {name: {**r, "encoder": {**r["encoder"], **tiny}} for name, r in presets.MEMSCAN_SCORES.items()}
+    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(6, 20 + i) for i in range(3)}}
+    scores = evaluate.score_case(case, recipes, 1, ["exact"], log=lambda *_: None)
+    assert len(calls) == 1 and set(scores["detector"]) == {"embedding", "fused"}
+    by = scores.groupby("detector")["score"].apply(np.asarray)
+    assert not np.allclose(by["embedding"], by["fused"])  # same encoder, different scores

@@ -230,3 +230,73 @@ def test_transform_fingerprint_follows_every_setting():
     assert lo != transform_fingerprint(Compose([ScaleIntensityd("label", minv=0.0, maxv=1.0)]))
     for cfg in (base, PreprocessConfig.paper_3d(), PreprocessConfig(spatial_dims=3, spatial_size=8, pixdim=(1, 1, 1))):
         assert " at 0x" not in json.dumps(_describe(preprocess_transforms(cfg)), default=str)
+
+
+@pytest.mark.parametrize("family", ["elastic", "lowres"])
+@pytest.mark.parametrize("dims, size", [(2, (32, 32)), (3, (8, 16, 16))])
+def test_artefact_families_change_the_view_and_keep_its_shape(family, dims, size):
+    """elastic (MONAI Rand2DElastic / Rand3DElastic) and lowres (RandSimulateLowResolution): every applied draw
+    changes the image, shapes and dtype are kept, and the two views draw independently."""
+    cfg = PreprocessConfig(spatial_dims=dims, spatial_size=size, rotate_axis=0)
+    vt = view_transforms(cfg, families=(family,), keep_image=True)
+    for t in vt.transforms:
+        if hasattr(t, "prob"):
+            t.prob = 1.0  # apply on every draw (the preset's 0.3 is tested through the seeded chain below)
+    vt.set_random_state(seed=0)
+    grid = torch.linspace(0, 1, size[-1])
+    img = (torch.sin(8 * grid)[None, :] * torch.cos(5 * grid)[:, None]).expand(*size).clone()[None]
+    out = vt({"image": img})
+    for view in ("view1", "view2"):
+        assert tuple(out[view].shape) == (1, *size) and out[view].dtype == torch.float32
+        assert float((out[view] - img).abs().mean()) > 1e-3
+    assert not torch.equal(out["view1"], out["view2"])
+
+
+def test_artefact_view_sizes_scale_with_the_image():
+    from monai.transforms import Rand2DElasticd, Rand3DElasticd, RandGaussianSmoothd
+
+    def first(cfg, cls):
+        return [t for t in view_transforms(cfg, "default").transforms if isinstance(t, cls)][0]
+
+    small = first(PreprocessConfig(spatial_dims=2, spatial_size=64), Rand2DElasticd).rand_2d_elastic
+    large = first(PreprocessConfig(spatial_dims=2, spatial_size=256), Rand2DElasticd).rand_2d_elastic
+    assert tuple(small.deform_grid.spacing) == (12, 12) and tuple(large.deform_grid.spacing) == (48, 48)
+    assert large.deform_grid.magnitude[1] == pytest.approx(4 * small.deform_grid.magnitude[1]) == pytest.approx(6.0)
+    e3 = first(PreprocessConfig(spatial_dims=3, spatial_size=64), Rand3DElasticd).rand_3d_elastic
+    assert e3.sigma_range == (6.0, 6.0)
+    blur = first(PreprocessConfig(spatial_dims=2, spatial_size=128), RandGaussianSmoothd).rand_smooth
+    assert blur.sigma_x == pytest.approx((0.5, 2.4))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_default_views_seeded_reproducible(dims):
+    cfg = PreprocessConfig(spatial_dims=dims, spatial_size=16 if dims == 2 else (8, 16, 16))
+    img = torch.rand(1, *cfg.size, generator=torch.Generator().manual_seed(0))
+
+    def views(seed):
+        vt = view_transforms(cfg, "default", keep_image=False)
+        vt.set_random_state(seed=seed)
+        return [vt({"image": img}) for _ in range(3)]
+
+    a, b, c = views(5), views(5), views(6)
+    for x, y in zip(a, b):
+        assert set(x) == {"view1", "view2"}
+        torch.testing.assert_close(x["view1"], y["view1"])
+        torch.testing.assert_close(x["view2"], y["view2"])
+    assert any(not torch.equal(x["view1"], z["view1"]) for x, z in zip(a, c))
+
+
+def test_view_fingerprint_follows_the_families():
+    from memscan.data.transforms import transform_fingerprint
+
+    cfg = PreprocessConfig(spatial_dims=2, spatial_size=32)
+    default = transform_fingerprint(view_transforms(cfg, "default"))
+    assert default == transform_fingerprint(view_transforms(cfg, families=AUGMENT_PRESETS["default"]))
+    others = {transform_fingerprint(view_transforms(cfg, families=f)) for f in [
+        ("flip", "rotate", "affine", "contrast", "noise"),  # memscan's previous default
+        tuple(f for f in AUGMENT_PRESETS["default"] if f != "elastic"),
+        tuple(f for f in AUGMENT_PRESETS["default"] if f != "lowres"),
+        AUGMENT_PRESETS["paper"],
+    ]}
+    assert default not in others and len(others) == 4
+    assert {"elastic", "lowres"} <= set(AUGMENT_PRESETS["default"])

@@ -6,6 +6,8 @@ embeddings, fused, flip-invariant — goes through the same τ calibration and m
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -151,10 +153,24 @@ def canonical_frame(images: np.ndarray, threshold: float = 0.1) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def fit_detector(recipe: dict, train_images: np.ndarray, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
-    """Fit a recipe on the training images; returns ``features(images) -> N×D`` for Pearson matching."""
+def fit_detector(recipe: dict, train_images: np.ndarray, seed: int = 0,
+                 encoders: dict | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit a recipe on the training images; returns ``features(images) -> N×D`` for Pearson matching.
+
+    ``encoders`` (optional) caches trained encoders by (encoder settings, canonical framing, seed, training images),
+    so recipes that differ only in scoring share one training.
+    """
     prep = canonical_frame if recipe.get("canonical") else (lambda x: x)
-    net = train_contrastive(prep(train_images), recipe["encoder"], seed) if recipe.get("encoder") else None
+    net = None
+    if recipe.get("encoder"):
+        key = (json.dumps(recipe["encoder"], sort_keys=True), bool(recipe.get("canonical")), seed,
+               hashlib.sha256(np.ascontiguousarray(train_images).tobytes()).hexdigest())
+        if encoders is not None and key in encoders:
+            net = encoders[key]
+        else:
+            net = train_contrastive(prep(train_images), recipe["encoder"], seed)
+            if encoders is not None:
+                encoders[key] = net
     spatial = train_images.shape[2:]
 
     def blocks(images: np.ndarray) -> dict[str, np.ndarray]:

@@ -56,12 +56,13 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
              for s in needed for k, (f, st) in enumerate(sets)}
     rows = []
     fitted: dict = {}
+    encoders: dict = {}  # recipes that differ only in scoring train their encoder once
     for name, recipe in recipes.items():
         recipe = recipe_for(recipe, dims)
         for pi, (tr, va, un) in enumerate(perms):
             if (name, tr) not in fitted:
                 t0 = time.time()
-                fitted[(name, tr)] = fit_detector(recipe, groups[tr], seed=seed)
+                fitted[(name, tr)] = fit_detector(recipe, groups[tr], seed=seed, encoders=encoders)
                 log(f"  fitted {name} on {tr} in {time.time() - t0:.1f}s")
             feats = fitted[(name, tr)]
             f_train, f_val = feats(groups[tr]), feats(groups[va])

@@ -10,14 +10,26 @@ A recipe is a plain dict:
 
 ``PAPER`` reproduces Dar et al.'s recipe (±5° rotation + horizontal flip views, NT-Xent at T = 0.07, 128-d 2D /
 32-d 3D embedding, Pearson on the embedding alone) with the network scaled to the CPU; ``PIXEL`` is the pixel-space
-Pearson baseline; ``CANDIDATES`` are the levers measured by ``run.py --levers``; ``DEFAULT`` is the winner.
+Pearson baseline; ``CANDIDATES`` are the levers measured by ``run.py --levers``.
+
+``DEFAULT`` is exactly what memscan runs by default, derived from the package rather than copied: the views of
+``memscan.training.PRESETS["default"]`` (``augment "memscan:default"`` = ``memscan.data.view_transforms(augment=
+"default")``), its NT-Xent temperature, and the score of ``memscan.audit.audit``'s default (``"embedding"``: the
+embedding alone; ``"fused"``: flip-invariant coarse pixels + embedding with ``memscan.audit.FUSED_WEIGHTS``). Only the
+network is CPU-sized like every encoder here. ``MEMSCAN_SCORES`` holds both scores on those views (``run.py`` runs
+both, the encoder trained once).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 
-__all__ = ["PIXEL", "PAPER", "DEFAULT", "CANDIDATES", "recipe_for"]
+from memscan.audit import FUSED_WEIGHTS, audit
+from memscan.training import PRESETS
+
+__all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
+           "recipe_for"]
 
 _ENCODER = {
     "widths": [32, 64, 128, 256],
@@ -46,20 +58,46 @@ CANDIDATES: dict[str, dict] = {
     "pixel_multiscale_tta": {**PIXEL, "pixel": [[1, 1.0], [4, 1.0]], "tta_flip": True},
     "fused_tta": {"pixel": [[4, 1.0]], "encoder": {**_ENCODER, "augment": "artefacts"}, "embedding_weight": 1.0,
                   "tta_flip": True},
-    # the current memscan.training "default" preset's views and temperature (memscan.data view families)
-    "memscan_preset_default": {**PAPER, "encoder": {**_ENCODER, "augment": "memscan:default", "temperature": 0.1}},
+    # memscan's previous default family list at its T = 0.1 (the families now carry the artefact-strength parameters)
+    "memscan_preset_default": {**PAPER, "encoder": {**_ENCODER, "augment": "memscan:flip+rotate+affine+contrast+noise",
+                                                    "temperature": 0.1}},
     "fused_tta_emb2": {"pixel": [[4, 1.0]], "encoder": {**_ENCODER, "augment": "artefacts"},
                        "embedding_weight": 2.0, "tta_flip": True},
 }
 
-# the recommended memscan default, the lever study's best overall AUROC at low FPR (docs/benchmarks/detection_levers.md):
-# artefact-matched views, coarse pixels (4x downsampled) fused with the embedding at weight 1:2, flip-invariant scoring
-DEFAULT: dict = copy.deepcopy(CANDIDATES["fused_tta_emb2"])
+#: the score ``memscan audit`` uses when none is given
+DEFAULT_SCORE: str = inspect.signature(audit).parameters["score"].default
+
+
+def memscan_recipe(score: str) -> dict:
+    """memscan's default training views and temperature with one of the audit's scores (``embedding`` / ``fused``).
+
+    The temperature is the 2D preset's here; :func:`recipe_for` takes the preset of the case's dimensionality.
+    """
+    enc = {**_ENCODER, "augment": "memscan:default", "temperature": PRESETS["default"][2]["temperature"],
+           "memscan_preset": "default"}
+    if score == "embedding":
+        return {"pixel": [], "encoder": enc, "embedding_weight": 1.0, "tta_flip": False}
+    if score == "fused":  # memscan.audit.score_features: pixels at size // 4 (w 1) + embedding (w 2), flip-invariant
+        return {"pixel": [[4, FUSED_WEIGHTS["pixel"]]], "encoder": enc, "embedding_weight": FUSED_WEIGHTS["embedding"],
+                "tta_flip": True}
+    raise ValueError(f"unknown score {score!r}")
+
+
+MEMSCAN_SCORES: dict[str, dict] = {"embedding": memscan_recipe("embedding"), "fused": memscan_recipe("fused")}
+
+# what memscan runs by default (training preset "default" + the audit's default score)
+DEFAULT: dict = copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE])
 
 
 def recipe_for(recipe: dict, spatial_dims: int) -> dict:
-    """The recipe adapted to 3D: the paper's 3D embedding is 32-d."""
+    """The recipe adapted to the dimensionality: the paper's (and memscan's) 3D embedding is 32-d; a memscan preset's
+    temperature is that preset's for ``spatial_dims``."""
     r = copy.deepcopy(recipe)
-    if spatial_dims == 3 and r.get("encoder"):
-        r["encoder"]["embedding_dim"] = min(r["encoder"]["embedding_dim"], 32)
+    enc = r.get("encoder")
+    if enc:
+        if spatial_dims == 3:
+            enc["embedding_dim"] = min(enc["embedding_dim"], 32)
+        if enc.get("memscan_preset"):
+            enc["temperature"] = PRESETS[enc.pop("memscan_preset")][spatial_dims]["temperature"]
     return r

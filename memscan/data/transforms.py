@@ -33,12 +33,15 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandAdjustContrastd,
+    Rand2DElasticd,
+    Rand3DElasticd,
     RandAffined,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandRotated,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityd,
@@ -55,6 +58,7 @@ from memscan.errors import InputError
 __all__ = [
     "AUGMENT_FAMILIES",
     "AUGMENT_PRESETS",
+    "VIEW_REFERENCE_SIZE",
     "INTENSITY_MODES",
     "PreprocessConfig",
     "ToGreyd",
@@ -66,11 +70,21 @@ __all__ = [
 ]
 
 INTENSITY_MODES = ("minmax", "percentile", "ct_window")
-AUGMENT_FAMILIES = ("flip", "rotate", "affine", "contrast", "noise", "smooth", "shift")
+#: View families (one random MONAI transform each; pixel-unit sizes scale with the configured size, see
+#: :data:`VIEW_REFERENCE_SIZE`): flip (p 0.5, ``flip_axis``), rotate (±``rotate_degrees``), affine (±12° about the
+#: rotation axis, ±8% shift, ±15% zoom), contrast (gamma 0.4-2.5, p 0.5), noise (σ 5% of the range, p 0.3), smooth
+#: (Gaussian σ 0.25-1.2 px at 64², p 0.3), shift (intensity ±5%, p 0.5), elastic (2D grid 12 px / magnitude 1.5 px at
+#: 64²; 3D σ 3 / magnitude 60 at 32³; p 0.3), lowres (down-sampling to 25-60% and back, p 0.3).
+AUGMENT_FAMILIES = ("flip", "rotate", "affine", "contrast", "noise", "smooth", "shift", "elastic", "lowres")
 AUGMENT_PRESETS: dict[str, tuple[str, ...]] = {
     "paper": ("flip", "rotate"),
-    "default": ("flip", "rotate", "affine", "contrast", "noise"),
+    # views that imitate how generators reproduce training images (geometry, warps, blur, lost detail, noise, contrast):
+    # the augmentation of the recipe that beat the paper's and pixel matching in benchmarks/detection
+    "default": ("affine", "flip", "elastic", "smooth", "lowres", "noise", "contrast"),
 }
+#: image size (longest axis) at which the size-dependent view parameters below were measured (benchmarks/detection:
+#: 64² slices, 12×32² slabs); they scale with the configured size so a view deforms the anatomy alike at any size
+VIEW_REFERENCE_SIZE: dict[int, int] = {2: 64, 3: 32}
 
 
 def _size(value: int | Sequence[int], dims: int, what: str) -> tuple[int, ...]:
@@ -265,35 +279,64 @@ def preprocess_transforms(cfg: PreprocessConfig, keys: KeysCollection = "image")
 
 
 def _view_chain(key: str, families: Sequence[str], cfg: PreprocessConfig) -> list[Transform]:
+    """One view's random transforms, in ``families`` order (parameters: see :data:`AUGMENT_FAMILIES`)."""
+    dims = cfg.spatial_dims
     rad = math.radians(cfg.rotate_degrees)
+    span = cfg.range[1] - cfg.range[0]
+    k = max(cfg.size) / VIEW_REFERENCE_SIZE[dims]  # size scale of pixel-unit parameters
+    # 2D: the image plane; 3D: rotations turn about cfg.rotate_axis (MONAI's range_x/y/z rotate about axes 0/1/2)
+    axis = 0 if dims == 2 else cfg.rotate_axis
     chain: list[Transform] = []
     for fam in families:
         if fam == "flip":
             chain.append(RandFlipd(key, prob=0.5, spatial_axis=cfg.flip_axis))
         elif fam == "rotate":
-            # 2D: the image plane; 3D: about cfg.rotate_axis (MONAI's range_x/y/z rotate about axes 0/1/2)
-            axis = 0 if cfg.spatial_dims == 2 else cfg.rotate_axis
             ranges = {("range_x", "range_y", "range_z")[axis]: rad}
             chain.append(RandRotated(key, prob=1.0, keep_size=True, padding_mode="border", **ranges))
         elif fam == "affine":
+            # ±12° about the rotation axis, ±8% shift within the rotated plane, ±15% zoom
+            rotate = [0.0] * (1 if dims == 2 else 3)
+            rotate[axis] = math.radians(12.0)
+            shift = [0.0 if dims == 3 and a == axis else 0.08 * s for a, s in enumerate(cfg.size)]
             chain.append(
                 RandAffined(
                     key,
-                    prob=0.5,
-                    scale_range=[0.1] * cfg.spatial_dims,
-                    translate_range=[0.05 * s for s in cfg.size],
+                    prob=1.0,
+                    rotate_range=rotate,
+                    translate_range=shift,
+                    scale_range=[0.15] * dims,
                     padding_mode="border",
                 )
             )
+        elif fam == "elastic":
+            if dims == 2:
+                spacing = [max(2, round(12 * k)) for _ in range(2)]
+                chain.append(
+                    Rand2DElasticd(key, spacing=spacing, magnitude_range=(0.0, 1.5 * k), prob=0.3,
+                                   padding_mode="border")
+                )
+            else:
+                # the Gaussian-smoothed random field shrinks as sigma^-1.5 in 3D: magnitude k^2.5 keeps the
+                # displacement (in voxels) proportional to the size
+                chain.append(
+                    Rand3DElasticd(key, sigma_range=(3.0 * k, 3.0 * k), magnitude_range=(0.0, 60.0 * k**2.5),
+                                   prob=0.3, padding_mode="border")
+                )
+        elif fam == "lowres":
+            # down- then up-sampling: the loss of detail of an autoencoder / latent generator
+            chain.append(
+                RandSimulateLowResolutiond(key, prob=0.3, zoom_range=(0.25, 0.6),
+                                           upsample_mode="bilinear" if dims == 2 else "trilinear")
+            )
         elif fam == "contrast":
-            chain.append(RandAdjustContrastd(key, prob=0.5, gamma=(0.8, 1.25), retain_stats=True))
+            chain.append(RandAdjustContrastd(key, prob=0.5, gamma=(0.4, 2.5)))
         elif fam == "noise":
-            chain.append(RandGaussianNoised(key, prob=0.5, std=0.02 * (cfg.range[1] - cfg.range[0])))
+            chain.append(RandGaussianNoised(key, prob=0.3, std=0.05 * span))
         elif fam == "smooth":
-            sigma = (0.25, 1.0)
+            sigma = (0.25 * k, 1.2 * k)
             chain.append(RandGaussianSmoothd(key, prob=0.3, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma))
         elif fam == "shift":
-            chain.append(RandShiftIntensityd(key, offsets=0.05 * (cfg.range[1] - cfg.range[0]), prob=0.5))
+            chain.append(RandShiftIntensityd(key, offsets=0.05 * span, prob=0.5))
     return chain
 
 
@@ -311,7 +354,8 @@ def view_transforms(
 
     Args:
         cfg: preprocessing settings (dimensionality, flip axis, rotation range, intensity range).
-        augment: ``paper`` (±5° rotation + horizontal flip) or ``default`` (adds affine, contrast, noise).
+        augment: ``paper`` (±5° rotation + horizontal flip) or ``default`` (generator artefacts: affine, flip,
+            elastic warp, blur, low resolution, noise, contrast; see :data:`AUGMENT_PRESETS`).
         families: explicit augmentation families (overrides ``augment`` and ``cfg.augment_families``).
         keep_image: keep the un-augmented ``"image"`` in the output.
 
