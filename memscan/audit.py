@@ -730,7 +730,7 @@ def audit(
     n_bootstrap: int = 1000,
     seed: int = 0,
     train_overrides: Mapping[str, Any] | None = None,
-    score: str = "embedding",
+    score: str = "fused",
     precision: str = "auto",
 ) -> AuditResult:
     """Audit one or more synthetic sets for copies of the training patients (Dar et al. 2025).
@@ -760,8 +760,9 @@ def audit(
         n_bootstrap: bootstrap draws for the intervals.
         seed: seed of the controls, bootstrap, null split and k-means.
         train_overrides: extra bundle config overrides when training the encoder (e.g. ``{"arch": "resnet10"}``).
-        score: ``"embedding"`` (default: Dar et al.'s embedding correlation) or ``"fused"`` (flip-invariant pixel +
-            embedding features, see :func:`score_features`); τ and everything downstream are computed the same way.
+        score: ``"fused"`` (default: flip-invariant pixel + embedding features, see :func:`score_features`; the
+            detection benchmark's better score, docs/benchmarks/detection.md) or ``"embedding"`` (Dar et al.'s
+            embedding correlation); τ and everything downstream are computed the same way.
         precision: embedding precision, ``"auto"`` (float16 on CUDA, bfloat16 on CPUs with native bf16, else
             float32), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :func:`memscan.embed.resolve_precision`);
             the resolved one is recorded in ``summary.json``.

@@ -258,9 +258,9 @@ def test_fused_score_flags_exact_and_mirrored_copies(data2d: dict, tmp_path: Pat
     # shares its training file's entries), never a fused row
     cached = [np.load(f) for f in (out / "embeddings" / "cache").glob("*.npy")]
     assert len(cached) == 2 * (16 + 12 + 7) and all(c.shape == (128,) for c in cached)
-    # the default stays the paper's embedding score
+    # the paper's embedding score on request
     plain = audit(data2d["train"], data2d["val"], {"syn": syn}, out_dir=tmp_path / "plain", checkpoint=data2d["ckpt"],
-                  image_size=SIZE, controls=0, subject_regex=REGEX, precision="float32", **FAST)
+                  image_size=SIZE, controls=0, subject_regex=REGEX, precision="float32", score="embedding", **FAST)
     assert plain.summary["provenance"]["config"]["score"] == "embedding"
     assert plain.summary["provenance"]["config"]["precision"] == "float32"
     assert np.load(tmp_path / "plain" / "embeddings" / "train.npy").shape == (16, 128)

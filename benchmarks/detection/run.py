@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         pd.to_pickle({"scores": scores, "seconds": seconds, "command": args.command}, cached)
     sizes = {k: {s: len(a) for s, a in v["groups"].items()} for k, v in cases.items()}
     write_main(summaries, scores, sizes, args, seconds, args.out)
-    _auroc_figure(summaries, MAIN, args.out / ("detection_auroc_quick.png" if args.quick else "detection_auroc.png"))
+    _auroc_figure(summaries, [d for d in [*MAIN, ALT] if any(d in set(sm.detector) for sm in summaries.values())],
+                  args.out / ("detection_auroc_quick.png" if args.quick else "detection_auroc.png"))
     print((args.out / ("detection_quick.md" if args.quick else "detection.md")).read_text())
     if not (args.quick or args.no_generator or args.render):
         from audit_generator import run_generator_audit

@@ -39,9 +39,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="embedding precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else "
                         "float32; default), or one of them explicitly (recorded in summary.json)")
-    parser.add_argument("--score", default="embedding", metavar="MODE",
-                        help="similarity score: embedding (the paper's, default) or fused (flip-invariant pixel + "
-                             "embedding features; better on the detection benchmark)")
+    parser.add_argument("--score", default="fused", metavar="MODE",
+                        help="similarity score: fused (flip-invariant pixel + embedding features, better on the "
+                             "detection benchmark; default) or embedding (the paper's)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--controls", type=int, default=None, metavar="N",
                         help="positive controls: perturbed training images that must be caught (default 8; 0 = off)")
