@@ -33,6 +33,7 @@ from memscan.data.transforms import (
     ToGreyd,
     make_dataset,
     preprocess_transforms,
+    transform_fingerprint,
     view_transforms,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "records_to_manifest",
     "split_by_subject",
     "subject_overlap",
+    "transform_fingerprint",
     "view_transforms",
 ]
 
