@@ -14,7 +14,6 @@ import functools
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +107,9 @@ class EmbeddingInferer(SimpleInferer):
                 self._formatted.add(id(network))
             inputs = inputs.contiguous(memory_format=fmt)
         # oneDNN gets a few bf16 conv shapes wrong, often finitely (pytorch/pytorch#169688): those run in float32
-        from memscan.training import Float32UnsafeConvs
+        from memscan.training import low_precision
 
-        guard = Float32UnsafeConvs() if inputs.device.type == "cpu" else nullcontext()
-        with torch.autocast(inputs.device.type, dtype=getattr(torch, precision)), guard:
+        with low_precision(inputs.device.type, getattr(torch, precision)):
             out = super().__call__(inputs, network, *args, **kwargs)
         out = out.float()
         if not bool(torch.isfinite(out).all()):

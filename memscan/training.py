@@ -22,8 +22,8 @@ import logging
 import os
 import random
 import re
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ __all__ = [
     "AutocastInferer",
     "bf16_conv_is_unsafe",
     "Float32UnsafeConvs",
+    "low_precision",
     "gather_with_grad",
     "NTXentLoss",
     "collapse_metrics",
@@ -295,6 +296,14 @@ class Float32UnsafeConvs(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextmanager
+def low_precision(device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """``torch.autocast(device_type, dtype)``, on the CPU with :class:`Float32UnsafeConvs` inside: the one way
+    memscan enters mixed precision (training and embedding inferers)."""
+    with torch.autocast(device_type, dtype=dtype), (Float32UnsafeConvs() if device_type == "cpu" else nullcontext()):
+        yield
+
+
 class AutocastInferer(SimpleInferer):
     """``SimpleInferer`` under ``torch.autocast`` for one device type (default: bfloat16 on the CPU).
 
@@ -316,8 +325,7 @@ class AutocastInferer(SimpleInferer):
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled or inputs.device.type != self.device_type or not _native_low_precision(self.device_type):
             return super().__call__(inputs, network, *args, **kwargs)
-        guard = Float32UnsafeConvs() if self.device_type == "cpu" else nullcontext()
-        with torch.autocast(self.device_type, dtype=self.dtype), guard:
+        with low_precision(self.device_type, self.dtype):
             out = super().__call__(inputs, network, *args, **kwargs)
         return out.float() if isinstance(out, torch.Tensor) else out
 
