@@ -784,7 +784,7 @@ def audit(
 
     started = time.time()
     _check_args(percentile, controls, fail_above, batch_size, score)
-    resolve_precision(precision, resolve_device(device))  # a bad precision or device fails before any work
+    used_precision = resolve_precision(precision, resolve_device(device))  # a bad value fails before any work
     sources = _synthetic_sources(synthetic)
     out = Path(out_dir).expanduser().resolve()
     export_dir = None if export_clean is None else Path(export_clean).expanduser().resolve()
@@ -1004,7 +1004,7 @@ def audit(
                 "batch_size": int(batch_size), "n_bootstrap": int(n_bootstrap), "seed": int(seed),
                 "epochs": epochs, "layout": layout, "subject_regex": subject_regex, "strict": bool(strict),
                 "fail_above": fail_above, "score": score,
-                "precision": resolve_precision(precision, resolve_device(device)),
+                "precision": used_precision,
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),
                                 "n_skipped": int(len(s.skipped)),
