@@ -30,6 +30,7 @@ from memscan.data.transforms import transform_fingerprint
 from memscan.errors import InputError
 from memscan.io import save_npy_atomic, write_csv_atomic
 from memscan.metrics import resolve_device
+from memscan.parallel import intra_op_threads
 
 __all__ = [
     "PRECISIONS",
@@ -302,11 +303,8 @@ class _LoaderTransform:
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         from monai.data import get_track_meta, set_track_meta
 
-        threads = torch.get_num_threads()
-        if self.single_thread and threads > 1:
-            # per-image ops are too small to split: 2+ threads only wait on each other (much worse on busy cores)
-            torch.set_num_threads(1)
-        try:
+        # per-image ops are too small to split: 2+ threads only wait on each other (much worse on busy cores)
+        with intra_op_threads(1 if self.single_thread else torch.get_num_threads()):
             out = self.head(data)
             if self.tail is not None:
                 out = dict(out)
@@ -318,9 +316,6 @@ class _LoaderTransform:
                     out = self.tail(out)
                 finally:
                     set_track_meta(tracking)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
         image = out["image"]
         return {"image": image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)}
 

@@ -1,0 +1,52 @@
+"""Tests of memscan.parallel: task order, errors, and the intra-op thread count."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from memscan.parallel import intra_op_threads, run_concurrently
+
+
+def test_intra_op_threads_restores_the_count_even_on_error() -> None:
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"):
+        with intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_run_concurrently_keeps_order_and_uses_threads() -> None:
+    names: list[str] = []
+    lock = threading.Lock()
+
+    def task(i: int):
+        def run() -> int:
+            with lock:
+                names.append(threading.current_thread().name)
+            return i * i
+        return run
+
+    before = torch.get_num_threads()
+    assert run_concurrently([task(i) for i in range(5)], workers=2) == [0, 1, 4, 9, 16]
+    assert all(name.startswith("memscan") for name in names)
+    assert torch.get_num_threads() == before
+    names.clear()
+    assert run_concurrently([task(3)], workers=4) == [9]  # one task: on the caller's thread
+    assert names == [threading.current_thread().name]
+
+
+def test_run_concurrently_tasks_see_one_intra_op_thread_and_errors_propagate() -> None:
+    seen = run_concurrently([torch.get_num_threads, torch.get_num_threads], workers=2)
+    assert seen == [1, 1]
+
+    def fail() -> None:
+        raise ValueError("bad task")
+
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="bad task"):
+        run_concurrently([lambda: 1, fail], workers=2)
+    assert torch.get_num_threads() == before
