@@ -31,7 +31,6 @@ import threading
 import warnings
 import zipfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -43,6 +42,7 @@ import torch
 from memscan import __version__
 from memscan.errors import InputError
 from memscan.io import write_csv_atomic, write_json_atomic
+from memscan.parallel import intra_op_threads, run_concurrently
 
 __all__ = [
     "resolve_device",
@@ -65,9 +65,9 @@ ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
 _CPU_TILE_CAP = 1 << 21  # 2M elements (8 MB in float32) per worker: measured best of 512-2048-row tiles (bench_metrics)
 _GPU_TILE_CAP = 1 << 28  # 256M elements (1 GiB in float32)
-_STANDARDIZE_CHUNK = 1 << 14  # rows standardised at a time (bounds the float64 temporary)
+_STANDARDIZE_CHUNK = 2048  # rows standardised at a time: the float64 temporary stays in cache (measured 2048 best)
 _HASH_CHUNK = 1 << 14  # rows hashed / compared at a time in the duplicate search
-_CHUNK = 64  # CPU search: maxima of chunks of this many values, then the first maximum inside one chunk
+_CHUNK = 128  # CPU search: maxima of chunks of this many values, then the first maximum inside one chunk
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,11 +186,12 @@ def validate_embeddings(array: ArrayLike, source: str | Path = "embeddings") -> 
         raise InputError(source, "no samples (0 rows)")
     if arr.shape[1] == 0:
         raise InputError(source, "embeddings have 0 features")
-    finite = np.isfinite(arr).all(axis=1)
+    lo, hi = _row_range(arr)  # NaN propagates into both, an infinity into one: a single pass checks both
+    finite = np.isfinite(lo) & np.isfinite(hi)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
         raise InputError(source, "embedding contains NaN or Inf", row=row)
-    constant = _constant_rows(arr)
+    constant = lo == hi
     if constant.any():
         row = int(np.flatnonzero(constant)[0])
         raise InputError(source, "embedding has zero variance (all features equal): correlation is undefined",
@@ -198,15 +199,16 @@ def validate_embeddings(array: ArrayLike, source: str | Path = "embeddings") -> 
     return arr
 
 
-def _constant_rows(arr: np.ndarray) -> np.ndarray:
-    """Rows whose features are all equal (``torch.aminmax`` is one pass, twice as fast as numpy's max and min)."""
+def _row_range(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (min, max), NaN where the row holds a NaN (``torch.aminmax`` is one pass, twice as fast as
+    numpy's max and min)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only arrays (memory maps): only read here
             lo, hi = torch.aminmax(torch.from_numpy(arr), dim=1)
-        return (lo == hi).numpy()
+        return lo.numpy(), hi.numpy()
     except (ValueError, RuntimeError, TypeError):  # layouts torch cannot view (negative strides)
-        return arr.max(axis=1) == arr.min(axis=1)
+        return arr.min(axis=1), arr.max(axis=1)
 
 
 def load_embeddings(path: str | Path) -> np.ndarray:
@@ -354,7 +356,8 @@ def _standardize(x: ArrayLike, device: torch.device, dtype: torch.dtype, pad_to:
     """
     if not isinstance(x, torch.Tensor):  # torch views C-ordered writeable arrays; others (reversed, memmap) copy
         x = torch.from_numpy(np.require(np.asarray(x), requirements=["C", "W"]))
-    out = torch.zeros((-(-x.shape[0] // pad_to) * pad_to, x.shape[1]), dtype=dtype, device=device)
+    out = torch.empty((-(-x.shape[0] // pad_to) * pad_to, x.shape[1]), dtype=dtype, device=device)
+    out[x.shape[0]:] = 0
     for start in range(0, x.shape[0], _STANDARDIZE_CHUNK):
         chunk = x[start:start + _STANDARDIZE_CHUNK].detach().to(device="cpu", dtype=torch.float64, copy=True)
         chunk -= chunk.mean(dim=1, keepdim=True)
@@ -404,10 +407,11 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor 
 
     A tile replaces a running value only when strictly greater, and within a tile the first maximum is taken,
     so ties keep the lowest index. On the GPU (``chunk == 0``) ``max`` with indices is fast. On the CPU a
-    reduction with indices costs several times one without: values come from ``amax`` and indices only for the
-    lines that improved (after the first tiles, few do) — with ``chunk > 0`` (chunk-aligned tiles) from the
-    maxima of chunks of ``chunk`` values and the first maximum inside the winning chunk; with ``chunk < 0``
-    (tiles of any shape) from the tile's first maxima. ``best_i=None``: values only.
+    reduction with indices costs several times one without, so with ``chunk > 0`` (chunk-aligned tiles) one pass
+    takes the maxima of chunks of ``chunk`` values and ``best_i`` receives the global index of the first chunk
+    holding the maximum (:func:`_locate_in_chunks` finds the position inside it once the search is done); with
+    ``chunk < 0`` (tiles of any shape) indices come from the tile's first maxima, for the lines that improved.
+    ``best_i=None``: values only.
     """
     if best_i is None:  # values only
         torch.maximum(best_v, tile.amax(dim=dim), out=best_v)
@@ -418,47 +422,57 @@ def _update_best(tile: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor 
         best_v.copy_(torch.where(better, v, best_v))
         best_i.copy_(torch.where(better, i + offset, best_i))
         return
-    if chunk > 0:  # chunk maxima in the single pass that also gives the values
-        width = tile.shape[1]
+    if chunk > 0:  # chunk maxima (lines × chunks, or chunks × lines for columns) in one pass over the tile
         if dim == 1:
-            chunk_max = tile.view(tile.shape[0], -1, chunk).amax(dim=2)  # lines × chunks
-            v = chunk_max.amax(dim=1)
+            chunk_max = tile.view(tile.shape[0], -1, chunk).amax(dim=2)
         else:
-            chunk_max = tile.view(-1, chunk, width).amax(dim=1)  # chunks × lines (contiguous)
-            v = chunk_max.amax(dim=0)
-    else:
-        v = tile.amax(dim=dim)
+            chunk_max = tile.view(-1, chunk, tile.shape[1]).amax(dim=1)
+        v, c = chunk_max.max(dim=dim)  # small: a chunk's worth of values per line
+        better = v > best_v
+        best_v.copy_(torch.where(better, v, best_v))
+        best_i.copy_(torch.where(better, c + offset // chunk, best_i))
+        return
+    v = tile.amax(dim=dim)
     lines = torch.nonzero(v > best_v).squeeze(1)
     if lines.numel() == 0:
         return
-    if chunk > 0:  # first chunk holding the line's maximum, then the first maximum inside it
-        # max(dim).indices gives the first maximum like argmax but runs several times faster on the CPU;
-        # many lines: gathers over the full tile (rows read contiguously); few lines: flat gathers of their chunk
-        many = lines.numel() * 8 >= v.numel()
-        if dim == 1:
-            if many:
-                first = chunk_max.max(dim=1).indices
-                t3 = tile.view(tile.shape[0], -1, chunk)
-                inside = t3.gather(1, first.view(-1, 1, 1).expand(-1, 1, chunk)).squeeze(1)  # lines × chunk
-                i = (first * chunk + inside.max(dim=1).indices)[lines]
-            else:
-                first = chunk_max.index_select(0, lines).max(dim=1).indices
-                flat = (lines * width + first * chunk)[:, None] + torch.arange(chunk, device=tile.device)
-                i = first * chunk + tile.view(-1).take(flat).max(dim=1).indices
-        elif many:
-            first = chunk_max.max(dim=0).indices  # per column
-            inside = tile.view(-1, chunk, width).gather(0, first.view(1, 1, -1).expand(1, chunk, -1)).squeeze(0)
-            i = (first * chunk + inside.max(dim=0).indices)[lines]
-        else:
-            first = chunk_max.index_select(1, lines).max(dim=0).indices
-            flat = (first * (chunk * width) + lines)[:, None] + torch.arange(chunk, device=tile.device) * width
-            i = first * chunk + tile.view(-1).take(flat).max(dim=1).indices
-    elif lines.numel() == v.numel():
+    if lines.numel() == v.numel():
         i = tile.max(dim=dim).indices
     else:
         i = tile.index_select(1 - dim, lines).max(dim=dim).indices
     best_v[lines] = v[lines]
     best_i[lines] = i + offset
+
+
+def _locate_in_chunks(query: torch.Tensor, reference: torch.Tensor, best_c: torch.Tensor, chunk: int, m: int,
+                      q_codes: torch.Tensor | None, r_codes: torch.Tensor | None) -> torch.Tensor:
+    """Reference index of each query line's maximum, given the first ``chunk``-row block of ``reference`` holding
+    it (``best_c``, ``-1`` where every pair was excluded): the line's products with that block are computed again
+    (lines grouped by block, one small matmul each) and the first maximum taken. Padding rows (``>= m``) and
+    excluded pairs count as -inf, as in the tiles.
+    """
+    # locating maxima afterwards costs ~n*chunk*d FLOPs; tracking them per tile cost ~25% of the search
+    out = torch.full_like(best_c, -1)
+    lines = torch.nonzero(best_c >= 0).squeeze(1)
+    if lines.numel() == 0:
+        return out
+    blocks = best_c[lines]
+    order = torch.argsort(blocks, stable=True)
+    lines, blocks = lines[order], blocks[order]
+    ids, counts = torch.unique_consecutive(blocks, return_counts=True)
+    offsets = torch.arange(chunk, device=best_c.device)
+    start = 0
+    for c, count in zip(ids.tolist(), counts.tolist()):
+        rows = lines[start:start + count]
+        start += count
+        cols = c * chunk + offsets
+        products = query.index_select(0, rows) @ reference[c * chunk:(c + 1) * chunk].T
+        if (c + 1) * chunk > m:
+            products[:, cols >= m] = -math.inf
+        if q_codes is not None and r_codes is not None:
+            products.masked_fill_(q_codes[rows, None] == r_codes[None, cols], -math.inf)
+        out[rows] = cols[products.max(dim=1).indices]
+    return out
 
 
 def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_codes: np.ndarray | None = None,
@@ -527,27 +541,24 @@ def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_c
                     _update_best(tile, col_v[r0:r1], col_i[r0:r1] if indices else None, q0, dim=0, chunk=chunk)
 
     workers = max(1, min(int(workers), -(-nq // bq)))
-    if workers == 1:
-        results = [work()]
-    else:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memscan-search") as pool:
-                results = [f.result() for f in [pool.submit(work) for _ in range(workers)]]
-        finally:
-            torch.set_num_threads(threads)
+    results = run_concurrently([work] * workers, workers)
+    in_chunks = chunk > 0 and k == 1 and indices  # running indices are chunk indices until located
     row_v, row_i = row_v[:n], row_i[:n]
     row_i[torch.isneginf(row_v)] = -1
     col_v = col_i = None
     if columns:
         col_v, col_i = results[0]
-        for other_v, other_i in results[1:]:  # higher value wins; equal values: the lower query index
+        for other_v, other_i in results[1:]:  # higher value wins; equal values: the lower query index (or chunk)
             take = (other_v > col_v) | ((other_v == col_v) & (other_i >= 0) & ((other_i < col_i) | (col_i < 0)))
             col_v = torch.where(take, other_v, col_v)
             col_i = torch.where(take, other_i, col_i)
         col_v, col_i = col_v[:m], col_i[:m]
         col_i[torch.isneginf(col_v)] = -1
+    if in_chunks:
+        with intra_op_threads(1):  # small ops: one thread beats two that wait on each other
+            row_i = _locate_in_chunks(q, r, row_i[:, 0], chunk, m, qc, rc)[:, None]
+            if columns:
+                col_i = _locate_in_chunks(r, q, col_i, chunk, n, rc, qc)
     return row_v, row_i, col_v, col_i
 
 
@@ -622,21 +633,26 @@ def _exact_search(query: np.ndarray, reference: np.ndarray, k: int, *, q_codes: 
     Returns float64 values and int64 indices (``-1`` where every pair was excluded; all ``-1`` for k=1 when
     ``indices`` is False, which skips locating the maxima).
     """
-    q_first, q_inv = _unique_rows(query, q_codes)
-    r_first, r_inv = _unique_rows(reference, r_codes)
-    k_eff = int(min(k, len(r_first)))
-    block = _block_shape(len(q_first), len(r_first), device, dtype, block_size)
     if device.type != "cpu":
         chunk = 0
+    elif block_size is None or all(int(b) % _CHUNK == 0 for b in np.atleast_1d(block_size)):
+        chunk = _CHUNK  # chosen tiles are always chunk-aligned; given ones when both sizes are
     else:
-        chunk = _CHUNK if block[0] % _CHUNK == 0 and block[1] % _CHUNK == 0 else -1
+        chunk = -1
     pad = max(chunk, 1)
+
+    def prepare(x: np.ndarray, codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        first, inverse = _unique_rows(x, codes)
+        distinct = x if len(first) == len(x) else x[first]  # no copy in the usual case
+        return first, inverse, _standardize(distinct, device, dtype, pad)
+
+    # in turn: side by side on one thread each measured slower (numpy's hashing holds the GIL, memory-bound steps)
+    (q_first, q_inv, q_std), (r_first, r_inv, r_std) = prepare(query, q_codes), prepare(reference, r_codes)
+    k_eff = int(min(k, len(r_first)))
+    block = _block_shape(len(q_first), len(r_first), device, dtype, block_size)
     logger.debug("search %d x %d distinct vectors (k=%d) on %s in %s tiles of %d x %d", len(q_first), len(r_first),
                  k_eff, device, dtype, *block)
-    distinct_q = query if len(q_first) == len(query) else query[q_first]  # no copy in the usual case
-    distinct_r = reference if len(r_first) == len(reference) else reference[r_first]
-    rv, ri, cv, ci = _search(_standardize(distinct_q, device, dtype, pad),
-                             _standardize(distinct_r, device, dtype, pad), k_eff, n=len(q_first),
+    rv, ri, cv, ci = _search(q_std, r_std, k_eff, n=len(q_first),
                              m=len(r_first), q_codes=None if q_codes is None else q_codes[q_first],
                              r_codes=None if r_codes is None else r_codes[r_first], block=block, columns=columns,
                              chunk=chunk, indices=indices or k_eff > 1,

@@ -138,7 +138,7 @@ def test_ties_go_to_lowest_index_across_block_boundaries() -> None:
             assert v[0, 0] == v[0, 1] == v[0, 2]
 
 
-@pytest.mark.parametrize("block", [(64, 128), (128, 64), (64, 64), None, (50, 70)])
+@pytest.mark.parametrize("block", [(128, 256), (256, 128), (128, 128), None, (64, 64), (50, 70)])
 def test_chunked_cpu_search_exact_across_tiles(block) -> None:
     """Multi-tile CPU search (chunked maxima, padding rows) with exact ties spread over tiles, both directions."""
     rng = np.random.default_rng(21)
@@ -175,23 +175,25 @@ def test_search_accepts_any_array_layout(tmp_path) -> None:
             np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_cpu_search_workers_keep_lowest_index_ties(threads: int) -> None:
-    """Worker threads take row blocks in any order: exact ties across blocks still go to the lowest index."""
+def test_cpu_search_workers_keep_lowest_index_ties(threads: int, block: int) -> None:
+    """Worker threads take row blocks in any order: exact ties across blocks, and inside one chunk of the chunked
+    search (rows 10 and 20, synthetic 7 and 123), still go to the lowest index."""
     rng = np.random.default_rng(5)
     v = rng.normal(size=16)
     train = rng.normal(size=(400, 16))
-    train[[10, 150, 290, 399]] = [v, 2 * v, 4 * v, 8 * v]  # distinct rows (no dedup), identical once standardised
+    train[[10, 20, 150, 290, 399]] = [v, 0.25 * v, 2 * v, 4 * v, 8 * v]  # distinct rows, identical once standardised
     syn = rng.normal(size=(300, 16))
     syn[[7, 123, 250]] = [v, 0.5 * v, 16 * v]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        qv, qi, rv, ri = metrics.best_matches(train, syn, device="cpu", dtype="float32", block_size=64)
+        qv, qi, rv, ri = metrics.best_matches(train, syn, device="cpu", dtype="float32", block_size=block)
     finally:
         torch.set_num_threads(before)
     assert torch.get_num_threads() == before
-    assert qi[[10, 150, 290, 399]].tolist() == [7, 7, 7, 7]
+    assert qi[[10, 20, 150, 290, 399]].tolist() == [7, 7, 7, 7, 7]
     assert ri[[7, 123, 250]].tolist() == [10, 10, 10]
     c = corr(train, syn)
     np.testing.assert_allclose(qv, c.max(axis=1), atol=1e-5)
