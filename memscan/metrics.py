@@ -460,18 +460,21 @@ def _locate_in_chunks(query: torch.Tensor, reference: torch.Tensor, best_c: torc
     order = torch.argsort(blocks, stable=True)
     lines, blocks = lines[order], blocks[order]
     ids, counts = torch.unique_consecutive(blocks, return_counts=True)
-    offsets = torch.arange(chunk, device=best_c.device)
+    sorted_q = query.index_select(0, lines)  # one gather; the loop then takes contiguous slices
+    position = torch.empty_like(lines)
+    best = torch.empty(len(lines), dtype=query.dtype, device=query.device)
     start = 0
     for c, count in zip(ids.tolist(), counts.tolist()):
-        rows = lines[start:start + count]
-        start += count
-        cols = c * chunk + offsets
-        products = query.index_select(0, rows) @ reference[c * chunk:(c + 1) * chunk].T
+        end = start + count
+        products = sorted_q[start:end] @ reference[c * chunk:(c + 1) * chunk].T
         if (c + 1) * chunk > m:
-            products[:, cols >= m] = -math.inf
+            products[:, m - c * chunk:] = -math.inf
         if q_codes is not None and r_codes is not None:
-            products.masked_fill_(q_codes[rows, None] == r_codes[None, cols], -math.inf)
-        out[rows] = cols[products.max(dim=1).indices]
+            products.masked_fill_(q_codes[lines[start:end], None] == r_codes[None, c * chunk:(c + 1) * chunk],
+                                  -math.inf)
+        torch.max(products, dim=1, out=(best[start:end], position[start:end]))
+        start = end
+    out[lines] = blocks * chunk + position
     return out
 
 
@@ -582,8 +585,12 @@ def _unique_rows(x: np.ndarray, codes: np.ndarray | None) -> tuple[np.ndarray, n
         hashes[s:s + _HASH_CHUNK] = (words.view(np.uint64) * weights).sum(axis=1)  # wraps modulo 2**64
     if codes is not None:
         hashes ^= codes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    inverse = pd.factorize(hashes)[0].astype(np.int64)  # codes in order of first appearance
-    first = np.unique(inverse, return_index=True)[1]
+    inverse, uniques = pd.factorize(hashes)  # codes in order of first appearance
+    inverse = inverse.astype(np.int64, copy=False)
+    if len(uniques) == n:  # the usual case: no duplicate
+        return np.arange(n), inverse
+    order = np.argsort(inverse, kind="stable")  # rows by code, each code's rows in index order
+    first = order[np.r_[0, np.flatnonzero(np.diff(inverse[order])) + 1]]
     if len(first) < n:  # verify the groups: equal values (and codes) as the group's first row
         for s in range(0, n, _HASH_CHUNK):
             rep = first[inverse[s:s + _HASH_CHUNK]]
