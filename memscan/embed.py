@@ -80,7 +80,11 @@ def resolve_precision(precision: str | None = "auto", device: str | torch.device
 
 
 class EmbeddingInferer(SimpleInferer):
-    """``SimpleInferer`` for embedding: autocast to ``precision``, channels-last inputs, float32 outputs.
+    """``SimpleInferer`` for embedding: batch norms folded, autocast to ``precision``, channels-last inputs, float32
+    outputs.
+
+    An eval-mode network runs as a copy with each batch norm folded into its convolution
+    (:func:`memscan.networks.fold_batch_norm`: same function, ~20% faster); the network itself is left untouched.
 
     MONAI engines' ``amp`` flag autocasts on CUDA only; this inferer autocasts on the inputs' device type, so a CPU
     with native bfloat16 gets mixed precision too. Under low precision the network and its inputs use the
@@ -96,9 +100,23 @@ class EmbeddingInferer(SimpleInferer):
         super().__init__()
         self.precision = precision
         self._formatted: set[int] = set()
+        self._folded: tuple[nn.Module, tuple[int, ...], nn.Module] | None = None  # (network, weight versions, copy)
+
+    def _inference_network(self, network: Any) -> Any:
+        """``network`` with batch norms folded into its convolutions (:func:`memscan.networks.fold_batch_norm`),
+        remade whenever its weights change in place (an optimizer step between two evaluations)."""
+        if not isinstance(network, nn.Module) or network.training:
+            return network
+        versions = tuple(t._version for t in (*network.parameters(), *network.buffers()))
+        if self._folded is None or self._folded[0] is not network or self._folded[1] != versions:
+            from memscan.networks import fold_batch_norm
+
+            self._folded = (network, versions, fold_batch_norm(network))
+        return self._folded[2]
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         precision = resolve_precision(self.precision, inputs.device)
+        network = self._inference_network(network)
         if precision == "float32":
             return super().__call__(inputs, network, *args, **kwargs).float()
         fmt = torch.channels_last if inputs.ndim == 4 else torch.channels_last_3d if inputs.ndim == 5 else None

@@ -233,3 +233,34 @@ def test_loader_transform_runs_plain_tensors_without_changing_values(images, tin
         causes.append(causes[-1].__cause__)
     assert any("boom" in str(c) for c in causes)
     assert get_track_meta()  # restored after the failure
+
+
+def test_inferer_folds_batch_norm_without_touching_the_network() -> None:
+    """The inferer runs a batch-norm-folded copy: same outputs, the network unchanged, remade after a weight
+    update in place (an optimizer step between evaluations)."""
+    from memscan.embed import EmbeddingInferer
+
+    torch.manual_seed(0)
+    net = build_encoder(2, "resnet10", 8)
+    with torch.no_grad():  # non-trivial running statistics, so folding changes the weights
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    net.eval()
+    x = torch.randn(3, 1, 32, 32)
+    inferer = EmbeddingInferer("float32")
+    with torch.inference_mode():
+        expected = net(x)
+        got = inferer(x, net)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    folded = inferer._folded[2]
+    assert folded is not net
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    with torch.no_grad():
+        next(net.parameters()).mul_(2.0)  # in place, like an optimizer step
+    with torch.inference_mode():
+        np.testing.assert_allclose(inferer(x, net).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert inferer._folded[2] is not folded
