@@ -300,3 +300,22 @@ def test_view_fingerprint_follows_the_families():
     ]}
     assert default not in others and len(others) == 4
     assert {"elastic", "lowres"} <= set(AUGMENT_PRESETS["default"])
+
+
+def test_anti_aliased_resize_averages_on_reduction_and_interpolates_on_enlargement() -> None:
+    """A reduction is area averaging (each output pixel the mean of the block it covers); an enlargement (or a
+    mixed shape) interpolates; 2D and 3D share the path."""
+    from memscan.data.transforms import AntiAliasedResized
+
+    rng = np.random.default_rng(0)
+    img = torch.as_tensor(rng.random((1, 8, 12)), dtype=torch.float32)
+    out = AntiAliasedResized("image", (4, 6))({"image": img})["image"]
+    blocks = img.reshape(1, 4, 2, 6, 2).mean(dim=(2, 4))
+    np.testing.assert_allclose(np.asarray(out), blocks.numpy(), rtol=1e-5, atol=1e-6)
+    grown = AntiAliasedResized("image", (16, 6))({"image": img})["image"]  # one axis grows: interpolation
+    assert tuple(grown.shape) == (1, 16, 6)
+    assert float(grown.min()) >= float(img.min()) - 1e-6 and float(grown.max()) <= float(img.max()) + 1e-6
+    vol = torch.as_tensor(rng.random((1, 4, 8, 8)), dtype=torch.float32)
+    small = AntiAliasedResized("image", (2, 4, 4), mode="trilinear")({"image": vol})["image"]
+    np.testing.assert_allclose(np.asarray(small), vol.reshape(1, 2, 2, 4, 2, 4, 2).mean(dim=(2, 4, 6)).numpy(),
+                               rtol=1e-5, atol=1e-6)

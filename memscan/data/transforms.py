@@ -42,7 +42,7 @@ from monai.transforms import (
     RandRotated,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
-    Resized,
+    Resize,
     ResizeWithPadOrCropd,
     ScaleIntensityd,
     ScaleIntensityRanged,
@@ -63,6 +63,7 @@ __all__ = [
     "PreprocessConfig",
     "ToGreyd",
     "EnsureSpatialDimsd",
+    "AntiAliasedResized",
     "preprocess_transforms",
     "view_transforms",
     "make_dataset",
@@ -222,14 +223,40 @@ class EnsureSpatialDimsd(MapTransform):
         return d
 
 
+class AntiAliasedResized(MapTransform):
+    """Resize to ``spatial_size`` with anti-aliasing, the filter chosen per image: area averaging (MONAI ``Resize``
+    ``mode="area"``: each output voxel the mean of the input voxels it covers, the exact box filter of a reduction)
+    when no axis grows, else ``mode`` interpolation after MONAI's Gaussian anti-aliasing.
+
+    Written because MONAI's ``Resized`` applies one mode to every input; the Gaussian filter costs ~6 ms of a
+    512² → 256² image's ~10 ms of preprocessing, area averaging ~0.5 ms.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], mode: str = "bilinear",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.mode = mode
+        self._reduce = Resize(self.spatial_size, mode="area")
+        self._enlarge = Resize(self.spatial_size, mode=mode, anti_aliasing=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            shape = tuple(int(s) for s in d[key].shape[1:])
+            reduces = all(s >= t for s, t in zip(shape, self.spatial_size))
+            d[key] = (self._reduce if reduces else self._enlarge)(d[key])
+        return d
+
+
 def preprocess_transforms(cfg: PreprocessConfig, keys: KeysCollection = "image") -> Compose:
     """Deterministic preprocessing: load, one grey channel, orientation/spacing (3D), intensity, size.
 
     Order: ``LoadImaged`` (explicit readers) → ``EnsureChannelFirstd`` → :class:`ToGreyd` →
     :class:`EnsureSpatialDimsd` → [3D: ``Orientationd``, ``Spacingd``] → intensity (``ScaleIntensityd`` /
     ``ScaleIntensityRangePercentilesd`` / ``ScaleIntensityRanged``) → [``ResizeWithPadOrCropd(crop_pad_size)``] →
-    ``Resized`` (then min-max again) or ``ResizeWithPadOrCropd`` → float32. Padding uses the lowest output
-    intensity (background).
+    :class:`AntiAliasedResized` (then min-max again) or ``ResizeWithPadOrCropd`` → float32. Padding uses the lowest
+    output intensity (background).
 
     Args:
         cfg: the settings.
@@ -269,7 +296,7 @@ def preprocess_transforms(cfg: PreprocessConfig, keys: KeysCollection = "image")
         xs.append(ResizeWithPadOrCropd(keys, _size(cfg.crop_pad_size, cfg.spatial_dims, "crop_pad_size"), value=lo))
     if cfg.resize:
         mode = "bilinear" if cfg.spatial_dims == 2 else "trilinear"
-        xs.append(Resized(keys, cfg.size, mode=mode, anti_aliasing=True))
+        xs.append(AntiAliasedResized(keys, cfg.size, mode=mode))
         if cfg.intensity == "minmax":
             xs.append(ScaleIntensityd(keys, minv=lo, maxv=hi))  # anti-aliasing narrows the range: restore it exactly
     else:
