@@ -5,7 +5,8 @@ Side by side in one run, same encoder (memscan's default 2D preset: ResNet-18, 1
 * **seed's way** — what the paper's scripts do: one image at a time, decoded with PIL, min-max normalised in NumPy,
   resized with torch, one forward pass per image, no DataLoader;
 * **memscan** — :func:`memscan.embed.embed_images`: MONAI preprocessing through a DataLoader (one intra-op thread per
-  image, plain tensors), batched forward passes under ``inference_mode``, in float32 and in its ``auto`` precision
+  image, plain tensors, area-averaged resize), batched forward passes of the batch-norm-folded encoder under
+  ``inference_mode``, in float32 and in its ``auto`` precision
   (bfloat16 autocast + channels-last on a CPU with native bfloat16; AMP and pinned memory on a GPU), with 0 and 1
   loader workers, and on one intra-op thread (on busy cores both sides do best on one thread, so the seed gets that
   row too and every ratio is taken against the faster seed row);
@@ -172,15 +173,17 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
     from memscan.embed import EmbeddingInferer, _LoaderTransform  # the loader's per-image step
 
     prep = _LoaderTransform(preprocess, single_thread=True)
-    t0 = time.perf_counter()
-    batch = torch.stack([prep(dict(r))["image"] for r in records[:batch_size]])
-    t_prep = (time.perf_counter() - t0) / len(batch)
+    t_prep = t_net = float("inf")
     inferer, v_net = EmbeddingInferer(auto), nets[default]
-    with torch.inference_mode():
-        inferer(batch, v_net)
+    for _ in range(3):  # best of 3, like the rows above
         t0 = time.perf_counter()
-        inferer(batch, v_net)
-        t_net = (time.perf_counter() - t0) / len(batch)
+        batch = torch.stack([prep(dict(r))["image"] for r in records[:batch_size]])
+        t_prep = min(t_prep, (time.perf_counter() - t0) / len(batch))
+        with torch.inference_mode():
+            inferer(batch, v_net)  # first call: folds the batch norms, formats the copy
+            t0 = time.perf_counter()
+            inferer(batch, v_net)
+            t_net = min(t_net, (time.perf_counter() - t0) / len(batch))
 
     t_seed = t_seed_default = min(times["seed"])
     lines = [
@@ -208,7 +211,7 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
                  f"{t_seed / n / t_net:.1f}× the seed")
     agree = _row_corr(outs["seed"], outs[variants[0]])
     lines.append(f"  agreement seed vs memscan float32 (row Pearson r): min {agree.min():.4f}, mean {agree.mean():.4f} "
-                 f"(MONAI's Gaussian anti-aliasing vs torch's)")
+                 f"(memscan's area averaging vs the seed's anti-aliased bilinear resize)")
     if auto != "float32":
         low = _row_corr(outs[variants[0]], outs[default])
         lines.append(f"  agreement memscan {auto} vs float32 (row Pearson r): min {low.min():.5f}, "
