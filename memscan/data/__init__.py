@@ -28,6 +28,7 @@ from memscan.data.subjects import split_by_subject, subject_overlap
 from memscan.data.transforms import (
     AUGMENT_FAMILIES,
     AUGMENT_PRESETS,
+    AntiAliasedResized,
     EnsureSpatialDimsd,
     PreprocessConfig,
     ToGreyd,
@@ -43,6 +44,7 @@ __all__ = [
     "LAYOUTS",
     "MRNET_PLANES",
     "CheckReport",
+    "AntiAliasedResized",
     "EnsureSpatialDimsd",
     "ImageSet",
     "MemscanReader",
