@@ -16,12 +16,14 @@ mirror copy get identical rows (Pearson 1) — test-time invariance without chan
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from memscan.errors import InputError
 
-__all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "pixel_features"]
+__all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "pixel_features", "ALIGN_ANGLES",
+           "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search"]
 
 
 def standardize_rows(features: np.ndarray, source: str = "features") -> np.ndarray:
@@ -134,3 +136,296 @@ def pixel_features(images: np.ndarray, size: int | Sequence[int] | None = None) 
         resize = Resize(spatial_size=size, mode="area")
         images = np.stack([np.asarray(resize(torch.as_tensor(im))) for im in images])
     return images.reshape(len(images), -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# test-time geometric alignment (retrieval + verification)
+# ----------------------------------------------------------------------------------------------------------------
+#: default rotation grid (degrees) of :func:`align_and_correlate`: ±12° in 3° steps
+ALIGN_ANGLES: tuple[float, ...] = tuple(float(a) for a in range(-12, 13, 3))
+#: default zoom grid: 7 zooms evenly spaced in log scale from 0.8 to 1.25
+ALIGN_SCALES: tuple[float, ...] = tuple(float(s) for s in np.round(np.geomspace(0.8, 1.25, 7), 4))
+#: default weights of the aligned pixel correlation and the candidate's feature correlation (detection benchmark)
+ALIGN_WEIGHTS: dict[str, float] = {"pixel": 1.0, "features": 1.0}
+
+
+class AlignedMatch(NamedTuple):
+    """Outcome of :func:`align_and_correlate` / :func:`aligned_search`.
+
+    Attributes:
+        score: ``[N]`` float64, each query's best fused score over its candidates (``-inf`` without a candidate).
+        index: ``[N]`` int64, the reference index of that best candidate (``-1`` without a candidate).
+        candidates: ``[N, K]`` int64, the candidates that were verified (``-1`` = none).
+        pixel: ``[N, K]`` float64, each candidate's best Pearson correlation of coarse pixels over the transforms.
+        fused: ``[N, K]`` float64, ``(w_pixel * pixel + w_features * feature_score) / (w_pixel + w_features)``.
+    """
+
+    score: np.ndarray
+    index: np.ndarray
+    candidates: np.ndarray
+    pixel: np.ndarray
+    fused: np.ndarray
+
+
+def _check_images(images: np.ndarray, source: str) -> np.ndarray:
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim not in (4, 5):
+        raise InputError(source, f"expected [N, C, *spatial] with 2 or 3 spatial axes, got shape {x.shape}")
+    if len(x) == 0:
+        raise InputError(source, "no images")
+    if not np.isfinite(x).all():
+        raise InputError(source, "contains NaN or infinite values",
+                         row=int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0, 0]))
+    return x
+
+
+def _similarity_matrices(spatial: Sequence[int], plane: tuple[int, int], angles: Sequence[float],
+                         scales: Sequence[float], flip_axes: Sequence[int]):
+    """``affine_grid`` matrices (output → input, normalised coordinates in x, y[, z] order) of every
+    flip × rotation × zoom; the zoom maps a reference pixel ``u`` to ``s·u`` (``s > 1`` enlarges the content)."""
+    import torch
+
+    dims = len(spatial)
+    half = torch.tensor([n / 2.0 for n in spatial], dtype=torch.float64)
+    flips: list[tuple[int, ...]] = [()]
+    for a in flip_axes:
+        flips += [f + (a,) for f in flips]
+    mats = []
+    p, q = plane
+    for f in flips:
+        mirror = torch.ones(dims, dtype=torch.float64)
+        for a in f:
+            mirror[a] = -1.0
+        for ang in angles:
+            c, s_ = np.cos(np.deg2rad(ang)), np.sin(np.deg2rad(ang))
+            for z in scales:
+                m = torch.eye(dims, dtype=torch.float64)  # pixel units, tensor-axis order
+                m[p, p], m[p, q], m[q, p], m[q, q] = c / z, -s_ / z, s_ / z, c / z
+                m = m * mirror[None, :]  # mirror the output coordinate, then rotate / zoom
+                m = m * half[None, :] / half[:, None]  # normalised coordinates: D⁻¹ M D with D = diag(n / 2)
+                m = torch.flip(m, dims=(0, 1))  # affine_grid wants (x = last axis, y, z) order
+                mats.append(torch.cat([m, torch.zeros(dims, 1, dtype=torch.float64)], dim=1))
+    return torch.stack(mats).float()
+
+
+def _standardize_images(x):  # torch [B, C, *spatial] → zero mean, unit norm per image (float32)
+    flat = x.reshape(len(x), -1)
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    norm = flat.norm(dim=1, keepdim=True)
+    return (flat / norm.clamp_min(1e-12)).reshape(x.shape), norm[:, 0]
+
+
+def _subpixel_gain(corr, pos, spatial: Sequence[int]):
+    """Sub-pixel refinement of correlation peaks: per axis, the vertex of the parabola through the peak and its two
+    circular neighbours (offset clamped to ±½ pixel), summed over axes. ``corr`` [P, T, prod(spatial)], ``pos``
+    [P, T] flat peak indices → [P, T] gains ≥ 0."""
+    import torch
+
+    coords = list(np.unravel_index(np.arange(int(np.prod(spatial))), spatial))
+    coords_t = [torch.from_numpy(c.astype(np.int64))[pos] for c in coords]
+    strides = [int(np.prod(spatial[d + 1:])) for d in range(len(spatial))]
+    centre = torch.gather(corr, 2, pos[..., None])[..., 0]
+    gain = torch.zeros_like(centre)
+    for d, n in enumerate(spatial):
+        if n < 3:
+            continue
+        vals = []
+        for step in (-1, 1):
+            moved = pos + ((coords_t[d] + step) % n - coords_t[d]) * strides[d]
+            vals.append(torch.gather(corr, 2, moved[..., None])[..., 0])
+        left, right = vals
+        curv = left - 2 * centre + right
+        delta = torch.where(curv < 0, ((left - right) / (2 * curv.clamp(max=-1e-12))).clamp(-0.5, 0.5),
+                            torch.zeros_like(curv))
+        gain = gain + (delta * (right - left) / 2 + delta ** 2 * curv / 2).clamp_min(0.0)
+    return gain
+
+
+def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, candidates: np.ndarray, *,
+                        feature_scores: np.ndarray | None = None, weights: Mapping[str, float] | None = None,
+                        angles: Sequence[float] = ALIGN_ANGLES, scales: Sequence[float] = ALIGN_SCALES,
+                        max_shift: float | Sequence[float] = 0.15, flip_axes: Sequence[int] = (-1,),
+                        plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
+                        subpixel: bool = True, budget: int = 1 << 22) -> AlignedMatch:
+    """Verify retrieval candidates by aligning each one to its query and correlating the aligned pixels.
+
+    For every (query, candidate) pair the candidate is warped by every transform of a small similarity group —
+    mirror along ``flip_axes`` × rotation by ``angles`` in ``plane`` × zoom by ``scales`` — and, for each warp, the
+    Pearson correlation with the query is computed for every translation up to ``max_shift`` at once by FFT
+    cross-correlation (circular shifts, which keep each image's mean and norm, so every value is an exact Pearson
+    correlation of the query with a shifted copy). The pair's pixel score is the best value; it is fused with the
+    pair's ``feature_scores`` (e.g. the embedding correlation) by ``weights`` and each query keeps its best candidate.
+    Images are area-downsampled to ``size`` first (a coarse scale ignores detail an alignment cannot recover). 2D
+    and 3D share one path (``torch.nn.functional.affine_grid`` / ``grid_sample``); in 3D the rotation and zoom act in
+    ``plane`` only (rotation about the remaining axis), translation on every axis.
+
+    Apply the same function to the calibration pairs (each training image against its validation candidates) so
+    that τ is the null of the same search: the search raises unrelated pairs' correlations too.
+
+    Args:
+        query_images: ``[N, C, *spatial]`` (2 or 3 spatial axes).
+        reference_images: ``[M, C, *spatial]``, same C and spatial shape.
+        candidates: ``[N, K]`` reference indices per query (``-1`` = no candidate), e.g. the indices of
+            :func:`memscan.metrics.topk_correlation` on the ordinary features.
+        feature_scores: optional ``[N, K]`` correlations of the same pairs in another feature space (the embedding).
+        weights: ``{"pixel": w_p, "features": w_f}`` (default :data:`ALIGN_WEIGHTS`; ignored without
+            ``feature_scores``).
+        angles: rotation angles in degrees (include 0).
+        scales: zoom factors of the reference (include 1).
+        max_shift: largest translation searched, as a fraction of each axis (one value or one per spatial axis).
+        flip_axes: spatial axes (negative = from the end) along which the mirrored reference is tried too.
+        plane: the two spatial axes (negative = from the end) of rotation and zoom.
+        size: spatial size of the comparison (int for every axis) or None for the input size.
+        subpixel: refine each correlation peak to sub-pixel translation (parabola through the peak and its
+            neighbours, per axis); without it an integer-pixel shift on a coarse grid loses a few percent.
+        budget: complex values held per chunk of queries (memory ≈ 8 bytes × budget × a few).
+
+    Returns:
+        :class:`AlignedMatch`.
+
+    Raises:
+        InputError: malformed images, candidates, scores, grids or axes.
+    """
+    # hand-written: MONAI and torch register images by optimisation (one pair at a time), not a batched exhaustive
+    # similarity-transform search
+    import torch
+    import torch.nn.functional as F
+
+    q_img = _check_images(query_images, "query_images")
+    r_img = _check_images(reference_images, "reference_images")
+    if q_img.shape[1:] != r_img.shape[1:]:
+        raise InputError("reference_images", f"shape {r_img.shape[1:]} differs from the queries' {q_img.shape[1:]}")
+    n, m, dims = len(q_img), len(r_img), q_img.ndim - 2
+    cand = np.asarray(candidates)
+    if cand.ndim == 1:
+        cand = cand[:, None]
+    if cand.ndim != 2 or len(cand) != n or cand.shape[1] == 0 or not np.issubdtype(cand.dtype, np.integer):
+        raise InputError("candidates", f"expected an integer [{n}, K] array, got {cand.dtype} {cand.shape}")
+    if ((cand < -1) | (cand >= m)).any():
+        bad = int(np.argwhere((cand < -1) | (cand >= m))[0, 0])
+        raise InputError("candidates", f"indices must be in [0, {m}) or -1", row=bad)
+    cand = cand.astype(np.int64)
+    k = cand.shape[1]
+    if feature_scores is not None:
+        fs = np.asarray(feature_scores, dtype=np.float64)
+        if fs.shape != cand.shape:
+            raise InputError("feature_scores", f"expected shape {cand.shape}, got {fs.shape}")
+        w = dict(ALIGN_WEIGHTS if weights is None else weights)
+        if set(w) != {"pixel", "features"} or any(not np.isfinite(v) or v < 0 for v in w.values()) or \
+                sum(w.values()) <= 0:
+            raise InputError("weights", f"expected non-negative {{'pixel', 'features'}} with a positive sum, got {w}")
+    angles = [float(a) for a in angles]
+    scales = [float(s) for s in scales]
+    if not angles or not scales or not np.isfinite(angles).all() or not all(np.isfinite(s) and s > 0 for s in scales):
+        raise InputError("scales", f"need finite angles and positive zooms, got angles {angles}, scales {scales}")
+
+    def axis(a: int, what: str) -> int:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -dims <= a < dims:
+            raise InputError(what, f"spatial axes are -{dims}..{dims - 1} (negative = from the end), got {a!r}")
+        return int(a) % dims
+
+    pl = tuple(axis(a, "plane") for a in plane)
+    if len(pl) != 2 or pl[0] == pl[1]:
+        raise InputError("plane", f"expected two different spatial axes, got {plane}")
+    flips = sorted({axis(a, "flip_axes") for a in flip_axes})
+    shifts = [float(max_shift)] * dims if np.isscalar(max_shift) else [float(s) for s in max_shift]
+    if len(shifts) != dims or any(not 0 <= s < 0.5 for s in shifts):
+        raise InputError("max_shift", f"expected {dims} fraction(s) in [0, 0.5), got {max_shift}")
+
+    q_t, r_t = torch.from_numpy(q_img), torch.from_numpy(r_img)
+    if size is not None:
+        target = [int(size)] * dims if np.isscalar(size) else [int(s) for s in size]
+        if len(target) != dims or min(target) < 2:
+            raise InputError("size", f"expected {dims} sizes ≥ 2, got {size}")
+        q_t = F.interpolate(q_t, size=target, mode="area")
+        r_t = F.interpolate(r_t, size=target, mode="area")
+    spatial = list(q_t.shape[2:])
+    q_std, q_norm = _standardize_images(q_t)
+    if (q_norm <= 1e-12).any():
+        raise InputError("query_images", "an image is constant: its correlation is undefined",
+                         row=int(torch.argmin(q_norm)))
+    theta = _similarity_matrices(spatial, pl, angles, scales, flips)  # [T, dims, dims + 1]
+    n_t = len(theta)
+    s_dims = tuple(range(-dims, 0))
+    q_f = torch.fft.rfftn(q_std, dim=s_dims)  # [N, C, *freq]
+    # flat indices of the allowed circular shifts (0..w and n-w..n-1 on each axis)
+    win = [int(np.floor(f * s)) for f, s in zip(shifts, spatial)]
+    keep = np.zeros(spatial, dtype=bool)
+    keep[np.ix_(*[sorted({i % s for i in range(-w, w + 1)}) for w, s in zip(win, spatial)])] = True
+    allowed = torch.from_numpy(np.flatnonzero(keep))
+
+    pixel = np.full((n, k), -np.inf)
+    per_query = k * n_t * int(np.prod(spatial)) * q_t.shape[1]
+    chunk = max(1, int(budget) // max(1, per_query))
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            c = cand[start:start + chunk]
+            valid = c >= 0
+            if not valid.any():
+                continue
+            used, inverse = np.unique(c[valid], return_inverse=True)
+            refs = r_t[torch.from_numpy(used)]  # [U, C, *spatial]
+            u = len(used)
+            grid = F.affine_grid(theta.repeat(u, *([1] * (theta.ndim - 1))),
+                                 [u * n_t, refs.shape[1], *spatial], align_corners=False)
+            warped = F.grid_sample(refs.repeat_interleave(n_t, dim=0), grid, mode="bilinear", padding_mode="zeros",
+                                   align_corners=False)  # [U·T, C, *spatial]
+            w_std, w_norm = _standardize_images(warped)
+            r_f = torch.fft.rfftn(w_std, dim=s_dims).reshape(u, n_t, *w_std.shape[1:2], *q_f.shape[2:])
+            rows, cols = np.nonzero(valid)
+            prod = q_f[torch.from_numpy(rows + start)][:, None] * torch.conj(r_f[torch.from_numpy(inverse)])
+            corr = torch.fft.irfftn(prod.sum(dim=2), s=spatial, dim=s_dims).reshape(len(rows), n_t, -1)
+            pos = allowed[corr[:, :, allowed].argmax(dim=2)]  # [P, T] best allowed circular shift per warp
+            peak = torch.gather(corr, 2, pos[..., None])[..., 0]
+            if subpixel:
+                peak = peak + _subpixel_gain(corr, pos, spatial)
+            # a warp that left no contrast (zoomed into a blank region) has no defined correlation
+            ok = (w_norm.reshape(u, n_t) > 1e-6)[torch.from_numpy(inverse)]
+            best = torch.where(ok, peak, torch.tensor(-np.inf)).amax(dim=1)
+            pixel[rows + start, cols] = best.double().numpy()
+    pixel = np.clip(pixel, -1.0, 1.0)
+    if feature_scores is None:
+        fused = pixel.copy()
+    else:
+        fused = (w["pixel"] * pixel + w["features"] * fs) / (w["pixel"] + w["features"])
+    fused[cand < 0] = -np.inf
+    best_k = np.argmax(fused, axis=1)
+    score = fused[np.arange(n), best_k]
+    index = np.where(np.isfinite(score), cand[np.arange(n), best_k], -1)
+    return AlignedMatch(score=score, index=index, candidates=cand, pixel=pixel, fused=fused)
+
+
+def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query_features: np.ndarray,
+                   reference_features: np.ndarray, *, k: int = 5, query_scoring: np.ndarray | None = None,
+                   reference_scoring: np.ndarray | None = None, query_groups: Sequence | None = None,
+                   reference_groups: Sequence | None = None, device: str = "auto", **align: Any) -> AlignedMatch:
+    """Retrieval + geometric verification: top-``k`` references by feature correlation, then
+    :func:`align_and_correlate` on those pairs.
+
+    Args:
+        query_images, reference_images: ``[N, C, *spatial]`` / ``[M, C, *spatial]`` images (preprocessed).
+        query_features, reference_features: the retrieval features (e.g. :func:`flip_invariant_features` of fused
+            pixels + embedding), compared by :func:`memscan.metrics.topk_correlation`.
+        k: candidates verified per query.
+        query_scoring, reference_scoring: features whose correlation is fused with the aligned pixels (e.g. the
+            embedding); default the retrieval features.
+        query_groups, reference_groups: subject ids; same-subject pairs are never candidates.
+        device: for the retrieval.
+        **align: keyword arguments of :func:`align_and_correlate` (grids, ``size``, ``weights``, ...).
+
+    Returns:
+        :class:`AlignedMatch`.
+    """
+    from memscan.metrics import topk_correlation
+
+    _, idx = topk_correlation(query_features, reference_features, k, query_groups=query_groups,
+                              reference_groups=reference_groups, device=device)
+    qs = standardize_rows(query_features if query_scoring is None else query_scoring, "query_scoring")
+    rs = standardize_rows(reference_features if reference_scoring is None else reference_scoring,
+                          "reference_scoring")
+    if qs.shape[1] != rs.shape[1] or len(qs) != len(np.asarray(query_images)) or \
+            len(rs) != len(np.asarray(reference_images)):
+        raise InputError("reference_scoring", f"scoring features {qs.shape} / {rs.shape} do not match the images")
+    feat = np.einsum("nd,nkd->nk", qs.astype(np.float64), rs[np.maximum(idx, 0)].astype(np.float64))
+    feat[idx < 0] = -np.inf
+    return align_and_correlate(query_images, reference_images, idx, feature_scores=feat, **align)

@@ -58,3 +58,124 @@ def test_pixel_features_downsample():
     small = pixel_features(x, [4, 4])
     assert small.shape == (2, 16)
     np.testing.assert_allclose(small[0, 0], x[0, 0, :4, :4].mean())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# test-time geometric alignment
+# ------------------------------------------------------------------------------------------------------------------
+def _blob(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A smooth zero-mean texture under a Gaussian envelope (object on an empty background), ``[1, *shape]``."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    coarse = torch.as_tensor(rng.normal(size=(1, 1, *[max(3, s // 5) for s in shape])), dtype=torch.float32)
+    tex = torch.nn.functional.interpolate(coarse, size=shape, mode="bilinear" if len(shape) == 2 else "trilinear",
+                                          align_corners=False)[0].numpy()
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    envelope = np.exp(-sum(g ** 2 for g in grids) / (2 * 0.3 ** 2))
+    return (tex * envelope).astype(np.float32)
+
+
+def _affine(img: np.ndarray, deg: float, zoom: float, shift: tuple[float, ...]) -> np.ndarray:
+    """MONAI's own affine warp (rotation in the last two axes, zoom of the content in that plane, translation)."""
+    from monai.transforms import Affine
+
+    dims = img.ndim - 1
+    rot = np.deg2rad(deg) if dims == 2 else (np.deg2rad(deg), 0.0, 0.0)
+    scale = (1 / zoom, 1 / zoom) if dims == 2 else (1.0, 1 / zoom, 1 / zoom)
+    out = Affine(rotate_params=rot, scale_params=scale, translate_params=shift, padding_mode="zeros",
+                 image_only=True)(img)
+    return np.asarray(out, dtype=np.float32)
+
+
+def test_align_recovers_rotated_zoomed_shifted_copy():
+    from memscan.scoring import ALIGN_SCALES, align_and_correlate
+
+    ref = np.stack([_blob(0, (32, 32)), _blob(1, (32, 32))])
+    zoom = ALIGN_SCALES[-2]  # a zoom of the grid, a rotation of the grid, whole-pixel shifts
+    copy_ = _affine(ref[0], 9.0, zoom, (2.0, -3.0))
+    mirrored = np.flip(_affine(ref[1], -6.0, 1.0, (-2.0, 1.0)), axis=-1).copy()
+    unrelated = _blob(7, (32, 32))
+    queries = np.stack([copy_, mirrored, unrelated])
+    plain = pearson(queries.reshape(3, -1), ref.reshape(2, -1), device="cpu").numpy()
+    assert plain[0, 0] < 0.8 and plain[1, 1] < 0.8  # unaligned, the copies do not look like copies
+    res = align_and_correlate(queries, ref, np.array([[0, 1], [0, 1], [0, 1]]))
+    assert res.pixel[0, 0] > 0.99 and res.pixel[1, 1] > 0.99
+    assert res.index.tolist()[:2] == [0, 1]
+    # an unrelated image stays well below a copy even after the search (the envelopes alone correlate)
+    assert res.score[2] < 0.8 and res.pixel[0, 1] < 0.8 and res.pixel[1, 0] < 0.8
+    # without the mirror in the group, the mirrored copy is not recovered
+    no_flip = align_and_correlate(mirrored[None], ref, np.array([[1]]), flip_axes=())
+    assert no_flip.pixel[0, 0] < 0.9
+    # sub-pixel: a half-pixel shift is recovered better with the peak refinement than without
+    half = _affine(ref[0], 0.0, 1.0, (0.5, 0.5))[None]
+    with_sub = align_and_correlate(half, ref, np.array([[0]]), size=16).pixel[0, 0]
+    without = align_and_correlate(half, ref, np.array([[0]]), size=16, subpixel=False).pixel[0, 0]
+    assert with_sub > without
+
+
+def test_align_fuses_feature_scores_and_skips_missing_candidates():
+    from memscan.scoring import align_and_correlate
+
+    ref = np.stack([_blob(s, (16, 16)) for s in range(3)])
+    q = ref[[2, 0]]
+    cand = np.array([[2, 1], [-1, 0]])
+    feats = np.array([[0.2, 0.9], [0.5, 0.4]])
+    res = align_and_correlate(q, ref, cand, feature_scores=feats, weights={"pixel": 1.0, "features": 3.0})
+    np.testing.assert_allclose(res.fused[0], (res.pixel[0] + 3 * feats[0]) / 4)
+    assert res.fused[1, 0] == -np.inf and res.index[1] == 0
+    np.testing.assert_allclose(res.pixel[1, 1], 1.0, atol=1e-5)
+    none = align_and_correlate(q[:1], ref, np.array([[-1, -1]]))
+    assert none.index[0] == -1 and none.score[0] == -np.inf
+
+
+def test_aligned_search_retrieves_and_verifies():
+    from memscan.scoring import aligned_search
+
+    ref = np.stack([_blob(s, (24, 24)) for s in range(6)])
+    q = np.stack([_affine(ref[4], 6.0, 1.0, (1.0, 2.0)), _affine(ref[1], -3.0, 1.0, (0.0, -2.0))])
+    # retrieval features: coarse pixels (the candidate list), scored with the same features
+    res = aligned_search(q, ref, pixel_features(q, [8, 8]), pixel_features(ref, [8, 8]), k=3, device="cpu")
+    assert res.index.tolist() == [4, 1]
+    assert res.candidates.shape == (2, 3) and (res.pixel.max(axis=1) > 0.98).all()
+    # same-subject pairs are never candidates
+    res_g = aligned_search(q, ref, pixel_features(q, [8, 8]), pixel_features(ref, [8, 8]), k=3, device="cpu",
+                           query_groups=["a", "b"], reference_groups=["x", "x", "x", "x", "a", "x"])
+    assert 4 not in res_g.candidates[0]
+
+
+def test_align_3d_in_plane():
+    from memscan.scoring import align_and_correlate
+
+    ref = np.stack([_blob(3, (12, 20, 20)), _blob(4, (12, 20, 20))])
+    q = np.stack([_affine(ref[1], 6.0, 1.0, (1.0, 1.0, -1.0))])
+    res = align_and_correlate(q, ref, np.array([[0, 1]]), angles=(-6.0, -3.0, 0.0, 3.0, 6.0), scales=(1.0,),
+                              max_shift=0.1)
+    assert res.index[0] == 1 and res.pixel[0, 1] > 0.98 and res.pixel[0, 0] < 0.8
+    small = align_and_correlate(q, ref, np.array([[1]]), size=(6, 10, 10), scales=(1.0,))
+    assert small.pixel.shape == (1, 1) and np.isfinite(small.pixel).all()
+
+
+def test_align_rejects_bad_input():
+    from memscan.scoring import align_and_correlate
+
+    ref = np.stack([_blob(0, (16, 16))] * 2)
+    q = ref[:1]
+    ok = np.array([[0]])
+    cases = [
+        (dict(query_images=q[0], reference_images=ref, candidates=ok), "spatial"),
+        (dict(query_images=q, reference_images=ref[:, :, :8], candidates=ok), "differs"),
+        (dict(query_images=q, reference_images=ref, candidates=np.array([[2]])), r"\[0, 2\)"),
+        (dict(query_images=q, reference_images=ref, candidates=np.array([[0.5]])), "integer"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, feature_scores=np.zeros((1, 2))), "shape"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, plane=(0, 0)), "two different"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, plane=(0, 2)), "spatial axes"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, max_shift=0.5), "fraction"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, scales=(0.0,)), "positive"),
+        (dict(query_images=np.zeros_like(q), reference_images=ref, candidates=ok), "constant"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, feature_scores=np.zeros((1, 1)),
+              weights={"pixel": -1.0, "features": 1.0}), "non-negative"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(InputError, match=match):
+            align_and_correlate(**kwargs)
