@@ -402,7 +402,8 @@ def embed_images(
             the preprocessing (:func:`memscan.data.transforms.transform_fingerprint`) or the precision change.
         checkpoint_sha256: identifies the weights for the cache (computed from the network when omitted).
         num_workers: data-loading processes that decode and preprocess while the network runs (default: 2 on GPU,
-            0 on CPU, where the main process preprocesses each image on one thread between batches).
+            0 on CPU, where MONAI's ``ThreadDataLoader`` preprocesses the next batches in a background thread, each
+            image on one intra-op thread, while the network runs).
         amp: legacy switch: False means ``precision="float32"``; True or None leave ``precision`` as given.
         precision: ``"auto"`` (default), ``"float32"``, ``"bfloat16"`` or ``"float16"``; see
             :func:`resolve_precision`.
@@ -414,7 +415,7 @@ def embed_images(
     Raises:
         InputError: bad device, precision or batch size; a record without ``"image"``.
     """
-    from monai.data import DataLoader, Dataset
+    from monai.data import DataLoader, Dataset, ThreadDataLoader
     from monai.engines import SupervisedEvaluator
 
     if isinstance(batch_size, bool) or int(batch_size) < 1:
@@ -456,13 +457,16 @@ def embed_images(
     if todo:
         logger.info("embedding %d image(s) on %s in %s (%d cached)", len(todo), dev, resolved, len(cached))
         network = network.to(dev).eval()
-        loader = DataLoader(
-            Dataset([records[i] for i in todo], transform=_LoaderTransform(preprocess, single_thread=workers == 0)),
-            batch_size=int(batch_size),
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=dev.type == "cuda",
-        )
+        dataset = Dataset([records[i] for i in todo], transform=_LoaderTransform(preprocess, single_thread=workers == 0))
+        if workers == 0:  # a background thread preprocesses the next batches while the network runs on this one
+            # settle this thread's intra-op count now: a thread that has not run a parallel op yet takes the
+            # process-wide count at its first one, which the loader thread lowers to 1 while it preprocesses
+            torch.get_num_threads()
+            loader = ThreadDataLoader(dataset, buffer_size=2, batch_size=int(batch_size), shuffle=False,
+                                      num_workers=0, pin_memory=dev.type == "cuda")
+        else:
+            loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=workers,
+                                pin_memory=dev.type == "cuda")
         writer = EmbeddingWriter()
         handlers: list[Any] = [writer]
         if progress:

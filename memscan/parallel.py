@@ -23,6 +23,11 @@ T = TypeVar("T")
 def intra_op_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads, then restore the previous count.
 
+    The count is per thread once a thread has used it, but ``torch.set_num_threads`` also sets the process-wide
+    default that a thread reads on its first parallel op: a thread that may start torch work while another one is
+    inside this block should call ``torch.get_num_threads()`` first (``embed_images`` does before its loader thread
+    starts).
+
     Args:
         n: threads for the block (>= 1).
     """

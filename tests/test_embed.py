@@ -264,3 +264,36 @@ def test_inferer_folds_batch_norm_without_touching_the_network() -> None:
     with torch.inference_mode():
         np.testing.assert_allclose(inferer(x, net).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
     assert inferer._folded[2] is not folded
+
+
+def test_loader_thread_leaves_the_callers_thread_count(images, encoder, monkeypatch) -> None:
+    """The CPU loader preprocesses in a background thread on one intra-op thread, which also lowers torch's
+    process-wide default; a caller thread that had not used its thread count yet must keep the count it had when
+    it called, not pick up the loader's 1."""
+    import threading
+
+    from memscan import embed
+
+    real_call = embed._LoaderTransform.__call__
+
+    def stays_single_threaded(self, data):  # the loader thread caught inside its one-thread block
+        out = real_call(self, data)
+        torch.set_num_threads(1)
+        return out
+
+    monkeypatch.setattr(embed._LoaderTransform, "__call__", stays_single_threaded)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    try:
+        def caller() -> None:  # a fresh thread: its intra-op count is not initialised yet
+            embed_images(encoder, images, PreprocessConfig(spatial_dims=2, spatial_size=16), batch_size=2,
+                         device="cpu", num_workers=0)
+            seen.append(torch.get_num_threads())
+
+        worker = threading.Thread(target=caller)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
