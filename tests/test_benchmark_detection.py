@@ -107,3 +107,20 @@ def test_scores_of_one_encoder_share_its_training(monkeypatch):
     assert len(calls) == 1 and set(scores["detector"]) == {"embedding", "fused"}
     by = scores.groupby("detector")["score"].apply(np.asarray)
     assert not np.allclose(by["embedding"], by["fused"])  # same encoder, different scores
+
+
+def test_score_case_with_alignment():
+    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(8, 20 + i, (24, 24)) for i in range(3)}}
+    aligned_pixel = {**presets.PIXEL, "align": {**presets.ALIGN, "factor": 1}}
+    tiny = {**presets.CANDIDATES["memscan_default_aligned_emb"]}
+    tiny["encoder"] = {**tiny["encoder"], "widths": [4, 8, 8, 8], "embedding_dim": 8, "steps": 2, "batch_size": 8}
+    scores = evaluate.score_case(case, {"pixel": presets.PIXEL, "aligned": aligned_pixel, "tiny": tiny}, 1,
+                                 ["exact", "shift_rotate"], log=lambda *_: None)
+    summary = evaluate.summarize(scores).set_index(["detector", "family"])
+    assert summary.loc[("aligned", "exact"), "recall"] == 1.0
+    # re-aligning the shifted / rotated copies separates them at least as well as raw pixels
+    assert summary.loc[("aligned", "shift_rotate"), "auroc"] >= summary.loc[("pixel", "shift_rotate"), "auroc"]
+    assert np.isfinite(scores.loc[scores.detector == "tiny", "score"]).all()
+    # τ is the null of the same search (each training image against the validation subject), not the plain one
+    assert scores.loc[scores.detector == "aligned", "tau"].iloc[0] > scores.loc[scores.detector == "pixel",
+                                                                                 "tau"].iloc[0]

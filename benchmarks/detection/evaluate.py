@@ -17,6 +17,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import calibrate_threshold, topk_correlation
+from memscan.scoring import aligned_search
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
     from .detectors import fit_detector
@@ -27,7 +28,7 @@ except ImportError:  # pragma: no cover
     from perturb import perturb, settings
     from presets import recipe_for
 
-__all__ = ["permutations", "score_case", "summarize"]
+__all__ = ["permutations", "score_case", "summarize", "scoring_recipe", "aligned_scores"]
 
 
 def permutations(subjects: list[str], n: int) -> list[tuple[str, str, str]]:
@@ -66,6 +67,25 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
                 log(f"  fitted {name} on {tr} in {time.time() - t0:.1f}s")
             feats = fitted[(name, tr)]
             f_train, f_val = feats(groups[tr]), feats(groups[va])
+            if recipe.get("align"):
+                if (name, tr, "scoring") not in fitted:
+                    fitted[(name, tr, "scoring")] = fit_detector(scoring_recipe(recipe), groups[tr], seed=seed,
+                                                                 encoders=encoders)
+                s_feats = fitted[(name, tr, "scoring")]
+                s_train = s_feats(groups[tr])
+                t0 = time.time()
+                # the null of the same search: each training image against its validation candidates
+                tau = float(np.percentile(aligned_scores(recipe, groups[tr], groups[va], f_train, f_val, s_train,
+                                                         s_feats(groups[va])), 95.0))
+                for f, st in sets:
+                    for label, subj in ((1, tr), (0, un)):
+                        imgs = synth[(subj, f, st)]
+                        vals = aligned_scores(recipe, imgs, groups[tr], feats(imgs), f_train, s_feats(imgs), s_train)
+                        rows.append(pd.DataFrame({
+                            "perm": pi, "train": tr, "val": va, "unseen": un, "detector": name, "family": f,
+                            "strength": st, "label": label, "score": vals, "tau": tau}))
+                log(f"  aligned {name} perm {pi} in {time.time() - t0:.1f}s")
+                continue
             if recipe.get("calibration", "train_to_val") == "val_to_train":
                 # the null of a novel image: each validation image's best training correlation
                 tau = calibrate_threshold(f_val, f_train, 95.0, device="cpu")
@@ -78,6 +98,31 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
                         "perm": pi, "train": tr, "val": va, "unseen": un, "detector": name, "family": f,
                         "strength": st, "label": label, "score": vals[:, 0], "tau": tau}))
     return pd.concat(rows, ignore_index=True)
+
+
+def scoring_recipe(recipe: dict) -> dict:
+    """The features fused with the aligned pixels of an ``align`` recipe: its embedding alone (flip-invariant when
+    the recipe is), or its ordinary features when it has no encoder."""
+    if not recipe.get("encoder"):
+        return {k: v for k, v in recipe.items() if k != "align"}
+    return {"pixel": [], "encoder": recipe["encoder"], "embedding_weight": 1.0, "tta_flip": recipe.get("tta_flip"),
+            **({"canonical": True} if recipe.get("canonical") else {})}
+
+
+def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_feat: np.ndarray, r_feat: np.ndarray,
+                   q_scoring: np.ndarray, r_scoring: np.ndarray) -> np.ndarray:
+    """Each query's best score after retrieval (top-k by the recipe's features) and geometric verification
+    (``memscan.scoring.aligned_search``) on coarse images (``align["factor"]``× smaller per axis)."""
+    a = dict(recipe["align"])
+    factor = a.pop("factor", 2)
+    k = a.pop("k", 5)
+    if a.pop("scoring", "embedding") == "retrieval":  # fuse the aligned pixels with the retrieval features' score
+        q_scoring, r_scoring = q_feat, r_feat
+    size = [max(2, s // factor) for s in query.shape[2:]]
+    flip = (-1,) if recipe.get("tta_flip") else ()
+    res = aligned_search(query, reference, q_feat, r_feat, k=k, query_scoring=q_scoring, reference_scoring=r_scoring,
+                         device="cpu", size=size, flip_axes=flip, **a)
+    return res.score
 
 
 def _metrics(g: pd.DataFrame) -> pd.Series:

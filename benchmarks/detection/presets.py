@@ -7,6 +7,8 @@ A recipe is a plain dict:
   ``embedding_dim``, ``steps``, ``temperature``, ``lr``, ``augment`` = a key of ``detectors.AUGMENTATIONS``).
 - ``embedding_weight``: weight of the embedding block in the fused score (see ``memscan.scoring.fuse_features``).
 - ``tta_flip``: score with left-right flip-invariant features (``memscan.scoring.flip_invariant_features``).
+- ``align``: optional test-time geometric alignment (see :data:`ALIGN`): the score of a query is its best
+  retrieval candidate after aligning the coarse pixels; τ comes from the same search on training vs validation.
 
 ``PAPER`` reproduces Dar et al.'s recipe (±5° rotation + horizontal flip views, NT-Xent at T = 0.07, 128-d 2D /
 32-d 3D embedding, Pearson on the embedding alone) with the network scaled to the CPU; ``PIXEL`` is the pixel-space
@@ -29,7 +31,7 @@ from memscan.audit import FUSED_WEIGHTS, audit
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
-           "recipe_for"]
+           "recipe_for", "ALIGN"]
 
 _ENCODER = {
     "widths": [32, 64, 128, 256],
@@ -88,6 +90,17 @@ MEMSCAN_SCORES: dict[str, dict] = {"embedding": memscan_recipe("embedding"), "fu
 
 # what memscan runs by default (training preset "default" + the audit's default score)
 DEFAULT: dict = copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE])
+
+#: test-time geometric alignment (``evaluate.aligned_scores`` → ``memscan.scoring.aligned_search``): top-``k``
+#: candidates by the recipe's features, each aligned to the query (flip × rotation ±12° × zoom 0.8-1.25 × FFT
+#: translation ≤ 15%, sub-pixel peak) on images ``factor``× smaller per axis; pair score = aligned pixel Pearson
+#: fused by ``weights`` with the correlation of ``scoring`` features: ``"retrieval"`` = the recipe's own (fused)
+#: features, ``"embedding"`` = its embedding alone. Chosen on 2D MRI, 1 permutation (docs/benchmarks/
+#: detection_alignment.md lists the settings tried).
+ALIGN: dict = {"factor": 2, "k": 5, "scoring": "retrieval", "weights": {"pixel": 1.0, "features": 1.0}}
+CANDIDATES["memscan_default_aligned"] = {**copy.deepcopy(DEFAULT), "align": copy.deepcopy(ALIGN)}
+CANDIDATES["memscan_default_aligned_emb"] = {**copy.deepcopy(DEFAULT),
+                                             "align": {**copy.deepcopy(ALIGN), "scoring": "embedding"}}
 
 
 def recipe_for(recipe: dict, spatial_dims: int) -> dict:
