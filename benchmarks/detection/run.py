@@ -273,6 +273,13 @@ downsampling per axis before the search (64² slices: 2 → 32², 4 → 16²).
 | retr 1:2, factor 2, sub-pixel | 0.935 / 0.61 / 0.00 | 0.995 / 0.95 / 0.05 | 0.949 / 0.86 / 0.00 | 1.000 / 0.99 / 0.00 | 1.000 / 0.95 / 0.00 | 1.000 / 1.00 / 0.00 |
 | retr 2:1, factor 2, sub-pixel | 0.962 / 0.74 / 0.00 | 1.000 / 1.00 / 0.00 | 0.955 / 0.86 / 0.00 | 0.997 / 0.84 / 0.00 | 1.000 / 1.00 / 0.00 | – |
 
+mri_t1_3d, same permutation (crop_resize / shift_rotate / elastic AUROC / recall): memscan_default 0.752 / 0.47,
+0.953 / 0.89, 0.925 / 0.89; ALIGN 0.846 / 0.53, 0.999 / 0.97, 0.905 / 0.55; without the mirror 0.850 / 0.53,
+1.000 / 0.97, 0.902 / 0.55; coarser grids (7 angles, 5 zooms) 0.843 / 0.50, 0.999 / 0.97, 0.899 / 0.55; factor 3
+0.765 / 0.34, 0.983 / 0.95, 0.910 / 0.68; factor 4 0.709 / 0.29, 0.936 / 0.84, 0.927 / 0.84; retr 1:2 0.812 / 0.50,
+0.993 / 0.97, 0.926 / 0.74. In 3D τ fell with ALIGN (0.974 → 0.969): the elastic recall lost there comes from
+comparing 6×16×16 pixels instead of the default's 3×8×8, which an elastic warp disturbs more, not from the null.
+
 Retrieval is not the bottleneck (k = 40 equals k = 5). Without the sub-pixel peak a crop-resized copy re-aligns
 to its source at only r ≈ 0.96-0.97 on 32² (0.99 with it). The search raises the null too: τ went from 0.948 to
 0.966 with `emb 1:2`, which is what costs recall on families without geometric change (elastic, detail_loss).
