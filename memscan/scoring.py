@@ -310,6 +310,9 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
         fs = np.asarray(feature_scores, dtype=np.float64)
         if fs.shape != cand.shape:
             raise InputError("feature_scores", f"expected shape {cand.shape}, got {fs.shape}")
+        if np.isnan(fs[cand >= 0]).any():
+            raise InputError("feature_scores", "NaN for a candidate",
+                             row=int(np.argwhere(np.isnan(fs) & (cand >= 0))[0, 0]))
         w = dict(ALIGN_WEIGHTS if weights is None else weights)
         if set(w) != {"pixel", "features"} or any(not np.isfinite(v) or v < 0 for v in w.values()) or \
                 sum(w.values()) <= 0:

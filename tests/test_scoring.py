@@ -168,6 +168,7 @@ def test_align_rejects_bad_input():
         (dict(query_images=q, reference_images=ref, candidates=np.array([[2]])), r"\[0, 2\)"),
         (dict(query_images=q, reference_images=ref, candidates=np.array([[0.5]])), "integer"),
         (dict(query_images=q, reference_images=ref, candidates=ok, feature_scores=np.zeros((1, 2))), "shape"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, feature_scores=np.array([[np.nan]])), "NaN"),
         (dict(query_images=q, reference_images=ref, candidates=ok, plane=(0, 0)), "two different"),
         (dict(query_images=q, reference_images=ref, candidates=ok, plane=(0, 2)), "spatial axes"),
         (dict(query_images=q, reference_images=ref, candidates=ok, max_shift=0.5), "fraction"),
