@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +338,36 @@ class _LoaderTransform:
         return {"image": image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)}
 
 
+class _PrefetchLoader:
+    """A loader iterated in a background thread (MONAI ``ThreadBuffer``) whose errors reach the consumer.
+
+    Written because MONAI's ``ThreadDataLoader`` drops an exception raised in its thread (a corrupt file) and just
+    ends the epoch early, and ignite then restarts the iterator: batches would silently repeat. Here the exception
+    is re-raised in the consuming thread, exactly as a loader without the thread raises it.
+    """
+
+    def __init__(self, loader: Any, buffer_size: int = 2) -> None:
+        self.loader, self.buffer_size = loader, buffer_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        from monai.data import ThreadBuffer
+
+        def guarded() -> Iterator[tuple[Any, BaseException | None]]:
+            try:
+                for batch in self.loader:
+                    yield batch, None
+            except Exception as err:  # noqa: BLE001 — handed over to the consuming thread, which raises it
+                yield None, err
+
+        for batch, err in ThreadBuffer(guarded(), buffer_size=self.buffer_size):
+            if err is not None:
+                raise err
+            yield batch
+
+
 @functools.lru_cache(maxsize=65536)
 def _content_sha256(path: str, size: int, mtime_ns: int) -> str:
     """File content hash, remembered per (path, size, mtime) so one process hashes a file once."""
@@ -415,7 +445,7 @@ def embed_images(
     Raises:
         InputError: bad device, precision or batch size; a record without ``"image"``.
     """
-    from monai.data import DataLoader, Dataset, ThreadDataLoader
+    from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedEvaluator
 
     if isinstance(batch_size, bool) or int(batch_size) < 1:
@@ -458,15 +488,13 @@ def embed_images(
         logger.info("embedding %d image(s) on %s in %s (%d cached)", len(todo), dev, resolved, len(cached))
         network = network.to(dev).eval()
         dataset = Dataset([records[i] for i in todo], transform=_LoaderTransform(preprocess, single_thread=workers == 0))
+        loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=workers,
+                            pin_memory=dev.type == "cuda")
         if workers == 0:  # a background thread preprocesses the next batches while the network runs on this one
             # settle this thread's intra-op count now: a thread that has not run a parallel op yet takes the
             # process-wide count at its first one, which the loader thread lowers to 1 while it preprocesses
             torch.get_num_threads()
-            loader = ThreadDataLoader(dataset, buffer_size=2, batch_size=int(batch_size), shuffle=False,
-                                      num_workers=0, pin_memory=dev.type == "cuda")
-        else:
-            loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=workers,
-                                pin_memory=dev.type == "cuda")
+            loader = _PrefetchLoader(loader)
         writer = EmbeddingWriter()
         handlers: list[Any] = [writer]
         if progress:

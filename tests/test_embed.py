@@ -297,3 +297,18 @@ def test_loader_thread_leaves_the_callers_thread_count(images, encoder, monkeypa
     finally:
         torch.set_num_threads(before)
     assert seen == [2]
+
+
+def test_unreadable_image_raises_through_the_prefetch_thread(images, encoder, tmp_path) -> None:
+    """A file that fails while the background thread preprocesses it raises in the caller (naming the file), as
+    without the thread — never a short or repeated set of embeddings."""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    records = [*images[:3], {"image": str(bad)}, *images[3:]]
+    with pytest.raises(Exception) as info:
+        embed_images(encoder, records, CFG, batch_size=2, device="cpu", num_workers=0)
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    assert any("broken.png" in text for text in chain), chain
