@@ -30,7 +30,7 @@ import pickle  # noqa: S403 - only for its exception type; nothing is unpickled
 import threading
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -53,6 +53,7 @@ __all__ = [
     "calibrate_threshold",
     "match",
     "MatchResult",
+    "Refine",
     "load_embeddings",
     "load_embedding_sets",
     "load_labels",
@@ -62,6 +63,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+#: ``refine(query_set, query_rows, reference_set, candidates, feature_correlations) -> (best_score, best_index)``:
+#: set names ``"train"``/``"val"``/``"synthetic"``, the query rows (indices into their set), ``[n, k]`` candidate
+#: indices into the reference set (``-1`` = none) with their ``[n, k]`` feature correlations; returns each query's
+#: best score and the reference index reaching it (``-inf`` / ``-1`` without a candidate). See :func:`match`.
+Refine = Callable[[str, np.ndarray, str, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 _CPU_TILE_CAP = 1 << 21  # 2M elements (8 MB in float32) per worker: measured best of 512-2048-row tiles (bench_metrics)
 _GPU_TILE_CAP = 1 << 28  # 256M elements (1 GiB in float32)
@@ -940,7 +946,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
           device: str | torch.device = "auto", *, train_subjects: ArrayLike | None = None,
           val_subjects: ArrayLike | None = None, n_bootstrap: int = 1000, seed: int = 0,
           train_ids: ArrayLike | None = None, synthetic_ids: ArrayLike | None = None,
-          dtype: str | torch.dtype = "float32", block_size: int | tuple[int, int] | None = None) -> MatchResult:
+          dtype: str | torch.dtype = "float32", block_size: int | tuple[int, int] | None = None,
+          refine: Refine | None = None, refine_k: int = 5) -> MatchResult:
     """Run the memorization test of Dar et al. on three embedding sets.
 
     τ = ``percentile``-th percentile (numpy "linear") of each training sample's best validation correlation;
@@ -972,6 +979,11 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         train_ids, synthetic_ids: optional labels (e.g. file paths) added as columns to the tables.
         dtype: ``"float32"`` (default) or ``"float64"`` products.
         block_size: tile rows, see :func:`topk_correlation`.
+        refine: optional re-scoring of retrieval candidates (see :data:`Refine`; e.g. the test-time alignment of
+            :func:`memscan.scoring.align_and_correlate`): every best match above — calibration, null split, both
+            directions of train ↔ synthetic, synthetic → validation — becomes the best ``refine`` score among the
+            query's ``refine_k`` most correlated references, so τ is the null of the same score.
+        refine_k: candidates per query handed to ``refine``.
 
     Returns:
         :class:`MatchResult`. ``summary`` keys: threshold, percentile, n_train, n_val, n_synthetic,
@@ -1000,14 +1012,40 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     rng = np.random.default_rng(seed)
 
     search = dict(device=dev, dtype=dt, block_size=block_size)
+    if refine is not None and (isinstance(refine_k, bool) or not isinstance(refine_k, (int, np.integer))
+                               or refine_k < 1):
+        raise InputError("refine_k", f"must be a positive integer, got {refine_k!r}")
+    sets = {"train": train, "val": val, "synthetic": syn}
+
+    def refined(query: str, reference: str, rows: np.ndarray | None = None, ref_rows: np.ndarray | None = None,
+                q_codes: np.ndarray | None = None, r_codes: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``refine`` score (and reference index) of each query row among its top feature correlations."""
+        q_all, r_all = sets[query], sets[reference]
+        rows = np.arange(len(q_all)) if rows is None else rows
+        ref_rows = np.arange(len(r_all)) if ref_rows is None else ref_rows
+        v, i, _, _ = _exact_search(q_all[rows], r_all[ref_rows], int(min(refine_k, len(ref_rows))), q_codes=q_codes,
+                                   r_codes=r_codes, **search)
+        candidates = np.where(i >= 0, ref_rows[np.maximum(i, 0)], -1)
+        score, index = refine(query, rows, reference, candidates, v)
+        score, index = np.asarray(score, dtype=np.float64), np.asarray(index, dtype=np.int64)
+        if score.shape != (len(rows),) or index.shape != (len(rows),):
+            raise InputError("refine", f"must return two arrays of {len(rows)} values, got {score.shape} and "
+                                       f"{index.shape}")
+        return score, index
 
     # train → validation, as two halves A/B: the full best (for τ) and the null rate for one pass's work
     halves = _split_halves(n_v, val_subjects, rng)
     parts = [np.arange(n_v)] if halves is None else list(halves)
     part_best, part_cols = [], []
     for k_part, rows in enumerate(parts):
-        v, _, cv, _ = _exact_search(train, val[rows], 1, q_codes=t_codes,
-                                    r_codes=None if v_codes is None else v_codes[rows],
+        r_codes = None if v_codes is None else v_codes[rows]
+        if refine is not None:
+            part_best.append(refined("train", "val", ref_rows=rows, q_codes=t_codes, r_codes=r_codes)[0])
+            part_cols.append(None if halves is None or k_part == 0 else
+                             refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
+            continue
+        v, _, cv, _ = _exact_search(train, val[rows], 1, q_codes=t_codes, r_codes=r_codes,
                                     columns=halves is not None and k_part == 1, indices=False, **search)
         part_best.append(v[:, 0])
         part_cols.append(cv)
@@ -1022,10 +1060,15 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         null_rate = float(np.mean(part_best[1] > null_tau))
         null_rate_copies = float(np.mean(part_cols[1] > null_tau))
 
-    # train ↔ synthetic: row and column maxima from the same tiles
-    best_syn_t, best_syn_t_idx, best_train_s, best_train_s_idx = best_matches(train, syn, **search)
-    # synthetic → validation (for the table's best validation correlation)
-    best_val_s = _exact_search(syn, val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
+    if refine is not None:
+        best_syn_t, best_syn_t_idx = refined("train", "synthetic")
+        best_train_s, best_train_s_idx = refined("synthetic", "train")
+        best_val_s = refined("synthetic", "val")[0]
+    else:
+        # train ↔ synthetic: row and column maxima from the same tiles
+        best_syn_t, best_syn_t_idx, best_train_s, best_train_s_idx = best_matches(train, syn, **search)
+        # synthetic → validation (for the table's best validation correlation)
+        best_val_s = _exact_search(syn, val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
 
     memorized = best_syn_t > tau
     copies = best_train_s > tau
@@ -1055,6 +1098,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         "subject_exclusion": t_codes is not None,
         "device": str(dev),
         "dtype": str(dt).replace("torch.", ""),
+        "refined": refine is not None,
         "memscan_version": __version__,
     }
 

@@ -517,3 +517,42 @@ def test_gpu_matches_cpu() -> None:
     assert a.threshold == pytest.approx(b.threshold, abs=1e-9)
     np.testing.assert_array_equal(a.train_table["best_synthetic_index"], b.train_table["best_synthetic_index"])
     np.testing.assert_allclose(a.train_table["correlation"], b.train_table["correlation"], atol=1e-9)
+
+
+def test_match_refine_hook_is_the_plain_search_when_it_keeps_the_top_candidate() -> None:
+    """``refine`` returning each query's first candidate reproduces match() exactly; a refine that re-scores
+    changes τ and every statistic consistently; a malformed return is an input error."""
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(60, 12))
+    val = rng.normal(size=(40, 12))
+    syn = np.concatenate([train[:10] + 0.05 * rng.normal(size=(10, 12)), rng.normal(size=(30, 12))])
+    calls: list[tuple[str, str, int]] = []
+
+    def first(query, rows, reference, candidates, values):
+        calls.append((query, reference, candidates.shape[1]))
+        return values[:, 0], candidates[:, 0]
+
+    subjects = dict(train_subjects=[f"t{i // 3}" for i in range(60)], val_subjects=[f"v{i // 4}" for i in range(40)])
+    plain = match(train, val, syn, device="cpu", n_bootstrap=0, **subjects)
+    hooked = match(train, val, syn, device="cpu", n_bootstrap=0, refine=first, refine_k=3, **subjects)
+    for key in ("threshold", "n_memorized_train", "n_copies_synthetic", "null_rate", "null_rate_copies"):
+        assert hooked.summary[key] == pytest.approx(plain.summary[key], abs=1e-12), key
+    assert hooked.summary["refined"] and not plain.summary["refined"]
+    np.testing.assert_array_equal(hooked.train_table["best_synthetic_index"], plain.train_table["best_synthetic_index"])
+    np.testing.assert_array_equal(hooked.synthetic_table["best_train_index"], plain.synthetic_table["best_train_index"])
+    np.testing.assert_allclose(hooked.best_val_for_synthetic, plain.best_val_for_synthetic, atol=1e-12)
+    assert {(q, r) for q, r, _ in calls} == {("train", "val"), ("val", "train"), ("train", "synthetic"),
+                                             ("synthetic", "train"), ("synthetic", "val")}
+    assert all(k == 3 for _, _, k in calls)
+
+    def squash(query, rows, reference, candidates, values):  # a different score: τ follows it
+        return np.tanh(values[:, 0]), candidates[:, 0]
+
+    squashed = match(train, val, syn, device="cpu", n_bootstrap=0, refine=squash)
+    assert squashed.summary["n_copies_synthetic"] == plain.summary["n_copies_synthetic"]  # monotone: same flags
+    assert squashed.threshold < plain.threshold
+
+    with pytest.raises(InputError, match="refine"):
+        match(train, val, syn, device="cpu", n_bootstrap=0, refine=lambda q, r, ref, c, v: (v, c))
+    with pytest.raises(InputError, match="refine_k"):
+        match(train, val, syn, device="cpu", n_bootstrap=0, refine=first, refine_k=0)
