@@ -61,7 +61,10 @@ __all__ = [
     "DEMO_SETTINGS",
     "SCORES",
     "FUSED_WEIGHTS",
+    "ALIGN_CANDIDATES",
     "score_features",
+    "alignment_size",
+    "alignment_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -416,8 +419,11 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
     return Compose([getattr(preprocess, "compose", preprocess), perturb])
 
 
-#: Score modes: ``"embedding"`` (Dar et al.'s score) or ``"fused"`` (flip-invariant pixel + embedding features).
-SCORES = ("embedding", "fused")
+#: Score modes: ``"embedding"`` (Dar et al.'s score), ``"fused"`` (flip-invariant pixel + embedding features) or
+#: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment).
+SCORES = ("embedding", "fused", "aligned")
+#: Candidates per query that ``score="aligned"`` aligns and re-scores.
+ALIGN_CANDIDATES = 5
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
 
@@ -464,6 +470,7 @@ def score_features(network: Any, records: Sequence[Mapping[str, Any]], preproces
 
     if score == "embedding":
         return embed(preprocess)
+    # "fused" and "aligned" match the same features ("aligned" then re-scores candidates, see alignment_images)
     coarse = [max(1, int(n) // 4) for n in image_size]
     pixels, mirrored = [], []
     for i in range(0, len(records), batch_size):  # batched so a large set never sits in memory at full resolution
@@ -476,6 +483,48 @@ def score_features(network: Any, records: Sequence[Mapping[str, Any]], preproces
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
         total = part if total is None else total + part
     return (total / 2).astype(np.float32)
+
+
+def alignment_size(image_size: Sequence[int]) -> list[int]:
+    """Spatial size at which ``score="aligned"`` aligns images: half the input per axis, at most 32 (2D) or 16 (3D)
+    voxels (the detection benchmark's setting: coarse enough to ignore detail a generator does not reproduce)."""
+    cap = 32 if len(image_size) == 2 else 16
+    return [max(4, min(int(n) // 2, cap)) for n in image_size]
+
+
+def alignment_images(records: Sequence[Mapping[str, Any]], preprocess: Any, *, image_size: Sequence[int],
+                     batch_size: int = 16) -> np.ndarray:
+    """Preprocessed images area-downsampled to :func:`alignment_size`, ``[N, C, *size]`` float32 (what
+    ``score="aligned"`` aligns)."""
+    from memscan.scoring import pixel_features
+
+    size = alignment_size(image_size)
+    out = []
+    for i in range(0, len(records), batch_size):  # batched so a large set never sits in memory at full resolution
+        batch = np.stack([_preprocessed_image(preprocess, r) for r in records[i:i + batch_size]])
+        out.append(pixel_features(batch, size).reshape(len(batch), batch.shape[1], *size))
+    return np.concatenate(out) if out else np.zeros((0, 1, *size), np.float32)
+
+
+def _alignment(cfg: Any) -> dict[str, Any]:
+    """``align_and_correlate`` axes from the preprocessing: the left-right mirror (``flip_axis``) and, in 3D, the
+    plane perpendicular to ``rotate_axis``."""
+    dims = int(cfg.spatial_dims)
+    plane = (-2, -1) if dims == 2 else tuple(a - dims for a in range(3) if a != int(cfg.rotate_axis))
+    return {"flip_axes": (int(cfg.flip_axis) - dims,), "plane": plane}
+
+
+def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any]) -> Any:
+    """A :data:`memscan.metrics.Refine` that aligns each query's candidates (:func:`memscan.scoring.align_and_correlate`)
+    and fuses the aligned pixels with their feature correlation."""
+    from memscan.scoring import align_and_correlate
+
+    def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,
+               values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = align_and_correlate(images[query][rows], images[reference], candidates, feature_scores=values, **axes)
+        return found.score, found.index
+
+    return refine
 
 
 def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int,
@@ -595,6 +644,10 @@ _SCORE_TEXT = {
     "fused": "Score (memscan --score fused, not the paper's): the correlation of flip-invariant fused features — "
              "pixels downsampled to a quarter of the input size (weight 1) and the embedding (weight 2), averaged "
              "over the image and its left-right mirror — so every correlation below, τ included, is on that score.",
+    "aligned": "Score (memscan --score aligned, not the paper's): the fused features of --score fused retrieve each "
+               "image's 5 nearest candidates; each candidate is then aligned to it (mirror, rotation ±12°, zoom "
+               "0.8–1.25, translation up to 15%) on coarse pixels, and the pair's score is the mean of the aligned "
+               "pixel correlation and the fused correlation. Every score below, τ included, is that score.",
 }
 
 
@@ -761,8 +814,11 @@ def audit(
         seed: seed of the controls, bootstrap, null split and k-means.
         train_overrides: extra bundle config overrides when training the encoder (e.g. ``{"arch": "resnet10"}``).
         score: ``"fused"`` (default: flip-invariant pixel + embedding features, see :func:`score_features`; the
-            detection benchmark's better score, docs/benchmarks/detection.md) or ``"embedding"`` (Dar et al.'s
-            embedding correlation); τ and everything downstream are computed the same way.
+            detection benchmark's better score, docs/benchmarks/detection.md), ``"embedding"`` (Dar et al.'s
+            embedding correlation) or ``"aligned"`` (the fused features' :data:`ALIGN_CANDIDATES` best candidates
+            of every query re-scored after test-time alignment, :func:`memscan.scoring.align_and_correlate`: catches
+            shifted, rotated and zoomed copies better, at a few more false alarms and ~10-50 ms per image on a CPU;
+            docs/benchmarks/detection_alignment.md); τ and everything downstream are computed on the chosen score.
         precision: embedding precision, ``"auto"`` (float16 on CUDA, bfloat16 on CPUs with native bf16, else
             float32), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :func:`memscan.embed.resolve_precision`);
             the resolved one is recorded in ``summary.json``.
@@ -865,12 +921,16 @@ def audit(
     spatial_size = list(as_spatial_size(settings["image_size"], dims))
     all_sets = {"train": train_set, "val": val_set, **syn_sets}
     embeddings: dict[str, np.ndarray] = {}
+    aligned_images: dict[str, np.ndarray] = {}  # score="aligned": coarse images of every set
     for name, s in all_sets.items():
         logger.info("embedding %s: %d image(s)", name, len(s))
         emb = score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
                              batch_size=batch_size, device=device, cache_dir=cache_dir, checkpoint_sha256=ckpt_sha,
                              precision=precision)
         embeddings[name] = np.asarray(emb, dtype=np.float32)
+        if score == "aligned":
+            aligned_images[name] = alignment_images(s.records, preprocess, image_size=spatial_size,
+                                                    batch_size=batch_size)
         save_npy_atomic(out / "embeddings" / f"{name}.npy", embeddings[name])
 
         write_csv_atomic(pd.DataFrame({"index": np.arange(len(s)), "path": [r["image"] for r in s.records],
@@ -894,6 +954,9 @@ def audit(
             control_images = [{"image": _preprocessed_image(ctrl_tf, train_set.records[i])} for i in control_src]
             control_emb = score_features(network, control_images, _identity, score=score, image_size=spatial_size,
                                          batch_size=batch_size, device=device, cache_dir=None, precision=precision)
+            if score == "aligned":
+                aligned_images["controls"] = alignment_images(control_images, _identity, image_size=spatial_size,
+                                                              batch_size=batch_size)
 
     # 4. matching ---------------------------------------------------------------------------------------------
     train_paths = [r["image"] for r in train_set.records]
@@ -906,27 +969,42 @@ def audit(
                         "training/validation pairs of the same patient are not excluded")
     set_audits: dict[str, SetAudit] = {}
     controls_block: dict[str, Any] = {"n": n_controls}
+    axes = _alignment(preprocess_cfg)
     for name, s in syn_sets.items():
         logger.info("matching %s against the training set", name)
         syn_paths = [r["image"] for r in s.records]
+        refine = None
+        if score == "aligned":
+            refine = _aligned_refine({"train": aligned_images["train"], "val": aligned_images["val"],
+                                      "synthetic": aligned_images[name]}, axes)
         res = match(embeddings["train"], embeddings["val"], embeddings[name], percentile, device,
                     train_subjects=train_subjects if split_by_subject else None,
                     val_subjects=val_subjects if split_by_subject else None, n_bootstrap=n_bootstrap, seed=seed,
-                    train_ids=train_paths, synthetic_ids=syn_paths)
+                    train_ids=train_paths, synthetic_ids=syn_paths, refine=refine, refine_k=ALIGN_CANDIDATES)
         block = dict(res.summary)
         n_subj_mem, n_subj = _subject_counts(train_set.records, res.train_table["memorized"].to_numpy(bool))
         block.update({"n_memorized_subjects": n_subj_mem, "n_train_subjects": n_subj,
                       "frac_memorized_subjects": n_subj_mem / n_subj if n_subj else None})
         ct = data_copying_statistic(embeddings["train"], embeddings["val"], embeddings[name], seed=seed,
                                     device=device)
+        same_score = refine is None  # the aligned scores are not correlations of these features
         auth = authenticity_score(embeddings["train"], embeddings[name],
-                                  best_train_index=res.synthetic_table["best_train_index"].to_numpy(),
-                                  best_train_correlation=res.synthetic_table["correlation"].to_numpy(),
+                                  best_train_index=res.synthetic_table["best_train_index"].to_numpy()
+                                  if same_score else None,
+                                  best_train_correlation=res.synthetic_table["correlation"].to_numpy()
+                                  if same_score else None,
                                   device=device)
         block.update({k: v for k, v in ct.items()})
         block.update({"authenticity": auth["authenticity"], "n_unauthentic": auth["n_unauthentic"]})
         if n_controls and not controls_block.get("threshold"):
-            values, indices = topk_correlation(control_emb, embeddings["train"], 1, device=device)
+            if refine is None:
+                values, indices = topk_correlation(control_emb, embeddings["train"], 1, device=device)
+            else:  # the same re-scoring as the synthetic images
+                cand_v, cand_i = topk_correlation(control_emb, embeddings["train"],
+                                                  min(ALIGN_CANDIDATES, len(train_set)), device=device)
+                found = _aligned_refine({"controls": aligned_images["controls"], "train": aligned_images["train"]},
+                                        axes)("controls", np.arange(n_controls), "train", cand_i, cand_v)
+                values, indices = found[0][:, None], found[1][:, None]
             caught = values[:, 0] > res.threshold
             controls_block.update({
                 "n_caught": int(caught.sum()), "share_caught": float(caught.mean()),

@@ -41,7 +41,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "float32; default), or one of them explicitly (recorded in summary.json)")
     parser.add_argument("--score", default="fused", metavar="MODE",
                         help="similarity score: fused (flip-invariant pixel + embedding features, better on the "
-                             "detection benchmark; default) or embedding (the paper's)")
+                             "detection benchmark; default), embedding (the paper's) or aligned (fused, then the "
+                             "best candidates re-scored after test-time alignment: catches shifted/zoomed copies)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--controls", type=int, default=None, metavar="N",
                         help="positive controls: perturbed training images that must be caught (default 8; 0 = off)")
