@@ -396,6 +396,26 @@ def _bundle_settings(bundle: Path | None, spatial_dims: int) -> dict[str, Any]:
     return settings
 
 
+def _sidecar_settings(checkpoint: Path, spatial_dims: int, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Encoder and preprocessing settings from ``encoder.json`` beside a checkpoint (written by
+    :func:`memscan.training.train_encoder`), limited to the keys of ``settings``; ``{}`` without one."""
+    import json
+
+    sidecar = checkpoint.with_name("encoder.json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        saved = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(sidecar, f"unreadable encoder settings ({err})") from None
+    if not isinstance(saved, dict):
+        raise InputError(sidecar, "expected a JSON object of encoder settings")
+    if "spatial_dims" in saved and int(saved["spatial_dims"]) != int(spatial_dims):
+        raise InputError(checkpoint, f"the encoder was trained on {saved['spatial_dims']}D images, the inputs are "
+                                     f"{spatial_dims}D")
+    return {k: v for k, v in saved.items() if k in settings}
+
+
 def _preprocess_config(spatial_dims: int, settings: Mapping[str, Any]) -> Any:
     from memscan.data import PreprocessConfig
     from memscan.training import as_spatial_size
@@ -793,7 +813,9 @@ def audit(
         val: held-out real images of *other* patients (calibrate τ), same kinds.
         synthetic: one source, a list of sources, or ``{name: source}`` for several sets compared side by side.
         out_dir: output folder (must be empty or new, unless ``overwrite`` or it holds an interrupted audit).
-        checkpoint: encoder checkpoint (plain state_dict). Takes precedence over the bundle's ``models/model.pt``.
+        checkpoint: encoder checkpoint (plain state_dict). Takes precedence over the bundle's ``models/model.pt``;
+            the ``encoder.json`` written beside it at training (architecture, embedding size, image size,
+            preprocessing) overrides the bundle's settings, and ``image_size`` / ``train_overrides`` override both.
         bundle: bundle folder (or name: ``memscan_cxr_2d`` / ``memscan_knee_3d``) whose settings define the
             encoder and preprocessing; its ``models/model.pt`` is used when no ``checkpoint`` is given.
         epochs, image_size: when neither checkpoint nor bundle model exists, a small encoder is trained on
@@ -878,6 +900,8 @@ def audit(
     # 2. encoder ----------------------------------------------------------------------------------------------
     bundle_path = _resolve_bundle(bundle, dims)
     settings = _bundle_settings(bundle_path, dims)
+    if checkpoint is not None:  # how that checkpoint was trained, when memscan trained it
+        settings.update(_sidecar_settings(Path(checkpoint).expanduser(), dims, settings))
     if image_size is not None:
         from memscan.training import as_spatial_size
 

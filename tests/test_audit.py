@@ -369,3 +369,21 @@ def test_aligned_score_catches_a_shifted_rotated_copy(data2d: dict, tmp_path: Pa
     f_table = fused.sets["syn"].synthetic_table
     f_moved = f_table.loc[f_table["path"].map(lambda p: Path(p).name) == "moved.png", "best_train_correlation"]
     assert table.loc["moved.png", "best_train_correlation"] > float(f_moved.iloc[0])
+
+
+def test_checkpoint_settings_come_from_its_encoder_json(trained: object, data2d: dict, tmp_path: Path) -> None:
+    """``--checkpoint RUN/model.pt`` of a non-default encoder (here resnet10) needs no extra flags: the settings
+    written beside it at training are used; a sidecar of the wrong dimensionality is a clear input error."""
+    ckpt = trained.out_dir / "encoder" / "model.pt"
+    assert json.loads((ckpt.with_name("encoder.json")).read_text())["arch"] == "resnet10"
+    again = audit(data2d["train"], data2d["val"], {"syn": data2d["syn"]}, out_dir=tmp_path / "again",
+                  checkpoint=ckpt, subject_regex=REGEX, controls=0, **FAST)
+    config = again.summary["provenance"]["config"]
+    assert config["arch"] == "resnet10" and list(config["image_size"]) == [SIZE, SIZE]
+    other = tmp_path / "other" / "model.pt"
+    other.parent.mkdir()
+    other.write_bytes(ckpt.read_bytes())
+    other.with_name("encoder.json").write_text(json.dumps({"spatial_dims": 3, "arch": "resnet10"}))
+    with pytest.raises(InputError, match="3D"):
+        audit(data2d["train"], data2d["val"], {"syn": data2d["syn"]}, out_dir=tmp_path / "wrong", checkpoint=other,
+              subject_regex=REGEX, controls=0, **FAST)
