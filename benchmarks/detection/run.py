@@ -244,9 +244,11 @@ cxr_2d 0.874 / 0.74 / 0.14 vs 0.802 / 0.67 / 0.18; mri_t1_3d 0.934 / 0.83 / 0.04
   crop_resize (CT 0.973, MRI 3D 0.895) and overall on CT (0.994 / 0.97 / 0.03), but worse overall on the other
   three and raises FPR more (MRI 2D 0.04, MRI 3D 0.08).
 - pixel, paper and memscan_default reproduce docs/benchmarks/detection.md's numbers exactly (same seeds).
-- Not wired into `memscan audit`: FPR rises on two of four cases (the issue's bar: better without raising FPR),
-  and the audit's τ / N_copies / N_mem come from `memscan.metrics.match`, which takes feature rows only — an
-  aligned score needs a match() that accepts pairwise best scores. The default score is unchanged.
+- In the product as an opt-in score, not the default: `memscan audit --score aligned` runs
+  `memscan_default_aligned` (the fused features retrieve 5 candidates, `memscan.metrics.match(refine=...)`
+  re-scores them with the same alignment for τ, the null split, both directions and the positive controls; images
+  aligned at half size, at most 32² / 16³). The default stays `fused` because FPR rises on two of four cases and
+  elastic recall drops.
 - Cost: 32² 2D search, 126 warps × k = 5 candidates, about 13 ms per query on one shared CPU thread (MRI 2D: 1,400
   queries per permutation in 19-36 s); 3D (6×16×16) about 40-70 ms per query.
 
