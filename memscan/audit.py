@@ -535,8 +535,8 @@ def _alignment(cfg: Any) -> dict[str, Any]:
 
 
 def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any]) -> Any:
-    """A :data:`memscan.metrics.Refine` that aligns each query's candidates (:func:`memscan.scoring.align_and_correlate`)
-    and fuses the aligned pixels with their feature correlation."""
+    """A :data:`memscan.metrics.Refine` that aligns each query's candidates
+    (:func:`memscan.scoring.align_and_correlate`) and fuses the aligned pixels with their feature correlation."""
     from memscan.scoring import align_and_correlate
 
     def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,

@@ -432,8 +432,8 @@ def embed_images(
             the preprocessing (:func:`memscan.data.transforms.transform_fingerprint`) or the precision change.
         checkpoint_sha256: identifies the weights for the cache (computed from the network when omitted).
         num_workers: data-loading processes that decode and preprocess while the network runs (default: 2 on GPU,
-            0 on CPU, where MONAI's ``ThreadDataLoader`` preprocesses the next batches in a background thread, each
-            image on one intra-op thread, while the network runs).
+            0 on CPU, where a background thread (MONAI ``ThreadBuffer``) preprocesses the next batches, each image
+            on one intra-op thread, while the network runs).
         amp: legacy switch: False means ``precision="float32"``; True or None leave ``precision`` as given.
         precision: ``"auto"`` (default), ``"float32"``, ``"bfloat16"`` or ``"float16"``; see
             :func:`resolve_precision`.
@@ -487,7 +487,8 @@ def embed_images(
     if todo:
         logger.info("embedding %d image(s) on %s in %s (%d cached)", len(todo), dev, resolved, len(cached))
         network = network.to(dev).eval()
-        dataset = Dataset([records[i] for i in todo], transform=_LoaderTransform(preprocess, single_thread=workers == 0))
+        dataset = Dataset([records[i] for i in todo],
+                          transform=_LoaderTransform(preprocess, single_thread=workers == 0))
         loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=workers,
                             pin_memory=dev.type == "cuda")
         if workers == 0:  # a background thread preprocesses the next batches while the network runs on this one
