@@ -64,7 +64,6 @@ __all__ = [
     "ALIGN_CANDIDATES",
     "score_features",
     "alignment_size",
-    "alignment_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -475,6 +474,16 @@ def score_features(network: Any, records: Sequence[Mapping[str, Any]], preproces
     Raises:
         InputError: an unknown ``score``, or a constant image (its pixel correlation is undefined).
     """
+    return _score_features(network, records, preprocess, score=score, image_size=image_size, batch_size=batch_size,
+                           device=device, cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
+                           precision=precision)[0]
+
+
+def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str,
+                    image_size: Sequence[int], batch_size: int, device: str, cache_dir: str | os.PathLike[str] | None,
+                    checkpoint_sha256: str | None, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`score_features` and, for ``score="aligned"``, the images it aligns (``[N, C, *alignment_size]``),
+    taken from the same preprocessed batches as the fused pixels."""
     from monai.transforms import Compose, Flipd
 
     from memscan.embed import embed_images
@@ -489,20 +498,23 @@ def score_features(network: Any, records: Sequence[Mapping[str, Any]], preproces
                                        precision=precision), np.float32)
 
     if score == "embedding":
-        return embed(preprocess)
-    # "fused" and "aligned" match the same features ("aligned" then re-scores candidates, see alignment_images)
+        return embed(preprocess), None
+    # "fused" and "aligned" match the same features ("aligned" then re-scores candidates on the aligned images)
     coarse = [max(1, int(n) // 4) for n in image_size]
-    pixels, mirrored = [], []
+    small = alignment_size(image_size)
+    pixels, mirrored, aligned = [], [], []
     for i in range(0, len(records), batch_size):  # batched so a large set never sits in memory at full resolution
         batch = np.stack([_preprocessed_image(preprocess, r) for r in records[i:i + batch_size]])
         pixels.append(pixel_features(batch, coarse))
         mirrored.append(pixel_features(np.flip(batch, axis=2).copy(), coarse))  # axis 2 = Flipd's spatial axis 0
+        if score == "aligned":
+            aligned.append(pixel_features(batch, small).reshape(len(batch), batch.shape[1], *small))
     flipped_tf = Compose([getattr(preprocess, "compose", preprocess), Flipd(keys="image", spatial_axis=0)])
     total = None
     for pix, emb in ((np.concatenate(pixels), embed(preprocess)), (np.concatenate(mirrored), embed(flipped_tf))):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
         total = part if total is None else total + part
-    return (total / 2).astype(np.float32)
+    return (total / 2).astype(np.float32), (np.concatenate(aligned) if aligned else None)
 
 
 def alignment_size(image_size: Sequence[int]) -> list[int]:
@@ -510,20 +522,6 @@ def alignment_size(image_size: Sequence[int]) -> list[int]:
     voxels (the detection benchmark's setting: coarse enough to ignore detail a generator does not reproduce)."""
     cap = 32 if len(image_size) == 2 else 16
     return [max(4, min(int(n) // 2, cap)) for n in image_size]
-
-
-def alignment_images(records: Sequence[Mapping[str, Any]], preprocess: Any, *, image_size: Sequence[int],
-                     batch_size: int = 16) -> np.ndarray:
-    """Preprocessed images area-downsampled to :func:`alignment_size`, ``[N, C, *size]`` float32 (what
-    ``score="aligned"`` aligns)."""
-    from memscan.scoring import pixel_features
-
-    size = alignment_size(image_size)
-    out = []
-    for i in range(0, len(records), batch_size):  # batched so a large set never sits in memory at full resolution
-        batch = np.stack([_preprocessed_image(preprocess, r) for r in records[i:i + batch_size]])
-        out.append(pixel_features(batch, size).reshape(len(batch), batch.shape[1], *size))
-    return np.concatenate(out) if out else np.zeros((0, 1, *size), np.float32)
 
 
 def _alignment(cfg: Any) -> dict[str, Any]:
@@ -948,13 +946,12 @@ def audit(
     aligned_images: dict[str, np.ndarray] = {}  # score="aligned": coarse images of every set
     for name, s in all_sets.items():
         logger.info("embedding %s: %d image(s)", name, len(s))
-        emb = score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
-                             batch_size=batch_size, device=device, cache_dir=cache_dir, checkpoint_sha256=ckpt_sha,
-                             precision=precision)
+        emb, small = _score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
+                                     batch_size=batch_size, device=device, cache_dir=cache_dir,
+                                     checkpoint_sha256=ckpt_sha, precision=precision)
         embeddings[name] = np.asarray(emb, dtype=np.float32)
-        if score == "aligned":
-            aligned_images[name] = alignment_images(s.records, preprocess, image_size=spatial_size,
-                                                    batch_size=batch_size)
+        if small is not None:
+            aligned_images[name] = small
         save_npy_atomic(out / "embeddings" / f"{name}.npy", embeddings[name])
 
         write_csv_atomic(pd.DataFrame({"index": np.arange(len(s)), "path": [r["image"] for r in s.records],
@@ -976,11 +973,11 @@ def audit(
                                                   precision=precision), np.float32)
         else:  # perturbed once, in order, from the seed, so the pixels and both embeddings see the same image
             control_images = [{"image": _preprocessed_image(ctrl_tf, train_set.records[i])} for i in control_src]
-            control_emb = score_features(network, control_images, _identity, score=score, image_size=spatial_size,
-                                         batch_size=batch_size, device=device, cache_dir=None, precision=precision)
-            if score == "aligned":
-                aligned_images["controls"] = alignment_images(control_images, _identity, image_size=spatial_size,
-                                                              batch_size=batch_size)
+            control_emb, small = _score_features(network, control_images, _identity, score=score,
+                                                 image_size=spatial_size, batch_size=batch_size, device=device,
+                                                 cache_dir=None, checkpoint_sha256=None, precision=precision)
+            if small is not None:
+                aligned_images["controls"] = small
 
     # 4. matching ---------------------------------------------------------------------------------------------
     train_paths = [r["image"] for r in train_set.records]
