@@ -42,7 +42,7 @@ import torch
 from memscan import __version__
 from memscan.errors import InputError
 from memscan.io import write_csv_atomic, write_json_atomic
-from memscan.parallel import intra_op_threads, run_concurrently
+from memscan.parallel import run_concurrently
 
 __all__ = [
     "resolve_device",
@@ -564,10 +564,9 @@ def _search(q: torch.Tensor, r: torch.Tensor, k: int = 1, *, n: int, m: int, q_c
         col_v, col_i = col_v[:m], col_i[:m]
         col_i[torch.isneginf(col_v)] = -1
     if in_chunks:
-        with intra_op_threads(1):  # small ops: one thread beats two that wait on each other
-            row_i = _locate_in_chunks(q, r, row_i[:, 0], chunk, m, qc, rc)[:, None]
-            if columns:
-                col_i = _locate_in_chunks(r, q, col_i, chunk, n, rc, qc)
+        row_i = _locate_in_chunks(q, r, row_i[:, 0], chunk, m, qc, rc)[:, None]
+        if columns:
+            col_i = _locate_in_chunks(r, q, col_i, chunk, n, rc, qc)
     return row_v, row_i, col_v, col_i
 
 
