@@ -131,6 +131,11 @@ def _free_memory_bytes(device: torch.device) -> int:
         return 1 << 30
 
 
+def _chunk_aligned(block_size: int | tuple[int, int]) -> bool:
+    """Whether given tile sizes are multiples of ``_CHUNK`` (such tiles stay aligned and use the chunked search)."""
+    return all(int(b) % _CHUNK == 0 for b in np.atleast_1d(block_size))
+
+
 def _block_shape(n: int, m: int, device: torch.device, dtype: torch.dtype,
                  block_size: int | tuple[int, int] | None) -> tuple[int, int]:
     """Rows of query and reference per tile: explicit ``block_size`` or chosen from free memory."""
@@ -139,7 +144,7 @@ def _block_shape(n: int, m: int, device: torch.device, dtype: torch.dtype,
         if int(bq) < 1 or int(br) < 1:
             raise InputError("block_size", f"must be >= 1, got {block_size!r}")
         bq, br = int(bq), int(br)
-        if bq % _CHUNK == 0 and br % _CHUNK == 0:  # keep chunk-aligned tiles chunk-aligned (rows get padded)
+        if _chunk_aligned((bq, br)):  # keep chunk-aligned tiles chunk-aligned (rows get padded)
             return min(bq, -(-n // _CHUNK) * _CHUNK), min(br, -(-m // _CHUNK) * _CHUNK)
         return min(n, bq), min(m, br)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -596,14 +601,13 @@ def _unique_rows(x: np.ndarray, codes: np.ndarray | None) -> tuple[np.ndarray, n
         return np.arange(n), inverse
     order = np.argsort(inverse, kind="stable")  # rows by code, each code's rows in index order
     first = order[np.r_[0, np.flatnonzero(np.diff(inverse[order])) + 1]]
-    if len(first) < n:  # verify the groups: equal values (and codes) as the group's first row
-        for s in range(0, n, _HASH_CHUNK):
-            rep = first[inverse[s:s + _HASH_CHUNK]]
-            same = (x[s:s + _HASH_CHUNK] == x[rep]).all(axis=1)
-            if codes is not None:
-                same &= codes[s:s + _HASH_CHUNK] == codes[rep]
-            if not same.all():
-                return _unique_rows_exact(x, codes)
+    for s in range(0, n, _HASH_CHUNK):  # verify the groups: equal values (and codes) as the group's first row
+        rep = first[inverse[s:s + _HASH_CHUNK]]
+        same = (x[s:s + _HASH_CHUNK] == x[rep]).all(axis=1)
+        if codes is not None:
+            same &= codes[s:s + _HASH_CHUNK] == codes[rep]
+        if not same.all():
+            return _unique_rows_exact(x, codes)
     return first, inverse
 
 
@@ -647,7 +651,7 @@ def _exact_search(query: np.ndarray, reference: np.ndarray, k: int, *, q_codes: 
     """
     if device.type != "cpu":
         chunk = 0
-    elif block_size is None or all(int(b) % _CHUNK == 0 for b in np.atleast_1d(block_size)):
+    elif block_size is None or _chunk_aligned(block_size):
         chunk = _CHUNK  # chosen tiles are always chunk-aligned; given ones when both sizes are
     else:
         chunk = -1
