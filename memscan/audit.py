@@ -396,19 +396,11 @@ def _bundle_settings(bundle: Path | None, spatial_dims: int) -> dict[str, Any]:
 
 
 def _sidecar_settings(checkpoint: Path, spatial_dims: int, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Encoder and preprocessing settings from ``encoder.json`` beside a checkpoint (written by
-    :func:`memscan.training.train_encoder`), limited to the keys of ``settings``; ``{}`` without one."""
-    import json
+    """Encoder and preprocessing settings from ``encoder.json`` beside a checkpoint
+    (:func:`memscan.training.read_encoder_settings`), limited to the keys of ``settings``; ``{}`` without one."""
+    from memscan.training import read_encoder_settings
 
-    sidecar = checkpoint.with_name("encoder.json")
-    if not sidecar.is_file():
-        return {}
-    try:
-        saved = json.loads(sidecar.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(sidecar, f"unreadable encoder settings ({err})") from None
-    if not isinstance(saved, dict):
-        raise InputError(sidecar, "expected a JSON object of encoder settings")
+    saved = read_encoder_settings(checkpoint)
     if "spatial_dims" in saved and int(saved["spatial_dims"]) != int(spatial_dims):
         raise InputError(checkpoint, f"the encoder was trained on {saved['spatial_dims']}D images, the inputs are "
                                      f"{spatial_dims}D")

@@ -161,20 +161,12 @@ def load_encoder(
     Raises:
         InputError: unreadable checkpoint or settings that do not fit it.
     """
-    import json
-
     from memscan.data import PreprocessConfig
     from memscan.networks import build_encoder, infer_encoder, load_encoder_checkpoint, read_state_dict
-    from memscan.training import ENCODER_KEYS, as_spatial_size, preset
+    from memscan.training import ENCODER_KEYS, as_spatial_size, preset, read_encoder_settings
 
     path = Path(checkpoint)
-    settings: dict[str, Any] = {}
-    sidecar = path.with_name("encoder.json")
-    if sidecar.is_file():
-        try:
-            settings = {k: v for k, v in json.loads(sidecar.read_text()).items() if k in (*ENCODER_KEYS, "spatial_dims")}
-        except (OSError, ValueError) as err:
-            raise InputError(sidecar, f"unreadable encoder settings ({err})") from None
+    settings = {k: v for k, v in read_encoder_settings(path).items() if k in (*ENCODER_KEYS, "spatial_dims")}
     if not {"spatial_dims", "arch", "embedding_dim"} <= settings.keys():
         settings = {**infer_encoder(read_state_dict(path), path), **settings}
     explicit = {"spatial_dims": spatial_dims, "arch": arch, "embedding_dim": embedding_dim, "image_size": image_size}

@@ -64,6 +64,7 @@ __all__ = [
     "KeyMetricState",
     "ReseedTransforms",
     "latest_checkpoint",
+    "read_encoder_settings",
     "bundle_dir",
     "bundle_root",
     "split_source",
@@ -860,6 +861,27 @@ def train_encoder(
 
 #: settings that describe a trained encoder and its preprocessing (written to ``<run>/encoder.json``)
 ENCODER_KEYS = ("arch", "embedding_dim", "in_channels", "image_size", "crop_pad_size", "resize", "intensity")
+
+
+def read_encoder_settings(checkpoint: str | Path) -> dict[str, Any]:
+    """The ``encoder.json`` written beside a checkpoint by :func:`train_encoder` (``spatial_dims``, the preset and
+    :data:`ENCODER_KEYS`), or ``{}`` when there is none.
+
+    Raises:
+        InputError: the file exists but is not a readable JSON object.
+    """
+    import json
+
+    sidecar = Path(checkpoint).with_name("encoder.json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        saved = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(sidecar, f"unreadable encoder settings ({err})") from None
+    if not isinstance(saved, dict):
+        raise InputError(sidecar, "expected a JSON object of encoder settings")
+    return saved
 
 
 def _write_encoder_settings(out: Path, spatial_dims: int, settings: Mapping[str, Any], preset_name: str) -> None:

@@ -371,7 +371,8 @@ def test_aligned_score_catches_a_shifted_rotated_copy(data2d: dict, tmp_path: Pa
     assert table.loc["moved.png", "best_train_correlation"] > float(f_moved.iloc[0])
 
 
-def test_checkpoint_settings_come_from_its_encoder_json(trained: object, data2d: dict, tmp_path: Path) -> None:
+def test_checkpoint_settings_come_from_its_encoder_json(trained: object, data2d: dict, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
     """``--checkpoint RUN/model.pt`` of a non-default encoder (here resnet10) needs no extra flags: the settings
     written beside it at training are used; a sidecar of the wrong dimensionality is a clear input error."""
     ckpt = trained.out_dir / "encoder" / "model.pt"
@@ -387,3 +388,9 @@ def test_checkpoint_settings_come_from_its_encoder_json(trained: object, data2d:
     with pytest.raises(InputError, match="3D"):
         audit(data2d["train"], data2d["val"], {"syn": data2d["syn"]}, out_dir=tmp_path / "wrong", checkpoint=other,
               subject_regex=REGEX, controls=0, **FAST)
+    other.with_name("encoder.json").write_text("{not json")  # a damaged sidecar: one line naming it
+    rc = main(["audit", "--train", str(data2d["train"]), "--val", str(data2d["val"]), "--synthetic",
+               str(data2d["syn"]), "--checkpoint", str(other), "--out", str(tmp_path / "damaged")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "encoder.json" in err
+    assert "unreadable encoder settings" in err and "Traceback" not in err
