@@ -30,7 +30,7 @@ from memscan.data.transforms import transform_fingerprint
 from memscan.errors import InputError
 from memscan.io import save_npy_atomic, write_csv_atomic
 from memscan.metrics import resolve_device
-from memscan.parallel import intra_op_threads
+from memscan.parallel import intra_op_threads, reuse_freed_memory
 
 __all__ = [
     "PRECISIONS",
@@ -238,8 +238,9 @@ class EmbeddingWriter:
 
 
 def run_evaluator(evaluator: Engine) -> Any:
-    """Run an embedding evaluator without autograd bookkeeping (``torch.inference_mode``)."""
-    with torch.inference_mode():
+    """Run an embedding evaluator without autograd bookkeeping (``torch.inference_mode``), its batches' large
+    activations reusing freed heap memory (:func:`memscan.parallel.reuse_freed_memory`)."""
+    with torch.inference_mode(), reuse_freed_memory():
         evaluator.run()
     return evaluator
 

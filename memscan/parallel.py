@@ -1,20 +1,28 @@
-"""Thread-level parallelism for small CPU ops: one intra-op thread per task, tasks side by side.
+"""CPU execution settings: threads for small ops, and the C heap for large tensors.
 
 torch splits every op over all cores; for ops of a millisecond or less the threads mostly wait on each other (far
 worse when other processes share the cores). Running independent tasks on Python threads, each with one intra-op
 thread, keeps every core busy without a barrier per op (torch and numpy release the GIL inside their kernels).
+
+torch's CPU tensors come from ``malloc``; glibc serves blocks above its mmap threshold (at most 32 MB) with fresh
+``mmap`` pages, so every large activation of a batched forward pass is page-faulted in again on each op.
+:func:`reuse_freed_memory` keeps such blocks in the heap for the next op.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["intra_op_threads", "run_concurrently"]
+__all__ = ["intra_op_threads", "reuse_freed_memory", "run_concurrently"]
 
 T = TypeVar("T")
 
@@ -59,3 +67,56 @@ def run_concurrently(tasks: Sequence[Callable[[], T]], workers: int | None = Non
     with intra_op_threads(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memscan") as pool:
         futures = [pool.submit(task) for task in tasks]
         return [f.result() for f in futures]
+
+
+# glibc mallopt parameters (malloc.h) and the values its dynamic threshold settles at for large blocks
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_SETTLED_MMAP, _SETTLED_TRIM = 32 << 20, 64 << 20
+_heap_lock = threading.Lock()
+_heap_depth = 0
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    """The C library when it is glibc (has ``mallopt`` and ``malloc_trim``), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 — only glibc has it
+        libc.mallopt, libc.malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@contextmanager
+def reuse_freed_memory(limit_bytes: int = 1 << 30) -> Iterator[None]:
+    """Inside the block, glibc serves blocks up to ``limit_bytes`` from its heap and keeps freed ones for reuse;
+    on leaving, the thresholds go back to the values glibc settles at for large tensors and free heap memory is
+    returned to the system (``malloc_trim``).
+
+    Written because neither torch nor the OS offers a caching allocator for CPU tensors: a batched ResNet-18
+    forward pass at 256² spends about a quarter of its time page-faulting freshly mapped activations (4.4 vs
+    6.0 ms per image on 2 cores). Nested blocks restore on leaving the outermost one. A no-op off glibc.
+
+    Args:
+        limit_bytes: largest block served from the heap.
+    """
+    global _heap_depth
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        _heap_depth += 1
+        if _heap_depth == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, int(limit_bytes))
+            libc.mallopt(_M_TRIM_THRESHOLD, int(limit_bytes))
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_depth -= 1
+            if _heap_depth == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP)
+                libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM)
+                libc.malloc_trim(0)

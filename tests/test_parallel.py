@@ -50,3 +50,30 @@ def test_run_concurrently_tasks_see_one_intra_op_thread_and_errors_propagate() -
     with pytest.raises(ValueError, match="bad task"):
         run_concurrently([lambda: 1, fail], workers=2)
     assert torch.get_num_threads() == before
+
+
+def _minor_faults_of_large_tensors(rounds: int) -> int:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        big = torch.ones(1 << 24)  # 64 MB: above glibc's largest dynamic mmap threshold (32 MB)
+        small = torch.ones(1 << 22)
+        del big, small
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_reuse_freed_memory_stops_page_faulting_large_tensors_and_restores_on_exit() -> None:
+    from memscan.parallel import _glibc, reuse_freed_memory
+
+    if _glibc() is None:
+        pytest.skip("not glibc: reuse_freed_memory is a no-op here")
+    outside = _minor_faults_of_large_tensors(4)
+    assert outside > 4 * 8000  # each fresh 64 MB mapping faults in ~16k pages
+    with reuse_freed_memory():
+        with reuse_freed_memory():  # nested: the outer block keeps the setting
+            _minor_faults_of_large_tensors(6)  # the heap grows once to hold them
+        inside = _minor_faults_of_large_tensors(4)
+    after = _minor_faults_of_large_tensors(4)
+    assert inside < outside / 4
+    assert after > 4 * 8000  # thresholds back: 64 MB blocks are mapped (and returned) again
