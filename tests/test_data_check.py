@@ -91,3 +91,18 @@ def test_check_cli_not_usable_exit_2(tiny_2d_folder, tmp_path, capsys):
     write_png(tmp_path / "nothing" / "flat.png", make_array((8, 8), 1) * 0)
     rc = main(["check", "--train", str(tiny_2d_folder(n=10)), "--val", str(tmp_path / "nothing")])
     assert rc == 2 and "result: NOT usable" in capsys.readouterr().out
+
+
+def test_few_validation_patients_warned(tiny_2d_folder):
+    from memscan.data.check import MIN_VAL_SUBJECTS
+
+    train = tiny_2d_folder(n=10)
+    few = tiny_2d_folder(n=10, subjects=MIN_VAL_SUBJECTS - 1)
+    enough = tiny_2d_folder(n=10, subjects=MIN_VAL_SUBJECTS)
+    warned = check_sets(load_image_set(train, "train", subject_regex=SUBJECT_REGEX),
+                        load_image_set(few, "val", subject_regex=SUBJECT_REGEX), {})
+    quiet = check_sets(load_image_set(train, "train", subject_regex=SUBJECT_REGEX),
+                       load_image_set(enough, "val", subject_regex=SUBJECT_REGEX), {})
+    assert warned.usable
+    assert [w for w in warned.warnings if w.startswith(f"validation holds {MIN_VAL_SUBJECTS - 1} patient(s)")]
+    assert not [w for w in quiet.warnings if "validation holds" in w]

@@ -21,6 +21,8 @@ from memscan.io import write_csv_atomic
 __all__ = ["CheckReport", "check_sets", "check_sources"]
 
 _MAX_LISTED = 5
+#: fewer validation patients than this get a warning: τ then rests on how close those few come to the training set
+MIN_VAL_SUBJECTS = 5
 
 
 
@@ -196,6 +198,12 @@ def _cross_checks(report: CheckReport, train: ImageSet | None, val: ImageSet | N
                 report.notes.append(
                     f"synthetic set '{name}': {n} image(s) are pixel-identical to training images (exact copies)"
                 )
+    if val is not None and 0 < len(val.subjects) < MIN_VAL_SUBJECTS:
+        report.warnings.append(
+            f"validation holds {len(val.subjects)} patient(s): τ is the 95th percentile of how close those patients "
+            "come to the training set, which varies from patient to patient, so the false-positive rate on other new "
+            f"patients is uncertain (the detection benchmark saw 1-60% with one); use {MIN_VAL_SUBJECTS} or more"
+        )
     for name, s in report.sets.items():
         if len(s) < 10 and report.roles.get(name) in ("train", "val"):
             report.warnings.append(f"set '{name}' has only {len(s)} image(s): statistics will be weak")
