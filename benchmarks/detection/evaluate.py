@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import calibrate_threshold, topk_correlation
-from memscan.scoring import aligned_search
+from memscan.scoring import align_and_correlate, aligned_search
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
     from .detectors import fit_detector
@@ -116,13 +116,28 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
     a = dict(recipe["align"])
     factor = a.pop("factor", 2)
     k = a.pop("k", 5)
+    highpass = a.pop("highpass", None)  # (σ px at the coarse size, weight): see bandpass_study.py
     if a.pop("scoring", "embedding") == "retrieval":  # fuse the aligned pixels with the retrieval features' score
         q_scoring, r_scoring = q_feat, r_feat
     size = [max(2, s // factor) for s in query.shape[2:]]
     flip = (-1,) if recipe.get("tta_flip") else ()
     res = aligned_search(query, reference, q_feat, r_feat, k=k, query_scoring=q_scoring, reference_scoring=r_scoring,
                          device="cpu", size=size, flip_axes=flip, **a)
-    return res.score
+    if not highpass:
+        return res.score
+    # the same candidates aligned again on high-passed coarse images; pixel term = (1 - w) plain + w high-pass
+    from bandpass_study import _blur, _down
+
+    sigma, w = float(highpass[0]), float(highpass[1])
+    qc, rc = _down(query, factor), _down(reference, factor)
+    hp = align_and_correlate(qc - _blur(qc, sigma), rc - _blur(rc, sigma), res.candidates, flip_axes=flip,
+                             **{key: v for key, v in a.items() if key != "weights"}).pixel
+    wts = a.get("weights") or {"pixel": 1.0, "features": 1.0}
+    wp, wf = float(wts["pixel"]), float(wts["features"])
+    feat = ((wp + wf) * res.fused - wp * res.pixel) / wf
+    fused = (wp * ((1 - w) * res.pixel + w * hp) + wf * feat) / (wp + wf)
+    fused[res.candidates < 0] = -np.inf
+    return fused.max(axis=1)
 
 
 def _metrics(g: pd.DataFrame) -> pd.Series:

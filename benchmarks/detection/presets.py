@@ -101,6 +101,9 @@ ALIGN: dict = {"factor": 2, "k": 5, "scoring": "retrieval", "weights": {"pixel":
 CANDIDATES["memscan_default_aligned"] = {**copy.deepcopy(DEFAULT), "align": copy.deepcopy(ALIGN)}
 CANDIDATES["memscan_default_aligned_emb"] = {**copy.deepcopy(DEFAULT),
                                              "align": {**copy.deepcopy(ALIGN), "scoring": "embedding"}}
+#: lever (bandpass_study.py): the aligned pixel term 2:1 plain : high-pass (coarse image minus its σ 2 px blur)
+CANDIDATES["memscan_default_aligned_hp"] = {**copy.deepcopy(DEFAULT),
+                                            "align": {**copy.deepcopy(ALIGN), "highpass": [2.0, 1 / 3]}}
 
 
 def recipe_for(recipe: dict, spatial_dims: int) -> dict:

@@ -327,8 +327,11 @@ detail, so those families drop; a 2:1 mix of plain and high-pass keeps most of b
 On CT every band separates perfectly (AUROC 1.000) and recall is bounded by τ alone: there the validation block is
 the same patient's neighbouring slices, so the null is high. Not taken into the product's aligned score yet: the
 gain is on two families of one case, the cost is a second alignment search, and the aligned score already fuses the
-learned features, which carry elastic and detail_loss; it needs a full `--alignment` run with a high-pass pixel
-term before it can replace anything."""
+learned features, which carry elastic and detail_loss. Tried inside that score as well (presets.py
+`memscan_default_aligned_hp`: pixel term 2:1 plain : high-pass, same candidates, by a script calling
+`evaluate.score_case`): mri_t1_2d over the 3 cyclic permutations overall AUROC 0.972 → 0.974, crop_resize 0.941 →
+0.961, mix 0.947 → 0.950, but elastic 0.988 / 0.93 → 0.962 / 0.83 (AUROC / recall); ct_2d (1 permutation) elastic
+recall 0.99 → 0.82, crop_resize 0.50 → 0.56. No net gain: the product's aligned score keeps plain pixels."""
 
 
 def write_alignment(cache: Path, out: Path) -> None:
