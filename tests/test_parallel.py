@@ -52,9 +52,11 @@ def test_run_concurrently_tasks_see_one_intra_op_thread_and_errors_propagate() -
     assert torch.get_num_threads() == before
 
 
-def _minor_faults_of_large_tensors(rounds: int) -> int:
-    import resource
+_FAULT_PROBE = """
+import resource, sys, torch
+from memscan.parallel import reuse_freed_memory
 
+def faults(rounds):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(rounds):
         big = torch.ones(1 << 24)  # 64 MB: above glibc's largest dynamic mmap threshold (32 MB)
@@ -62,18 +64,28 @@ def _minor_faults_of_large_tensors(rounds: int) -> int:
         del big, small
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+outside = faults(4)
+with reuse_freed_memory():
+    with reuse_freed_memory():  # nested: the outer block keeps the setting
+        faults(6)  # the heap grows once to hold them
+    inside = faults(4)
+after = faults(4)
+print(outside, inside, after)
+"""
+
 
 def test_reuse_freed_memory_stops_page_faulting_large_tensors_and_restores_on_exit() -> None:
-    from memscan.parallel import _glibc, reuse_freed_memory
+    import subprocess
+    import sys
+
+    from memscan.parallel import _glibc
 
     if _glibc() is None:
         pytest.skip("not glibc: reuse_freed_memory is a no-op here")
-    outside = _minor_faults_of_large_tensors(4)
+    # a fresh interpreter: how glibc serves a large block depends on the heap's history (what earlier tests left)
+    run = subprocess.run([sys.executable, "-c", _FAULT_PROBE], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    outside, inside, after = (int(v) for v in run.stdout.split())
     assert outside > 4 * 8000  # each fresh 64 MB mapping faults in ~16k pages
-    with reuse_freed_memory():
-        with reuse_freed_memory():  # nested: the outer block keeps the setting
-            _minor_faults_of_large_tensors(6)  # the heap grows once to hold them
-        inside = _minor_faults_of_large_tensors(4)
-    after = _minor_faults_of_large_tensors(4)
     assert inside < outside / 4
     assert after > 4 * 8000  # thresholds back: 64 MB blocks are mapped (and returned) again
