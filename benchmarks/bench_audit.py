@@ -76,28 +76,29 @@ def _images(folder: Path, n: int, size: int) -> list[Path]:
     return paths
 
 
-def seed_way(network: torch.nn.Module, paths: list[Path], size: int, threads: int | None = None) -> np.ndarray:
+def seed_way(network: torch.nn.Module, paths: list[Path], size: int, threads: int | None = None,
+             device: torch.device | str = "cpu") -> np.ndarray:
     """The seed's loop: per image, decode, NumPy min-max, resize, one forward pass (``threads``: intra-op threads
     for this run only; None keeps torch's default, as the seed did)."""
     default = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _seed_loop(network, paths, size)
+        return _seed_loop(network, paths, size, torch.device(device))
     finally:
         torch.set_num_threads(default)
 
 
-def _seed_loop(network: torch.nn.Module, paths: list[Path], size: int) -> np.ndarray:
+def _seed_loop(network: torch.nn.Module, paths: list[Path], size: int, device: torch.device) -> np.ndarray:
     out = []
-    network.eval()
+    network.to(device).eval()
     with torch.no_grad():
         for p in paths:
             arr = np.asarray(Image.open(p).convert("L"), dtype=np.float32)
             arr = (arr - arr.min()) / (arr.max() - arr.min())
-            x = torch.from_numpy(arr)[None, None]
+            x = torch.from_numpy(arr)[None, None].to(device)
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            out.append(network(x).numpy()[0])
+            out.append(network(x).float().cpu().numpy()[0])
     return np.stack(out)
 
 
@@ -107,7 +108,8 @@ def _row_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
 
 
-def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp: Path, repeats: int = 2) -> list[str]:
+def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp: Path, repeats: int = 2,
+                    device: str = "cpu") -> list[str]:
     """Seed loop vs ``embed_images`` (float32, and the ``auto`` precision per worker count), interleaved ``repeats``
     times on the same images; each row reports its best run (the fairest figure on cores shared with other jobs)."""
     import copy
@@ -121,7 +123,9 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
     net = build_encoder(2, "resnet18", 128).eval()
     preprocess = configured_preprocess(PreprocessConfig(spatial_dims=2, spatial_size=size))
     records = [{"image": str(p)} for p in paths]
-    auto = resolve_precision("auto", "cpu")
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    auto = resolve_precision("auto", dev)
     threads = torch.get_num_threads()
     # (precision, loader workers, intra-op threads); the last: both sides' best on busy cores is one thread
     variants = [("float32", workers[0], threads)] + [(auto, w, threads) for w in workers]
@@ -133,13 +137,13 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
         precision, w, t = variant
         torch.set_num_threads(t)
         try:
-            return embed_images(nets[variant], recs, preprocess, batch_size=bs, device="cpu", precision=precision,
+            return embed_images(nets[variant], recs, preprocess, batch_size=bs, device=dev, precision=precision,
                                 num_workers=w)
         finally:
             torch.set_num_threads(threads)
 
     # warm-up every path on a few images (allocator, oneDNN kernels)
-    seed_way(net, paths[:2], size)
+    seed_way(net, paths[:2], size, device=dev)
     for variant in variants:
         run_memscan(variant, records[:2], 2)
 
@@ -148,11 +152,11 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
     load_start = os.getloadavg()[0]
     for _ in range(repeats):
         t0 = time.perf_counter()
-        outs["seed"] = seed_way(net, paths, size)
+        outs["seed"] = seed_way(net, paths, size, device=dev)
         times.setdefault("seed", []).append(time.perf_counter() - t0)
         if torch.get_num_threads() > 1:  # on busy cores the seed's threads wait on each other: give it its best
             t0 = time.perf_counter()
-            seed_way(net, paths, size, threads=1)
+            seed_way(net, paths, size, threads=1, device=dev)
             times.setdefault("seed1", []).append(time.perf_counter() - t0)
         for variant in variants:
             t0 = time.perf_counter()
@@ -161,10 +165,10 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
     load_end = os.getloadavg()[0]
     default = (auto, workers[0], threads)
     cache = tmp / "cache"
-    embed_images(nets[default], records, preprocess, batch_size=batch_size, device="cpu", num_workers=workers[0],
+    embed_images(nets[default], records, preprocess, batch_size=batch_size, device=dev, num_workers=workers[0],
                  cache_dir=cache)
     t0 = time.perf_counter()
-    cached = embed_images(nets[default], records, preprocess, batch_size=batch_size, device="cpu",
+    cached = embed_images(nets[default], records, preprocess, batch_size=batch_size, device=dev,
                           num_workers=workers[0], cache_dir=cache)
     t_cached = time.perf_counter() - t0
     assert np.allclose(cached, outs[default], atol=1e-5)
@@ -179,22 +183,24 @@ def bench_embedding(n: int, size: int, batch_size: int, workers: list[int], tmp:
     inferer, v_net = EmbeddingInferer(auto), nets[default]
     for _ in range(3):  # best of 3, like the rows above
         t0 = time.perf_counter()
-        batch = torch.stack([prep(dict(r))["image"] for r in records[:batch_size]])
+        batch = torch.stack([prep(dict(r))["image"] for r in records[:batch_size]]).to(dev)
         t_prep = min(t_prep, (time.perf_counter() - t0) / len(batch))
         with torch.inference_mode():
             inferer(batch, v_net)  # first call: folds the batch norms, formats the copy
             t0 = time.perf_counter()
             inferer(batch, v_net)
+            sync()
             t_net = min(t_net, (time.perf_counter() - t0) / len(batch))
             with reuse_freed_memory():  # as embed_images runs it (run_evaluator)
                 inferer(batch, v_net)  # the heap grows once to the batch's working set
                 t0 = time.perf_counter()
                 inferer(batch, v_net)
+                sync()
                 t_net_heap = min(t_net_heap, (time.perf_counter() - t0) / len(batch))
 
     t_seed = t_seed_default = min(times["seed"])
     lines = [
-        f"embedding throughput: {n} PNGs of {2 * size}² → {size}², ResNet-18 (128-d), CPU, batch {batch_size}; "
+        f"embedding throughput: {n} PNGs of {2 * size}² → {size}², ResNet-18 (128-d), {dev.type.upper()}, batch {batch_size}; "
         f"best of {repeats} interleaved runs; load average {load_start:.2f} at start, {load_end:.2f} at end",
         f"  {'seed' + chr(39) + 's way (per image, NumPy min-max, no DataLoader), ' + str(threads) + ' threads':64s}: "
         f"{t_seed:7.2f} s  {n / t_seed:7.1f} img/s",
@@ -266,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="DataLoader worker counts to time for memscan (the first is the default's: 0 on CPU)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per method (best is reported)")
     parser.add_argument("--dims", type=int, nargs="*", default=[2, 3], help="demo dimensionalities to time")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there; on a GPU pass "
+                        "--workers 2, memscan's default there)")
     parser.add_argument("--out", default=None, help="also write the report here (e.g. docs/benchmarks/audit.txt)")
     parser.add_argument("--append", action="store_true", help="append to --out as a new section (keep older runs)")
     args = parser.parse_args(argv)
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     tmp = Path(tempfile.mkdtemp(prefix="memscan-bench-"))
     try:
-        lines += bench_embedding(args.n, args.size, args.batch_size, args.workers, tmp, args.repeats)
+        lines += bench_embedding(args.n, args.size, args.batch_size, args.workers, tmp, args.repeats, args.device)
         lines.append("")
         for dims in args.dims:
             lines += bench_demo(tmp, dims)

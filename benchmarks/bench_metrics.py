@@ -218,6 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (2k compare, 20k big case)")
     parser.add_argument("--skip-big", action="store_true", help="skip the 200k case")
+    parser.add_argument("--gpu-only", action="store_true", help="only section 4 (the 112k case on the GPU)")
     parser.add_argument("--child-big", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-val", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,6 +231,9 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
           f"load average at start {os.getloadavg()[0]:.1f}")
+    if args.gpu_only:
+        section_gpu(112_000, 20_000)
+        return
     if not args.skip_big:
         section_big(n_big, n_val_big)
     section_compare(n_cmp, 95.0)
