@@ -111,8 +111,9 @@ def reuse_freed_memory(limit_bytes: int = 1 << 30) -> Iterator[None]:
     with _heap_lock:
         _heap_depth += 1
         if _heap_depth == 1:
-            libc.mallopt(_M_MMAP_THRESHOLD, int(limit_bytes))
-            libc.mallopt(_M_TRIM_THRESHOLD, int(limit_bytes))
+            limit = max(1, min(int(limit_bytes), 2**31 - 1))  # mallopt takes a C int
+            libc.mallopt(_M_MMAP_THRESHOLD, limit)
+            libc.mallopt(_M_TRIM_THRESHOLD, limit)
     try:
         yield
     finally:
