@@ -183,10 +183,11 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "Read with care: (1) one subject per split — τ comes from one validation subject, so FPR on the unseen",
         "subject mostly measures how much closer that subject is to the training subject than the validation one",
         "(the per-permutation FPR table under each case; fpr_max in detection.txt): AUROC, which needs no τ, is the",
-        "fair comparison of detectors here, and the mean FPR depends on which permutations are averaged; (2) the proposed default's training views include the same kinds of",
-        "transforms as some perturbation families (that is the lever \"augmentations matched to generator",
-        "artefacts\"), which favours it on those families; (3) networks are CPU-sized ResNets (widths 32-256, 150",
-        "steps), not the paper's ResNet-50 for 200 epochs; (4) CT blocks are pseudo-subjects (one CT patient).",
+        "fair comparison of detectors here, and the mean FPR depends on which permutations are averaged; (2) the",
+        "proposed default's training views include the same kinds of transforms as some perturbation families",
+        "(that is the lever \"augmentations matched to generator artefacts\"), which favours it on those families;",
+        "(3) networks are CPU-sized ResNets (widths 32-256, 150 steps), not the paper's ResNet-50 for 200 epochs;",
+        "(4) CT blocks are pseudo-subjects (one CT patient).",
         "",
     ]
     for case, sm in summaries.items():
@@ -194,8 +195,7 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         lines += [f"## {case}", "",
                   f"Subjects (images each): {sizes[case]}; permutations (train, val, unseen): "
                   f"{sc.drop_duplicates('perm')[['train', 'val', 'unseen']].apply(tuple, axis=1).tolist()}.", "",
-                  _table(sm, [d for d in [*MAIN, ALT, *sorted(set(sm.detector) - {*MAIN, ALT})]
-                              if d in set(sm.detector)]), ""]
+                  _table(sm, _column_order(set(sm.detector))), ""]
         misses = _goal_check(sm)
         lines += ["Goal met on every family." if not misses else "Goal missed — " + "; ".join(misses) + ".", "",
                   "FPR at τ on the unseen subject's images (all families pooled), per permutation:", "",
@@ -208,13 +208,18 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
     _atomic_text(out / ("detection_quick.txt" if args.quick else "detection.txt"), "\n\n".join(full) + "\n")
 
 
+def _column_order(present: set[str]) -> list[str]:
+    """The detectors in ``present``: the main three and the other audit score first, then the rest by name."""
+    return [d for d in [*MAIN, ALT, *sorted(present - {*MAIN, ALT})] if d in present]
+
+
 def _fpr_by_permutation(scores: pd.DataFrame) -> str:
     """Markdown: one row per permutation (train / val / unseen), one column per detector, the share of the unseen
     subject's perturbed images above τ."""
     neg = scores[scores["label"] == 0]
     fpr = (neg["score"] > neg["tau"]).groupby([neg["perm"], neg["train"], neg["val"], neg["unseen"],
                                                neg["detector"]]).mean().unstack("detector")
-    detectors = [d for d in [*MAIN, ALT, *sorted(set(fpr.columns) - {*MAIN, ALT})] if d in fpr.columns]
+    detectors = _column_order(set(fpr.columns))
     rows = ["| train / val / unseen | " + " | ".join(detectors) + " |", "|---" * (len(detectors) + 1) + "|"]
     for (_, tr, va, un), row in fpr[detectors].iterrows():
         rows.append(f"| {tr} / {va} / {un} | " + " | ".join(f"{row[d]:.2f}" for d in detectors) + " |")
