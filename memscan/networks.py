@@ -18,7 +18,7 @@ from torch import nn
 from memscan.errors import InputError
 
 __all__ = ["ARCHITECTURES", "Encoder", "build_encoder", "load_encoder_checkpoint", "unwrap", "embedding_dim_of",
-           "read_state_dict", "infer_encoder", "fold_batch_norm"]
+           "read_state_dict", "infer_encoder", "fold_batch_norm", "FusedConv", "fuse_conv_activations", "fusion_available"]
 
 # name -> MONAI ResNet factory; densenet121 is handled separately (different constructor arguments)
 _RESNETS = {
@@ -139,6 +139,145 @@ def fold_batch_norm(network: nn.Module) -> nn.Module:
         return fuse(network, inplace=False)
     except Exception:  # noqa: BLE001 — untraceable control flow: unfolded inference is still correct
         return network
+
+
+class FusedConv(nn.Module):
+    """A convolution with its ReLU (and the residual added before it) in one oneDNN call, for CPU inference.
+
+    Computes ``relu(conv(x) [+ other])`` (or ``conv(x) [+ other]`` without the activation) with weights held in
+    ``dtype`` and channels-last layout; its input is cast to ``dtype``. Written by hand because eager torch has no
+    CPU conv+activation fusion: it calls ``torch.ops.mkldnn._convolution_pointwise``, the oneDNN op that
+    ``torch.compile`` emits for the same pattern, without a compile step. Shapes oneDNN computes wrongly in bfloat16
+    (:func:`memscan.training.bf16_conv_is_unsafe`) and a residual of another shape take the unfused float32 path.
+
+    Args:
+        conv: the (batch-norm-folded) ``nn.Conv2d`` / ``nn.Conv3d``; not modified.
+        relu: apply ReLU after the convolution (and the addition).
+        residual: the call takes a second tensor added to the convolution's output.
+        dtype: weight and compute dtype (``torch.float32`` or ``torch.bfloat16``).
+    """
+
+    #: names the fused kernels in embedding-cache keys (fused bfloat16 results differ from unfused in rounding)
+    VERSION = "onednn-conv-pointwise-1"
+
+    def __init__(self, conv: nn.Module, relu: bool, residual: bool, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        from memscan.training import bf16_conv_is_unsafe  # lazy: networks stays free of the engine imports
+
+        fmt = torch.channels_last if conv.weight.ndim == 4 else torch.channels_last_3d
+        weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+        self.register_buffer("weight", weight.to(dtype).contiguous(memory_format=fmt))
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+        self.register_buffer("weight32", weight.float())
+        self.register_buffer("bias32", None if bias is None else bias.float())
+        self.padding, self.stride = [int(p) for p in conv.padding], [int(s) for s in conv.stride]
+        self.dilation, self.groups = [int(d) for d in conv.dilation], int(conv.groups)
+        self.relu, self.residual, self.dtype = bool(relu), bool(residual), dtype
+        self._unsafe = bf16_conv_is_unsafe if dtype == torch.bfloat16 else None
+        self._unfusable: set[tuple[int, ...]] = set()  # input shapes whose residual addition runs separately
+
+    def _out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        k = self.weight.shape[2:]
+        spatial = ((s + 2 * p - d * (kk - 1) - 1) // st + 1
+                   for s, p, d, kk, st in zip(x.shape[2:], self.padding, self.dilation, k, self.stride))
+        return (x.shape[0], self.weight.shape[0], *spatial)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        unsafe = self._unsafe is not None and self._unsafe(x.shape, self.weight.shape[2:], self.stride, self.padding,
+                                                           self.dilation)
+        if unsafe or (other is not None and tuple(other.shape) != self._out_shape(x)):
+            conv = F.conv2d if x.ndim == 4 else F.conv3d
+            with torch.autocast(x.device.type, enabled=False):
+                y = conv(x.float(), self.weight32, self.bias32, self.stride, self.padding, self.dilation, self.groups)
+                y = y + other.float() if other is not None else y
+                return (torch.relu(y) if self.relu else y).to(self.dtype)
+        x = x.to(self.dtype)
+        args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        op = torch.ops.mkldnn._convolution_pointwise
+        if other is None:
+            return op(x, *args, "relu" if self.relu else "none", [], "")
+        other = other.to(self.dtype)
+        if tuple(x.shape) not in self._unfusable:
+            try:
+                return op.binary(x, other, *args, "add", None, "relu" if self.relu else None, [], "")
+            except RuntimeError:  # a shape whose fused sum oneDNN hands to an ATen kernel lacking bfloat16
+                self._unfusable.add(tuple(x.shape))
+        y = op(x, *args, "none", [], "").add_(other)
+        return y.relu_() if self.relu else y
+
+
+def _is_relu(gm: Any, node: Any) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    return node.op == "call_function" and node.target in (torch.relu, F.relu, torch.relu_) and len(node.args) == 1
+
+
+def fusion_available() -> bool:
+    """Whether this torch build has oneDNN's fused convolution op (CPU builds with MKLDNN)."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def fuse_conv_activations(network: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A CPU inference copy of ``network`` whose convolutions run as :class:`FusedConv`, each with the ReLU after
+    it, or the residual addition and ReLU after it, folded into the same oneDNN call.
+
+    Every convolution's output is otherwise written to memory, read back by the ReLU (or the addition, then the
+    ReLU) and written again. Measured on a 2-core CPU in bfloat16: ResNet-18 1.45×, ResNet-50 1.3×, a 3D ResNet-10
+    1.3×, DenseNet-121 (pre-activation: few patterns) 1.1× as fast; float32 gains nothing. Same function to float
+    rounding. Use it after :func:`fold_batch_norm` (a batch norm between convolution and ReLU
+    blocks the pattern). A network ``torch.fx`` cannot trace, or a torch without the op, is returned unchanged.
+
+    Args:
+        network: an inference network in eval mode; not modified.
+        dtype: the dtype the convolutions compute in (``torch.bfloat16`` under bfloat16 autocast).
+
+    Returns:
+        A ``torch.fx.GraphModule`` copy, or ``network`` itself when nothing can be fused.
+    """
+    import copy
+    import operator
+
+    from torch import fx
+
+    if network.training or not fusion_available():
+        return network
+    try:
+        gm = copy.deepcopy(network) if isinstance(network, fx.GraphModule) else fx.symbolic_trace(network)
+    except Exception:  # noqa: BLE001 — untraceable control flow: the unfused network is still correct
+        return network
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = gm.get_submodule(node.target)
+        if type(conv) not in (nn.Conv2d, nn.Conv3d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            continue
+        chain, other = [node], None  # the nodes the fused call replaces, in order
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_function" and users[0].target in (operator.add, torch.add) \
+                and len(users[0].args) == 2 and not users[0].kwargs and len(users[0].users) == 1:
+            add = users[0]
+            candidate = add.args[1] if add.args[0] is node else add.args[0]
+            if isinstance(candidate, fx.Node) and candidate is not node:
+                chain, other = [node, add], candidate
+        after = list(chain[-1].users)
+        relu = len(after) == 1 and _is_relu(gm, after[0])
+        if relu:
+            chain.append(after[0])
+        name = f"fused_conv_{count}"
+        count += 1
+        gm.add_submodule(name, FusedConv(conv, relu, other is not None, dtype))
+        with graph.inserting_after(chain[-1]):
+            fused = graph.call_module(name, (node.args[0],) if other is None else (node.args[0], other))
+        chain[-1].replace_all_uses_with(fused)
+        for dead in reversed(chain):
+            graph.erase_node(dead)
+    if count == 0:
+        return network
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
 
 
 def embedding_dim_of(network: nn.Module) -> int | None:

@@ -255,7 +255,7 @@ def test_inferer_folds_batch_norm_without_touching_the_network() -> None:
         expected = net(x)
         got = inferer(x, net)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
-    folded = inferer._folded[2]
+    folded = inferer._copies[("cpu", torch.float32, 4)][2]
     assert folded is not net
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
@@ -263,7 +263,7 @@ def test_inferer_folds_batch_norm_without_touching_the_network() -> None:
         next(net.parameters()).mul_(2.0)  # in place, like an optimizer step
     with torch.inference_mode():
         np.testing.assert_allclose(inferer(x, net).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
-    assert inferer._folded[2] is not folded
+    assert inferer._copies[("cpu", torch.float32, 4)][2] is not folded
 
 
 def test_loader_thread_leaves_the_callers_thread_count(images, encoder, monkeypatch) -> None:

@@ -84,3 +84,90 @@ def test_load_checkpoint_missing_and_wrong_architecture(tmp_path):
     torch.save(build_encoder(2, "resnet18", 8).state_dict(), path)
     with pytest.raises(InputError, match="does not fit"):
         load_encoder_checkpoint(build_encoder(2, "resnet10", 8), path)
+
+
+def _with_running_stats(net: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial batch-norm statistics (so folding changes the weights), eval mode."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) * 0.2 - 0.1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("dims, arch, shape", [(2, "resnet10", (3, 1, 32, 32)), (3, "resnet10", (2, 1, 16, 16, 16)),
+                                               (2, "resnet50", (2, 1, 32, 32)), (2, "densenet121", (2, 1, 32, 32))])
+def test_fused_convolutions_compute_the_same_function(dims, arch, shape) -> None:
+    """Convolutions fused with their ReLU / residual addition (oneDNN) give the unfused network's outputs: exactly
+    in float32 (to rounding), to bfloat16 rounding in bfloat16; the ReLUs and additions leave the graph; the
+    network itself is untouched."""
+    from memscan.networks import FusedConv, fold_batch_norm, fuse_conv_activations, fusion_available
+
+    if not fusion_available():
+        pytest.skip("this torch build has no oneDNN fused convolution")
+    torch.manual_seed(0)
+    net = _with_running_stats(build_encoder(dims, arch, 16))
+    x = torch.rand(*shape)
+    with torch.inference_mode():
+        expected = net(x)
+        fused32 = fuse_conv_activations(fold_batch_norm(net), torch.float32)
+        torch.testing.assert_close(fused32(x), expected, rtol=1e-4, atol=1e-4)
+        fused16 = fuse_conv_activations(fold_batch_norm(net), torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fused16(x).float()
+    convs = [m for m in fused16.modules() if isinstance(m, FusedConv)]
+    assert convs and not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) for m in fused16.modules())
+    if arch.startswith("resnet"):  # post-activation blocks: every ReLU and residual addition is folded in
+        assert all(m.relu for m in convs if not m.residual) or any(m.residual for m in convs)
+        assert "relu" not in fused16.code and " + " not in fused16.code
+    assert float(torch.corrcoef(torch.stack([low.flatten(), expected.flatten()]))[0, 1]) > 0.999
+    assert any(isinstance(m, torch.nn.BatchNorm2d if dims == 2 else torch.nn.BatchNorm3d) for m in net.modules())
+
+
+def test_fused_convolution_guards_unsafe_bf16_shapes_and_mismatched_residuals(monkeypatch) -> None:
+    """Shapes oneDNN computes wrongly in bfloat16 (the innermost output axis of size 1 under a stride) and a
+    residual that only broadcasts run the unfused float32 path, never the fused kernel."""
+    from memscan.networks import FusedConv, fusion_available
+
+    if not fusion_available():
+        pytest.skip("this torch build has no oneDNN fused convolution")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 8, 3, stride=2, padding=1)
+    calls = []
+    real = torch.ops.mkldnn._convolution_pointwise
+
+    class Spy:
+        def __call__(self, *args, **kwargs):
+            calls.append("unary")
+            return real(*args, **kwargs)
+
+        def binary(self, *args, **kwargs):
+            calls.append("binary")
+            return real.binary(*args, **kwargs)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", Spy())
+    fused = FusedConv(conv, relu=True, residual=True, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        x = torch.rand(2, 4, 8, 8, 2)  # innermost output axis: (2 + 2 - 3) // 2 + 1 = 1 under stride 2
+        other = torch.rand(2, 8, 4, 4, 1)
+        y = fused(x, other)
+        torch.testing.assert_close(y.float(), torch.relu(conv(x) + other), rtol=1e-2, atol=1e-2)
+        assert calls == []
+        x = torch.rand(2, 4, 8, 8, 8)
+        y = fused(x, torch.rand(1, 8, 1, 1, 1))  # broadcast residual: not the fused op's contract
+        assert calls == [] and tuple(y.shape) == (2, 8, 4, 4, 4)
+        fused(x, torch.rand(2, 8, 4, 4, 4))
+        assert calls == ["binary"]
+
+
+def test_fusion_leaves_the_network_unchanged_without_the_op(monkeypatch) -> None:
+    from memscan import networks
+
+    net = build_encoder(2, "resnet10", 8).eval()
+    monkeypatch.setattr(networks, "fusion_available", lambda: False)
+    assert networks.fuse_conv_activations(net, torch.bfloat16) is net
+    assert networks.fuse_conv_activations(net.train(), torch.bfloat16) is net
