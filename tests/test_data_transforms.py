@@ -319,3 +319,49 @@ def test_anti_aliased_resize_averages_on_reduction_and_interpolates_on_enlargeme
     small = AntiAliasedResized("image", (2, 4, 4), mode="trilinear")({"image": vol})["image"]
     np.testing.assert_allclose(np.asarray(small), vol.reshape(1, 2, 2, 4, 2, 4, 2).mean(dim=(2, 4, 6)).numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, factors", [((1, 8, 12), (2, 3)), ((2, 16, 16), (4, 4)), ((1, 4, 8, 6), (2, 2, 3)),
+                                            ((1, 6, 10), (1, 5))])
+def test_box_reduce_equals_area_interpolation(shape, factors) -> None:
+    """The strided-slice box filter is torch's area interpolation (to float rounding), in 2D and 3D, and the
+    resize gives the same pixels on plain tensors (box filter) and on MetaTensors (MONAI ``Resize``)."""
+    import torch.nn.functional as F
+    from monai.data import MetaTensor
+
+    from memscan.data.transforms import AntiAliasedResized, box_reduce
+
+    img = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+    size = [s // f for s, f in zip(shape[1:], factors)]
+    expected = F.interpolate(img[None], size=size, mode="area")[0]
+    got = box_reduce(img, factors)
+    assert tuple(got.shape) == tuple(expected.shape)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    resize = AntiAliasedResized("image", size)
+    plain = resize({"image": img.clone()})["image"]
+    meta = resize({"image": MetaTensor(img.clone())})["image"]
+    torch.testing.assert_close(torch.as_tensor(plain), torch.as_tensor(meta.as_tensor()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims, size", [(2, (32, 48)), (3, (8, 16, 12))])
+def test_min_max_once_after_resize_equals_before_and_after(tmp_path, dims, size) -> None:
+    """With a resize (and no crop/pad), the chain scales intensities once, after resizing; the result equals
+    scaling before and after the (linear) resize, the chain it replaced, for reductions and enlargements."""
+    from monai.transforms import LoadImaged, ScaleIntensityd
+
+    from memscan.data.transforms import AntiAliasedResized
+
+    arr = (make_array(size, seed=3).astype(np.float32) * 3.5 - 100.0).astype(np.float32)
+    path = write_nifti(tmp_path / "img.nii.gz", arr)
+    for target in ([s // 2 for s in size], [s * 2 - 3 for s in size]):
+        cfg = PreprocessConfig(spatial_dims=dims, spatial_size=target, orientation=None)
+        chain = preprocess_transforms(cfg)
+        assert sum(isinstance(t, ScaleIntensityd) for t in chain.transforms) == 1
+        got = chain({"image": str(path)})["image"]
+        ref = LoadImaged("image", image_only=True, ensure_channel_first=True)({"image": str(path)})["image"]
+        lo, hi = cfg.range
+        ref = ScaleIntensityd("image", minv=lo, maxv=hi)({"image": ref})
+        ref = AntiAliasedResized("image", target, mode="bilinear" if dims == 2 else "trilinear")(ref)
+        ref = ScaleIntensityd("image", minv=lo, maxv=hi)(ref)["image"]
+        torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(ref.as_tensor()).float(), rtol=1e-5,
+                                   atol=2e-6)
