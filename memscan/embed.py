@@ -120,7 +120,7 @@ class EmbeddingInferer(SimpleInferer):
 
             copy = fold_batch_norm(network)
             if device_type == "cpu" and dtype == torch.bfloat16 and self.fuse:  # float32 measured no faster fused
-                copy = fuse_conv_activations(copy, dtype)
+                copy = fuse_conv_activations(copy, dtype, inplace=copy is not network)
             if dtype != torch.float32 and ndim in (4, 5):  # a network nothing was folded in is formatted in place
                 copy.to(memory_format=torch.channels_last if ndim == 4 else torch.channels_last_3d)
             self._copies = {k: v for k, v in self._copies.items() if v[0] is network and v[1] == versions}

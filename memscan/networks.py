@@ -217,7 +217,8 @@ def fusion_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def fuse_conv_activations(network: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+def fuse_conv_activations(network: nn.Module, dtype: torch.dtype = torch.float32, inplace: bool = False
+                          ) -> nn.Module:
     """A CPU inference copy of ``network`` whose convolutions run as :class:`FusedConv`, each with the ReLU after
     it, or the residual addition and ReLU after it, folded into the same oneDNN call.
 
@@ -230,9 +231,11 @@ def fuse_conv_activations(network: nn.Module, dtype: torch.dtype = torch.float32
     Args:
         network: an inference network in eval mode; not modified.
         dtype: the dtype the convolutions compute in (``torch.bfloat16`` under bfloat16 autocast).
+        inplace: rewrite ``network`` itself when it is a ``torch.fx.GraphModule`` (a copy of its own, such as
+            :func:`fold_batch_norm` returns), instead of a deep copy.
 
     Returns:
-        A ``torch.fx.GraphModule`` copy, or ``network`` itself when nothing can be fused.
+        A ``torch.fx.GraphModule``, or ``network`` itself when nothing can be fused.
     """
     import copy
     import operator
@@ -242,7 +245,10 @@ def fuse_conv_activations(network: nn.Module, dtype: torch.dtype = torch.float32
     if network.training or not fusion_available():
         return network
     try:
-        gm = copy.deepcopy(network) if isinstance(network, fx.GraphModule) else fx.symbolic_trace(network)
+        if isinstance(network, fx.GraphModule):
+            gm = network if inplace else copy.deepcopy(network)
+        else:
+            gm = fx.symbolic_trace(network)
     except Exception:  # noqa: BLE001 — untraceable control flow: the unfused network is still correct
         return network
     graph, count = gm.graph, 0
