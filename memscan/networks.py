@@ -18,7 +18,8 @@ from torch import nn
 from memscan.errors import InputError
 
 __all__ = ["ARCHITECTURES", "Encoder", "build_encoder", "load_encoder_checkpoint", "unwrap", "embedding_dim_of",
-           "read_state_dict", "infer_encoder", "fold_batch_norm", "FusedConv", "fuse_conv_activations", "fusion_available"]
+           "read_state_dict", "infer_encoder", "fold_batch_norm", "FusedConv", "NonNegativeMaxPool", "fuse_conv_activations",
+           "fusion_available"]
 
 # name -> MONAI ResNet factory; densenet121 is handled separately (different constructor arguments)
 _RESNETS = {
@@ -206,6 +207,56 @@ class FusedConv(nn.Module):
         return y.relu_() if self.relu else y
 
 
+class NonNegativeMaxPool(nn.Module):
+    """Max pooling of a non-negative bfloat16 tensor (a ReLU's output) on its bit patterns as int16.
+
+    Non-negative bfloat16 values order like their bit patterns read as integers, and torch's integer maximum is
+    about 2.5× as fast on a CPU as its bfloat16 max-pooling kernel (a 3×3/2 pool after a ResNet stem: 35 -> 13 ms
+    for a batch of 32 at 256²), so the pool is taken axis by axis as the maximum of strided slices. Other dtypes use
+    ``torch.nn.functional.max_pool{2,3}d``. Same values as max pooling (a window of -0.0 and +0.0 may give either).
+
+    Args:
+        pool: the ``nn.MaxPool2d`` / ``nn.MaxPool3d`` (no dilation, ceil mode or indices) whose input is non-negative.
+    """
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        dims = 2 if isinstance(pool, nn.MaxPool2d) else 3
+        per_axis = (lambda v: tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * dims)
+        self.kernel, self.padding = per_axis(pool.kernel_size), per_axis(pool.padding)
+        self.stride = per_axis(pool.stride if pool.stride is not None else pool.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            pool = F.max_pool2d if x.ndim == 4 else F.max_pool3d
+            return pool(x, self.kernel, self.stride, self.padding)
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        fmt = fmt if x.is_contiguous(memory_format=fmt) else torch.contiguous_format
+        out = x.view(torch.int16)
+        for axis, (k, s, p) in enumerate(zip(self.kernel, self.stride, self.padding), start=2):
+            n, m = out.shape[axis], (out.shape[axis] + 2 * p - k) // s + 1
+            whole, partial = [], []  # each window offset t: the output range it reaches, and its strided slice
+            for t in range(k):
+                lo, hi = max(0, -(-(p - t) // s)), min(m, (n - 1 + p - t) // s + 1)
+                if hi > lo:
+                    step = (slice(None),) * axis + (slice(None, None, s),)
+                    part = out.narrow(axis, lo * s - p + t, (hi - lo - 1) * s + 1)[step]
+                    (whole if (lo, hi) == (0, m) else partial).append((lo, hi, part))
+            res = torch.empty((*out.shape[:axis], m, *out.shape[axis + 1:]), dtype=out.dtype, memory_format=fmt)
+            if len(whole) >= 2:
+                torch.maximum(whole[0][2], whole[1][2], out=res)
+                partial = whole[2:] + partial
+            elif whole:
+                res.copy_(whole[0][2])
+            else:  # every window still holds an input value, and inputs are >= 0
+                res.zero_()
+            for lo, hi, part in partial:
+                target = res.narrow(axis, lo, hi - lo)
+                torch.maximum(target, part, out=target)
+            out = res
+        return out.view(torch.bfloat16)
+
+
 def _is_relu(gm: Any, node: Any) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.ReLU)
@@ -278,6 +329,22 @@ def fuse_conv_activations(network: nn.Module, dtype: torch.dtype = torch.float32
         chain[-1].replace_all_uses_with(fused)
         for dead in reversed(chain):
             graph.erase_node(dead)
+    if dtype == torch.bfloat16:  # a max pool right after a fused ReLU sees non-negative values
+        for node in list(graph.nodes):
+            pool = gm.get_submodule(node.target) if node.op == "call_module" else None
+            source = node.args[0] if node.op == "call_module" and len(node.args) == 1 else None
+            if type(pool) not in (nn.MaxPool2d, nn.MaxPool3d) or node.kwargs or not isinstance(source, fx.Node) \
+                    or source.op != "call_module" or not isinstance(gm.get_submodule(source.target), FusedConv) \
+                    or not gm.get_submodule(source.target).relu or pool.ceil_mode or pool.return_indices \
+                    or pool.dilation not in (1, (1,) * (2 if type(pool) is nn.MaxPool2d else 3)):
+                continue
+            name = f"fused_pool_{count}"
+            count += 1
+            gm.add_submodule(name, NonNegativeMaxPool(pool))
+            with graph.inserting_after(node):
+                replacement = graph.call_module(name, (source,))
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
     if count == 0:
         return network
     graph.lint()

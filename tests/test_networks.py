@@ -171,3 +171,51 @@ def test_fusion_leaves_the_network_unchanged_without_the_op(monkeypatch) -> None
     monkeypatch.setattr(networks, "fusion_available", lambda: False)
     assert networks.fuse_conv_activations(net, torch.bfloat16) is net
     assert networks.fuse_conv_activations(net.train(), torch.bfloat16) is net
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", [((2, 8, 9, 11), 3, 2, 1), ((2, 8, 10, 10), 2, 2, 0),
+                                                            ((2, 8, 7, 9), 3, 1, 1), ((2, 8, 12, 12), 5, 3, 2),
+                                                            ((2, 8, 6, 8, 10), 3, 2, 1), ((1, 4, 5, 5), (3, 1), 2, (1, 0))])
+def test_non_negative_max_pool_equals_max_pooling(shape, kernel, stride, padding) -> None:
+    """Max pooling on the int16 bit patterns of non-negative bfloat16 values equals torch's max pooling (2D and 3D,
+    borders, odd sizes, channels-last or not); other dtypes go to torch's kernel."""
+    import torch.nn.functional as F
+
+    from memscan.networks import NonNegativeMaxPool
+
+    dims = len(shape) - 2
+    pool_cls = torch.nn.MaxPool2d if dims == 2 else torch.nn.MaxPool3d
+    pool = pool_cls(kernel, stride, padding)
+    x = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
+    x[0, 0].fill_(0.0)  # a plane of zeros (ties)
+    fast = NonNegativeMaxPool(pool)
+    for layout in (torch.contiguous_format, torch.channels_last if dims == 2 else torch.channels_last_3d):
+        xl = x.contiguous(memory_format=layout)
+        assert torch.equal(fast(xl), pool(xl))
+    xf = x.float()
+    assert torch.equal(fast(xf), (F.max_pool2d if dims == 2 else F.max_pool3d)(xf, kernel, stride, padding))
+
+
+def test_max_pool_is_replaced_only_after_a_fused_relu() -> None:
+    from memscan.networks import NonNegativeMaxPool, fold_batch_norm, fuse_conv_activations, fusion_available
+
+    if not fusion_available():
+        pytest.skip("this torch build has no oneDNN fused convolution")
+
+    class PoolFirst(torch.nn.Module):  # the pool sees raw (possibly negative) inputs: must stay torch's
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = torch.nn.MaxPool2d(3, 2, 1)
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.act = torch.nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.conv(self.pool(x)))
+
+    fused = fuse_conv_activations(PoolFirst().eval(), torch.bfloat16)
+    assert not any(isinstance(m, NonNegativeMaxPool) for m in fused.modules())
+    net = _with_running_stats(build_encoder(2, "resnet10", 8))
+    assert sum(isinstance(m, NonNegativeMaxPool) for m in fuse_conv_activations(fold_batch_norm(net),
+                                                                                 torch.bfloat16).modules()) == 1
+    assert not any(isinstance(m, NonNegativeMaxPool)
+                   for m in fuse_conv_activations(fold_batch_norm(net), torch.float32).modules())
