@@ -394,3 +394,20 @@ def test_checkpoint_settings_come_from_its_encoder_json(trained: object, data2d:
     err = capsys.readouterr().err
     assert rc == EXIT_BAD_INPUT and err.count("\n") == 1 and "encoder.json" in err
     assert "unreadable encoder settings" in err and "Traceback" not in err
+
+
+def test_single_validation_patient_gives_one_warning(data2d: dict, tmp_path: Path) -> None:
+    """One validation patient: the preflight's few-patients warning carries the null-rate consequence too, so
+    the summary holds one warning about it, not two."""
+    val = tmp_path / "val_one"
+    val.mkdir()
+    for src in sorted(data2d["val"].glob("p100_*.png")):  # the two images of one patient, renamed apart
+        (val / src.name).write_bytes(src.read_bytes())
+    for k, src in enumerate(sorted(data2d["val"].glob("*.png"))[2:10]):
+        (val / f"p100_x{k}.png").write_bytes(src.read_bytes())
+    audit(data2d["train"], val, {"syn": data2d["syn"]}, out_dir=tmp_path / "out", checkpoint=data2d["ckpt"],
+          image_size=SIZE, controls=0, subject_regex=REGEX, **FAST)
+    warnings = json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"]
+    about = [w for w in warnings if "patient" in w and "validation" in w]
+    assert len(about) == 1, warnings
+    assert about[0].startswith("validation holds 1 patient") and "null rate splits it by image" in about[0]
