@@ -134,6 +134,8 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
                              **{key: v for key, v in a.items() if key != "weights"}).pixel
     wts = a.get("weights") or {"pixel": 1.0, "features": 1.0}
     wp, wf = float(wts["pixel"]), float(wts["features"])
+    if wf <= 0:  # the feature term is recovered from the fused mean below
+        raise ValueError("align.highpass needs a features weight > 0")
     feat = ((wp + wf) * res.fused - wp * res.pixel) / wf
     fused = (wp * ((1 - w) * res.pixel + w * hp) + wf * feat) / (wp + wf)
     fused[res.candidates < 0] = -np.inf
