@@ -219,3 +219,24 @@ def test_max_pool_is_replaced_only_after_a_fused_relu() -> None:
                                                                                  torch.bfloat16).modules()) == 1
     assert not any(isinstance(m, NonNegativeMaxPool)
                    for m in fuse_conv_activations(fold_batch_norm(net), torch.float32).modules())
+
+
+def test_fused_bf16_convolutions_agree_with_float32_on_a_sample_of_shapes() -> None:
+    """A sample of the sweep in benchmarks/fused_bf16_grid.py: on the shapes the oneDNN guard calls safe, the fused
+    bfloat16 kernel (ReLU, residual) agrees with float32 to bfloat16 rounding (the full grid: docs/benchmarks)."""
+    import random
+    import sys
+    from pathlib import Path
+
+    from memscan.networks import fusion_available
+
+    if not fusion_available():
+        pytest.skip("this torch build has no oneDNN fused convolution")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from fused_bf16_grid import shapes, sweep
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    calls, wrong = sweep(random.Random(1).sample(shapes(), 150))
+    assert calls > 100 and wrong == []
