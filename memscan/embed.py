@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ def resolve_precision(precision: str | None = "auto", device: str | torch.device
     return name
 
 
+#: network -> {(device, dtype, input ndim, fuse): (its weights' addresses and versions, inference copy or None)}
+_INFERENCE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class EmbeddingInferer(SimpleInferer):
     """``SimpleInferer`` for embedding: batch norms folded, autocast to ``precision``, channels-last inputs, float32
     outputs.
@@ -103,34 +108,37 @@ class EmbeddingInferer(SimpleInferer):
         super().__init__()
         self.precision = precision
         self.fuse = bool(fuse)
-        # (device type, dtype, input ndim) -> (network, its weight versions, inference copy)
-        self._copies: dict[tuple[str, torch.dtype, int], tuple[nn.Module, tuple[int, ...], nn.Module]] = {}
 
-    def _inference_network(self, network: Any, device_type: str, dtype: torch.dtype, ndim: int) -> Any:
+    def _inference_network(self, network: Any, device: torch.device, dtype: torch.dtype, ndim: int) -> Any:
         """``network`` with batch norms folded into its convolutions (:func:`memscan.networks.fold_batch_norm`),
         in bfloat16 on the CPU with convolutions fused with their ReLU and residual additions
-        (:func:`memscan.networks.fuse_conv_activations`), and channels-last under low precision; remade whenever
-        its weights change in place (an optimizer step between two evaluations)."""
+        (:func:`memscan.networks.fuse_conv_activations`), and channels-last under low precision.
+
+        The copy is shared by every inferer while the network lives (an audit embeds several sets with one
+        network) and remade whenever its weights change (in place, e.g. an optimizer step, or replaced)."""
         if not isinstance(network, nn.Module) or network.training:
             return network
-        versions = tuple(t._version for t in (*network.parameters(), *network.buffers()))
-        cached = self._copies.get((device_type, dtype, ndim))
-        if cached is None or cached[0] is not network or cached[1] != versions:
-            from memscan.networks import fold_batch_norm, fuse_conv_activations
+        weights = tuple((t.data_ptr(), t._version) for t in (*network.parameters(), *network.buffers()))
+        key = (str(device), dtype, ndim, self.fuse)
+        entries = _INFERENCE_COPIES.get(network, {})
+        if key in entries and entries[key][0] == weights:
+            return entries[key][1] or network
+        from memscan.networks import fold_batch_norm, fuse_conv_activations
 
-            copy = fold_batch_norm(network)
-            if device_type == "cpu" and dtype == torch.bfloat16 and self.fuse:  # float32 measured no faster fused
-                copy = fuse_conv_activations(copy, dtype, inplace=copy is not network)
-            if dtype != torch.float32 and ndim in (4, 5):  # a network nothing was folded in is formatted in place
-                copy.to(memory_format=torch.channels_last if ndim == 4 else torch.channels_last_3d)
-            self._copies = {k: v for k, v in self._copies.items() if v[0] is network and v[1] == versions}
-            cached = self._copies[(device_type, dtype, ndim)] = (network, versions, copy)
-        return cached[2]
+        copy = fold_batch_norm(network)
+        if device.type == "cpu" and dtype == torch.bfloat16 and self.fuse:  # float32 measured no faster fused
+            copy = fuse_conv_activations(copy, dtype, inplace=copy is not network)
+        if dtype != torch.float32 and ndim in (4, 5):  # a network nothing was folded in is formatted in place
+            copy.to(memory_format=torch.channels_last if ndim == 4 else torch.channels_last_3d)
+        entries = {k: v for k, v in entries.items() if v[0] == weights}
+        entries[key] = (weights, None if copy is network else copy)  # never the network itself: a weak key
+        _INFERENCE_COPIES[network] = entries
+        return copy
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         precision = resolve_precision(self.precision, inputs.device)
         given = network
-        network = self._inference_network(given, inputs.device.type, getattr(torch, precision), inputs.ndim)
+        network = self._inference_network(given, inputs.device, getattr(torch, precision), inputs.ndim)
         if precision == "float32":
             return super().__call__(inputs, network, *args, **kwargs).float()
         if inputs.ndim in (4, 5):
@@ -144,7 +152,7 @@ class EmbeddingInferer(SimpleInferer):
         out = out.float()
         if not bool(torch.isfinite(out).all()):
             logger.warning("%s embedding gave non-finite values: batch recomputed in float32", precision)
-            network = self._inference_network(given, inputs.device.type, torch.float32, inputs.ndim)
+            network = self._inference_network(given, inputs.device, torch.float32, inputs.ndim)
             out = super().__call__(inputs.float(), network, *args, **kwargs).float()
         return out
 

@@ -255,7 +255,9 @@ def test_inferer_folds_batch_norm_without_touching_the_network() -> None:
         expected = net(x)
         got = inferer(x, net)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
-    folded = inferer._copies[("cpu", torch.float32, 4)][2]
+    from memscan.embed import _INFERENCE_COPIES
+
+    folded = _INFERENCE_COPIES[net][("cpu", torch.float32, 4, True)][1]
     assert folded is not net
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
@@ -263,7 +265,9 @@ def test_inferer_folds_batch_norm_without_touching_the_network() -> None:
         next(net.parameters()).mul_(2.0)  # in place, like an optimizer step
     with torch.inference_mode():
         np.testing.assert_allclose(inferer(x, net).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
-    assert inferer._copies[("cpu", torch.float32, 4)][2] is not folded
+    assert _INFERENCE_COPIES[net][("cpu", torch.float32, 4, True)][1] is not folded
+    assert EmbeddingInferer("float32")._inference_network(net, torch.device("cpu"), torch.float32, 4) is \
+        _INFERENCE_COPIES[net][("cpu", torch.float32, 4, True)][1]  # shared by inferers while the weights stay
 
 
 def test_loader_thread_leaves_the_callers_thread_count(images, encoder, monkeypatch) -> None:
@@ -312,3 +316,32 @@ def test_unreadable_image_raises_through_the_prefetch_thread(images, encoder, tm
         chain.append(str(err))
         err = err.__cause__ or err.__context__
     assert any("broken.png" in text for text in chain), chain
+
+
+def test_inference_copies_are_shared_and_die_with_their_network() -> None:
+    """Inferers share a network's inference copy (an audit embeds several sets with one network, folding and fusing
+    it once), keyed by precision; the cache holds no reference that keeps a dropped network alive."""
+    import gc
+    import weakref
+
+    from memscan.embed import _INFERENCE_COPIES, EmbeddingInferer
+
+    net = build_encoder(2, "resnet10", 8).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.inference_mode():
+        EmbeddingInferer("float32")(x, net)
+        first = _INFERENCE_COPIES[net][("cpu", torch.float32, 4, True)][1]
+        EmbeddingInferer("float32")(x, net)
+        assert _INFERENCE_COPIES[net][("cpu", torch.float32, 4, True)][1] is first
+    plain = build_encoder(2, "resnet10", 8)
+    for m in list(plain.modules()):  # no batch norm to fold: the network itself runs, and must stay collectable
+        for name, child in list(m.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(m, name, torch.nn.Identity())
+    plain.eval()
+    with torch.inference_mode():
+        EmbeddingInferer("float32")(x, plain)
+    refs = [weakref.ref(net), weakref.ref(plain)]
+    del net, plain, first
+    gc.collect()
+    assert all(r() is None for r in refs)
