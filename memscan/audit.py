@@ -476,37 +476,34 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
                     checkpoint_sha256: str | None, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`score_features` and, for ``score="aligned"``, the images it aligns (``[N, C, *alignment_size]``),
     taken from the same preprocessed batches as the fused pixels."""
-    from monai.transforms import Compose, Flipd
-
-    from memscan.embed import embed_images
-    from memscan.scoring import fuse_features, pixel_features, standardize_rows
+    from memscan.embed import embed_images, embed_mirrored
+    from memscan.scoring import fuse_features, standardize_rows
 
     if score not in SCORES:
         raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
 
-    def embed(tf: Any) -> np.ndarray:
-        return np.asarray(embed_images(network, records, tf, batch_size=batch_size, device=device,
-                                       cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
-                                       precision=precision), np.float32)
-
     if score == "embedding":
-        return embed(preprocess), None
-    # "fused" and "aligned" match the same features ("aligned" then re-scores candidates on the aligned images)
+        return np.asarray(embed_images(network, records, preprocess, batch_size=batch_size, device=device,
+                                       cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
+                                       precision=precision), np.float32), None
+    # "fused" and "aligned" match the same features ("aligned" then re-scores candidates on the aligned images);
+    # one pass decodes each file once for the embeddings of the image and its mirror (Flipd's spatial axis 0) and
+    # the coarse pixels of both
     coarse = [max(1, int(n) // 4) for n in image_size]
     small = alignment_size(image_size)
-    pixels, mirrored, aligned = [], [], []
-    for i in range(0, len(records), batch_size):  # batched so a large set never sits in memory at full resolution
-        batch = np.stack([_preprocessed_image(preprocess, r) for r in records[i:i + batch_size]])
-        pixels.append(pixel_features(batch, coarse))
-        mirrored.append(pixel_features(np.flip(batch, axis=2).copy(), coarse))  # axis 2 = Flipd's spatial axis 0
-        if score == "aligned":
-            aligned.append(pixel_features(batch, small).reshape(len(batch), batch.shape[1], *small))
-    flipped_tf = Compose([getattr(preprocess, "compose", preprocess), Flipd(keys="image", spatial_axis=0)])
+    feats = embed_mirrored(network, records, preprocess, mirror_axis=0,
+                           pixel_sizes=[coarse] + ([small] if score == "aligned" else []), batch_size=batch_size,
+                           device=device, cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
+                           precision=precision)
+    (pixels, mirrored), aligned = feats.pixels[0], None
+    if score == "aligned":
+        plain_small = feats.pixels[1][0]
+        aligned = plain_small.reshape(len(plain_small), -1, *small)
     total = None
-    for pix, emb in ((np.concatenate(pixels), embed(preprocess)), (np.concatenate(mirrored), embed(flipped_tf))):
+    for pix, emb in ((pixels, feats.embedding), (mirrored, feats.mirrored)):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
         total = part if total is None else total + part
-    return (total / 2).astype(np.float32), (np.concatenate(aligned) if aligned else None)
+    return (total / 2).astype(np.float32), aligned
 
 
 def alignment_size(image_size: Sequence[int]) -> list[int]:

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,12 @@ __all__ = [
     "prepare_images",
     "run_evaluator",
     "embed_images",
+    "MirroredFeatureInferer",
+    "MirroredFeatures",
+    "embed_mirrored",
     "save_embeddings",
     "configured_preprocess",
+    "preprocess_batch",
     "file_sha256",
     "network_sha256",
 ]
@@ -157,6 +162,34 @@ class EmbeddingInferer(SimpleInferer):
         return out
 
 
+class MirroredFeatureInferer(EmbeddingInferer):
+    """Per image of a batch: its embedding, its mirror image's embedding, then for each of ``pixel_sizes`` the
+    image's and the mirror image's area-downsampled pixels (flattened), as one row (:func:`embed_mirrored`).
+
+    Args:
+        precision: as :class:`EmbeddingInferer`.
+        mirror_axis: the spatial axis to mirror (0 = the first spatial axis, as ``Flipd(spatial_axis=0)``).
+        pixel_sizes: spatial sizes of the downsampled pixels.
+    """
+
+    def __init__(self, precision: str = "float32", mirror_axis: int = 0,
+                 pixel_sizes: Sequence[Sequence[int]] = ()) -> None:
+        super().__init__(precision)
+        self.mirror_axis = int(mirror_axis)
+        self.pixel_sizes = [[int(n) for n in size] for size in pixel_sizes]
+        self.widths: list[int] = []  # the parts' column counts, known after the first batch
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        mirrored = torch.flip(inputs, dims=(2 + self.mirror_axis,))
+        parts = [super().__call__(inputs, network, *args, **kwargs),
+                 super().__call__(mirrored, network, *args, **kwargs)]
+        for size in self.pixel_sizes:  # what memscan.scoring.pixel_features computes, on the same batch
+            parts += [torch.nn.functional.interpolate(x.float(), size=size, mode="area").flatten(1).to(parts[0])
+                      for x in (inputs, mirrored)]
+        self.widths = [int(p.shape[1]) for p in parts]
+        return torch.cat(parts, dim=1)
+
+
 def load_encoder(
     checkpoint: str | Path,
     *,
@@ -265,6 +298,95 @@ def run_evaluator(evaluator: Engine) -> Any:
     return evaluator
 
 
+@dataclass
+class MirroredFeatures:
+    """What :func:`embed_mirrored` returns: float32 arrays with one row per record.
+
+    Attributes:
+        embedding: the images' embeddings ``[N, D]``.
+        mirrored: the mirror images' embeddings ``[N, D]``.
+        pixels: per requested pixel size, ``(image pixels, mirror image pixels)``, each ``[N, C·prod(size)]``.
+    """
+
+    embedding: np.ndarray
+    mirrored: np.ndarray
+    pixels: list[tuple[np.ndarray, np.ndarray]]
+
+
+def embed_mirrored(
+    network: nn.Module,
+    records: Sequence[Mapping[str, Any]],
+    preprocess: Callable[[Any], Any] | Any,
+    *,
+    mirror_axis: int = 0,
+    pixel_sizes: Sequence[Sequence[int]] = (),
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    cache_dir: str | Path | None = None,
+    checkpoint_sha256: str | None = None,
+    num_workers: int | None = None,
+    precision: str = "auto",
+    progress: bool = False,
+) -> MirroredFeatures:
+    """Embeddings of each image and of its mirror image, and both images' downsampled pixels, from one decoding and
+    preprocessing of every file (the audit's fused score needs all four; separate passes decoded each file three
+    times).
+
+    The two embeddings equal ``embed_images(preprocess)`` and ``embed_images(Compose([preprocess,
+    Flipd(spatial_axis=mirror_axis)]))`` and share their cache entries; the pixels equal
+    :func:`memscan.scoring.pixel_features` of the preprocessed images. When every embedding is cached, only the
+    pixels are computed (no network pass).
+
+    Args:
+        network, records, preprocess, batch_size, device, cache_dir, checkpoint_sha256, num_workers, precision,
+            progress: as :func:`embed_images`.
+        mirror_axis: the spatial axis mirrored.
+        pixel_sizes: spatial sizes of the downsampled pixels returned.
+
+    Returns:
+        The :class:`MirroredFeatures`.
+    """
+    from monai.transforms import Compose, Flipd
+
+    from memscan.scoring import pixel_features
+
+    records, preprocess, dev, resolved, workers = _setup(records, preprocess, batch_size, device, precision, None,
+                                                         num_workers)
+    flipped = Compose([getattr(preprocess, "compose", preprocess), Flipd(keys="image", spatial_axis=mirror_axis)])
+    cache = Path(cache_dir) if cache_dir is not None else None
+    keys = [_cache_keys(records, network, tf, dev, resolved, checkpoint_sha256) if cache is not None else []
+            for tf in (preprocess, flipped)]
+    cached = [_load_cached(cache, k) for k in keys]
+    sizes = [[int(n) for n in size] for size in pixel_sizes]
+    n = len(records)
+    if cache is not None and n and all(len(c) == n for c in cached):
+        pixels: list[list[np.ndarray]] = [[] for _ in sizes]
+        for start in range(0, n, int(batch_size)):  # batched: a large set never sits in memory at full size
+            batch = preprocess_batch(preprocess, records[start:start + int(batch_size)])
+            for j, size in enumerate(sizes):
+                pixels[j].append(np.concatenate([pixel_features(batch, size),
+                                                 pixel_features(np.flip(batch, axis=2 + mirror_axis), size)], 1))
+        rows = [np.concatenate(p) for p in pixels]
+        return MirroredFeatures(np.stack([cached[0][i] for i in range(n)]).astype(np.float32),
+                                np.stack([cached[1][i] for i in range(n)]).astype(np.float32),
+                                [(r[:, :r.shape[1] // 2], r[:, r.shape[1] // 2:]) for r in rows])
+    if n:
+        logger.info("embedding %d image(s) and their mirror images on %s in %s", n, dev, resolved)
+    inferer = MirroredFeatureInferer(resolved, mirror_axis, sizes)
+    rows = _evaluate(network, records, preprocess, inferer, batch_size, dev, workers, progress) if n else \
+        np.zeros((0, 0), np.float32)
+    bounds = np.cumsum([0, *inferer.widths]) if n else np.zeros(2 + 2 * len(sizes) + 1, int)
+    parts = [rows[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    embedding, mirrored = parts[0], parts[1]
+    for part, key_list, done in zip((embedding, mirrored), keys, cached):
+        if cache is not None:
+            for i in range(n):
+                if i not in done:
+                    save_npy_atomic(cache / f"{key_list[i]}.npy", part[i])
+    pixels_out = [(parts[2 + 2 * j], parts[3 + 2 * j]) for j in range(len(sizes))]
+    return MirroredFeatures(embedding, mirrored, pixels_out)
+
+
 def save_embeddings(array: np.ndarray, path: str | Path, files: Sequence[str] | None = None) -> Path:
     """Write ``array`` to ``path`` (``.npy``) and, if given, ``files`` to ``<path minus .npy>.files.csv``.
 
@@ -351,6 +473,15 @@ class _LoaderTransform:
         return {"image": image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)}
 
 
+def preprocess_batch(preprocess: Callable[[Any], Any], records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """The preprocessed images of ``records``, stacked (``[N, C, *spatial]`` float32), as the embedding loader makes
+    them: on one intra-op thread, plain tensors after the metadata-reading steps. One image at a time (MONAI's
+    metadata switch is process-wide)."""
+    step = _LoaderTransform(preprocess, single_thread=True)
+    return np.stack([step({"image": r["image"]})["image"].detach().cpu().numpy().astype(np.float32, copy=False)
+                     for r in records])
+
+
 class _PrefetchLoader:
     """A loader iterated in a background thread (MONAI ``ThreadBuffer``) whose errors reach the consumer.
 
@@ -417,6 +548,97 @@ def configured_preprocess(cfg: Any) -> Callable[[Any], Any]:
     return preprocess_transforms(cfg)
 
 
+def _setup(records: Sequence[Mapping[str, Any]], preprocess: Any, batch_size: int, device: str | torch.device,
+           precision: str, amp: bool | None, num_workers: int | None,
+           ) -> tuple[list[dict[str, Any]], Callable[[Any], Any], torch.device, str, int]:
+    """Checked records, the preprocessing callable, the device, the resolved precision and the loader workers."""
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise InputError("batch_size", f"must be >= 1, got {batch_size}")
+    records = [dict(r) for r in records]
+    for row, record in enumerate(records):
+        if "image" not in record:
+            raise InputError("records", "record has no 'image' entry", row=row)
+    if not callable(preprocess) and hasattr(preprocess, "spatial_dims"):  # a PreprocessConfig
+        preprocess = configured_preprocess(preprocess)
+    dev = resolve_device(device)
+    resolved = resolve_precision("float32" if amp is False else precision, dev)
+    workers = (2 if dev.type == "cuda" else 0) if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise InputError("num_workers", f"must be >= 0, got {num_workers}")
+    return records, preprocess, dev, resolved, workers
+
+
+def _cache_keys(records: Sequence[Mapping[str, Any]], network: nn.Module, preprocess: Any, dev: torch.device,
+                resolved: str, checkpoint_sha256: str | None) -> list[str]:
+    """Embedding-cache keys of ``records`` (:func:`_cache_key`) for this network, preprocessing and precision."""
+    from memscan.networks import FusedConv, fusion_available
+    from memscan.training import Float32UnsafeConvs
+
+    weights = checkpoint_sha256 or network_sha256(network)
+    description = transform_fingerprint(preprocess)
+    # CPU bfloat16 results depend on which convolutions the guard runs in float32 and on the fused kernels
+    key_precision = f"{resolved}+{Float32UnsafeConvs.VERSION}" if resolved == "bfloat16" else resolved
+    if resolved == "bfloat16" and dev.type == "cpu" and fusion_available():
+        key_precision += f"+{FusedConv.VERSION}"
+    return [_cache_key(r, weights, description, key_precision) for r in records]
+
+
+def _load_cached(cache: Path | None, keys: Sequence[str]) -> dict[int, np.ndarray]:
+    """The cached rows by record index (an unreadable entry counts as missing)."""
+    cached: dict[int, np.ndarray] = {}
+    if cache is None:
+        return cached
+    cache.mkdir(parents=True, exist_ok=True)
+    for i, key in enumerate(keys):
+        f = cache / f"{key}.npy"
+        if f.is_file():
+            try:
+                cached[i] = np.load(f, allow_pickle=False)
+            except (OSError, ValueError):
+                pass  # unreadable cache entry: recompute it
+    return cached
+
+
+def _evaluate(network: nn.Module, records: Sequence[Mapping[str, Any]], preprocess: Callable[[Any], Any],
+              inferer: EmbeddingInferer, batch_size: int, dev: torch.device, workers: int, progress: bool,
+              ) -> np.ndarray:
+    """One ``SupervisedEvaluator`` pass over ``records``: the inferer's output row per record, in order."""
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+
+    network = network.to(dev).eval()
+    dataset = Dataset(list(records), transform=_LoaderTransform(preprocess, single_thread=workers == 0))
+    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda")
+    if workers == 0:  # a background thread preprocesses the next batches while the network runs on this one
+        # settle this thread's intra-op count now: a thread that has not run a parallel op yet takes the
+        # process-wide count at its first one, which the loader thread lowers to 1 while it preprocesses
+        torch.get_num_threads()
+        loader = _PrefetchLoader(loader)
+    writer = EmbeddingWriter()
+    handlers: list[Any] = [writer]
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        handlers.append(ProgressBar(persist=True))
+    evaluator = SupervisedEvaluator(
+        device=dev,
+        val_data_loader=loader,
+        network=network,
+        inferer=inferer,
+        prepare_batch=prepare_images,
+        non_blocking=dev.type == "cuda",
+        amp=False,  # the inferer autocasts (CPU bfloat16 as well as CUDA)
+        decollate=False,
+        val_handlers=handlers,
+    )
+    run_evaluator(evaluator)
+    rows = writer.embeddings
+    if len(rows) != len(records):
+        raise InputError("records", f"expected {len(records)} embeddings, got {len(rows)}")
+    return rows
+
+
 def embed_images(
     network: nn.Module,
     records: Sequence[Mapping[str, Any]],
@@ -458,82 +680,18 @@ def embed_images(
     Raises:
         InputError: bad device, precision or batch size; a record without ``"image"``.
     """
-    from monai.data import DataLoader, Dataset
-    from monai.engines import SupervisedEvaluator
-
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise InputError("batch_size", f"must be >= 1, got {batch_size}")
-    records = [dict(r) for r in records]
-    for row, record in enumerate(records):
-        if "image" not in record:
-            raise InputError("records", "record has no 'image' entry", row=row)
-    if not callable(preprocess) and hasattr(preprocess, "spatial_dims"):  # a PreprocessConfig
-        preprocess = configured_preprocess(preprocess)
-    dev = resolve_device(device)
-    resolved = resolve_precision("float32" if amp is False else precision, dev)
-    workers = (2 if dev.type == "cuda" else 0) if num_workers is None else int(num_workers)
-    if workers < 0:
-        raise InputError("num_workers", f"must be >= 0, got {num_workers}")
-
-    cached: dict[int, np.ndarray] = {}
-    keys: list[str] = []
+    records, preprocess, dev, resolved, workers = _setup(records, preprocess, batch_size, device, precision, amp,
+                                                         num_workers)
     cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        weights = checkpoint_sha256 or network_sha256(network)
-        description = transform_fingerprint(preprocess)
-        from memscan.networks import FusedConv, fusion_available
-        from memscan.training import Float32UnsafeConvs
-
-        # CPU bfloat16 results depend on which convolutions the guard runs in float32 and on the fused kernels
-        key_precision = f"{resolved}+{Float32UnsafeConvs.VERSION}" if resolved == "bfloat16" else resolved
-        if resolved == "bfloat16" and dev.type == "cpu" and fusion_available():
-            key_precision += f"+{FusedConv.VERSION}"
-        keys = [_cache_key(r, weights, description, key_precision) for r in records]
-        for i, key in enumerate(keys):
-            f = cache / f"{key}.npy"
-            if f.is_file():
-                try:
-                    cached[i] = np.load(f, allow_pickle=False)
-                except (OSError, ValueError):
-                    pass  # unreadable cache entry: recompute it
+    keys = _cache_keys(records, network, preprocess, dev, resolved, checkpoint_sha256) if cache is not None else []
+    cached = _load_cached(cache, keys)
     todo = [i for i in range(len(records)) if i not in cached]
 
     fresh = np.zeros((0, 0), dtype=np.float32)
     if todo:
         logger.info("embedding %d image(s) on %s in %s (%d cached)", len(todo), dev, resolved, len(cached))
-        network = network.to(dev).eval()
-        dataset = Dataset([records[i] for i in todo],
-                          transform=_LoaderTransform(preprocess, single_thread=workers == 0))
-        loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=workers,
-                            pin_memory=dev.type == "cuda")
-        if workers == 0:  # a background thread preprocesses the next batches while the network runs on this one
-            # settle this thread's intra-op count now: a thread that has not run a parallel op yet takes the
-            # process-wide count at its first one, which the loader thread lowers to 1 while it preprocesses
-            torch.get_num_threads()
-            loader = _PrefetchLoader(loader)
-        inferer = EmbeddingInferer(resolved)
-        writer = EmbeddingWriter()
-        handlers: list[Any] = [writer]
-        if progress:
-            from ignite.handlers import ProgressBar
-
-            handlers.append(ProgressBar(persist=True))
-        evaluator = SupervisedEvaluator(
-            device=dev,
-            val_data_loader=loader,
-            network=network,
-            inferer=inferer,
-            prepare_batch=prepare_images,
-            non_blocking=dev.type == "cuda",
-            amp=False,  # the inferer autocasts (CPU bfloat16 as well as CUDA)
-            decollate=False,
-            val_handlers=handlers,
-        )
-        run_evaluator(evaluator)
-        fresh = writer.embeddings
-        if len(fresh) != len(todo):
-            raise InputError("records", f"expected {len(todo)} embeddings, got {len(fresh)}")
+        fresh = _evaluate(network, [records[i] for i in todo], preprocess, EmbeddingInferer(resolved), batch_size,
+                          dev, workers, progress)
         if cache is not None:
             for row, i in enumerate(todo):
                 save_npy_atomic(cache / f"{keys[i]}.npy", fresh[row])

@@ -127,14 +127,15 @@ def pixel_features(images: np.ndarray, size: int | Sequence[int] | None = None) 
         ``float32`` N×(C·prod(size)) array.
     """
     import torch
-    from monai.transforms import Resize
+    import torch.nn.functional as F
 
     images = np.asarray(images, dtype=np.float32)
     if images.ndim < 4:
         raise InputError("images", f"expected [N, C, *spatial], got shape {images.shape}")
-    if size is not None:
-        resize = Resize(spatial_size=size, mode="area")
-        images = np.stack([np.asarray(resize(torch.as_tensor(im))) for im in images])
+    if size is not None:  # the whole batch at once: what MONAI's Resize(mode="area") computes image by image
+        dims = images.ndim - 2
+        target = [int(size)] * dims if isinstance(size, (int, np.integer)) else [int(s) for s in size]
+        images = F.interpolate(torch.from_numpy(np.ascontiguousarray(images)), size=target, mode="area").numpy()
     return images.reshape(len(images), -1)
 
 

@@ -345,3 +345,48 @@ def test_inference_copies_are_shared_and_die_with_their_network() -> None:
     del net, plain, first
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_embed_mirrored_equals_separate_passes_and_shares_their_cache(images, encoder, tmp_path, monkeypatch,
+                                                                      precision) -> None:
+    """One decoding per file gives what three passes gave (the embeddings of each image and its mirror image, both
+    images' coarse pixels), under the same cache keys; with everything cached only the pixels are recomputed."""
+    from monai.transforms import Compose, Flipd
+
+    from memscan import embed as embed_module
+    from memscan.embed import embed_mirrored, preprocess_batch
+    from memscan.scoring import pixel_features
+
+    pre = preprocess_transforms(CFG)
+    cache = tmp_path / "cache"
+    feats = embed_mirrored(encoder, images, pre, pixel_sizes=[(8, 8), (16, 16)], batch_size=2, device="cpu",
+                           cache_dir=cache, precision=precision)
+    plain = embed_images(encoder, images, pre, batch_size=3, device="cpu", precision=precision)
+    flipped = embed_images(encoder, images, Compose([pre, Flipd(keys="image", spatial_axis=0)]), batch_size=3,
+                           device="cpu", precision=precision)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if precision == "float32" else {"rtol": 2e-2, "atol": 2e-2}
+    np.testing.assert_allclose(feats.embedding, plain, **tol)
+    np.testing.assert_allclose(feats.mirrored, flipped, **tol)
+    assert not np.allclose(feats.embedding, feats.mirrored)
+    batch = preprocess_batch(pre, images)
+    for (pix, mirror), size in zip(feats.pixels, [(8, 8), (16, 16)]):
+        np.testing.assert_allclose(pix, pixel_features(batch, size), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mirror, pixel_features(np.flip(batch, axis=2), size), rtol=1e-5, atol=1e-6)
+    assert len(list(cache.glob("*.npy"))) == 2 * len(images)  # plain and mirrored embeddings, never pixels
+    cached_plain = embed_images(encoder, images, pre, batch_size=3, device="cpu", cache_dir=cache,
+                                precision=precision)
+    np.testing.assert_array_equal(cached_plain, feats.embedding)  # embed_images reads the same entries
+    assert len(list(cache.glob("*.npy"))) == 2 * len(images)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("every embedding was cached: no network pass expected")
+
+    monkeypatch.setattr(embed_module, "_evaluate", no_network)
+    again = embed_mirrored(encoder, images, pre, pixel_sizes=[(8, 8), (16, 16)], batch_size=2, device="cpu",
+                           cache_dir=cache, precision=precision)
+    np.testing.assert_array_equal(again.embedding, feats.embedding)
+    np.testing.assert_array_equal(again.mirrored, feats.mirrored)
+    for (a, b), (c, d) in zip(again.pixels, feats.pixels):
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(b, d, rtol=1e-6, atol=1e-7)
