@@ -13,12 +13,13 @@ Side by side in one run, same encoder (memscan's default 2D preset: ResNet-18, 1
 * **memscan, cached** — the same call again with its embedding cache (what a resumed or repeated audit does).
 
 Then the end-to-end time of ``memscan demo`` (build inputs, train the encoder, audit, report) and of a repeated audit
-with the trained checkpoint and a warm embedding cache.
+with the trained checkpoint and a warm embedding cache; with ``--scale N``, an end-to-end audit with a checkpoint on
+three sets of N images.
 
 Usage::
 
     nice python benchmarks/bench_audit.py [--n 96] [--size 256] [--batch-size 32] [--workers 0 1] [--repeats 2]
-        [--dims 2 3] [--out docs/benchmarks/audit.txt [--append]]
+        [--dims 2 3] [--scale 320] [--out docs/benchmarks/audit.txt [--append]]
 
 ``--dims`` with no value runs only the embedding part. Methods are interleaved and each reports its best run, since
 other jobs on the same cores slow whichever method happens to run beside them.
@@ -263,6 +264,30 @@ def bench_demo(tmp: Path, dims: int) -> list[str]:
     ]
 
 
+def bench_scale(tmp: Path, n: int, size: int, device: str = "cpu") -> list[str]:
+    """End-to-end ``memscan.audit`` with a given checkpoint on three sets of ``n`` distinct PNGs (the default fused
+    score: preflight, both embeddings and the coarse pixels of every image, matching, report)."""
+    from memscan.audit import audit
+    from memscan.networks import build_encoder
+
+    paths = _images(tmp / "scale_images", 3 * n, size)
+    for j, name in enumerate(("train", "val", "synthetic")):
+        (tmp / "scale" / name).mkdir(parents=True, exist_ok=True)
+        for i, p in enumerate(paths[j * n:(j + 1) * n]):
+            shutil.move(str(p), tmp / "scale" / name / f"p{i // 4}_{name}{i}.png")  # 4 images per patient
+    torch.manual_seed(0)
+    checkpoint = tmp / "scale_encoder.pt"
+    torch.save(build_encoder(2, "resnet18", 128).state_dict(), checkpoint)
+    root = tmp / "scale"
+    t0 = time.perf_counter()
+    audit(root / "train", root / "val", {"synthetic": root / "synthetic"}, out_dir=tmp / "scale_out",
+          checkpoint=checkpoint, image_size=size, device=device, subject_regex=r"(?P<subject>p\d+)_")
+    t = time.perf_counter() - t0
+    return [f"end-to-end audit with a checkpoint, 3 x {n} PNGs of {2 * size}² (fused score): {t:6.1f} s "
+            f"= {1000 * t / (3 * n):.1f} ms per image (preflight, embeddings of each image and its mirror, "
+            "coarse pixels, matching, report)"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=96, help="images for the throughput test")
@@ -272,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="DataLoader worker counts to time for memscan (the first is the default's: 0 on CPU)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per method (best is reported)")
     parser.add_argument("--dims", type=int, nargs="*", default=[2, 3], help="demo dimensionalities to time")
+    parser.add_argument("--scale", type=int, default=0,
+                        help="also time an end-to-end audit with a checkpoint on 3 sets of this many images")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there; on a GPU pass "
                         "--workers 2, memscan's default there)")
     parser.add_argument("--out", default=None, help="also write the report here (e.g. docs/benchmarks/audit.txt)")
@@ -293,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("")
         for dims in args.dims:
             lines += bench_demo(tmp, dims)
+        if args.scale:
+            lines += bench_scale(tmp, args.scale, args.size, args.device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = "\n".join(lines) + "\n"
