@@ -176,6 +176,7 @@ class FusedConv(nn.Module):
         self.relu, self.residual, self.dtype = bool(relu), bool(residual), dtype
         self._unsafe = bf16_conv_is_unsafe if dtype == torch.bfloat16 else None
         self._unfusable: set[tuple[int, ...]] = set()  # input shapes whose residual addition runs separately
+        self._failed: set[tuple[int, ...]] = set()  # input shapes oneDNN's fused kernels refused
 
     def _out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         k = self.weight.shape[2:]
@@ -183,28 +184,36 @@ class FusedConv(nn.Module):
                    for s, p, d, kk, st in zip(x.shape[2:], self.padding, self.dilation, k, self.stride))
         return (x.shape[0], self.weight.shape[0], *spatial)
 
+    def _unfused(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        """The same function in float32 with torch's own kernels."""
+        conv = F.conv2d if x.ndim == 4 else F.conv3d
+        with torch.autocast(x.device.type, enabled=False):
+            y = conv(x.float(), self.weight32, self.bias32, self.stride, self.padding, self.dilation, self.groups)
+            y = y + other.float() if other is not None else y
+            return (torch.relu(y) if self.relu else y).to(self.dtype)
+
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         unsafe = self._unsafe is not None and self._unsafe(x.shape, self.weight.shape[2:], self.stride, self.padding,
                                                            self.dilation)
-        if unsafe or (other is not None and tuple(other.shape) != self._out_shape(x)):
-            conv = F.conv2d if x.ndim == 4 else F.conv3d
-            with torch.autocast(x.device.type, enabled=False):
-                y = conv(x.float(), self.weight32, self.bias32, self.stride, self.padding, self.dilation, self.groups)
-                y = y + other.float() if other is not None else y
-                return (torch.relu(y) if self.relu else y).to(self.dtype)
+        if unsafe or (other is not None and tuple(other.shape) != self._out_shape(x)) or tuple(x.shape) in self._failed:
+            return self._unfused(x, other)
         x = x.to(self.dtype)
         args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
         op = torch.ops.mkldnn._convolution_pointwise
-        if other is None:
-            return op(x, *args, "relu" if self.relu else "none", [], "")
-        other = other.to(self.dtype)
-        if tuple(x.shape) not in self._unfusable:
-            try:
-                return op.binary(x, other, *args, "add", None, "relu" if self.relu else None, [], "")
-            except RuntimeError:  # a shape whose fused sum oneDNN hands to an ATen kernel lacking bfloat16
-                self._unfusable.add(tuple(x.shape))
-        y = op(x, *args, "none", [], "").add_(other)
-        return y.relu_() if self.relu else y
+        try:
+            if other is None:
+                return op(x, *args, "relu" if self.relu else "none", [], "")
+            other = other.to(self.dtype)
+            if tuple(x.shape) not in self._unfusable:
+                try:
+                    return op.binary(x, other, *args, "add", None, "relu" if self.relu else None, [], "")
+                except RuntimeError:  # a shape whose fused sum oneDNN hands to an ATen kernel lacking bfloat16
+                    self._unfusable.add(tuple(x.shape))
+            y = op(x, *args, "none", [], "").add_(other)
+            return y.relu_() if self.relu else y
+        except RuntimeError:  # a build or CPU whose oneDNN lacks this kernel: torch's own, from now on
+            self._failed.add(tuple(x.shape))
+            return self._unfused(x, other)
 
 
 class NonNegativeMaxPool(nn.Module):

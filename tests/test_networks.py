@@ -240,3 +240,32 @@ def test_fused_bf16_convolutions_agree_with_float32_on_a_sample_of_shapes() -> N
     torch.manual_seed(0)
     calls, wrong = sweep(random.Random(1).sample(shapes(), 150))
     assert calls > 100 and wrong == []
+
+
+def test_fused_convolution_falls_back_when_the_kernel_refuses(monkeypatch) -> None:
+    """A torch build whose oneDNN lacks the fused kernel for a shape (it raises) gets torch's own convolution, and
+    that shape is not tried again."""
+    from memscan.networks import FusedConv, fusion_available
+
+    if not fusion_available():
+        pytest.skip("this torch build has no oneDNN fused convolution")
+    calls = []
+
+    class Refusing:
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("unsupported")
+
+        def binary(self, *args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", Refusing())
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    fused = FusedConv(conv, relu=True, residual=False, dtype=torch.bfloat16)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(fused(x).float(), torch.relu(conv(x)), rtol=1e-2, atol=1e-2)
+    assert len(calls) == 1
