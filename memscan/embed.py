@@ -127,7 +127,7 @@ class EmbeddingInferer(SimpleInferer):
         key = (str(device), dtype, ndim, self.fuse)
         entries = _INFERENCE_COPIES.get(network, {})
         if key in entries and entries[key][0] == weights:
-            return entries[key][1] or network
+            return network if entries[key][1] is None else entries[key][1]
         from memscan.networks import fold_batch_norm, fuse_conv_activations
 
         copy = fold_batch_norm(network)
@@ -360,16 +360,15 @@ def embed_mirrored(
     sizes = [[int(n) for n in size] for size in pixel_sizes]
     n = len(records)
     if cache is not None and n and all(len(c) == n for c in cached):
-        pixels: list[list[np.ndarray]] = [[] for _ in sizes]
+        pixels: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in sizes]
         for start in range(0, n, int(batch_size)):  # batched: a large set never sits in memory at full size
             batch = preprocess_batch(preprocess, records[start:start + int(batch_size)])
-            for j, size in enumerate(sizes):
-                pixels[j].append(np.concatenate([pixel_features(batch, size),
-                                                 pixel_features(np.flip(batch, axis=2 + mirror_axis), size)], 1))
-        rows = [np.concatenate(p) for p in pixels]
+            for (plain, mirror), size in zip(pixels, sizes):
+                plain.append(pixel_features(batch, size))
+                mirror.append(pixel_features(np.flip(batch, axis=2 + mirror_axis), size))
         return MirroredFeatures(np.stack([cached[0][i] for i in range(n)]).astype(np.float32),
                                 np.stack([cached[1][i] for i in range(n)]).astype(np.float32),
-                                [(r[:, :r.shape[1] // 2], r[:, r.shape[1] // 2:]) for r in rows])
+                                [(np.concatenate(plain), np.concatenate(mirror)) for plain, mirror in pixels])
     if n:
         logger.info("embedding %d image(s) and their mirror images on %s in %s", n, dev, resolved)
     inferer = MirroredFeatureInferer(resolved, mirror_axis, sizes)
