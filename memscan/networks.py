@@ -18,8 +18,8 @@ from torch import nn
 from memscan.errors import InputError
 
 __all__ = ["ARCHITECTURES", "Encoder", "build_encoder", "load_encoder_checkpoint", "unwrap", "embedding_dim_of",
-           "read_state_dict", "infer_encoder", "fold_batch_norm", "FusedConv", "NonNegativeMaxPool", "fuse_conv_activations",
-           "fusion_available"]
+           "read_state_dict", "infer_encoder", "fold_batch_norm", "FusedConv", "NonNegativeMaxPool",
+           "fuse_conv_activations", "fusion_available"]
 
 # name -> MONAI ResNet factory; densenet121 is handled separately (different constructor arguments)
 _RESNETS = {
@@ -149,7 +149,8 @@ class FusedConv(nn.Module):
     ``dtype`` and channels-last layout; its input is cast to ``dtype``. Written by hand because eager torch has no
     CPU conv+activation fusion: it calls ``torch.ops.mkldnn._convolution_pointwise``, the oneDNN op that
     ``torch.compile`` emits for the same pattern, without a compile step. Shapes oneDNN computes wrongly in bfloat16
-    (:func:`memscan.training.bf16_conv_is_unsafe`) and a residual of another shape take the unfused float32 path.
+    (:func:`memscan.training.bf16_conv_is_unsafe`), a residual of another shape and a shape the kernel refuses take
+    torch's own float32 convolution.
 
     Args:
         conv: the (batch-norm-folded) ``nn.Conv2d`` / ``nn.Conv3d``; not modified.

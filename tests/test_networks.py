@@ -173,9 +173,10 @@ def test_fusion_leaves_the_network_unchanged_without_the_op(monkeypatch) -> None
     assert networks.fuse_conv_activations(net.train(), torch.bfloat16) is net
 
 
-@pytest.mark.parametrize("shape, kernel, stride, padding", [((2, 8, 9, 11), 3, 2, 1), ((2, 8, 10, 10), 2, 2, 0),
-                                                            ((2, 8, 7, 9), 3, 1, 1), ((2, 8, 12, 12), 5, 3, 2),
-                                                            ((2, 8, 6, 8, 10), 3, 2, 1), ((1, 4, 5, 5), (3, 1), 2, (1, 0))])
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((2, 8, 9, 11), 3, 2, 1), ((2, 8, 10, 10), 2, 2, 0), ((2, 8, 7, 9), 3, 1, 1), ((2, 8, 12, 12), 5, 3, 2),
+    ((2, 8, 6, 8, 10), 3, 2, 1), ((1, 4, 5, 5), (3, 1), 2, (1, 0)),
+])
 def test_non_negative_max_pool_equals_max_pooling(shape, kernel, stride, padding) -> None:
     """Max pooling on the int16 bit patterns of non-negative bfloat16 values equals torch's max pooling (2D and 3D,
     borders, odd sizes, channels-last or not); other dtypes go to torch's kernel."""
