@@ -973,15 +973,8 @@ def audit(
     train_subjects = [str(r.get("subject_id")) for r in train_set.records]
     val_subjects = [str(r.get("subject_id")) for r in val_set.records]
     # the null rate splits the validation set by patient; with a single validation patient it splits by image
+    # (the preflight's few-patients warning says so)
     split_by_subject = len(set(val_subjects)) >= 2
-    if not split_by_subject:  # one line with the preflight's warning about few validation patients, if it gave one
-        detail = ("the null rate splits it by image, and training/validation pairs of the same patient are not "
-                  "excluded")
-        few = [i for i, w in enumerate(warnings) if w.startswith("validation holds ")]
-        if few:
-            warnings[few[0]] += f"; with a single patient, {detail}"
-        else:
-            warnings.append(f"the validation set holds a single patient: {detail}")
     set_audits: dict[str, SetAudit] = {}
     controls_block: dict[str, Any] = {"n": n_controls}
     axes = _alignment(preprocess_cfg)

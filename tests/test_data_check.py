@@ -106,3 +106,4 @@ def test_few_validation_patients_warned(tiny_2d_folder):
     assert warned.usable
     assert [w for w in warned.warnings if w.startswith(f"validation holds {MIN_VAL_SUBJECTS - 1} patient(s)")]
     assert not [w for w in quiet.warnings if "validation holds" in w]
+    assert not [w for w in warned.warnings if "single patient" in w]  # that clause is for one patient only

@@ -199,10 +199,13 @@ def _cross_checks(report: CheckReport, train: ImageSet | None, val: ImageSet | N
                     f"synthetic set '{name}': {n} image(s) are pixel-identical to training images (exact copies)"
                 )
     if val is not None and 0 < len(val.subjects) < MIN_VAL_SUBJECTS:
+        single = len(val.subjects) == 1  # the audit's null rate then splits by image (memscan.audit)
         report.warnings.append(
             f"validation holds {len(val.subjects)} patient(s): τ is the 95th percentile of how close those patients "
             "come to the training set, which varies from patient to patient, so the false-positive rate on other new "
             f"patients is uncertain (the detection benchmark saw 1-60% with one); use {MIN_VAL_SUBJECTS} or more"
+            + ("; with a single patient, the null rate splits it by image, and training/validation pairs of the same "
+               "patient are not excluded" if single else "")
         )
     for name, s in report.sets.items():
         if len(s) < 10 and report.roles.get(name) in ("train", "val"):
