@@ -183,9 +183,10 @@ class MirroredFeatureInferer(EmbeddingInferer):
         mirrored = torch.flip(inputs, dims=(2 + self.mirror_axis,))
         parts = [super().__call__(inputs, network, *args, **kwargs),
                  super().__call__(mirrored, network, *args, **kwargs)]
-        for size in self.pixel_sizes:  # what memscan.scoring.pixel_features computes, on the same batch
-            parts += [torch.nn.functional.interpolate(x.float(), size=size, mode="area").flatten(1).to(parts[0])
-                      for x in (inputs, mirrored)]
+        from memscan.scoring import area_pixels
+
+        for size in self.pixel_sizes:
+            parts += [area_pixels(x, size).to(parts[0]) for x in (inputs, mirrored)]
         self.widths = [int(p.shape[1]) for p in parts]
         return torch.cat(parts, dim=1)
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from memscan.errors import InputError
 
-__all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "pixel_features", "ALIGN_ANGLES",
+__all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "area_pixels", "pixel_features",
+           "ALIGN_ANGLES",
            "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search"]
 
 
@@ -116,6 +117,20 @@ def flip_invariant_features(images: np.ndarray, extract: Callable[[np.ndarray], 
     return (total / len(flips)).astype(np.float32)
 
 
+def area_pixels(images: Any, size: int | Sequence[int]) -> Any:
+    """Area-downsampled, flattened pixels of a ``[N, C, *spatial]`` torch tensor (any device): N×(C·prod(size)).
+
+    The whole batch at once; what MONAI's ``Resize(mode="area")`` computes image by image. Shared by
+    :func:`pixel_features` and the embedding pass that computes the fused score's pixels
+    (:class:`memscan.embed.MirroredFeatureInferer`).
+    """
+    import torch.nn.functional as F
+
+    dims = images.ndim - 2
+    target = [int(size)] * dims if isinstance(size, (int, np.integer)) else [int(s) for s in size]
+    return F.interpolate(images.float(), size=target, mode="area").flatten(1)
+
+
 def pixel_features(images: np.ndarray, size: int | Sequence[int] | None = None) -> np.ndarray:
     """Flattened pixels, optionally area-downsampled to ``size`` first (a coarse scale ignores fine detail).
 
@@ -127,15 +142,12 @@ def pixel_features(images: np.ndarray, size: int | Sequence[int] | None = None) 
         ``float32`` N×(C·prod(size)) array.
     """
     import torch
-    import torch.nn.functional as F
 
     images = np.asarray(images, dtype=np.float32)
     if images.ndim < 4:
         raise InputError("images", f"expected [N, C, *spatial], got shape {images.shape}")
-    if size is not None:  # the whole batch at once: what MONAI's Resize(mode="area") computes image by image
-        dims = images.ndim - 2
-        target = [int(size)] * dims if isinstance(size, (int, np.integer)) else [int(s) for s in size]
-        images = F.interpolate(torch.from_numpy(np.ascontiguousarray(images)), size=target, mode="area").numpy()
+    if size is not None:
+        return area_pixels(torch.from_numpy(np.ascontiguousarray(images)), size).numpy()
     return images.reshape(len(images), -1)
 
 
