@@ -23,8 +23,7 @@ import numpy as np
 from memscan.errors import InputError
 
 __all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "area_pixels", "pixel_features",
-           "ALIGN_ANGLES",
-           "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search"]
+           "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search"]
 
 
 def standardize_rows(features: np.ndarray, source: str = "features") -> np.ndarray:
