@@ -355,8 +355,8 @@ def embed_mirrored(
                                                          num_workers)
     flipped = Compose([getattr(preprocess, "compose", preprocess), Flipd(keys="image", spatial_axis=mirror_axis)])
     cache = Path(cache_dir) if cache_dir is not None else None
-    keys = [_cache_keys(records, network, tf, dev, resolved, checkpoint_sha256) if cache is not None else []
-            for tf in (preprocess, flipped)]
+    keys = _cache_keys(records, network, [preprocess, flipped], dev, resolved, checkpoint_sha256) \
+        if cache is not None else [[], []]
     cached = [_load_cached(cache, k) for k in keys]
     sizes = [[int(n) for n in size] for size in pixel_sizes]
     n = len(records)
@@ -568,19 +568,20 @@ def _setup(records: Sequence[Mapping[str, Any]], preprocess: Any, batch_size: in
     return records, preprocess, dev, resolved, workers
 
 
-def _cache_keys(records: Sequence[Mapping[str, Any]], network: nn.Module, preprocess: Any, dev: torch.device,
-                resolved: str, checkpoint_sha256: str | None) -> list[str]:
-    """Embedding-cache keys of ``records`` (:func:`_cache_key`) for this network, preprocessing and precision."""
+def _cache_keys(records: Sequence[Mapping[str, Any]], network: nn.Module, preprocesses: Sequence[Any],
+                dev: torch.device, resolved: str, checkpoint_sha256: str | None) -> list[list[str]]:
+    """Embedding-cache keys of ``records`` (:func:`_cache_key`) for this network and precision, one list per
+    preprocessing (the weights are hashed once)."""
     from memscan.networks import FusedConv, fusion_available
     from memscan.training import Float32UnsafeConvs
 
     weights = checkpoint_sha256 or network_sha256(network)
-    description = transform_fingerprint(preprocess)
     # CPU bfloat16 results depend on which convolutions the guard runs in float32 and on the fused kernels
     key_precision = f"{resolved}+{Float32UnsafeConvs.VERSION}" if resolved == "bfloat16" else resolved
     if resolved == "bfloat16" and dev.type == "cpu" and fusion_available():
         key_precision += f"+{FusedConv.VERSION}"
-    return [_cache_key(r, weights, description, key_precision) for r in records]
+    descriptions = [transform_fingerprint(tf) for tf in preprocesses]
+    return [[_cache_key(r, weights, description, key_precision) for r in records] for description in descriptions]
 
 
 def _load_cached(cache: Path | None, keys: Sequence[str]) -> dict[int, np.ndarray]:
@@ -683,7 +684,8 @@ def embed_images(
     records, preprocess, dev, resolved, workers = _setup(records, preprocess, batch_size, device, precision, amp,
                                                          num_workers)
     cache = Path(cache_dir) if cache_dir is not None else None
-    keys = _cache_keys(records, network, preprocess, dev, resolved, checkpoint_sha256) if cache is not None else []
+    keys = _cache_keys(records, network, [preprocess], dev, resolved, checkpoint_sha256)[0] if cache is not None \
+        else []
     cached = _load_cached(cache, keys)
     todo = [i for i in range(len(records)) if i not in cached]
 
