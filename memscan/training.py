@@ -18,6 +18,7 @@ Chen et al., "A simple framework for contrastive learning of visual representati
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -39,6 +40,7 @@ from monai.data.utils import set_rnd
 from monai.engines import PrepareBatch
 from monai.inferers import SimpleInferer
 from monai.losses import ContrastiveLoss
+from monai.utils import optional_import
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -73,6 +75,7 @@ __all__ = [
     "split_source",
     "contrastive_dataset",
     "is_main_process",
+    "writes_tensorboard",
     "init_distributed",
     "distributed_device",
     "to_device",
@@ -742,6 +745,25 @@ def contrastive_dataset(
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of an initialised process group."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@functools.cache
+def _tensorboard_installed() -> bool:
+    """Whether torch's TensorBoard ``SummaryWriter`` can be imported (it needs the optional ``tensorboard`` package)."""
+    available = optional_import("torch.utils.tensorboard", name="SummaryWriter")[1]
+    if not available:
+        logger.warning("TensorBoard logs are skipped: the tensorboard package is not installed "
+                       "(pip install 'memscan[tracking]' to write them)")
+    return available
+
+
+def writes_tensorboard() -> bool:
+    """True on the main process when tensorboard is installed: the bundles' ``TensorBoardStatsHandler`` condition.
+
+    MONAI's handler raises without the package; tensorboard is an optional extra (``memscan[tracking]``), so a
+    plain install trains with console logs only (one warning says so).
+    """
+    return is_main_process() and _tensorboard_installed()
 
 
 def distributed_device() -> torch.device:

@@ -54,6 +54,26 @@ def _train_workflow(dims: int, data: Path, out: Path, files: list[str] | None = 
                           logging_file=False, **overrides)
 
 
+def test_train_without_tensorboard(dataset, tmp_path, monkeypatch, caplog):
+    """tensorboard is an optional extra: a plain install trains with console logs and one warning, no error."""
+    from memscan import training
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    training._tensorboard_installed.cache_clear()
+    try:
+        out = tmp_path / "run"
+        workflow = _train_workflow(2, dataset(2), out)
+        with caplog.at_level("WARNING", logger="memscan.training"):
+            workflow.initialize()
+            workflow.run()
+        workflow.finalize()
+        assert (out / "model.pt").is_file()
+        assert not (out / "logs").exists() or not any((out / "logs").iterdir())
+        assert sum("tensorboard package is not installed" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        training._tensorboard_installed.cache_clear()
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_bundle_layout_and_metadata(dims):
     b = bundle_dir(dims)
@@ -87,7 +107,7 @@ def test_train_then_infer_with_config_workflow(dims, dataset, tmp_path):
     for key in ("val_loss", "val_positive_similarity", "val_negative_similarity", "val_nearest_negative_similarity"):
         assert np.isfinite(metrics[key]), key
     assert (out / "model.pt").is_file() and (out / "checkpoint_epoch=1.pt").is_file()
-    assert any((out / "logs").iterdir())  # TensorBoard events
+    assert any((out / "logs").iterdir())  # TensorBoard events (the test extra installs tensorboard)
 
     # inference config: embeddings of the validation images with the best checkpoint, written with a file list
     b = bundle_dir(dims)
