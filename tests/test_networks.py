@@ -132,6 +132,7 @@ def test_fused_convolution_guards_unsafe_bf16_shapes_and_mismatched_residuals(mo
     """Shapes oneDNN computes wrongly in bfloat16 (the innermost output axis of size 1 under a stride) and a
     residual that only broadcasts run the unfused float32 path, never the fused kernel."""
     from memscan.networks import FusedConv, fusion_available
+    from memscan.training import _native_low_precision
 
     if not fusion_available():
         pytest.skip("this torch build has no oneDNN fused convolution")
@@ -160,8 +161,15 @@ def test_fused_convolution_guards_unsafe_bf16_shapes_and_mismatched_residuals(mo
         x = torch.rand(2, 4, 8, 8, 8)
         y = fused(x, torch.rand(1, 8, 1, 1, 1))  # broadcast residual: not the fused op's contract
         assert calls == [] and tuple(y.shape) == (2, 8, 4, 4, 4)
-        fused(x, torch.rand(2, 8, 4, 4, 4))
-        assert calls == ["binary"]
+        y = fused(x, other := torch.rand(2, 8, 4, 4, 4))
+        torch.testing.assert_close(y.float(), torch.relu(conv(x) + other), rtol=1e-2, atol=1e-2)
+        if _native_low_precision("cpu"):
+            assert calls == ["binary"]
+        else:  # oneDNN's bf16 kernels need AVX-512 (or AVX-NE-CONVERT): refused, so this shape runs float32 from now on
+            assert calls[0] == "binary" and tuple(x.shape) in fused._failed
+            calls.clear()
+            fused(x, other)
+            assert calls == []
 
 
 def test_fusion_leaves_the_network_unchanged_without_the_op(monkeypatch) -> None:
