@@ -258,6 +258,31 @@ def test_subject_exclusion(n: int, m: int, d: int, k: int, seed: int, n_subjects
     assert (i[~finite] == -1).all() and (i[finite] >= 0).all()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_two_way_search_with_exclusion_locates_both_directions(threads: int) -> None:
+    """The chunked CPU search with subject exclusion, both directions and located indices (the rows' and the
+    columns' maxima are located side by side): every index is the first unexcluded maximum."""
+    rng = np.random.default_rng(17)
+    n, m, d = 700, 530, 8
+    q, r = rng.normal(size=(n, d)), rng.normal(size=(m, d))
+    qg, rg = rng.integers(0, 3, size=n), rng.integers(0, 3, size=m)
+    qs = metrics._standardize(q, torch.device("cpu"), torch.float64, metrics._CHUNK)
+    rs = metrics._standardize(r, torch.device("cpu"), torch.float64, metrics._CHUNK)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rv, ri, cv, ci = metrics._search(qs, rs, 1, n=n, m=m, q_codes=qg, r_codes=rg, block=(256, 256),
+                                         columns=True, chunk=metrics._CHUNK, workers=threads)
+    finally:
+        torch.set_num_threads(before)
+    c = corr(q, r)
+    c[qg[:, None] == rg[None, :]] = -np.inf
+    np.testing.assert_allclose(rv[:, 0].numpy(), c.max(axis=1), atol=1e-12)
+    np.testing.assert_allclose(cv.numpy(), c.max(axis=0), atol=1e-12)
+    np.testing.assert_array_equal(ri[:, 0].numpy(), c.argmax(axis=1))
+    np.testing.assert_array_equal(ci.numpy(), c.argmax(axis=0))
+
+
 def test_groups_must_match_lengths() -> None:
     x = np.random.default_rng(0).normal(size=(4, 3))
     with pytest.raises(InputError, match="query_groups"):
