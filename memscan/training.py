@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from monai.utils import optional_import
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from memscan.errors import InputError
+from memscan.errors import InputError, MemscanError
 from memscan.parallel import reuse_freed_memory
 
 __all__ = [
@@ -74,6 +74,7 @@ __all__ = [
     "bundle_root",
     "split_source",
     "contrastive_dataset",
+    "fit_batch_size",
     "is_main_process",
     "writes_tensorboard",
     "init_distributed",
@@ -741,6 +742,31 @@ def contrastive_dataset(
     return data.make_dataset(records, transform, cache_dir=cache_dir, num_workers=max(int(num_workers), 1))
 
 
+def fit_batch_size(batch_size: int, dataset: Sized, name: str = "train") -> int:
+    """The training loader's batch size: ``batch_size``, or the images one rank holds when that is fewer.
+
+    The loader drops its last incomplete batch (every step needs the same shape across ranks), so a set smaller
+    than the batch would train on nothing; it trains on all its images in one step per epoch instead, with a
+    warning. Under ``torch.distributed`` each rank holds ``ceil(len(dataset) / world_size)`` images.
+
+    Raises:
+        InputError: fewer than 2 images per rank (a step needs negatives) or a batch size below 2.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
+        raise InputError("batch_size", f"needs at least 2 images per step (negatives), got {batch_size!r}")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    per_rank = -(-len(dataset) // world)
+    if per_rank < 2:
+        raise InputError(name, f"has {len(dataset)} image(s) for {world} process(es): contrastive training needs "
+                               "at least 2 per step")
+    if per_rank < batch_size:
+        if is_main_process():
+            logger.warning("%s: batch_size %d exceeds the %d image(s) per process: training on all of them in one "
+                           "step per epoch", name, batch_size, per_rank)
+        return int(per_rank)
+    return int(batch_size)
+
+
 # --------------------------------------------------------------------------------------------------- distribution
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of an initialised process group."""
@@ -880,16 +906,34 @@ def train_encoder(
         )
     finally:
         workflows_logger.setLevel(level)
-    workflow.initialize()
     try:
-        workflow.run()
-    finally:
-        workflow.finalize()
+        workflow.initialize()
+        try:
+            workflow.run()
+        finally:
+            workflow.finalize()
+    except Exception as err:  # MONAI wraps errors raised while it builds a component; show the user's own
+        cause = _user_error_in(err)
+        if cause is None:
+            raise
+        raise cause from None
     best = out / "model.pt"
     if not best.is_file():
         raise InputError(out, "training finished without a best checkpoint (was validation run?)")
     _write_encoder_settings(out, spatial_dims, settings, preset)
     return best
+
+
+def _user_error_in(err: BaseException) -> MemscanError | None:
+    """The first :class:`~memscan.errors.MemscanError` in ``err``'s chain of causes, or None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, MemscanError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 #: settings that describe a trained encoder and its preprocessing (written to ``<run>/encoder.json``)

@@ -26,6 +26,7 @@ from memscan.training import (
     bundle_dir,
     collapse_metrics,
     contrastive_dataset,
+    fit_batch_size,
     latest_checkpoint,
     preset,
     split_source,
@@ -282,3 +283,43 @@ def test_autocast_inferer_bf16_3d_encoder_with_thin_last_axis_matches_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16), Float32UnsafeConvs():
         assert conv(torch.randn(2, 16, 8, 8, 8)).dtype == torch.bfloat16
         assert conv(torch.randn(2, 16, 8, 8, 2)).dtype == torch.float32
+
+
+def test_fit_batch_size_clamps_to_the_images_a_rank_holds(monkeypatch, caplog):
+    """The loader drops its last incomplete batch, so a batch larger than the set would train on nothing."""
+    with caplog.at_level("WARNING", logger="memscan.training"):
+        assert fit_batch_size(64, range(100)) == 64
+        assert not caplog.records
+        assert fit_batch_size(64, range(40)) == 40
+    assert "batch_size 64 exceeds the 40 image(s)" in caplog.records[-1].getMessage()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    assert fit_batch_size(64, range(41)) == 11  # DistributedSampler(even_divisible): ceil(41 / 4) per rank
+    with pytest.raises(InputError, match=r"train: has 3 image\(s\) for 4 process\(es\)"):
+        fit_batch_size(8, range(3))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(InputError, match="at least 2"):
+        fit_batch_size(1, range(10))
+    with pytest.raises(InputError, match="has 1 image"):
+        fit_batch_size(8, range(1))
+
+
+def test_train_small_set_and_errors_raised_inside_the_bundle(tiny_2d_folder, tmp_path, capsys):
+    """A set smaller than the batch trains (one step per epoch); an error raised while MONAI builds a component
+    (an empty training folder) reaches the user as one line, exit 2, not as MONAI's wrapped traceback."""
+    from memscan.cli import main
+
+    train, val = tiny_2d_folder(n=6, name="train"), tiny_2d_folder(n=4, name="val")
+    run = tmp_path / "run"
+    common = ["--dims", "2", "--epochs", "1", "--image-size", "32", "--arch", "resnet10", "--workers", "0",
+              "--device", "cpu"]
+    assert main(["train", "--train", str(train), "--val", str(val), "--out", str(run), "--batch-size", "16",
+                 *common]) == 0
+    assert (run / "model.pt").is_file() and latest_checkpoint(run).endswith("checkpoint_epoch=1.pt")
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    code = main(["train", "--train", str(tmp_path / "empty"), "--val", str(val), "--out", str(tmp_path / "r2"),
+                 *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "empty" in err[0] and "no usable images" in err[0], err
