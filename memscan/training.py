@@ -925,14 +925,15 @@ def train_encoder(
 
 
 def _user_error_in(err: BaseException) -> MemscanError | None:
-    """The first :class:`~memscan.errors.MemscanError` in ``err``'s chain of causes, or None."""
+    """The first :class:`~memscan.errors.MemscanError` in ``err``'s chain of explicit causes (``raise ... from``,
+    as MONAI wraps component errors), or None; an error merely raised while handling another is not followed."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         if isinstance(current, MemscanError):
             return current
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     return None
 
 
