@@ -7,6 +7,7 @@ downloaded (``pretrained`` is always False); checkpoints are plain state_dicts l
 
 from __future__ import annotations
 
+import pickle  # noqa: S403 - only for its exception type; nothing is unpickled
 from pathlib import Path
 from typing import Any
 
@@ -389,11 +390,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint file not found")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        raise InputError(path, "not a PyTorch checkpoint (expected a file written by torch.save)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError / EOFError depending on the damage
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(path, f"not a plain state_dict checkpoint loadable with weights_only=True ({first})") from None
+    except pickle.UnpicklingError:  # weights_only refused a global: the file would run code to load
+        raise InputError(path, "holds pickled Python objects, not only tensors: refused (weights_only=True); save "
+                               "the network's state_dict() instead") from None
+    except Exception as err:  # torch raises RuntimeError / EOFError / ValueError depending on the damage
+        first = str(err).strip().split(". ")[0] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"damaged checkpoint, not loadable with weights_only=True ({first})") from None
     if isinstance(state, dict):
         for key in ("network", "model", "state_dict"):
             if key in state and isinstance(state[key], dict):

@@ -77,6 +77,21 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
         load_encoder_checkpoint(build_encoder(2, "resnet10", 8), path)
 
 
+def test_load_checkpoint_names_what_the_file_is(tmp_path):
+    """An image passed as the checkpoint, an empty file and a truncated checkpoint: one line each, saying which."""
+    image, empty, cut = tmp_path / "scan.png", tmp_path / "empty.pt", tmp_path / "cut.pt"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    empty.write_bytes(b"")
+    torch.save(build_encoder(2, "resnet10", 8).state_dict(), cut)
+    cut.write_bytes(cut.read_bytes()[:300])
+    for path, reason in ((image, "not a PyTorch checkpoint"), (empty, "not a PyTorch checkpoint"),
+                         (cut, "damaged checkpoint")):
+        with pytest.raises(InputError) as err:
+            load_encoder_checkpoint(build_encoder(2, "resnet10", 8), path)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: {reason}") and "\n" not in msg and len(msg) < 250, msg
+
+
 def test_load_checkpoint_missing_and_wrong_architecture(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_encoder_checkpoint(build_encoder(2, "resnet10", 8), tmp_path / "nope.pt")
