@@ -270,6 +270,35 @@ def test_inferer_folds_batch_norm_without_touching_the_network() -> None:
         _INFERENCE_COPIES[net][("cpu", torch.float32, 4, True)][1]  # shared by inferers while the weights stay
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cpu_float32_runs_channels_last_with_its_own_cache_key(dims, images, encoder) -> None:
+    """On the CPU, float32 embedding runs the folded copy channels-last (oneDNN's faster layout): same values as the
+    plain network, the network itself untouched, and cache entries apart from other layouts'."""
+    from memscan import embed
+    from memscan.embed import EmbeddingInferer
+
+    torch.manual_seed(1)
+    net = build_encoder(dims, "resnet10", 8).eval()
+    x = torch.randn(2, 1, *([16] * dims))
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    with torch.inference_mode():
+        expected = net(x)
+        got = EmbeddingInferer("float32")(x, net)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    copy = embed._INFERENCE_COPIES[net][("cpu", torch.float32, dims + 2, True)][1]
+    conv = next(m for m in copy.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))
+                and m.in_channels > 1 and max(m.kernel_size) > 1)  # other weights are both layouts at once
+    assert conv.weight.is_contiguous(memory_format=fmt)
+    assert next(net.parameters()).is_contiguous()  # the caller's network keeps its layout
+    if dims == 2:
+        from memscan.data import preprocess_transforms
+
+        tf = [preprocess_transforms(CFG)]
+        cpu = embed._cache_keys(images, encoder, tf, torch.device("cpu"), "float32", None)
+        gpu = embed._cache_keys(images, encoder, tf, torch.device("cuda"), "float32", None)
+        assert cpu[0][0] != gpu[0][0]
+
+
 def test_loader_thread_leaves_the_callers_thread_count(images, encoder, monkeypatch) -> None:
     """The CPU loader preprocesses in a background thread on one intra-op thread, which also lowers torch's
     process-wide default; a caller thread that had not used its thread count yet must keep the count it had when
