@@ -74,6 +74,7 @@ __all__ = [
     "bundle_root",
     "split_source",
     "contrastive_dataset",
+    "check_batch_size",
     "fit_batch_size",
     "is_main_process",
     "writes_tensorboard",
@@ -742,6 +743,17 @@ def contrastive_dataset(
     return data.make_dataset(records, transform, cache_dir=cache_dir, num_workers=max(int(num_workers), 1))
 
 
+def check_batch_size(batch_size: Any, source: str = "batch_size") -> int:
+    """``batch_size`` as an int when it is one of at least 2 (a contrastive step needs negatives).
+
+    Raises:
+        InputError: naming ``source`` (the setting or command-line option).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
+        raise InputError(source, f"needs at least 2 images per step (negatives), got {batch_size!r}")
+    return int(batch_size)
+
+
 def fit_batch_size(batch_size: int, dataset: Sized, name: str = "train") -> int:
     """The training loader's batch size: ``batch_size``, or the images one rank holds when that is fewer.
 
@@ -752,8 +764,7 @@ def fit_batch_size(batch_size: int, dataset: Sized, name: str = "train") -> int:
     Raises:
         InputError: fewer than 2 images per rank (a step needs negatives) or a batch size below 2.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
-        raise InputError("batch_size", f"needs at least 2 images per step (negatives), got {batch_size!r}")
+    check_batch_size(batch_size)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     per_rank = -(-len(dataset) // world)
     if per_rank < 2:

@@ -323,3 +323,7 @@ def test_train_small_set_and_errors_raised_inside_the_bundle(tiny_2d_folder, tmp
                  *common])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "empty" in err[0] and "no usable images" in err[0], err
+    code = main(["train", "--train", str(train), "--val", str(val), "--out", str(tmp_path / "r3"), "--batch-size", "1",
+                 *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--batch-size: needs at least 2 images per step" in err[0], err

@@ -38,8 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Call :func:`memscan.training.train_encoder` and print the best checkpoint's path."""
     from memscan.metrics import resolve_device
-    from memscan.errors import InputError
-    from memscan.training import train_encoder
+    from memscan.training import check_batch_size, train_encoder
 
     overrides: dict[str, Any] = {}
     if args.device != "auto":
@@ -47,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     for key, value in (("arch", args.arch), ("batch_size", args.batch_size), ("num_workers", args.workers)):
         if value is not None:
             overrides[key] = value
-    if args.batch_size is not None and args.batch_size < 2:
-        raise InputError("--batch-size", f"needs at least 2 images per step (negatives), got {args.batch_size}")
+    if args.batch_size is not None:  # before any image is read
+        check_batch_size(args.batch_size, "--batch-size")
     image_size = None
     if args.image_size is not None:
         image_size = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size)
