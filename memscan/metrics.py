@@ -956,12 +956,27 @@ def _interval(draws: np.ndarray) -> list[float] | None:
     return [float(_percentile_rows(x, 2.5)[0]), float(_percentile_rows(x, 97.5)[0])]
 
 
+def _null_scaled(values: np.ndarray, tau: float) -> np.ndarray:
+    """Correlations of one feature set on the scale of :func:`match`'s ``best_of``: τ_b → 0, 1 → 1 (−inf kept)."""
+    return (values - tau) / max(1.0 - tau, 1e-12)
+
+
+def _best_of_sets(values: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Element-wise best over feature sets and which set gave it (the first on ties)."""
+    if len(values) == 1:
+        return values[0], np.zeros(len(values[0]), dtype=np.int64)
+    stacked = np.stack(values)
+    which = np.argmax(stacked, axis=0)
+    return np.take_along_axis(stacked, which[None], axis=0)[0], which
+
+
 def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, percentile: float = 95.0,
           device: str | torch.device = "auto", *, train_subjects: ArrayLike | None = None,
           val_subjects: ArrayLike | None = None, n_bootstrap: int = 1000, seed: int = 0,
           train_ids: ArrayLike | None = None, synthetic_ids: ArrayLike | None = None,
           dtype: str | torch.dtype = "float32", block_size: int | tuple[int, int] | None = None,
-          refine: Refine | None = None, refine_k: int = 5) -> MatchResult:
+          refine: Refine | None = None, refine_k: int = 5,
+          best_of: Sequence[tuple[ArrayLike, ArrayLike, ArrayLike]] | None = None) -> MatchResult:
     """Run the memorization test of Dar et al. on three embedding sets.
 
     τ = ``percentile``-th percentile (numpy "linear") of each training sample's best validation correlation;
@@ -998,12 +1013,19 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             directions of train ↔ synthetic, synthetic → validation — becomes the best ``refine`` score among the
             query's ``refine_k`` most correlated references, so τ is the null of the same score.
         refine_k: candidates per query handed to ``refine``.
+        best_of: other features of the same images, one ``(train, val, synthetic)`` triple per feature set (e.g.
+            pixels beside the embedding). Each set's correlations are first put on a common scale anchored at that
+            set's own null, ``(r − τ_b) / (1 − τ_b)`` with τ_b calibrated on that set alone (so every τ_b maps to 0
+            and an exact copy to 1); a pair's score is then the best of its sets' values, and every best match
+            above — calibration included — is taken on that score, so τ is the null of the combination. Not
+            combinable with ``refine``.
 
     Returns:
         :class:`MatchResult`. ``summary`` keys: threshold, percentile, n_train, n_val, n_synthetic,
         n_memorized_train, frac_memorized_train, n_copies_synthetic, frac_copies_synthetic, threshold_ci95,
         frac_memorized_train_ci95, frac_copies_synthetic_ci95, n_bootstrap, null_rate, null_rate_copies,
-        null_rate_expected, null_threshold, seed, subject_exclusion, device, dtype, memscan_version.
+        null_rate_expected, null_threshold, seed, subject_exclusion, device, dtype, memscan_version, and with
+        ``best_of`` ``feature_set_thresholds`` (each set's own τ_b, the first being ``train_emb``'s).
 
     Raises:
         InputError: invalid embeddings, mismatched dimensions, bad arguments.
@@ -1030,6 +1052,19 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
                                or refine_k < 1):
         raise InputError("refine_k", f"must be a positive integer, got {refine_k!r}")
     sets = {"train": train, "val": val, "synthetic": syn}
+    blocks = [(train, val, syn)]
+    if best_of:
+        if refine is not None:
+            raise InputError("best_of", "cannot be combined with refine")
+        for b, triple in enumerate(best_of, start=1):
+            if len(triple) != 3:
+                raise InputError(f"best_of[{b - 1}]", "must be a (train, val, synthetic) triple")
+            arrays = [validate_embeddings(x, f"best_of[{b - 1}] {what}") for x, what in zip(triple, sets)]
+            for arr, what, n in zip(arrays, sets, (n_t, n_v, n_s)):
+                if len(arr) != n:
+                    raise InputError(f"best_of[{b - 1}] {what}", f"has {len(arr)} rows for {n} images")
+            _check_dims([(f"best_of[{b - 1}] {what}", arr) for arr, what in zip(arrays, sets)])
+            blocks.append(tuple(arrays))
 
     def refined(query: str, reference: str, rows: np.ndarray | None = None, ref_rows: np.ndarray | None = None,
                 q_codes: np.ndarray | None = None, r_codes: np.ndarray | None = None,
@@ -1051,18 +1086,33 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     # train → validation, as two halves A/B: the full best (for τ) and the null rate for one pass's work
     halves = _split_halves(n_v, val_subjects, rng)
     parts = [np.arange(n_v)] if halves is None else list(halves)
-    part_best, part_cols = [], []
-    for k_part, rows in enumerate(parts):
-        r_codes = None if v_codes is None else v_codes[rows]
-        if refine is not None:
-            part_best.append(refined("train", "val", ref_rows=rows, q_codes=t_codes, r_codes=r_codes)[0])
-            part_cols.append(None if halves is None or k_part == 0 else
-                             refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
-            continue
-        v, _, cv, _ = _exact_search(train, val[rows], 1, q_codes=t_codes, r_codes=r_codes,
-                                    columns=halves is not None and k_part == 1, indices=False, **search)
-        part_best.append(v[:, 0])
-        part_cols.append(cv)
+    block_parts = []  # per feature set: (best per training row, best per validation row of half B) per part
+    for b_train, b_val, _ in blocks:
+        part_best, part_cols = [], []
+        for k_part, rows in enumerate(parts):
+            r_codes = None if v_codes is None else v_codes[rows]
+            if refine is not None:
+                part_best.append(refined("train", "val", ref_rows=rows, q_codes=t_codes, r_codes=r_codes)[0])
+                part_cols.append(None if halves is None or k_part == 0 else
+                                 refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
+                continue
+            v, _, cv, _ = _exact_search(b_train, b_val[rows], 1, q_codes=t_codes, r_codes=r_codes,
+                                        columns=halves is not None and k_part == 1, indices=False, **search)
+            part_best.append(v[:, 0])
+            part_cols.append(cv)
+        block_parts.append((part_best, part_cols))
+    block_taus: list[float] = []
+    if len(blocks) > 1:  # each set's own τ_b, then every part's values on the common scale, best set per row
+        for part_best, _ in block_parts:
+            full = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
+            _no_valid_row(full, "train_subjects", "this training sample shares its subject with every validation "
+                                                  "sample: no other-patient correlation to calibrate on")
+            block_taus.append(_percentile_1d(full, p))
+        part_best = [_best_of_sets([_null_scaled(bp[0][k], t) for bp, t in zip(block_parts, block_taus)])[0]
+                     for k in range(len(parts))]
+        part_cols = [None if block_parts[0][1][k] is None else
+                     _best_of_sets([_null_scaled(bp[1][k], t) for bp, t in zip(block_parts, block_taus)])[0]
+                     for k in range(len(parts))]
     best_val_t = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
     _no_valid_row(best_val_t, "train_subjects", "this training sample shares its subject with every validation "
                                                 "sample: no other-patient correlation to calibrate on")
@@ -1079,10 +1129,20 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         best_train_s, best_train_s_idx = refined("synthetic", "train")
         best_val_s = refined("synthetic", "val")[0]
     else:
-        # train ↔ synthetic: row and column maxima from the same tiles
-        best_syn_t, best_syn_t_idx, best_train_s, best_train_s_idx = best_matches(train, syn, **search)
-        # synthetic → validation (for the table's best validation correlation)
-        best_val_s = _exact_search(syn, val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
+        found = []
+        for (b_train, b_val, b_syn), tau_b in zip(blocks, block_taus or [None]):
+            # train ↔ synthetic: row and column maxima from the same tiles
+            t_v, t_i, s_v, s_i = best_matches(b_train, b_syn, **search)
+            # synthetic → validation (for the table's best validation correlation)
+            v_v = _exact_search(b_syn, b_val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
+            if tau_b is not None:
+                t_v, s_v, v_v = (_null_scaled(x, tau_b) for x in (t_v, s_v, v_v))
+            found.append((t_v, t_i, s_v, s_i, v_v))
+        best_syn_t, from_t = _best_of_sets([f[0] for f in found])
+        best_syn_t_idx = np.choose(from_t, [f[1] for f in found])
+        best_train_s, from_s = _best_of_sets([f[2] for f in found])
+        best_train_s_idx = np.choose(from_s, [f[3] for f in found])
+        best_val_s = _best_of_sets([f[4] for f in found])[0]
 
     memorized = best_syn_t > tau
     copies = best_train_s > tau
@@ -1113,6 +1173,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         "device": str(dev),
         "dtype": str(dt).replace("torch.", ""),
         "refined": refine is not None,
+        **({"feature_set_thresholds": block_taus} if block_taus else {}),
         "memscan_version": __version__,
     }
 

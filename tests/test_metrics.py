@@ -581,3 +581,47 @@ def test_match_refine_hook_is_the_plain_search_when_it_keeps_the_top_candidate()
         match(train, val, syn, device="cpu", n_bootstrap=0, refine=lambda q, r, ref, c, v: (v, c))
     with pytest.raises(InputError, match="refine_k"):
         match(train, val, syn, device="cpu", n_bootstrap=0, refine=first, refine_k=0)
+
+
+def test_match_best_of_feature_sets_is_the_null_scaled_maximum() -> None:
+    """``best_of``: each set's correlations scaled by its own τ_b, the best set per pair, τ recalibrated on that
+    score — checked against dense scipy matrices; indices come from the winning set; bad triples are input errors."""
+    rng = np.random.default_rng(11)
+    n, m, s = 40, 30, 25
+    emb = [rng.normal(size=(n, 8)), rng.normal(size=(m, 8)), rng.normal(size=(s, 8))]
+    pix = [rng.normal(size=(n, 20)), rng.normal(size=(m, 20)), rng.normal(size=(s, 20))]
+    emb[2][:4] = emb[0][:4] + 0.05 * rng.normal(size=(4, 8))  # copies only the embedding sees
+    pix[2][4:7] = pix[0][10:13] + 0.05 * rng.normal(size=(3, 20))  # copies only the pixels see
+    subjects = dict(train_subjects=[f"t{i // 2}" for i in range(n)], val_subjects=[f"v{i // 3}" for i in range(m)])
+    got = match(*emb, device="cpu", n_bootstrap=50, dtype="float64", best_of=[pix], **subjects)
+
+    scaled = []
+    for t, v, y in (emb, pix):
+        tau_b = np.percentile(corr(t, v).max(axis=1), 95.0)
+        scaled.append(((corr(t, v) - tau_b) / (1 - tau_b), (corr(t, y) - tau_b) / (1 - tau_b),
+                       (corr(y, v) - tau_b) / (1 - tau_b), tau_b))
+    assert got.summary["feature_set_thresholds"] == pytest.approx([scaled[0][3], scaled[1][3]], abs=1e-12)
+    tv = np.maximum(scaled[0][0], scaled[1][0])
+    ts = np.maximum(scaled[0][1], scaled[1][1])
+    tau = np.percentile(tv.max(axis=1), 95.0)
+    assert got.threshold == pytest.approx(tau, abs=1e-12)
+    np.testing.assert_allclose(got.best_train_for_synthetic, ts.max(axis=0), atol=1e-12)
+    np.testing.assert_allclose(got.best_synthetic_for_train, ts.max(axis=1), atol=1e-12)
+    np.testing.assert_allclose(got.best_val_for_synthetic, np.maximum(scaled[0][2], scaled[1][2]).max(axis=1),
+                               atol=1e-12)
+    np.testing.assert_array_equal(got.synthetic_table["best_train_index"], ts.argmax(axis=0))
+    np.testing.assert_array_equal(got.train_table["best_synthetic_index"], ts.argmax(axis=1))
+    flagged = np.flatnonzero(got.synthetic_table["copy"])
+    assert set(range(7)) <= set(flagged)  # both kinds of copies
+    assert got.synthetic_table["best_train_index"][4:7].tolist() == [10, 11, 12]
+    for alone in (match(*emb, device="cpu", n_bootstrap=0), match(*pix, device="cpu", n_bootstrap=0)):
+        assert not set(range(7)) <= set(np.flatnonzero(alone.synthetic_table["copy"]))
+    assert np.isfinite(got.summary["null_rate"]) and got.summary["threshold_ci95"] is not None
+    assert "feature_set_thresholds" not in match(*emb, device="cpu", n_bootstrap=0).summary
+
+    with pytest.raises(InputError, match=r"best_of\[0\] val.*rows"):
+        match(*emb, device="cpu", n_bootstrap=0, best_of=[(pix[0], pix[1][:-1], pix[2])])
+    with pytest.raises(InputError, match=r"best_of\[0\]"):
+        match(*emb, device="cpu", n_bootstrap=0, best_of=[(pix[0], pix[1])])
+    with pytest.raises(InputError, match="refine"):
+        match(*emb, device="cpu", n_bootstrap=0, best_of=[pix], refine=lambda q, r, ref, c, v: (v[:, 0], c[:, 0]))
