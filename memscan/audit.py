@@ -36,7 +36,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -430,13 +430,34 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
     return Compose([getattr(preprocess, "compose", preprocess), perturb])
 
 
-#: Score modes: ``"embedding"`` (Dar et al.'s score), ``"fused"`` (flip-invariant pixel + embedding features) or
-#: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment).
-SCORES = ("embedding", "fused", "aligned")
+#: Score modes: ``"embedding"`` (Dar et al.'s score), ``"fused"`` (flip-invariant pixel + embedding features),
+#: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment) or
+#: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null).
+SCORES = ("embedding", "fused", "aligned", "best-of")
 #: Candidates per query that ``score="aligned"`` aligns and re-scores.
 ALIGN_CANDIDATES = 5
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
+
+
+#: Largest pixel grid per axis of ``score="best-of"``'s pixel Pearson (by dimensionality): the detection
+#: benchmark's image sizes, where the score was measured (docs/benchmarks/detection_candidates.md).
+BEST_OF_PIXEL_CAP = {2: 64, 3: 32}
+
+
+def best_of_pixel_size(image_size: Sequence[int]) -> list[int]:
+    """Spatial size of ``score="best-of"``'s pixel features: the input, area-downsampled to at most
+    :data:`BEST_OF_PIXEL_CAP` voxels per axis."""
+    cap = BEST_OF_PIXEL_CAP[2 if len(image_size) == 2 else 3]
+    return [max(1, min(int(n), cap)) for n in image_size]
+
+
+class _SetFeatures(NamedTuple):
+    """What :func:`_score_features` computes for one set."""
+
+    features: np.ndarray  # the matched features (embedding or fused)
+    aligned: np.ndarray | None  # score="aligned": the coarse images it aligns
+    pixels: np.ndarray | None  # score="best-of": the pixel features beside the fused ones
 
 
 def score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str = "embedding",
@@ -468,14 +489,15 @@ def score_features(network: Any, records: Sequence[Mapping[str, Any]], preproces
     """
     return _score_features(network, records, preprocess, score=score, image_size=image_size, batch_size=batch_size,
                            device=device, cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
-                           precision=precision)[0]
+                           precision=precision).features
 
 
 def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str,
                     image_size: Sequence[int], batch_size: int, device: str, cache_dir: str | os.PathLike[str] | None,
-                    checkpoint_sha256: str | None, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`score_features` and, for ``score="aligned"``, the images it aligns (``[N, C, *alignment_size]``),
-    taken from the same preprocessed batches as the fused pixels."""
+                    checkpoint_sha256: str | None, precision: str) -> _SetFeatures:
+    """:func:`score_features` and, for ``score="aligned"``, the images it aligns (``[N, C, *alignment_size]``) or,
+    for ``score="best-of"``, the pixel features at :func:`best_of_pixel_size`, taken from the same preprocessed
+    batches as the fused pixels."""
     from memscan.embed import embed_images, embed_mirrored
     from memscan.scoring import fuse_features, standardize_rows
 
@@ -483,27 +505,29 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
         raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
 
     if score == "embedding":
-        return np.asarray(embed_images(network, records, preprocess, batch_size=batch_size, device=device,
-                                       cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
-                                       precision=precision), np.float32), None
-    # "fused" and "aligned" match the same features ("aligned" then re-scores candidates on the aligned images);
-    # one pass decodes each file once for the embeddings of the image and its mirror (Flipd's spatial axis 0) and
-    # the coarse pixels of both
+        return _SetFeatures(np.asarray(embed_images(network, records, preprocess, batch_size=batch_size, device=device,
+                                                    cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
+                                                    precision=precision), np.float32), None, None)
+    # "fused", "aligned" and "best-of" match the same features ("aligned" then re-scores candidates on the aligned
+    # images, "best-of" also matches pixels); one pass decodes each file once for the embeddings of the image and
+    # its mirror (Flipd's spatial axis 0) and the coarse pixels of both
     coarse = [max(1, int(n) // 4) for n in image_size]
-    small = alignment_size(image_size)
+    extra = {"aligned": alignment_size(image_size), "best-of": best_of_pixel_size(image_size)}.get(score)
     feats = embed_mirrored(network, records, preprocess, mirror_axis=0,
-                           pixel_sizes=[coarse] + ([small] if score == "aligned" else []), batch_size=batch_size,
+                           pixel_sizes=[coarse] + ([extra] if extra else []), batch_size=batch_size,
                            device=device, cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
                            precision=precision)
-    (pixels, mirrored), aligned = feats.pixels[0], None
+    (pixels, mirrored), aligned, plain = feats.pixels[0], None, None
     if score == "aligned":
         plain_small = feats.pixels[1][0]
-        aligned = plain_small.reshape(len(plain_small), -1, *small)
+        aligned = plain_small.reshape(len(plain_small), -1, *extra)
+    elif score == "best-of":
+        plain = np.asarray(feats.pixels[1][0], np.float32)
     total = None
     for pix, emb in ((pixels, feats.embedding), (mirrored, feats.mirrored)):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
         total = part if total is None else total + part
-    return (total / 2).astype(np.float32), aligned
+    return _SetFeatures((total / 2).astype(np.float32), aligned, plain)
 
 
 def alignment_size(image_size: Sequence[int]) -> list[int]:
@@ -655,6 +679,10 @@ _SCORE_TEXT = {
                "image's 5 nearest candidates; each candidate is then aligned to it (mirror, rotation ±12°, zoom "
                "0.8–1.25, translation up to 15%) on coarse pixels, and the pair's score is the mean of the aligned "
                "pixel correlation and the fused correlation. Every score below, τ included, is that score.",
+    "best-of": "Score (memscan --score best-of, not the paper's): per pair, the better of the --score fused "
+               "correlation and the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), each first "
+               "rescaled as (r − τ_b) / (1 − τ_b) with its own threshold τ_b, so 0 is that score's threshold and 1 an "
+               "exact copy. Every score below, τ included, is on that scale, not a correlation.",
 }
 
 
@@ -827,7 +855,12 @@ def audit(
             embedding correlation) or ``"aligned"`` (the fused features' :data:`ALIGN_CANDIDATES` best candidates
             of every query re-scored after test-time alignment, :func:`memscan.scoring.align_and_correlate`: catches
             shifted, rotated and zoomed copies better, at a few more false alarms and ~10-50 ms per image on a CPU;
-            docs/benchmarks/detection_alignment.md); τ and everything downstream are computed on the chosen score.
+            docs/benchmarks/detection_alignment.md) or ``"best-of"`` (per pair, the better of the fused score and
+            pixel Pearson at :func:`best_of_pixel_size`, each scaled by its own τ_b, ``memscan.metrics.match``'s
+            ``best_of``: catches blends of a training image with another image and contrast or detail changes that
+            the embedding misses, at more false alarms on new patients; docs/benchmarks/detection_candidates.md;
+            the pixels are written as ``embeddings/<set>_pixels.npy``); τ and everything downstream are computed on
+            the chosen score.
         precision: embedding precision, ``"auto"`` (float16 on CUDA, bfloat16 on CPUs with native bf16, else
             float32), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :func:`memscan.embed.resolve_precision`);
             the resolved one is recorded in ``summary.json``.
@@ -844,7 +877,7 @@ def audit(
 
     from memscan.data import check_sets
     from memscan.embed import configured_preprocess, embed_images, file_sha256, resolve_precision
-    from memscan.metrics import match, resolve_device, topk_correlation
+    from memscan.metrics import best_of_correlation, match, resolve_device, topk_correlation
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
@@ -933,14 +966,18 @@ def audit(
     all_sets = {"train": train_set, "val": val_set, **syn_sets}
     embeddings: dict[str, np.ndarray] = {}
     aligned_images: dict[str, np.ndarray] = {}  # score="aligned": coarse images of every set
+    pixel_sets: dict[str, np.ndarray] = {}  # score="best-of": pixel features of every set
     for name, s in all_sets.items():
         logger.info("embedding %s: %d image(s)", name, len(s))
-        emb, small = _score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
-                                     batch_size=batch_size, device=device, cache_dir=cache_dir,
-                                     checkpoint_sha256=ckpt_sha, precision=precision)
-        embeddings[name] = np.asarray(emb, dtype=np.float32)
-        if small is not None:
-            aligned_images[name] = small
+        found = _score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
+                                batch_size=batch_size, device=device, cache_dir=cache_dir,
+                                checkpoint_sha256=ckpt_sha, precision=precision)
+        embeddings[name] = np.asarray(found.features, dtype=np.float32)
+        if found.aligned is not None:
+            aligned_images[name] = found.aligned
+        if found.pixels is not None:
+            pixel_sets[name] = found.pixels
+            save_npy_atomic(out / "embeddings" / f"{name}_pixels.npy", found.pixels)
         save_npy_atomic(out / "embeddings" / f"{name}.npy", embeddings[name])
 
         write_csv_atomic(pd.DataFrame({"index": np.arange(len(s)), "path": [r["image"] for r in s.records],
@@ -962,11 +999,14 @@ def audit(
                                                   precision=precision), np.float32)
         else:  # perturbed once, in order, from the seed, so the pixels and both embeddings see the same image
             control_images = [{"image": _preprocessed_image(ctrl_tf, train_set.records[i])} for i in control_src]
-            control_emb, small = _score_features(network, control_images, _identity, score=score,
-                                                 image_size=spatial_size, batch_size=batch_size, device=device,
-                                                 cache_dir=None, checkpoint_sha256=None, precision=precision)
-            if small is not None:
-                aligned_images["controls"] = small
+            found = _score_features(network, control_images, _identity, score=score, image_size=spatial_size,
+                                    batch_size=batch_size, device=device, cache_dir=None, checkpoint_sha256=None,
+                                    precision=precision)
+            control_emb = found.features
+            if found.aligned is not None:
+                aligned_images["controls"] = found.aligned
+            if found.pixels is not None:
+                pixel_sets["controls"] = found.pixels
 
     # 4. matching ---------------------------------------------------------------------------------------------
     train_paths = [r["image"] for r in train_set.records]
@@ -988,14 +1028,15 @@ def audit(
         res = match(embeddings["train"], embeddings["val"], embeddings[name], percentile, device,
                     train_subjects=train_subjects if split_by_subject else None,
                     val_subjects=val_subjects if split_by_subject else None, n_bootstrap=n_bootstrap, seed=seed,
-                    train_ids=train_paths, synthetic_ids=syn_paths, refine=refine, refine_k=ALIGN_CANDIDATES)
+                    train_ids=train_paths, synthetic_ids=syn_paths, refine=refine, refine_k=ALIGN_CANDIDATES,
+                    best_of=[(pixel_sets["train"], pixel_sets["val"], pixel_sets[name])] if pixel_sets else None)
         block = dict(res.summary)
         n_subj_mem, n_subj = _subject_counts(train_set.records, res.train_table["memorized"].to_numpy(bool))
         block.update({"n_memorized_subjects": n_subj_mem, "n_train_subjects": n_subj,
                       "frac_memorized_subjects": n_subj_mem / n_subj if n_subj else None})
         ct = data_copying_statistic(embeddings["train"], embeddings["val"], embeddings[name], seed=seed,
                                     device=device)
-        same_score = refine is None  # the aligned scores are not correlations of these features
+        same_score = refine is None and not pixel_sets  # aligned / best-of scores are not these features' correlations
         auth = authenticity_score(embeddings["train"], embeddings[name],
                                   best_train_index=res.synthetic_table["best_train_index"].to_numpy()
                                   if same_score else None,
@@ -1005,7 +1046,12 @@ def audit(
         block.update({k: v for k, v in ct.items()})
         block.update({"authenticity": auth["authenticity"], "n_unauthentic": auth["n_unauthentic"]})
         if n_controls and not controls_block.get("threshold"):
-            if refine is None:
+            if pixel_sets:  # the same best-of score as the synthetic images, on this set's τ_b
+                values, indices = best_of_correlation([control_emb, pixel_sets["controls"]],
+                                                      [embeddings["train"], pixel_sets["train"]],
+                                                      res.summary["feature_set_thresholds"], device=device)
+                values, indices = values[:, None], indices[:, None]
+            elif refine is None:
                 values, indices = topk_correlation(control_emb, embeddings["train"], 1, device=device)
             else:  # the same re-scoring as the synthetic images
                 cand_v, cand_i = topk_correlation(control_emb, embeddings["train"],

@@ -50,6 +50,7 @@ __all__ = [
     "pearson",
     "topk_correlation",
     "best_matches",
+    "best_of_correlation",
     "percentile",
     "calibrate_threshold",
     "match",
@@ -968,6 +969,36 @@ def _best_of_sets(values: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     stacked = np.stack(values)
     which = np.argmax(stacked, axis=0)
     return np.take_along_axis(stacked, which[None], axis=0)[0], which
+
+
+def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[ArrayLike], thresholds: Sequence[float],
+                        *, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's best reference on :func:`match`'s ``best_of`` score (e.g. for images scored after the match).
+
+    Args:
+        queries, references: one query and one reference feature set per score block, rows aligned across blocks.
+        thresholds: each block's τ_b (``summary["feature_set_thresholds"]`` of the match).
+
+    Returns:
+        ``(values, indices)``: per query the best scaled score over blocks and references, and the reference index
+        of the block that gave it.
+
+    Raises:
+        InputError: mismatched blocks or row counts.
+    """
+    if not len(queries) == len(references) == len(thresholds) or not queries:
+        raise InputError("best_of", f"needs one query set, reference set and threshold per block, got "
+                                    f"{len(queries)}, {len(references)} and {len(thresholds)}")
+    values, indices = [], []
+    for q, r, tau_b in zip(queries, references, thresholds):
+        v, i = topk_correlation(q, r, 1, device=device, dtype=dtype)
+        if values and len(v) != len(values[0]):
+            raise InputError("best_of", f"every block must hold the same queries, got {len(values[0])} and {len(v)}")
+        values.append(_null_scaled(v[:, 0], float(tau_b)))
+        indices.append(i[:, 0])
+    best, which = _best_of_sets(values)
+    return best, np.choose(which, indices)
 
 
 def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, percentile: float = 95.0,

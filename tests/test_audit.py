@@ -371,6 +371,48 @@ def test_aligned_score_catches_a_shifted_rotated_copy(data2d: dict, tmp_path: Pa
     assert table.loc["moved.png", "best_train_correlation"] > float(f_moved.iloc[0])
 
 
+def test_best_of_score_catches_a_blended_copy(data2d: dict, tmp_path: Path) -> None:
+    """``score="best-of"``: fused and pixel scores each scaled by their own τ_b, the better one per pair; a training
+    image blended with a validation image is matched to its source and flagged; the saved pixels and the summary's
+    τ_b reproduce every score; controls and the report use the same score."""
+    from PIL import Image
+
+    from memscan.metrics import best_of_correlation
+
+    syn = tmp_path / "blend_syn"
+    syn.mkdir()
+    for src in sorted(data2d["syn"].glob("new*.png")):
+        (syn / src.name).write_bytes(src.read_bytes())
+    source = sorted(data2d["train"].glob("*.png"))[9]
+    other = sorted(data2d["val"].glob("*.png"))[3]
+    blend = 0.6 * np.asarray(Image.open(source), np.float64) + 0.4 * np.asarray(Image.open(other), np.float64)
+    Image.fromarray(blend.astype(np.uint8)).save(syn / "blend.png")
+    (syn / "exact.png").write_bytes(source.read_bytes())
+    out = tmp_path / "best_of"
+    result = audit(data2d["train"], data2d["val"], {"syn": syn}, out_dir=out, checkpoint=data2d["ckpt"],
+                   image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of", **FAST)
+    assert result.summary["provenance"]["config"]["score"] == "best-of"
+    block = result.sets["syn"].block
+    assert len(block["feature_set_thresholds"]) == 2
+    table = result.sets["syn"].synthetic_table
+    table = table.set_index(table["path"].map(lambda p: Path(p).name))
+    for name in ("blend.png", "exact.png"):
+        assert Path(table.loc[name, "train_path"]).name == source.name and bool(table.loc[name, "copy"]), name
+    assert table.loc["exact.png", "best_train_correlation"] == pytest.approx(1.0, abs=1e-4)  # an exact copy: 1
+    assert not table.drop(["blend.png", "exact.png"])["copy"].any()
+    emb = {k: np.load(out / "embeddings" / f"{k}.npy") for k in ("train", "syn")}
+    pix = {k: np.load(out / "embeddings" / f"{k}_pixels.npy") for k in ("train", "syn")}
+    assert pix["train"].shape == (16, SIZE * SIZE) and emb["train"].shape == (16, (SIZE // 4) ** 2 + 128)
+    values, indices = best_of_correlation([emb["syn"], pix["syn"]], [emb["train"], pix["train"]],
+                                          block["feature_set_thresholds"], device="cpu")
+    np.testing.assert_allclose(values, result.sets["syn"].synthetic_table["best_train_correlation"], atol=1e-6)
+    np.testing.assert_array_equal(indices, result.sets["syn"].synthetic_table["best_train_index"])
+    assert block["controls"]["n_caught"] == 2
+    assert "--score best-of" in (out / "report.html").read_text()
+    with pytest.raises(InputError, match="best_of"):
+        best_of_correlation([emb["syn"]], [emb["train"], pix["train"]], [0.5], device="cpu")
+
+
 def test_checkpoint_settings_come_from_its_encoder_json(trained: object, data2d: dict, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     """``--checkpoint RUN/model.pt`` of a non-default encoder (here resnet10) needs no extra flags: the settings
