@@ -521,8 +521,8 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
     if score == "aligned":
         plain_small = feats.pixels[1][0]
         aligned = plain_small.reshape(len(plain_small), -1, *extra)
-    elif score == "best-of":
-        plain = np.asarray(feats.pixels[1][0], np.float32)
+    elif score == "best-of":  # standardised rows, like every block of the fused features
+        plain = standardize_rows(feats.pixels[1][0], "pixels")
     total = None
     for pix, emb in ((pixels, feats.embedding), (mirrored, feats.mirrored)):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
@@ -680,9 +680,9 @@ _SCORE_TEXT = {
                "0.8–1.25, translation up to 15%) on coarse pixels, and the pair's score is the mean of the aligned "
                "pixel correlation and the fused correlation. Every score below, τ included, is that score.",
     "best-of": "Score (memscan --score best-of, not the paper's): per pair, the better of the --score fused "
-               "correlation and the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), each first "
-               "rescaled as (r − τ_b) / (1 − τ_b) with its own threshold τ_b, so 0 is that score's threshold and 1 an "
-               "exact copy. Every score below, τ included, is on that scale, not a correlation.",
+               "correlation and the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), each rescaled "
+               "as (r − τ_b) / (1 − τ_b) with its own threshold τ_b, so 0 is that score's threshold and 1 an exact "
+               "copy. Every score below, τ included, is on that scale, not a correlation.",
 }
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "topk_correlation",
     "best_matches",
     "best_of_correlation",
+    "scale_to_null",
     "percentile",
     "calibrate_threshold",
     "match",
@@ -957,9 +958,10 @@ def _interval(draws: np.ndarray) -> list[float] | None:
     return [float(_percentile_rows(x, 2.5)[0]), float(_percentile_rows(x, 97.5)[0])]
 
 
-def _null_scaled(values: np.ndarray, tau: float) -> np.ndarray:
-    """Correlations of one feature set on the scale of :func:`match`'s ``best_of``: τ_b → 0, 1 → 1 (−inf kept)."""
-    return (values - tau) / max(1.0 - tau, 1e-12)
+def scale_to_null(values: ArrayLike, tau: float) -> np.ndarray:
+    """Correlations of one feature set on the scale of :func:`match`'s ``best_of``: ``(r − τ_b) / (1 − τ_b)``, so the
+    set's own threshold τ_b maps to 0 and an exact copy to 1 (−inf kept)."""
+    return (np.asarray(values, dtype=np.float64) - tau) / max(1.0 - tau, 1e-12)
 
 
 def _best_of_sets(values: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -995,7 +997,7 @@ def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[Array
         v, i = topk_correlation(q, r, 1, device=device, dtype=dtype)
         if values and len(v) != len(values[0]):
             raise InputError("best_of", f"every block must hold the same queries, got {len(values[0])} and {len(v)}")
-        values.append(_null_scaled(v[:, 0], float(tau_b)))
+        values.append(scale_to_null(v[:, 0], float(tau_b)))
         indices.append(i[:, 0])
     best, which = _best_of_sets(values)
     return best, np.choose(which, indices)
@@ -1139,10 +1141,10 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             _no_valid_row(full, "train_subjects", "this training sample shares its subject with every validation "
                                                   "sample: no other-patient correlation to calibrate on")
             block_taus.append(_percentile_1d(full, p))
-        part_best = [_best_of_sets([_null_scaled(bp[0][k], t) for bp, t in zip(block_parts, block_taus)])[0]
+        part_best = [_best_of_sets([scale_to_null(bp[0][k], t) for bp, t in zip(block_parts, block_taus)])[0]
                      for k in range(len(parts))]
         part_cols = [None if block_parts[0][1][k] is None else
-                     _best_of_sets([_null_scaled(bp[1][k], t) for bp, t in zip(block_parts, block_taus)])[0]
+                     _best_of_sets([scale_to_null(bp[1][k], t) for bp, t in zip(block_parts, block_taus)])[0]
                      for k in range(len(parts))]
     best_val_t = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
     _no_valid_row(best_val_t, "train_subjects", "this training sample shares its subject with every validation "
@@ -1167,7 +1169,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             # synthetic → validation (for the table's best validation correlation)
             v_v = _exact_search(b_syn, b_val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
             if tau_b is not None:
-                t_v, s_v, v_v = (_null_scaled(x, tau_b) for x in (t_v, s_v, v_v))
+                t_v, s_v, v_v = (scale_to_null(x, tau_b) for x in (t_v, s_v, v_v))
             found.append((t_v, t_i, s_v, s_i, v_v))
         best_syn_t, from_t = _best_of_sets([f[0] for f in found])
         best_syn_t_idx = np.choose(from_t, [f[1] for f in found])

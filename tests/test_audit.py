@@ -372,9 +372,8 @@ def test_aligned_score_catches_a_shifted_rotated_copy(data2d: dict, tmp_path: Pa
 
 
 def test_best_of_score_catches_a_blended_copy(data2d: dict, tmp_path: Path) -> None:
-    """``score="best-of"``: fused and pixel scores each scaled by their own τ_b, the better one per pair; a training
-    image blended with a validation image is matched to its source and flagged; the saved pixels and the summary's
-    τ_b reproduce every score; controls and the report use the same score."""
+    """``score="best-of"``: fused and pixel scores each scaled by its own τ_b, the better one per pair; a training image blended with a validation image (3:1) is matched to its source and
+    flagged; the saved features and the summary's τ_b reproduce every score; controls and the report use it."""
     from PIL import Image
 
     from memscan.metrics import best_of_correlation
@@ -385,7 +384,7 @@ def test_best_of_score_catches_a_blended_copy(data2d: dict, tmp_path: Path) -> N
         (syn / src.name).write_bytes(src.read_bytes())
     source = sorted(data2d["train"].glob("*.png"))[9]
     other = sorted(data2d["val"].glob("*.png"))[3]
-    blend = 0.6 * np.asarray(Image.open(source), np.float64) + 0.4 * np.asarray(Image.open(other), np.float64)
+    blend = 0.75 * np.asarray(Image.open(source), np.float64) + 0.25 * np.asarray(Image.open(other), np.float64)
     Image.fromarray(blend.astype(np.uint8)).save(syn / "blend.png")
     (syn / "exact.png").write_bytes(source.read_bytes())
     out = tmp_path / "best_of"

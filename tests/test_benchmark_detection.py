@@ -68,13 +68,14 @@ def test_default_detector_is_memscans_default():
     """presets.DEFAULT follows the package: the training preset's views and temperature, the audit's default score."""
     import inspect
 
-    from memscan.audit import FUSED_WEIGHTS, audit
+    from memscan.audit import FUSED_WEIGHTS, audit, best_of_pixel_size
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
     assert presets.DEFAULT_SCORE == score and presets.DEFAULT == presets.MEMSCAN_SCORES[score]
     for dims in (2, 3):
-        enc = presets.recipe_for(presets.DEFAULT, dims)["encoder"]
+        adapted = presets.recipe_for(presets.DEFAULT, dims)
+        enc = next(part for part in adapted.get("max_of", [adapted]) if part.get("encoder"))["encoder"]
         assert enc["augment"] == "memscan:" + PRESETS["default"][dims]["augment"]
         assert enc["temperature"] == PRESETS["default"][dims]["temperature"]
         assert enc["embedding_dim"] == min(128, PRESETS["default"][dims]["embedding_dim"])
@@ -82,6 +83,10 @@ def test_default_detector_is_memscans_default():
     assert fused["tta_flip"] and fused["pixel"] == [[4, FUSED_WEIGHTS["pixel"]]]
     assert fused["embedding_weight"] == FUSED_WEIGHTS["embedding"]
     assert not presets.MEMSCAN_SCORES["embedding"]["pixel"] and not presets.MEMSCAN_SCORES["embedding"]["tta_flip"]
+    # best-of: full-size pixels (the audit keeps the benchmark's image sizes whole) and the fused score
+    best = presets.MEMSCAN_SCORES["best-of"]
+    assert best["normalize"] == "ceiling" and best["max_of"] == [presets.PIXEL, fused]
+    assert best_of_pixel_size([64, 64]) == [64, 64] and best_of_pixel_size([12, 32, 32]) == [12, 32, 32]
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (6, 12, 12)])
@@ -101,10 +106,16 @@ def test_scores_of_one_encoder_share_its_training(monkeypatch):
     real = detectors.train_contrastive
     monkeypatch.setattr(detectors, "train_contrastive", lambda *a, **k: calls.append(1) or real(*a, **k))
     tiny = {"widths": [4, 8, 8, 8], "embedding_dim": 8, "steps": 1, "batch_size": 8}
-    recipes = {name: {**r, "encoder": {**r["encoder"], **tiny}} for name, r in presets.MEMSCAN_SCORES.items()}
+
+    def shrink(r):
+        if r.get("max_of"):
+            return {**r, "max_of": [shrink(part) for part in r["max_of"]]}
+        return {**r, "encoder": {**r["encoder"], **tiny}} if r.get("encoder") else r
+
+    recipes = {name: shrink(r) for name, r in presets.MEMSCAN_SCORES.items()}
     case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(6, 20 + i) for i in range(3)}}
     scores = evaluate.score_case(case, recipes, 1, ["exact"], log=lambda *_: None)
-    assert len(calls) == 1 and set(scores["detector"]) == {"embedding", "fused"}
+    assert len(calls) == 1 and set(scores["detector"]) == {"embedding", "fused", "best-of"}
     by = scores.groupby("detector")["score"].apply(np.asarray)
     assert not np.allclose(by["embedding"], by["fused"])  # same encoder, different scores
 
@@ -124,3 +135,33 @@ def test_score_case_with_alignment():
     # τ is the null of the same search (each training image against the validation subject), not the plain one
     assert scores.loc[scores.detector == "aligned", "tau"].iloc[0] > scores.loc[scores.detector == "pixel",
                                                                                  "tau"].iloc[0]
+
+
+def test_max_of_recipe_is_memscans_best_of_score():
+    """A ``max_of`` recipe scores every query and calibrates τ exactly as ``memscan.metrics.match(best_of=...)``
+    (``memscan audit --score best-of``); centring (a benchmark lever) keeps exact copies at 1."""
+    from memscan.metrics import best_of_correlation, match
+    from memscan.scoring import pixel_features, standardize_rows
+
+    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(10, 20 + i) for i in range(3)}}
+    coarse = {**presets.PIXEL, "pixel": [[4, 1.0]]}
+    recipes = {"best": {"max_of": [presets.PIXEL, coarse], "normalize": "ceiling"},
+               "centered": {**presets.PIXEL, "center": 1.0}}
+    families = ["exact", "noise_blur"]
+    scores = evaluate.score_case(case, recipes, 1, families, log=lambda *_: None)
+    tr, va, _ = evaluate.permutations(sorted(case["groups"]), 1)[0]
+    k, (fam, strength) = next((k, s) for k, s in enumerate(perturb.settings(families)) if s[0] == "noise_blur")
+    query = perturb.perturb(case["groups"][tr], fam, strength, seed=7 * k)
+
+    def feats(x):  # as memscan.audit computes the best-of blocks: standardised rows
+        return [standardize_rows(pixel_features(x)), standardize_rows(pixel_features(x, [4, 4]))]
+
+    t, v, q = feats(case["groups"][tr]), feats(case["groups"][va]), feats(query)
+    ref = match(t[0], v[0], q[0], device="cpu", n_bootstrap=0, best_of=[(t[1], v[1], q[1])])
+    values, _ = best_of_correlation(q, t, ref.summary["feature_set_thresholds"], device="cpu")
+    got = scores[(scores.detector == "best") & (scores.family == fam) & (scores.strength == strength)
+                 & (scores.label == 1)]
+    np.testing.assert_allclose(got["score"], values, atol=1e-6)
+    assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)
+    exact = scores[(scores.detector == "centered") & (scores.family == "exact") & (scores.label == 1)]
+    np.testing.assert_allclose(exact["score"], 1.0, atol=1e-5)

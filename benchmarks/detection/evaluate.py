@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from memscan.metrics import calibrate_threshold, topk_correlation
+from memscan.metrics import calibrate_threshold, scale_to_null, topk_correlation
 from memscan.scoring import align_and_correlate, aligned_search
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
@@ -61,11 +61,16 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
     for name, recipe in recipes.items():
         recipe = recipe_for(recipe, dims)
         for pi, (tr, va, un) in enumerate(perms):
-            if (name, tr) not in fitted:
+            if (name, tr) not in fitted and not recipe.get("max_of"):
                 t0 = time.time()
                 fitted[(name, tr)] = fit_detector(recipe, groups[tr], seed=seed, encoders=encoders)
                 log(f"  fitted {name} on {tr} in {time.time() - t0:.1f}s")
+            if recipe.get("max_of"):
+                rows += _max_of_rows(recipe, name, pi, (tr, va, un), groups, synth, sets, fitted, seed, encoders)
+                continue
             feats = fitted[(name, tr)]
+            if recipe.get("center"):  # features minus a share of the training set's mean feature vector
+                feats = _centered(feats, groups[tr], float(recipe["center"]))
             f_train, f_val = feats(groups[tr]), feats(groups[va])
             if recipe.get("align"):
                 if (name, tr, "scoring") not in fitted:
@@ -98,6 +103,63 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
                         "perm": pi, "train": tr, "val": va, "unseen": un, "detector": name, "family": f,
                         "strength": st, "label": label, "score": vals[:, 0], "tau": tau}))
     return pd.concat(rows, ignore_index=True)
+
+
+def _centered(feats, train_images: np.ndarray, share: float):
+    """``feats`` minus ``share`` × the training images' mean feature vector (1 = fully centred on the training set)."""
+    mean = share * feats(train_images).mean(axis=0, keepdims=True)
+    return lambda images: feats(images) - mean
+
+
+def null_normalized(scores: np.ndarray, null: np.ndarray, tau: float, how: str) -> np.ndarray:
+    """A detector's best correlations on a common scale anchored at its own null (its τ maps to 0).
+
+    ``how``: ``"ceiling"`` = (s − τ) / (1 − τ) (1 = an exact copy), ``"spread"`` = (s − τ) / (τ − median of the
+    null) (the null's upper half spans [-1, 0]).
+    """
+    if how == "ceiling":  # memscan's own scale (match(best_of=...), audit --score best-of)
+        return scale_to_null(scores, tau)
+    if how != "spread":
+        raise ValueError(f"unknown normalization {how!r}")
+    return (np.asarray(scores, dtype=np.float64) - tau) / max(tau - float(np.median(null)), 1e-12)
+
+
+def _max_of_rows(recipe: dict, name: str, pi: int, perm: tuple[str, str, str], groups: dict, synth: dict,
+                 sets: list, fitted: dict, seed: int, encoders: dict) -> list[pd.DataFrame]:
+    """Score rows of a ``max_of`` recipe: the best of its detectors' null-normalized scores; τ is the 95th
+    percentile of the same combination of each training image's best validation correlations (of each validation
+    image's best training correlations with ``calibration="val_to_train"``)."""
+    tr, va, un = perm
+    how = recipe.get("normalize", "ceiling")
+    nulls, queries = [], []
+    for k, sub in enumerate(recipe["max_of"]):
+        if (name, k, tr) not in fitted:
+            fitted[(name, k, tr)] = fit_detector(sub, groups[tr], seed=seed, encoders=encoders)
+        feats = fitted[(name, k, tr)]
+        if sub.get("center"):
+            feats = _centered(feats, groups[tr], float(sub["center"]))
+        f_train = feats(groups[tr])
+        if recipe.get("calibration", "train_to_val") == "val_to_train":  # the null of a novel query
+            null, _ = topk_correlation(feats(groups[va]), f_train, 1, device="cpu")
+        else:
+            null, _ = topk_correlation(f_train, feats(groups[va]), 1, device="cpu")
+        null = null[:, 0]
+        tau_k = float(np.percentile(null, 95.0))
+        nulls.append(null_normalized(null, null, tau_k, how))
+        q = {}
+        for f, st in sets:
+            for subj in (tr, un):
+                vals, _ = topk_correlation(feats(synth[(subj, f, st)]), f_train, 1, device="cpu")
+                q[(subj, f, st)] = null_normalized(vals[:, 0], null, tau_k, how)
+        queries.append(q)
+    tau = float(np.percentile(np.max(nulls, axis=0), 95.0))
+    rows = []
+    for f, st in sets:
+        for label, subj in ((1, tr), (0, un)):
+            vals = np.max([q[(subj, f, st)] for q in queries], axis=0)
+            rows.append(pd.DataFrame({"perm": pi, "train": tr, "val": va, "unseen": un, "detector": name,
+                                      "family": f, "strength": st, "label": label, "score": vals, "tau": tau}))
+    return rows
 
 
 def scoring_recipe(recipe: dict) -> dict:

@@ -72,7 +72,8 @@ DEFAULT_SCORE: str = inspect.signature(audit).parameters["score"].default
 
 
 def memscan_recipe(score: str) -> dict:
-    """memscan's default training views and temperature with one of the audit's scores (``embedding`` / ``fused``).
+    """memscan's default training views and temperature with one of the audit's scores (``embedding``, ``fused``,
+    ``best-of``).
 
     The temperature is the 2D preset's here; :func:`recipe_for` takes the preset of the case's dimensionality.
     """
@@ -83,10 +84,13 @@ def memscan_recipe(score: str) -> dict:
     if score == "fused":  # memscan.audit.score_features: pixels at size // 4 (w 1) + embedding (w 2), flip-invariant
         return {"pixel": [[4, FUSED_WEIGHTS["pixel"]]], "encoder": enc, "embedding_weight": FUSED_WEIGHTS["embedding"],
                 "tta_flip": True}
+    if score == "best-of":  # match(best_of=[pixels]): the better of pixel Pearson (best_of_pixel_size keeps the
+        # benchmark's images whole) and the fused score, each scaled by its own τ_b
+        return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused")], "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
 
 
-MEMSCAN_SCORES: dict[str, dict] = {"embedding": memscan_recipe("embedding"), "fused": memscan_recipe("fused")}
+MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score) for score in ("embedding", "fused", "best-of")}
 
 # what memscan runs by default (training preset "default" + the audit's default score)
 DEFAULT: dict = copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE])
@@ -98,18 +102,41 @@ DEFAULT: dict = copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE])
 #: features, ``"embedding"`` = its embedding alone. Chosen on 2D MRI, 1 permutation (docs/benchmarks/
 #: detection_alignment.md lists the settings tried).
 ALIGN: dict = {"factor": 2, "k": 5, "scoring": "retrieval", "weights": {"pixel": 1.0, "features": 1.0}}
-CANDIDATES["memscan_default_aligned"] = {**copy.deepcopy(DEFAULT), "align": copy.deepcopy(ALIGN)}
-CANDIDATES["memscan_default_aligned_emb"] = {**copy.deepcopy(DEFAULT),
+CANDIDATES["memscan_default_aligned"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "align": copy.deepcopy(ALIGN)}
+CANDIDATES["memscan_default_aligned_emb"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]),
                                              "align": {**copy.deepcopy(ALIGN), "scoring": "embedding"}}
 #: lever (bandpass_study.py): the aligned pixel term 2:1 plain : high-pass (coarse image minus its σ 2 px blur)
-CANDIDATES["memscan_default_aligned_hp"] = {**copy.deepcopy(DEFAULT),
+CANDIDATES["memscan_default_aligned_hp"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]),
                                             "align": {**copy.deepcopy(ALIGN), "highpass": [2.0, 1 / 3]}}
+
+
+#: lever: the best of two detectors' scores, each first put on a scale anchored at its own null (see
+#: ``evaluate.null_normalized``): pixel Pearson and the fused score. ``memscan_best_of`` (the "ceiling" scale) is
+#: ``memscan audit --score best-of``; ``best_of_spread`` scales by the null's upper half instead
+CANDIDATES["memscan_best_of"] = copy.deepcopy(MEMSCAN_SCORES["best-of"])
+CANDIDATES["best_of_spread"] = {**copy.deepcopy(MEMSCAN_SCORES["best-of"]), "normalize": "spread"}
+
+#: lever: Pearson of the features minus the training set's mean feature vector (the population component that
+#: every image of the anatomy shares), on pixels, the fused score, its embedding alone and the best-of score
+CANDIDATES["pixel_centered"] = {**copy.deepcopy(PIXEL), "center": 1.0}
+CANDIDATES["memscan_fused_centered"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "center": 1.0}
+CANDIDATES["memscan_fused_centered_half"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "center": 0.5}
+CANDIDATES["memscan_embedding_centered"] = {**copy.deepcopy(MEMSCAN_SCORES["embedding"]), "center": 1.0}
+CANDIDATES["best_of_centered"] = {"max_of": [{**copy.deepcopy(PIXEL), "center": 1.0},
+                                             {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "center": 1.0}],
+                                  "normalize": "ceiling"}
+
+#: lever: τ from the other direction, the 95th percentile of each validation image's best training score (the null
+#: of a novel query, like for like with the copy test) instead of each training image's best validation score
+CANDIDATES["memscan_default_v2t"] = {**copy.deepcopy(DEFAULT), "calibration": "val_to_train"}
 
 
 def recipe_for(recipe: dict, spatial_dims: int) -> dict:
     """The recipe adapted to the dimensionality: the paper's (and memscan's) 3D embedding is 32-d; a memscan preset's
     temperature is that preset's for ``spatial_dims``."""
     r = copy.deepcopy(recipe)
+    if r.get("max_of"):
+        r["max_of"] = [recipe_for(sub, spatial_dims) for sub in r["max_of"]]
     enc = r.get("encoder")
     if enc:
         if spatial_dims == 3:

@@ -38,7 +38,7 @@ GOAL = {"auroc": 0.99, "recall": 0.95, "fpr": 0.05}
 PERMUTATIONS = {"mri_t1_2d": 6, "mri_t1_3d": 6, "ct_2d": 2, "cxr_2d": 2}
 MAIN = ["pixel", "paper", "memscan_default"]
 #: the audit's other score on memscan's default encoder (same training): the evidence for the default score
-OTHER_SCORE = "fused" if DEFAULT_SCORE == "embedding" else "embedding"
+OTHER_SCORE = "fused" if DEFAULT_SCORE != "fused" else "embedding"
 ALT = f"memscan_{OTHER_SCORE}"
 
 
@@ -59,8 +59,9 @@ def _with_steps(recipes: dict, steps: int | None) -> dict:
     out = copy.deepcopy(recipes)
     if steps:
         for r in out.values():
-            if r.get("encoder"):
-                r["encoder"]["steps"] = steps
+            for part in r.get("max_of", [r]):
+                if part.get("encoder"):
+                    part["encoder"]["steps"] = steps
     return out
 
 

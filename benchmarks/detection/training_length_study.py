@@ -11,8 +11,8 @@ Usage (2 CPU cores: ≈ 6 min per 600-step encoder in 2D, three encoders per cas
     python benchmarks/detection/training_length_study.py --cases mri_t1_2d,mri_t1_3d --steps 600 \\
         [--baseline-scores /tmp/memscan_detection/scores.pkl]
 
-``--baseline-scores`` takes the 150-step ``memscan_default`` scores from a ``run.py`` cache of the same code instead
-of training those encoders again.
+``--baseline-scores`` takes the 150-step fused scores (``memscan_default``, or ``memscan_fused`` once the default
+score is another) from a ``run.py`` cache of the same code instead of training those encoders again.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build import DEFAULT_ROOT, load_cases  # noqa: E402
 from evaluate import score_case, summarize  # noqa: E402
-from presets import DEFAULT  # noqa: E402
+from presets import DEFAULT_SCORE, MEMSCAN_SCORES  # noqa: E402
 from run import PERMUTATIONS  # noqa: E402
 
 
@@ -46,19 +46,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cases = load_cases(args.cache, args.root)
-    base_steps = DEFAULT["encoder"]["steps"]
+    fused = MEMSCAN_SCORES["fused"]  # the default score when this study ran (detection_training_length.md)
+    base_steps = fused["encoder"]["steps"]
     recipes = {}
     for steps in [int(s) for s in args.steps.split(",")]:
-        recipes[f"default_{steps}"] = copy.deepcopy(DEFAULT)
+        recipes[f"default_{steps}"] = copy.deepcopy(fused)
         recipes[f"default_{steps}"]["encoder"]["steps"] = steps
     cached = pd.read_pickle(args.baseline_scores)["scores"] if args.baseline_scores else None
     if cached is None:
-        recipes = {f"default_{base_steps}": copy.deepcopy(DEFAULT), **recipes}
+        recipes = {f"default_{base_steps}": copy.deepcopy(fused), **recipes}
     for name in args.cases.split(","):
         t0 = time.time()
         scores = score_case(cases[name], recipes, PERMUTATIONS.get(name, 3))
         if cached is not None:
-            base = cached[name][cached[name]["detector"] == "memscan_default"].copy()
+            fused_name = "memscan_default" if DEFAULT_SCORE == "fused" else "memscan_fused"
+            base = cached[name][cached[name]["detector"] == fused_name].copy()
             base["detector"] = f"default_{base_steps}"
             scores = pd.concat([base, scores], ignore_index=True)
         table = summarize(scores).pivot_table(index="family", columns="detector", values=["auroc", "recall", "fpr"])

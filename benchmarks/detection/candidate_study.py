@@ -1,0 +1,74 @@
+"""Lever studies on candidate detectors (issue 6): ``presets.CANDIDATES`` beside pixel Pearson and memscan's default.
+
+Same cases, perturbations, seeds and subject permutations as ``run.py``; encoders are trained once per training
+subject and shared by every candidate with the same encoder settings. Prints markdown: AUROC / recall at τ / FPR at τ
+per family (mean over permutations, as in detection.md) and the pooled FPR at τ per permutation.
+
+Studies run with it (docs/benchmarks/detection_candidates.md):
+
+* ``memscan_best_of`` (= ``memscan audit --score best-of``) and ``best_of_spread``: per query, the better of pixel Pearson and the default score, each first put on a scale
+  anchored at its own null (``evaluate.null_normalized``); τ of the combination is the 95th percentile of the same
+  combination of each training image's best validation correlations.
+* ``*_centered``: Pearson of the features minus the training set's mean feature vector (``center`` = the share
+  subtracted), which removes the component every image of the anatomy shares.
+
+Usage (2 CPU cores; about 6 min per MRI case)::
+
+    python benchmarks/detection/candidate_study.py --cases mri_t1_2d,mri_t1_3d,ct_2d,cxr_2d \\
+        --candidates memscan_best_of,best_of_spread
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from build import DEFAULT_ROOT, load_cases  # noqa: E402
+from evaluate import score_case, summarize  # noqa: E402
+from presets import CANDIDATES, DEFAULT, PIXEL  # noqa: E402
+from run import PERMUTATIONS, _table  # noqa: E402
+
+
+def perm_names(scores) -> list[str]:
+    """``train/val/unseen`` of each permutation, in order."""
+    first = scores.drop_duplicates("perm").sort_values("perm")
+    return [f"{a} / {b} / {c}" for a, b, c in zip(first["train"], first["val"], first["unseen"])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="mri_t1_2d", help="comma-separated cases")
+    parser.add_argument("--candidates", default="memscan_best_of,best_of_spread",
+                        help="comma-separated names of presets.CANDIDATES")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "memscan_detection")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = load_cases(args.cache, args.root)
+    recipes = {"pixel": PIXEL, "memscan_default": DEFAULT, **{c: CANDIDATES[c] for c in args.candidates.split(",")}}
+    for name in args.cases.split(","):
+        t0 = time.time()
+        scores = score_case(cases[name], recipes, PERMUTATIONS.get(name, 3), log=lambda m: print(m, file=sys.stderr))
+        summary = summarize(scores)
+        names = list(recipes)
+        print(f"### {name} ({scores['perm'].nunique()} permutations, {time.time() - t0:.0f} s)\n")
+        print(_table(summary, names) + "\n")
+        fpr = {d: [float((g.score[g.label == 0] > g.tau.iloc[0]).mean()) for _, g in sc.groupby("perm")]
+               for d, sc in scores.groupby("detector")}
+        print("Pooled FPR at τ per permutation (train / val / unseen):\n")
+        print("| train / val / unseen | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for k, order in enumerate(perm_names(scores)):
+            print(f"| {order} | " + " | ".join(f"{fpr[d][k]:.2f}" for d in names) + " |")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
