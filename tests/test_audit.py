@@ -371,7 +371,7 @@ def test_aligned_score_catches_a_shifted_rotated_copy(data2d: dict, tmp_path: Pa
     assert table.loc["moved.png", "best_train_correlation"] > float(f_moved.iloc[0])
 
 
-def test_best_of_score_catches_a_blended_copy(data2d: dict, tmp_path: Path) -> None:
+def test_best_of_score_catches_a_blended_copy(data2d: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``score="best-of"``: fused and pixel scores each scaled by its own τ_b, the better one per pair; a training image blended with a validation image (3:1) is matched to its source and
     flagged; the saved features and the summary's τ_b reproduce every score; controls and the report use it."""
     from PIL import Image
@@ -410,6 +410,16 @@ def test_best_of_score_catches_a_blended_copy(data2d: dict, tmp_path: Path) -> N
     assert "--score best-of" in (out / "report.html").read_text()
     with pytest.raises(InputError, match="best_of"):
         best_of_correlation([emb["syn"]], [emb["train"], pix["train"]], [0.5], device="cpu")
+    # the CLI runs the same score and does not call τ a correlation
+    capsys.readouterr()
+    rc = main(["audit", "--train", str(data2d["train"]), "--val", str(data2d["val"]), "--synthetic", str(syn),
+               "--checkpoint", str(data2d["ckpt"]), "--image-size", str(SIZE), "--subject-regex", REGEX,
+               "--score", "best-of", "--controls", "0", "--bootstrap", "0", "--device", "cpu",
+               "--out", str(tmp_path / "cli")])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "best validation best-of score" in printed
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["threshold"] == pytest.approx(
+        result.summary["threshold"], abs=1e-6)
 
 
 def test_checkpoint_settings_come_from_its_encoder_json(trained: object, data2d: dict, tmp_path: Path,

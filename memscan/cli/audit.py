@@ -74,8 +74,10 @@ def format_result(result: Any) -> str:
     from memscan.report.tables import verdict
 
     s = result.summary
+    score = (s.get("provenance") or {}).get("config", {}).get("score", "embedding")
+    what = "correlation" if score in ("embedding", "fused") else f"{score} score"  # aligned / best-of: not an r
     lines = [f"τ = {s['threshold']:.4f} ({s['percentile']:g}th percentile of {s['n_train']} training images' best "
-             f"validation correlation; {s['n_val']} validation images)"]
+             f"validation {what}; {s['n_val']} validation images)"]
     controls = s.get("controls") or {}
     if controls.get("n"):
         lines.append(f"positive controls caught: {controls.get('n_caught', 0)} of {controls['n']}")
