@@ -34,7 +34,7 @@ from monai.transforms import (
     Spacing,
 )
 
-__all__ = ["DEFAULT_ROOT", "build_cases", "load_cases", "SUBJECT_FILES"]
+__all__ = ["DEFAULT_ROOT", "build_cases", "load_cases", "SUBJECT_FILES", "study_parser", "study_cases"]
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 SUBJECT_FILES = {
@@ -147,6 +147,22 @@ def build_cases(root: Path = DEFAULT_ROOT, *, size: int = 64, size3d: int = 32, 
     for case in cases.values():
         case["groups"] = _drop_blank(case["groups"])
     return cases
+
+
+def study_parser(doc: str | None, threads: int = 2) -> argparse.ArgumentParser:
+    """The arguments every lever study shares: ``--cases``, ``--root``, ``--cache``, ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="mri_t1_2d", help="comma-separated cases")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "memscan_detection")
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads")
+    return parser
+
+
+def study_cases(args: argparse.Namespace) -> dict:
+    """Set the torch threads of a :func:`study_parser` run and load its cases (built once, then cached)."""
+    torch.set_num_threads(args.threads)
+    return load_cases(args.cache, args.root)
 
 
 def load_cases(cache_dir: Path, root: Path = DEFAULT_ROOT, **kwargs) -> dict:

@@ -20,17 +20,13 @@ Usage (2 CPU cores; about 6 min per MRI case)::
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from build import DEFAULT_ROOT, load_cases  # noqa: E402
+from build import study_cases, study_parser  # noqa: E402
 from evaluate import score_case, summarize  # noqa: E402
 from presets import CANDIDATES, DEFAULT, PIXEL  # noqa: E402
 from run import PERMUTATIONS, _table  # noqa: E402
@@ -43,16 +39,11 @@ def perm_names(scores) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="mri_t1_2d", help="comma-separated cases")
+    parser = study_parser(__doc__)
     parser.add_argument("--candidates", default="memscan_best_of,best_of_spread",
                         help="comma-separated names of presets.CANDIDATES")
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "memscan_detection")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cases = load_cases(args.cache, args.root)
+    cases = study_cases(args)
     recipes = {"pixel": PIXEL, "memscan_default": DEFAULT, **{c: CANDIDATES[c] for c in args.candidates.split(",")}}
     for name in args.cases.split(","):
         t0 = time.time()

@@ -17,35 +17,27 @@ score is another) from a ``run.py`` cache of the same code instead of training t
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from build import DEFAULT_ROOT, load_cases  # noqa: E402
+from build import study_cases, study_parser  # noqa: E402
 from evaluate import score_case, summarize  # noqa: E402
 from presets import DEFAULT_SCORE, MEMSCAN_SCORES  # noqa: E402
 from run import PERMUTATIONS  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="mri_t1_2d", help="comma-separated cases")
+    parser = study_parser(__doc__)
     parser.add_argument("--steps", default="600", help="comma-separated training lengths to compare with 150")
     parser.add_argument("--baseline-scores", type=Path, default=None, help="run.py's scores.pkl (same code)")
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "memscan_detection")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cases = load_cases(args.cache, args.root)
+    cases = study_cases(args)
     fused = MEMSCAN_SCORES["fused"]  # the default score when this study ran (detection_training_length.md)
     base_steps = fused["encoder"]["steps"]
     recipes = {}
