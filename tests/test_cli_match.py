@@ -196,3 +196,33 @@ def test_match_cli_subjects_and_ids(sets: dict[str, Path], tmp_path: Path, capsy
     assert main(argv(sets, tmp_path / "out3", "--val-subjects", str(tmp_path / "t.files.csv"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no column named subject" in err[0]
+
+
+def test_match_cli_best_of_feature_sets(sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--best-of T2 V2 S2``: the same result as ``match(best_of=...)``; a copy only the second set sees is flagged;
+    a second set with the wrong row count is a one-line error (exit 2)."""
+    rng = np.random.default_rng(1)
+    extra = {"train": rng.normal(size=(60, 8)), "val": rng.normal(size=(50, 8)), "syn": rng.normal(size=(30, 8))}
+    extra["syn"][0] = extra["train"][7] + 1e-4 * rng.normal(size=8)  # seen by the second set only
+    paths = {}
+    for key, arr in extra.items():
+        paths[key] = tmp_path / f"{key}_pixels.npy"
+        np.save(paths[key], arr)
+    out = tmp_path / "best"
+    rc = main(argv(sets, out, "--bootstrap", "0", "--best-of", str(paths["train"]), str(paths["val"]),
+                   str(paths["syn"])))
+    printed = capsys.readouterr().out
+    assert rc == 0 and "best validation best-of score" in printed
+    loaded = [np.load(sets["train"]), np.load(sets["val"])["embeddings"], torch.load(sets["syn"]).numpy()]
+    ref = match(*loaded, device="cpu", n_bootstrap=0, best_of=[(extra["train"], extra["val"], extra["syn"])])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"] == pytest.approx(ref.threshold, abs=1e-9)
+    assert summary["feature_set_thresholds"] == pytest.approx(ref.summary["feature_set_thresholds"], abs=1e-9)
+    table = pd.read_csv(out / "synthetic_matches.csv")
+    assert bool(table.loc[0, "copy"]) and table.loc[0, "best_train_index"] == 7
+    assert set(np.flatnonzero(table["copy"])) >= {0, 27, 28, 29}
+
+    np.save(paths["val"], extra["val"][:-1])
+    rc = main(argv(sets, tmp_path / "bad", "--best-of", str(paths["train"]), str(paths["val"]), str(paths["syn"])))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(paths["val"]) in err and "49 rows but --val-emb has 50" in err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from memscan.errors import EXIT_OK
+from memscan.errors import EXIT_OK, InputError
 
 __all__ = ["add_parser", "run", "format_summary"]
 
@@ -31,6 +31,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="a name per training row for the tables (.txt, or .csv with an 'image' column, e.g. "
                         "an audit's embeddings/train.files.csv)")
     parser.add_argument("--synthetic-ids", metavar="FILE", help="a name per synthetic row for the tables")
+    parser.add_argument("--best-of", nargs=3, action="append", default=None, metavar=("T2", "V2", "S2"),
+                        help="other features of the same images (e.g. an audit's embeddings/*_pixels.npy): each "
+                        "pair is scored by the better of the feature sets, each rescaled by its own threshold, as "
+                        "'memscan audit --score best-of' does; repeatable")
     parser.add_argument("--percentile", type=float, default=95.0, help="τ percentile (default 95)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
@@ -57,7 +61,8 @@ def format_summary(summary: dict[str, Any], out_dir: str) -> str:
     s = summary
     return "\n".join([
         f"τ = {s['threshold']:.4f}{_ci(s['threshold_ci95'], percent=False)}: {s['percentile']:g}th percentile of "
-        f"the best validation correlation of {s['n_train']} training samples ({s['n_val']} validation)",
+        f"the best validation {'best-of score' if s.get('feature_set_thresholds') else 'correlation'} of "
+        f"{s['n_train']} training samples ({s['n_val']} validation)",
         f"memorized training samples: {s['n_memorized_train']}/{s['n_train']} = "
         f"{_pct(s['frac_memorized_train'])}{_ci(s['frac_memorized_train_ci95'])}",
         f"synthetic copies: {s['n_copies_synthetic']}/{s['n_synthetic']} = "
@@ -76,8 +81,16 @@ def run(args: argparse.Namespace) -> int:
     labels = {key: (None if getattr(args, key) is None else load_labels(getattr(args, key), len(rows), columns))
               for key, rows, columns in [("train_subjects", train, subjects), ("val_subjects", val, subjects),
                                          ("train_ids", train, names), ("synthetic_ids", synthetic, names)]}
+    best_of = []
+    for paths in args.best_of or []:  # rows must be the same images as the main sets', in order
+        best_of.append(load_embedding_sets(*paths))
+        for path, arr, main_arr, flag in zip(paths, best_of[-1], (train, val, synthetic),
+                                             ("train", "val", "synthetic")):
+            if len(arr) != len(main_arr):
+                raise InputError(path, f"has {len(arr)} rows but --{flag}-emb has {len(main_arr)}: --best-of needs "
+                                       "features of the same images in the same order")
     result = match(train, val, synthetic, percentile=args.percentile, device=args.device,
-                   n_bootstrap=args.bootstrap, seed=args.seed, **labels)
+                   n_bootstrap=args.bootstrap, seed=args.seed, best_of=best_of or None, **labels)
     result.to_dir(args.out)
     print(format_summary(result.summary, args.out))
     return EXIT_OK
