@@ -650,7 +650,8 @@ _METHOD = [
 
 
 def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[dict], syn_records: Sequence[dict],
-           preprocess: Any, train_names: Sequence[str], syn_names: Sequence[str], n: int = 8) -> tuple[list, Any]:
+           preprocess: Any, train_names: Sequence[str], syn_names: Sequence[str], n: int = 8,
+           value_name: str = "correlation") -> tuple[list, Any]:
     from memscan.report import PairImage, ranked_pairs
 
     table = ranked_pairs(sa.synthetic_table, threshold, kind=kind, n=n)
@@ -664,7 +665,7 @@ def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[di
         "rank": np.arange(1, len(table) + 1),
         "synthetic file": [syn_names[int(i)] for i in table["synthetic_index"]],
         "training file": [train_names[int(i)] for i in table["best_train_index"]],
-        "correlation": table["best_train_correlation"].to_numpy(float),
+        value_name: table["best_train_correlation"].to_numpy(float),
         "margin to τ": table["margin"].to_numpy(float),
     })
     return pairs, shown
@@ -707,9 +708,12 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
     tau = float(first.match.threshold)
     pct = float(summary["percentile"])
     figures_dir = out_dir / "figures"
+    score = summary["provenance"]["config"].get("score", "embedding")
+    is_r = score in ("embedding", "fused")  # "aligned" and "best-of" scores are not correlations
     dist_png = figure_to_png(plot_distributions(first.match.best_val_for_train,
                                                 {n: sa.match.best_synthetic_for_train for n, sa in set_audits.items()},
-                                                tau, percentile=pct))
+                                                tau, percentile=pct,
+                                                score_name="Pearson correlation" if is_r else f"{score} score"))
     write_bytes_atomic(figures_dir / "distributions.png", dist_png)
     train_names = _relative_names([r["image"] for r in train_set.records])
     sections = []
@@ -719,13 +723,14 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
         level, text = verdict(sa.block)
         figs, tables = [], []
         for kind, title in (("copies", "Strongest copies"), ("borderline", "Borderline pairs just below τ")):
-            pairs, shown = _pairs(sa, kind, tau, train_set.records, syn_records, preprocess, train_names, syn_names)
+            pairs, shown = _pairs(sa, kind, tau, train_set.records, syn_records, preprocess, train_names, syn_names,
+                                  value_name="correlation" if is_r else "score")
             png = figure_to_png(plot_pair_gallery(pairs, title=f"{name}: {title.lower()}", threshold=tau,
-                                                  spatial_dims=spatial_dims))
+                                                  spatial_dims=spatial_dims, score_symbol="r" if is_r else "score"))
             write_bytes_atomic(figures_dir / f"{kind}_{name}.png", png)
             caption = (f"{title}: each training image (blue frame) beside the synthetic image that matches it "
-                       f"(orange frame), ranked by correlation" + ("; six evenly spaced slices per volume"
-                                                                    if spatial_dims == 3 else ""))
+                       f"(orange frame), ranked by {'correlation' if is_r else 'score'}"
+                       + ("; six evenly spaced slices per volume" if spatial_dims == 3 else ""))
             figs.append((caption, png))
             tables.append((f"{title} ({len(shown)} shown; all in synthetic_matches.csv)", shown))
         notes = [f"{sa.block.get('n_unauthentic', 0)} synthetic images are closer to a training image than any "

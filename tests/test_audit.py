@@ -407,7 +407,8 @@ def test_best_of_score_catches_a_blended_copy(data2d: dict, tmp_path: Path, caps
     np.testing.assert_allclose(values, result.sets["syn"].synthetic_table["best_train_correlation"], atol=1e-6)
     np.testing.assert_array_equal(indices, result.sets["syn"].synthetic_table["best_train_index"])
     assert block["controls"]["n_caught"] == 2
-    assert "--score best-of" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "--score best-of" in html and "ranked by score" in html and "ranked by correlation" not in html
     with pytest.raises(InputError, match="best_of"):
         best_of_correlation([emb["syn"]], [emb["train"], pix["train"]], [0.5], device="cpu")
     # the CLI runs the same score and does not call τ a correlation

@@ -106,6 +106,7 @@ def plot_distributions(
     *,
     percentile: float = 95.0,
     bins: int = 40,
+    score_name: str = "Pearson correlation",
 ) -> Figure:
     """The paper's figure: best train→validation vs best train→synthetic correlation, τ marked.
 
@@ -116,6 +117,7 @@ def plot_distributions(
         threshold: τ.
         percentile: the percentile τ was taken at (for the legend).
         bins: histogram bins (shared edges across panels).
+        score_name: what the values are, for the x axis (e.g. ``"best-of score"`` when they are not correlations).
 
     Returns:
         the figure.
@@ -140,7 +142,7 @@ def plot_distributions(
                    label=f"τ = {threshold:.3f} ({percentile:g}th pct.)")
         n_mem = int(np.sum(syn > threshold)) if syn is not None else 0
         ax.set_title(f"{name}: {n_mem} of {len(val)} training images above τ" if name else "validation")
-        ax.set_xlabel("best Pearson correlation of each training image")
+        ax.set_xlabel(f"best {score_name} of each training image")
         ax.legend(fontsize=8, loc="upper left")
     axes[0][0].set_ylabel("density")
     fig.tight_layout()
@@ -156,6 +158,7 @@ def plot_pair_gallery(
     max_pairs: int = 8,
     spatial_dims: int | None = None,
     pairs_per_row: int = 4,
+    score_symbol: str = "r",
 ) -> Figure:
     """Ranked gallery: each training image beside its synthetic match, with their correlation.
 
@@ -171,6 +174,7 @@ def plot_pair_gallery(
         max_pairs: at most this many pairs.
         spatial_dims: 2 or 3 when known (see :func:`display_slices`).
         pairs_per_row: 2D pairs per row.
+        score_symbol: printed before each pair's value (``"r"`` for a correlation, e.g. ``"score"`` otherwise).
 
     Returns:
         the figure (a short "none" figure when ``pairs`` is empty).
@@ -207,7 +211,7 @@ def plot_pair_gallery(
                 for spine in ax.spines.values():
                     spine.set_edgecolor(colour)
                     spine.set_linewidth(2.5)
-        corr = f"r={pair.correlation:.4f}"
+        corr = f"{score_symbol}={pair.correlation:.4f}"
         if threshold is not None:
             corr += f" (τ={threshold:.4f})"
         width = 24 if per_side == 1 else 60
