@@ -789,9 +789,9 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
                f"patients. Encoder: {prov['config']['arch']} ({prov['encoder_source']})."),
         banners=banners, overview=overview,
         comparison=comparison_table({n: sa.block for n, sa in set_audits.items()}),
-        figures=[("The paper's figure: for every training image, its best correlation with a validation image "
-                  "(blue; τ is its percentile) and with a synthetic image (orange). Orange mass right of τ = "
-                  "memorized training images.", dist_png)],
+        figures=[(f"The paper's figure: for every training image, its best {'correlation' if is_r else 'score'} "
+                  "with a validation image (blue; τ is its percentile) and with a synthetic image (orange). Orange "
+                  "mass right of τ = memorized training images.", dist_png)],
         sections=sections, skipped=shown_skipped, warnings=[scrub(w) for w in summary["warnings"]],
         method=[_METHOD[0] + " " + _SCORE_TEXT[prov["config"].get("score", "embedding")], *_METHOD[1:]],
         provenance=provenance,
