@@ -165,3 +165,17 @@ def test_max_of_recipe_is_memscans_best_of_score():
     assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)
     exact = scores[(scores.detector == "centered") & (scores.family == "exact") & (scores.label == 1)]
     np.testing.assert_allclose(exact["score"], 1.0, atol=1e-5)
+
+
+def test_max_of_recipe_with_an_aligned_detector():
+    """A ``max_of`` part with ``align`` is scored and calibrated by its aligned search; exact copies stay at the top."""
+    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(8, 30 + i, (24, 24)) for i in range(3)}}
+    aligned_pixel = {**presets.PIXEL, "align": {**presets.ALIGN, "factor": 1}}
+    recipes = {"plain": {"max_of": [presets.PIXEL], "normalize": "ceiling"},
+               "with_aligned": {"max_of": [presets.PIXEL, aligned_pixel], "normalize": "ceiling"}}
+    scores = evaluate.score_case(case, recipes, 1, ["exact", "shift_rotate"], log=lambda *_: None)
+    assert np.isfinite(scores["score"]).all() and np.isfinite(scores["tau"]).all()
+    summary = evaluate.summarize(scores).set_index(["detector", "family"])
+    assert summary.loc[("with_aligned", "exact"), "recall"] == 1.0
+    by = scores.groupby("detector")["score"].apply(np.asarray)
+    assert not np.allclose(by["plain"], by["with_aligned"])  # the aligned part took part

@@ -6,11 +6,13 @@ per family (mean over permutations, as in detection.md) and the pooled FPR at τ
 
 Studies run with it (docs/benchmarks/detection_candidates.md):
 
-* ``memscan_best_of`` (= ``memscan audit --score best-of``) and ``best_of_spread``: per query, the better of pixel Pearson and the default score, each first put on a scale
-  anchored at its own null (``evaluate.null_normalized``); τ of the combination is the 95th percentile of the same
-  combination of each training image's best validation correlations.
+* ``memscan_best_of`` (= ``memscan audit --score best-of``) and ``best_of_spread``: per query, the better of pixel
+  Pearson and the fused score, each first put on a scale anchored at its own null (``evaluate.null_normalized``);
+  τ of the combination is the 95th percentile of the same combination of each training image's best validation
+  scores. ``best_of_aligned``: the same with the fused score after test-time alignment (``--score aligned``).
 * ``*_centered``: Pearson of the features minus the training set's mean feature vector (``center`` = the share
   subtracted), which removes the component every image of the anatomy shares.
+* ``memscan_default_v2t``: τ from each validation image's best training score instead.
 
 Usage (2 CPU cores; about 6 min per MRI case)::
 
@@ -47,7 +49,8 @@ def main() -> None:
     recipes = {"pixel": PIXEL, "memscan_default": DEFAULT, **{c: CANDIDATES[c] for c in args.candidates.split(",")}}
     for name in args.cases.split(","):
         t0 = time.time()
-        scores = score_case(cases[name], recipes, PERMUTATIONS.get(name, 3), log=lambda m: print(m, file=sys.stderr))
+        scores = score_case(cases[name], recipes, args.permutations or PERMUTATIONS.get(name, 3),
+                            log=lambda m: print(m, file=sys.stderr))
         summary = summarize(scores)
         names = list(recipes)
         print(f"### {name} ({scores['perm'].nunique()} permutations, {time.time() - t0:.0f} s)\n")

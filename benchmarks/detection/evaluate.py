@@ -139,19 +139,30 @@ def _max_of_rows(recipe: dict, name: str, pi: int, perm: tuple[str, str, str], g
         if sub.get("center"):
             feats = _centered(feats, groups[tr], float(sub["center"]))
         f_train = feats(groups[tr])
-        if recipe.get("calibration", "train_to_val") == "val_to_train":  # the null of a novel query
-            null, _ = topk_correlation(feats(groups[va]), f_train, 1, device="cpu")
+        if sub.get("align"):  # its best score after test-time alignment, calibrated on the same search
+            if (name, k, tr, "scoring") not in fitted:
+                fitted[(name, k, tr, "scoring")] = fit_detector(scoring_recipe(sub), groups[tr], seed=seed,
+                                                                encoders=encoders)
+            s_feats = fitted[(name, k, tr, "scoring")]
+            s_train = s_feats(groups[tr])
+
+            def best(images, _feats=feats, _s=s_feats, _sub=sub, _ft=f_train, _st=s_train):
+                return aligned_scores(_sub, images, groups[tr], _feats(images), _ft, _s(images), _st)
+
+            null = aligned_scores(sub, groups[tr], groups[va], f_train, feats(groups[va]), s_train,
+                                  s_feats(groups[va]))
         else:
-            null, _ = topk_correlation(f_train, feats(groups[va]), 1, device="cpu")
-        null = null[:, 0]
+            def best(images, _feats=feats, _ft=f_train):
+                return topk_correlation(_feats(images), _ft, 1, device="cpu")[0][:, 0]
+
+            if recipe.get("calibration", "train_to_val") == "val_to_train":  # the null of a novel query
+                null = best(groups[va])
+            else:
+                null = topk_correlation(f_train, feats(groups[va]), 1, device="cpu")[0][:, 0]
         tau_k = float(np.percentile(null, 95.0))
         nulls.append(null_normalized(null, null, tau_k, how))
-        q = {}
-        for f, st in sets:
-            for subj in (tr, un):
-                vals, _ = topk_correlation(feats(synth[(subj, f, st)]), f_train, 1, device="cpu")
-                q[(subj, f, st)] = null_normalized(vals[:, 0], null, tau_k, how)
-        queries.append(q)
+        queries.append({(subj, f, st): null_normalized(best(synth[(subj, f, st)]), null, tau_k, how)
+                        for f, st in sets for subj in (tr, un)})
     tau = float(np.percentile(np.max(nulls, axis=0), 95.0))
     rows = []
     for f, st in sets:

@@ -116,6 +116,9 @@ CANDIDATES["memscan_default_aligned_hp"] = {**copy.deepcopy(MEMSCAN_SCORES["fuse
 CANDIDATES["memscan_best_of"] = copy.deepcopy(MEMSCAN_SCORES["best-of"])
 CANDIDATES["best_of_spread"] = {**copy.deepcopy(MEMSCAN_SCORES["best-of"]), "normalize": "spread"}
 
+#: lever: best-of with the fused score after test-time alignment (memscan --score aligned) in place of the plain fused
+CANDIDATES["best_of_aligned"] = {"max_of": [copy.deepcopy(PIXEL), copy.deepcopy(CANDIDATES["memscan_default_aligned"])],
+                                 "normalize": "ceiling"}
 #: lever: Pearson of the features minus the training set's mean feature vector (the population component that
 #: every image of the anatomy shares), on pixels, the fused score, its embedding alone and the best-of score
 CANDIDATES["pixel_centered"] = {**copy.deepcopy(PIXEL), "center": 1.0}
