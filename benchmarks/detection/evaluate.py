@@ -1,7 +1,8 @@
 """Score every detector on every perturbation family, rotated over subject permutations.
 
 For one permutation (training, validation, unseen subject) and one detector:
-τ = 95th percentile of each training image's best validation correlation (Dar et al.; ``calibrate_threshold``);
+τ = 95th percentile (``memscan.metrics.percentile``) of each training image's best validation correlation (Dar
+et al.); a ``max_of`` recipe scores by the best of its parts, each scaled by its own null (``null_normalized``);
 positives = training images through a family, negatives = unseen-subject images through the same family;
 score = best correlation with the training set (``topk_correlation``). AUROC from the scores
 (``sklearn.metrics.roc_auc_score``), recall = share of positives above τ, FPR = share of negatives above τ.
@@ -10,13 +11,14 @@ score = best correlation with the training set (``topk_correlation``). AUROC fro
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 import time
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from memscan.metrics import calibrate_threshold, scale_to_null, topk_correlation
+from memscan.metrics import percentile, scale_to_null, topk_correlation
 from memscan.scoring import align_and_correlate, aligned_search
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
@@ -60,48 +62,32 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
     encoders: dict = {}  # recipes that differ only in scoring train their encoder once
     for name, recipe in recipes.items():
         recipe = recipe_for(recipe, dims)
+        parts = recipe.get("max_of") or [recipe]
+        how = recipe.get("normalize", "ceiling")
         for pi, (tr, va, un) in enumerate(perms):
-            if (name, tr) not in fitted and not recipe.get("max_of"):
-                t0 = time.time()
-                fitted[(name, tr)] = fit_detector(recipe, groups[tr], seed=seed, encoders=encoders)
-                log(f"  fitted {name} on {tr} in {time.time() - t0:.1f}s")
-            if recipe.get("max_of"):
-                rows += _max_of_rows(recipe, name, pi, (tr, va, un), groups, synth, sets, fitted, seed, encoders)
-                continue
-            feats = fitted[(name, tr)]
-            if recipe.get("center"):  # features minus a share of the training set's mean feature vector
-                feats = _centered(feats, groups[tr], float(recipe["center"]))
-            f_train, f_val = feats(groups[tr]), feats(groups[va])
-            if recipe.get("align"):
-                if (name, tr, "scoring") not in fitted:
-                    fitted[(name, tr, "scoring")] = fit_detector(scoring_recipe(recipe), groups[tr], seed=seed,
-                                                                 encoders=encoders)
-                s_feats = fitted[(name, tr, "scoring")]
-                s_train = s_feats(groups[tr])
-                t0 = time.time()
-                # the null of the same search: each training image against its validation candidates
-                tau = float(np.percentile(aligned_scores(recipe, groups[tr], groups[va], f_train, f_val, s_train,
-                                                         s_feats(groups[va])), 95.0))
-                for f, st in sets:
-                    for label, subj in ((1, tr), (0, un)):
-                        imgs = synth[(subj, f, st)]
-                        vals = aligned_scores(recipe, imgs, groups[tr], feats(imgs), f_train, s_feats(imgs), s_train)
-                        rows.append(pd.DataFrame({
-                            "perm": pi, "train": tr, "val": va, "unseen": un, "detector": name, "family": f,
-                            "strength": st, "label": label, "score": vals, "tau": tau}))
-                log(f"  aligned {name} perm {pi} in {time.time() - t0:.1f}s")
-                continue
-            if recipe.get("calibration", "train_to_val") == "val_to_train":
-                # the null of a novel image: each validation image's best training correlation
-                tau = calibrate_threshold(f_val, f_train, 95.0, device="cpu")
-            else:  # Dar et al.: each training image's best validation correlation
-                tau = calibrate_threshold(f_train, f_val, 95.0, device="cpu")
+            t0 = time.time()
+            scorers = [_scorer(part, (name, k), tr, va, groups, fitted, seed, encoders, log)
+                       for k, part in enumerate(parts)]
+            if len(scorers) == 1:  # the detector's own score and τ
+                (null, best), = scorers
+                tau = percentile(null, 95.0)
+                score = best
+            else:  # the best of the parts' scores, each scaled by its own null; τ on the same combination
+                taus = [percentile(null, 95.0) for null, _ in scorers]
+                tau = percentile(np.max([null_normalized(null, null, t, how) for (null, _), t in zip(scorers, taus)],
+                                        axis=0), 95.0)
+
+                def score(images, _scorers=scorers, _taus=taus):
+                    return np.max([null_normalized(best(images), null, t, how)
+                                   for (null, best), t in zip(_scorers, _taus)], axis=0)
+
             for f, st in sets:
                 for label, subj in ((1, tr), (0, un)):
-                    vals, _ = topk_correlation(feats(synth[(subj, f, st)]), f_train, 1, device="cpu")
                     rows.append(pd.DataFrame({
                         "perm": pi, "train": tr, "val": va, "unseen": un, "detector": name, "family": f,
-                        "strength": st, "label": label, "score": vals[:, 0], "tau": tau}))
+                        "strength": st, "label": label, "score": score(synth[(subj, f, st)]), "tau": tau}))
+            if any(part.get("align") for part in parts):
+                log(f"  aligned {name} perm {pi} in {time.time() - t0:.1f}s")
     return pd.concat(rows, ignore_index=True)
 
 
@@ -124,53 +110,42 @@ def null_normalized(scores: np.ndarray, null: np.ndarray, tau: float, how: str) 
     return (np.asarray(scores, dtype=np.float64) - tau) / max(tau - float(np.median(null)), 1e-12)
 
 
-def _max_of_rows(recipe: dict, name: str, pi: int, perm: tuple[str, str, str], groups: dict, synth: dict,
-                 sets: list, fitted: dict, seed: int, encoders: dict) -> list[pd.DataFrame]:
-    """Score rows of a ``max_of`` recipe: the best of its detectors' null-normalized scores; τ is the 95th
-    percentile of the same combination of each training image's best validation correlations (of each validation
-    image's best training correlations with ``calibration="val_to_train"``)."""
-    tr, va, un = perm
-    how = recipe.get("normalize", "ceiling")
-    nulls, queries = [], []
-    for k, sub in enumerate(recipe["max_of"]):
-        if (name, k, tr) not in fitted:
-            fitted[(name, k, tr)] = fit_detector(sub, groups[tr], seed=seed, encoders=encoders)
-        feats = fitted[(name, k, tr)]
-        if sub.get("center"):
-            feats = _centered(feats, groups[tr], float(sub["center"]))
-        f_train = feats(groups[tr])
-        if sub.get("align"):  # its best score after test-time alignment, calibrated on the same search
-            if (name, k, tr, "scoring") not in fitted:
-                fitted[(name, k, tr, "scoring")] = fit_detector(scoring_recipe(sub), groups[tr], seed=seed,
-                                                                encoders=encoders)
-            s_feats = fitted[(name, k, tr, "scoring")]
-            s_train = s_feats(groups[tr])
+def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: dict, seed: int, encoders: dict,
+            log) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """One detector on one permutation: its null and ``best(images)``, each image's best training score.
 
-            def best(images, _feats=feats, _s=s_feats, _sub=sub, _ft=f_train, _st=s_train):
-                return aligned_scores(_sub, images, groups[tr], _feats(images), _ft, _s(images), _st)
+    The null is every training image's best validation score (Dar et al.), or every validation image's best
+    training score with ``calibration="val_to_train"``; with ``align`` both come from the aligned search. The
+    fitted detector is cached in ``fitted`` under ``key + (tr,)``.
+    """
+    if key + (tr,) not in fitted:
+        t0 = time.time()
+        fitted[key + (tr,)] = fit_detector(recipe, groups[tr], seed=seed, encoders=encoders)
+        log(f"  fitted {key[0]} on {tr} in {time.time() - t0:.1f}s")
+    feats = fitted[key + (tr,)]
+    if recipe.get("center"):  # features minus a share of the training set's mean feature vector
+        feats = _centered(feats, groups[tr], float(recipe["center"]))
+    f_train = feats(groups[tr])
+    if recipe.get("align"):
+        if key + (tr, "scoring") not in fitted:
+            fitted[key + (tr, "scoring")] = fit_detector(scoring_recipe(recipe), groups[tr], seed=seed,
+                                                         encoders=encoders)
+        s_feats = fitted[key + (tr, "scoring")]
+        s_train = s_feats(groups[tr])
 
-            null = aligned_scores(sub, groups[tr], groups[va], f_train, feats(groups[va]), s_train,
-                                  s_feats(groups[va]))
-        else:
-            def best(images, _feats=feats, _ft=f_train):
-                return topk_correlation(_feats(images), _ft, 1, device="cpu")[0][:, 0]
+        def aligned(images: np.ndarray) -> np.ndarray:
+            return aligned_scores(recipe, images, groups[tr], feats(images), f_train, s_feats(images), s_train)
 
-            if recipe.get("calibration", "train_to_val") == "val_to_train":  # the null of a novel query
-                null = best(groups[va])
-            else:
-                null = topk_correlation(f_train, feats(groups[va]), 1, device="cpu")[0][:, 0]
-        tau_k = float(np.percentile(null, 95.0))
-        nulls.append(null_normalized(null, null, tau_k, how))
-        queries.append({(subj, f, st): null_normalized(best(synth[(subj, f, st)]), null, tau_k, how)
-                        for f, st in sets for subj in (tr, un)})
-    tau = float(np.percentile(np.max(nulls, axis=0), 95.0))
-    rows = []
-    for f, st in sets:
-        for label, subj in ((1, tr), (0, un)):
-            vals = np.max([q[(subj, f, st)] for q in queries], axis=0)
-            rows.append(pd.DataFrame({"perm": pi, "train": tr, "val": va, "unseen": un, "detector": name,
-                                      "family": f, "strength": st, "label": label, "score": vals, "tau": tau}))
-    return rows
+        # the null of the same search: each training image against its validation candidates
+        return aligned_scores(recipe, groups[tr], groups[va], f_train, feats(groups[va]), s_train,
+                              s_feats(groups[va])), aligned
+
+    def best(images: np.ndarray) -> np.ndarray:
+        return topk_correlation(feats(images), f_train, 1, device="cpu")[0][:, 0]
+
+    if recipe.get("calibration", "train_to_val") == "val_to_train":  # the null of a novel image
+        return best(groups[va]), best
+    return topk_correlation(f_train, feats(groups[va]), 1, device="cpu")[0][:, 0], best
 
 
 def scoring_recipe(recipe: dict) -> dict:
