@@ -60,6 +60,7 @@ __all__ = [
     "exit_on_gate",
     "DEMO_SETTINGS",
     "SCORES",
+    "CORRELATION_SCORES",
     "FUSED_WEIGHTS",
     "ALIGN_CANDIDATES",
     "score_features",
@@ -434,6 +435,8 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
 #: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment) or
 #: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null).
 SCORES = ("embedding", "fused", "aligned", "best-of")
+#: The score modes whose values are Pearson correlations ("aligned" and "best-of" scores are not).
+CORRELATION_SCORES = ("embedding", "fused")
 #: Candidates per query that ``score="aligned"`` aligns and re-scores.
 ALIGN_CANDIDATES = 5
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
@@ -709,7 +712,7 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
     pct = float(summary["percentile"])
     figures_dir = out_dir / "figures"
     score = summary["provenance"]["config"].get("score", "embedding")
-    is_r = score in ("embedding", "fused")  # "aligned" and "best-of" scores are not correlations
+    is_r = score in CORRELATION_SCORES
     dist_png = figure_to_png(plot_distributions(first.match.best_val_for_train,
                                                 {n: sa.match.best_synthetic_for_train for n, sa in set_audits.items()},
                                                 tau, percentile=pct,

@@ -71,11 +71,12 @@ def _pct(x: float | None) -> str:
 
 def format_result(result: Any) -> str:
     """A few lines per synthetic set: copies, memorized images and patients, verdict; then where the report is."""
+    from memscan.audit import CORRELATION_SCORES
     from memscan.report.tables import verdict
 
     s = result.summary
     score = (s.get("provenance") or {}).get("config", {}).get("score", "embedding")
-    what = "correlation" if score in ("embedding", "fused") else f"{score} score"  # aligned / best-of: not an r
+    what = "correlation" if score in CORRELATION_SCORES else f"{score} score"
     lines = [f"τ = {s['threshold']:.4f} ({s['percentile']:g}th percentile of {s['n_train']} training images' best "
              f"validation {what}; {s['n_val']} validation images)"]
     controls = s.get("controls") or {}
