@@ -973,6 +973,12 @@ def _best_of_sets(values: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     return np.take_along_axis(stacked, which[None], axis=0)[0], which
 
 
+def _best_of_located(values: Sequence[np.ndarray], indices: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_best_of_sets` of ``values`` and, per element, the index from the set that gave it."""
+    best, which = _best_of_sets(values)
+    return best, np.choose(which, indices)
+
+
 def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[ArrayLike], thresholds: Sequence[float],
                         *, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -999,8 +1005,7 @@ def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[Array
             raise InputError("best_of", f"every block must hold the same queries, got {len(values[0])} and {len(v)}")
         values.append(scale_to_null(v[:, 0], float(tau_b)))
         indices.append(i[:, 0])
-    best, which = _best_of_sets(values)
-    return best, np.choose(which, indices)
+    return _best_of_located(values, indices)
 
 
 def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, percentile: float = 95.0,
@@ -1171,10 +1176,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             if tau_b is not None:
                 t_v, s_v, v_v = (scale_to_null(x, tau_b) for x in (t_v, s_v, v_v))
             found.append((t_v, t_i, s_v, s_i, v_v))
-        best_syn_t, from_t = _best_of_sets([f[0] for f in found])
-        best_syn_t_idx = np.choose(from_t, [f[1] for f in found])
-        best_train_s, from_s = _best_of_sets([f[2] for f in found])
-        best_train_s_idx = np.choose(from_s, [f[3] for f in found])
+        best_syn_t, best_syn_t_idx = _best_of_located([f[0] for f in found], [f[1] for f in found])
+        best_train_s, best_train_s_idx = _best_of_located([f[2] for f in found], [f[3] for f in found])
         best_val_s = _best_of_sets([f[4] for f in found])[0]
 
     memorized = best_syn_t > tau
