@@ -516,16 +516,17 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
     # its mirror (Flipd's spatial axis 0) and the coarse pixels of both
     coarse = [max(1, int(n) // 4) for n in image_size]
     extra = {"aligned": alignment_size(image_size), "best-of": best_of_pixel_size(image_size)}.get(score)
-    feats = embed_mirrored(network, records, preprocess, mirror_axis=0,
-                           pixel_sizes=[coarse] + ([extra] if extra else []), batch_size=batch_size,
+    # the aligned and best-of pixels need no mirror image: the alignment mirrors itself, best-of is not mirrored
+    feats = embed_mirrored(network, records, preprocess, mirror_axis=0, pixel_sizes=[coarse],
+                           plain_pixel_sizes=[extra] if extra else [], batch_size=batch_size,
                            device=device, cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
                            precision=precision)
     (pixels, mirrored), aligned, plain = feats.pixels[0], None, None
     if score == "aligned":
-        plain_small = feats.pixels[1][0]
+        plain_small = feats.plain_pixels[0]
         aligned = plain_small.reshape(len(plain_small), -1, *extra)
     elif score == "best-of":  # standardised rows, like every block of the fused features
-        plain = standardize_rows(feats.pixels[1][0], "pixels")
+        plain = standardize_rows(feats.plain_pixels[0], "pixels")
     total = None
     for pix, emb in ((pixels, feats.embedding), (mirrored, feats.mirrored)):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")

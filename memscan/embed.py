@@ -15,7 +15,7 @@ import hashlib
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,19 +174,22 @@ class EmbeddingInferer(SimpleInferer):
 
 class MirroredFeatureInferer(EmbeddingInferer):
     """Per image of a batch: its embedding, its mirror image's embedding, then for each of ``pixel_sizes`` the
-    image's and the mirror image's area-downsampled pixels (flattened), as one row (:func:`embed_mirrored`).
+    image's and the mirror image's area-downsampled pixels, then for each of ``plain_pixel_sizes`` the image's alone
+    (flattened), as one row (:func:`embed_mirrored`).
 
     Args:
         precision: as :class:`EmbeddingInferer`.
         mirror_axis: the spatial axis to mirror (0 = the first spatial axis, as ``Flipd(spatial_axis=0)``).
-        pixel_sizes: spatial sizes of the downsampled pixels.
+        pixel_sizes: spatial sizes of the downsampled pixels of both images.
+        plain_pixel_sizes: spatial sizes of the downsampled pixels of the image alone.
     """
 
     def __init__(self, precision: str = "float32", mirror_axis: int = 0,
-                 pixel_sizes: Sequence[Sequence[int]] = ()) -> None:
+                 pixel_sizes: Sequence[Sequence[int]] = (), plain_pixel_sizes: Sequence[Sequence[int]] = ()) -> None:
         super().__init__(precision)
         self.mirror_axis = int(mirror_axis)
         self.pixel_sizes = [[int(n) for n in size] for size in pixel_sizes]
+        self.plain_pixel_sizes = [[int(n) for n in size] for size in plain_pixel_sizes]
         self.widths: list[int] = []  # the parts' column counts, known after the first batch
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
@@ -197,6 +200,7 @@ class MirroredFeatureInferer(EmbeddingInferer):
 
         for size in self.pixel_sizes:
             parts += [area_pixels(x, size).to(parts[0]) for x in (inputs, mirrored)]
+        parts += [area_pixels(inputs, size).to(parts[0]) for size in self.plain_pixel_sizes]
         self.widths = [int(p.shape[1]) for p in parts]
         return torch.cat(parts, dim=1)
 
@@ -317,11 +321,13 @@ class MirroredFeatures:
         embedding: the images' embeddings ``[N, D]``.
         mirrored: the mirror images' embeddings ``[N, D]``.
         pixels: per requested pixel size, ``(image pixels, mirror image pixels)``, each ``[N, C·prod(size)]``.
+        plain_pixels: per requested plain pixel size, the image's pixels ``[N, C·prod(size)]``.
     """
 
     embedding: np.ndarray
     mirrored: np.ndarray
     pixels: list[tuple[np.ndarray, np.ndarray]]
+    plain_pixels: list[np.ndarray] = field(default_factory=list)
 
 
 def embed_mirrored(
@@ -331,6 +337,7 @@ def embed_mirrored(
     *,
     mirror_axis: int = 0,
     pixel_sizes: Sequence[Sequence[int]] = (),
+    plain_pixel_sizes: Sequence[Sequence[int]] = (),
     batch_size: int = 16,
     device: str | torch.device = "auto",
     cache_dir: str | Path | None = None,
@@ -352,7 +359,9 @@ def embed_mirrored(
         network, records, preprocess, batch_size, device, cache_dir, checkpoint_sha256, num_workers, precision,
             progress: as :func:`embed_images`.
         mirror_axis: the spatial axis mirrored.
-        pixel_sizes: spatial sizes of the downsampled pixels returned.
+        pixel_sizes: spatial sizes of the downsampled pixels returned for the image and its mirror image.
+        plain_pixel_sizes: spatial sizes of the downsampled pixels returned for the image alone (no mirror pixels are
+            computed or held for these).
 
     Returns:
         The :class:`MirroredFeatures`.
@@ -369,23 +378,28 @@ def embed_mirrored(
         if cache is not None else [[], []]
     cached = [_load_cached(cache, k) for k in keys]
     sizes = [[int(n) for n in size] for size in pixel_sizes]
+    plain_sizes = [[int(n) for n in size] for size in plain_pixel_sizes]
     n = len(records)
     if cache is not None and n and all(len(c) == n for c in cached):
         pixels: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in sizes]
+        plain_only: list[list[np.ndarray]] = [[] for _ in plain_sizes]
         for start in range(0, n, int(batch_size)):  # batched: a large set never sits in memory at full size
             batch = preprocess_batch(preprocess, records[start:start + int(batch_size)])
             for (plain, mirror), size in zip(pixels, sizes):
                 plain.append(pixel_features(batch, size))
                 mirror.append(pixel_features(np.flip(batch, axis=2 + mirror_axis), size))
+            for plain, size in zip(plain_only, plain_sizes):
+                plain.append(pixel_features(batch, size))
         return MirroredFeatures(np.stack([cached[0][i] for i in range(n)]).astype(np.float32),
                                 np.stack([cached[1][i] for i in range(n)]).astype(np.float32),
-                                [(np.concatenate(plain), np.concatenate(mirror)) for plain, mirror in pixels])
+                                [(np.concatenate(plain), np.concatenate(mirror)) for plain, mirror in pixels],
+                                [np.concatenate(plain) for plain in plain_only])
     if n:
         logger.info("embedding %d image(s) and their mirror images on %s in %s", n, dev, resolved)
-    inferer = MirroredFeatureInferer(resolved, mirror_axis, sizes)
+    inferer = MirroredFeatureInferer(resolved, mirror_axis, sizes, plain_sizes)
     rows = _evaluate(network, records, preprocess, inferer, batch_size, dev, workers, progress) if n else \
         np.zeros((0, 0), np.float32)
-    bounds = np.cumsum([0, *inferer.widths]) if n else np.zeros(2 + 2 * len(sizes) + 1, int)
+    bounds = np.cumsum([0, *inferer.widths]) if n else np.zeros(2 + 2 * len(sizes) + len(plain_sizes) + 1, int)
     parts = [rows[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     embedding, mirrored = parts[0], parts[1]
     for part, key_list, done in zip((embedding, mirrored), keys, cached):
@@ -394,7 +408,7 @@ def embed_mirrored(
                 if i not in done:
                     save_npy_atomic(cache / f"{key_list[i]}.npy", part[i])
     pixels_out = [(parts[2 + 2 * j], parts[3 + 2 * j]) for j in range(len(sizes))]
-    return MirroredFeatures(embedding, mirrored, pixels_out)
+    return MirroredFeatures(embedding, mirrored, pixels_out, parts[2 + 2 * len(sizes):])
 
 
 def save_embeddings(array: np.ndarray, path: str | Path, files: Sequence[str] | None = None) -> Path:

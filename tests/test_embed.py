@@ -389,8 +389,8 @@ def test_embed_mirrored_equals_separate_passes_and_shares_their_cache(images, en
 
     pre = preprocess_transforms(CFG)
     cache = tmp_path / "cache"
-    feats = embed_mirrored(encoder, images, pre, pixel_sizes=[(8, 8), (16, 16)], batch_size=2, device="cpu",
-                           cache_dir=cache, precision=precision)
+    feats = embed_mirrored(encoder, images, pre, pixel_sizes=[(8, 8), (16, 16)], plain_pixel_sizes=[(12, 12)],
+                           batch_size=2, device="cpu", cache_dir=cache, precision=precision)
     plain = embed_images(encoder, images, pre, batch_size=3, device="cpu", precision=precision)
     flipped = embed_images(encoder, images, Compose([pre, Flipd(keys="image", spatial_axis=0)]), batch_size=3,
                            device="cpu", precision=precision)
@@ -402,6 +402,8 @@ def test_embed_mirrored_equals_separate_passes_and_shares_their_cache(images, en
     for (pix, mirror), size in zip(feats.pixels, [(8, 8), (16, 16)]):
         np.testing.assert_allclose(pix, pixel_features(batch, size), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(mirror, pixel_features(np.flip(batch, axis=2), size), rtol=1e-5, atol=1e-6)
+    assert len(feats.plain_pixels) == 1  # the image's pixels only: no mirror image is kept for a plain size
+    np.testing.assert_allclose(feats.plain_pixels[0], pixel_features(batch, (12, 12)), rtol=1e-5, atol=1e-6)
     assert len(list(cache.glob("*.npy"))) == 2 * len(images)  # plain and mirrored embeddings, never pixels
     cached_plain = embed_images(encoder, images, pre, batch_size=3, device="cpu", cache_dir=cache,
                                 precision=precision)
@@ -412,10 +414,11 @@ def test_embed_mirrored_equals_separate_passes_and_shares_their_cache(images, en
         raise AssertionError("every embedding was cached: no network pass expected")
 
     monkeypatch.setattr(embed_module, "_evaluate", no_network)
-    again = embed_mirrored(encoder, images, pre, pixel_sizes=[(8, 8), (16, 16)], batch_size=2, device="cpu",
-                           cache_dir=cache, precision=precision)
+    again = embed_mirrored(encoder, images, pre, pixel_sizes=[(8, 8), (16, 16)], plain_pixel_sizes=[(12, 12)],
+                           batch_size=2, device="cpu", cache_dir=cache, precision=precision)
     np.testing.assert_array_equal(again.embedding, feats.embedding)
     np.testing.assert_array_equal(again.mirrored, feats.mirrored)
     for (a, b), (c, d) in zip(again.pixels, feats.pixels):
         np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(b, d, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(again.plain_pixels[0], feats.plain_pixels[0], rtol=1e-6, atol=1e-7)
