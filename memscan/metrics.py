@@ -1055,8 +1055,9 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             pixels beside the embedding). Each set's correlations are first put on a common scale anchored at that
             set's own null, ``(r − τ_b) / (1 − τ_b)`` with τ_b calibrated on that set alone (so every τ_b maps to 0
             and an exact copy to 1); a pair's score is then the best of its sets' values, and every best match
-            above — calibration included — is taken on that score, so τ is the null of the combination. Not
-            combinable with ``refine``.
+            above — calibration included — is taken on that score, so τ is the null of the combination. With
+            ``refine``, the first set's values are its ``refine`` scores (pass the same features again in
+            ``best_of`` to keep their plain correlations as another set).
 
     Returns:
         :class:`MatchResult`. ``summary`` keys: threshold, percentile, n_train, n_val, n_synthetic,
@@ -1092,8 +1093,6 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     sets = {"train": train, "val": val, "synthetic": syn}
     blocks = [(train, val, syn)]
     if best_of:
-        if refine is not None:
-            raise InputError("best_of", "cannot be combined with refine")
         for b, triple in enumerate(best_of, start=1):
             if len(triple) != 3:
                 raise InputError(f"best_of[{b - 1}]", "must be a (train, val, synthetic) triple")
@@ -1125,11 +1124,11 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     halves = _split_halves(n_v, val_subjects, rng)
     parts = [np.arange(n_v)] if halves is None else list(halves)
     block_parts = []  # per feature set: (best per training row, best per validation row of half B) per part
-    for b_train, b_val, _ in blocks:
+    for b, (b_train, b_val, _) in enumerate(blocks):
         part_best, part_cols = [], []
         for k_part, rows in enumerate(parts):
             r_codes = None if v_codes is None else v_codes[rows]
-            if refine is not None:
+            if refine is not None and b == 0:  # refine re-scores the first feature set's candidates
                 part_best.append(refined("train", "val", ref_rows=rows, q_codes=t_codes, r_codes=r_codes)[0])
                 part_cols.append(None if halves is None or k_part == 0 else
                                  refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
@@ -1162,23 +1161,23 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         null_rate = float(np.mean(part_best[1] > null_tau))
         null_rate_copies = float(np.mean(part_cols[1] > null_tau))
 
-    if refine is not None:
-        best_syn_t, best_syn_t_idx = refined("train", "synthetic")
-        best_train_s, best_train_s_idx = refined("synthetic", "train")
-        best_val_s = refined("synthetic", "val")[0]
-    else:
-        found = []
-        for (b_train, b_val, b_syn), tau_b in zip(blocks, block_taus or [None]):
+    found = []
+    for b, ((b_train, b_val, b_syn), tau_b) in enumerate(zip(blocks, block_taus or [None])):
+        if refine is not None and b == 0:
+            t_v, t_i = refined("train", "synthetic")
+            s_v, s_i = refined("synthetic", "train")
+            v_v = refined("synthetic", "val")[0]
+        else:
             # train ↔ synthetic: row and column maxima from the same tiles
             t_v, t_i, s_v, s_i = best_matches(b_train, b_syn, **search)
             # synthetic → validation (for the table's best validation correlation)
             v_v = _exact_search(b_syn, b_val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
-            if tau_b is not None:
-                t_v, s_v, v_v = (scale_to_null(x, tau_b) for x in (t_v, s_v, v_v))
-            found.append((t_v, t_i, s_v, s_i, v_v))
-        best_syn_t, best_syn_t_idx = _best_of_located([f[0] for f in found], [f[1] for f in found])
-        best_train_s, best_train_s_idx = _best_of_located([f[2] for f in found], [f[3] for f in found])
-        best_val_s = _best_of_sets([f[4] for f in found])[0]
+        if tau_b is not None:
+            t_v, s_v, v_v = (scale_to_null(x, tau_b) for x in (t_v, s_v, v_v))
+        found.append((t_v, t_i, s_v, s_i, v_v))
+    best_syn_t, best_syn_t_idx = _best_of_located([f[0] for f in found], [f[1] for f in found])
+    best_train_s, best_train_s_idx = _best_of_located([f[2] for f in found], [f[3] for f in found])
+    best_val_s = _best_of_sets([f[4] for f in found])[0]
 
     memorized = best_syn_t > tau
     copies = best_train_s > tau

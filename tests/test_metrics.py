@@ -623,5 +623,40 @@ def test_match_best_of_feature_sets_is_the_null_scaled_maximum() -> None:
         match(*emb, device="cpu", n_bootstrap=0, best_of=[(pix[0], pix[1][:-1], pix[2])])
     with pytest.raises(InputError, match=r"best_of\[0\]"):
         match(*emb, device="cpu", n_bootstrap=0, best_of=[(pix[0], pix[1])])
-    with pytest.raises(InputError, match="refine"):
-        match(*emb, device="cpu", n_bootstrap=0, best_of=[pix], refine=lambda q, r, ref, c, v: (v[:, 0], c[:, 0]))
+
+
+def test_match_refine_with_best_of_rescores_the_first_set_only() -> None:
+    """``refine`` + ``best_of``: the first set's values are its refine scores (here tanh of the top correlation), the
+    other sets stay plain correlations, each scaled by its own τ_b — checked against dense matrices."""
+    rng = np.random.default_rng(12)
+    n, m, s = 40, 30, 25
+    emb = [rng.normal(size=(n, 8)), rng.normal(size=(m, 8)), rng.normal(size=(s, 8))]
+    pix = [rng.normal(size=(n, 20)), rng.normal(size=(m, 20)), rng.normal(size=(s, 20))]
+    emb[2][:4] = emb[0][:4] + 0.05 * rng.normal(size=(4, 8))
+    pix[2][4:7] = pix[0][10:13] + 0.05 * rng.normal(size=(3, 20))
+    subjects = dict(train_subjects=[f"t{i // 2}" for i in range(n)], val_subjects=[f"v{i // 3}" for i in range(m)])
+    calls: set[tuple[str, str]] = set()
+
+    def squash(query, rows, reference, candidates, values):
+        calls.add((query, reference))
+        return np.tanh(values[:, 0]), candidates[:, 0]
+
+    got = match(*emb, device="cpu", n_bootstrap=20, dtype="float64", best_of=[pix, emb], refine=squash, refine_k=3,
+                **subjects)
+    assert calls == {("train", "val"), ("val", "train"), ("train", "synthetic"), ("synthetic", "train"),
+                     ("synthetic", "val")}
+    blocks = []
+    for (t, v, y), f in ((emb, np.tanh), (pix, None), (emb, None)):
+        tv, ty, yv = (corr(a, b) for a, b in ((t, v), (t, y), (y, v)))
+        if f is not None:
+            tv, ty, yv = f(tv), f(ty), f(yv)
+        tau_b = np.percentile(tv.max(axis=1), 95.0)
+        blocks.append([(x - tau_b) / (1 - tau_b) for x in (tv, ty, yv)] + [tau_b])
+    assert got.summary["feature_set_thresholds"] == pytest.approx([b[3] for b in blocks], abs=1e-12)
+    tv, ts, sv = (np.max([b[k] for b in blocks], axis=0) for k in range(3))
+    assert got.threshold == pytest.approx(np.percentile(tv.max(axis=1), 95.0), abs=1e-12)
+    np.testing.assert_allclose(got.best_train_for_synthetic, ts.max(axis=0), atol=1e-12)
+    np.testing.assert_allclose(got.best_synthetic_for_train, ts.max(axis=1), atol=1e-12)
+    np.testing.assert_allclose(got.best_val_for_synthetic, sv.max(axis=1), atol=1e-12)
+    np.testing.assert_array_equal(got.synthetic_table["best_train_index"], ts.argmax(axis=0))
+    assert got.summary["refined"] and set(range(7)) <= set(np.flatnonzero(got.synthetic_table["copy"]))
