@@ -433,9 +433,11 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
 
 #: Score modes: ``"embedding"`` (Dar et al.'s score), ``"fused"`` (flip-invariant pixel + embedding features),
 #: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment) or
-#: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null).
-SCORES = ("embedding", "fused", "aligned", "best-of")
-#: The score modes whose values are Pearson correlations ("aligned" and "best-of" scores are not).
+#: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null) or
+#: ``"best-of-aligned"`` (the best of three, each scaled by its own null: pixel Pearson, the fused score, and the
+#: aligned pixel correlation of the fused features' top candidates).
+SCORES = ("embedding", "fused", "aligned", "best-of", "best-of-aligned")
+#: The score modes whose values are Pearson correlations (the aligned and best-of scores are not).
 CORRELATION_SCORES = ("embedding", "fused")
 #: Candidates per query that ``score="aligned"`` aligns and re-scores.
 ALIGN_CANDIDATES = 5
@@ -459,8 +461,8 @@ class _SetFeatures(NamedTuple):
     """What :func:`_score_features` computes for one set."""
 
     features: np.ndarray  # the matched features (embedding or fused)
-    aligned: np.ndarray | None  # score="aligned": the coarse images it aligns
-    pixels: np.ndarray | None  # score="best-of": the pixel features beside the fused ones
+    aligned: np.ndarray | None  # score="aligned" / "best-of-aligned": the coarse images it aligns
+    pixels: np.ndarray | None  # score="best-of" / "best-of-aligned": the pixel features beside the fused ones
 
 
 def score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str = "embedding",
@@ -498,9 +500,9 @@ def score_features(network: Any, records: Sequence[Mapping[str, Any]], preproces
 def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str,
                     image_size: Sequence[int], batch_size: int, device: str, cache_dir: str | os.PathLike[str] | None,
                     checkpoint_sha256: str | None, precision: str) -> _SetFeatures:
-    """:func:`score_features` and, for ``score="aligned"``, the images it aligns (``[N, C, *alignment_size]``) or,
-    for ``score="best-of"``, the pixel features at :func:`best_of_pixel_size`, taken from the same preprocessed
-    batches as the fused pixels."""
+    """:func:`score_features` and, for ``score="aligned"`` / ``"best-of-aligned"``, the images it aligns
+    (``[N, C, *alignment_size]``) and, for ``score="best-of"`` / ``"best-of-aligned"``, the pixel features at
+    :func:`best_of_pixel_size`, taken from the same preprocessed batches as the fused pixels."""
     from memscan.embed import embed_images, embed_mirrored
     from memscan.scoring import fuse_features, standardize_rows
 
@@ -515,18 +517,20 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
     # images, "best-of" also matches pixels); one pass decodes each file once for the embeddings of the image and
     # its mirror (Flipd's spatial axis 0) and the coarse pixels of both
     coarse = [max(1, int(n) // 4) for n in image_size]
-    extra = {"aligned": alignment_size(image_size), "best-of": best_of_pixel_size(image_size)}.get(score)
+    align = alignment_size(image_size) if score in ("aligned", "best-of-aligned") else None
+    best = best_of_pixel_size(image_size) if score in ("best-of", "best-of-aligned") else None
+    extra = [size for size in (align, best) if size is not None]
     # the aligned and best-of pixels need no mirror image: the alignment mirrors itself, best-of is not mirrored
     feats = embed_mirrored(network, records, preprocess, mirror_axis=0, pixel_sizes=[coarse],
-                           plain_pixel_sizes=[extra] if extra else [], batch_size=batch_size,
+                           plain_pixel_sizes=extra, batch_size=batch_size,
                            device=device, cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
                            precision=precision)
     (pixels, mirrored), aligned, plain = feats.pixels[0], None, None
-    if score == "aligned":
+    if align is not None:
         plain_small = feats.plain_pixels[0]
-        aligned = plain_small.reshape(len(plain_small), -1, *extra)
-    elif score == "best-of":  # standardised rows, like every block of the fused features
-        plain = standardize_rows(feats.plain_pixels[0], "pixels")
+        aligned = plain_small.reshape(len(plain_small), -1, *align)
+    if best is not None:  # standardised rows, like every block of the fused features
+        plain = standardize_rows(feats.plain_pixels[-1], "pixels")
     total = None
     for pix, emb in ((pixels, feats.embedding), (mirrored, feats.mirrored)):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
@@ -688,6 +692,13 @@ _SCORE_TEXT = {
                "correlation and the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), each rescaled "
                "as (r − τ_b) / (1 − τ_b) with its own threshold τ_b, so 0 is that score's threshold and 1 an exact "
                "copy. Every score below, τ included, is on that scale, not a correlation.",
+    "best-of-aligned": "Score (memscan --score best-of-aligned, not the paper's): per pair, the best of three "
+                       "scores, each rescaled as (r − τ_b) / (1 − τ_b) with its own threshold τ_b: the --score fused "
+                       "correlation, the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), and the "
+                       "pixel correlation after aligning each of the fused features' 5 nearest candidates to the "
+                       "image (mirror, rotation ±12°, zoom 0.8–1.25, translation up to 15%). 0 is a score's "
+                       "threshold and 1 an exact copy. Every score below, τ included, is on that scale, not a "
+                       "correlation.",
 }
 
 
@@ -868,8 +879,12 @@ def audit(
             pixel Pearson at :func:`best_of_pixel_size`, each scaled by its own τ_b, ``memscan.metrics.match``'s
             ``best_of``: catches blends of a training image with another image and contrast or detail changes that
             the embedding misses, at more false alarms on new patients; docs/benchmarks/detection_candidates.md;
-            the pixels are written as ``embeddings/<set>_pixels.npy``); τ and everything downstream are computed on
-            the chosen score.
+            the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of three
+            scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` and
+            the aligned pixel correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates; the most
+            sensitive score of the detection benchmark, which also flags the most new patients' images;
+            docs/benchmarks/detection_candidates.md); τ and everything downstream are computed on the chosen
+            score.
         precision: embedding precision, ``"auto"`` (float16 on CUDA, bfloat16 on CPUs with native bf16, else
             float32), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :func:`memscan.embed.resolve_precision`);
             the resolved one is recorded in ``summary.json``.
@@ -886,7 +901,7 @@ def audit(
 
     from memscan.data import check_sets
     from memscan.embed import configured_preprocess, embed_images, file_sha256, resolve_precision
-    from memscan.metrics import best_of_correlation, match, resolve_device, topk_correlation
+    from memscan.metrics import best_of_correlation, match, resolve_device, scale_to_null, topk_correlation
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
@@ -974,8 +989,8 @@ def audit(
     spatial_size = list(as_spatial_size(settings["image_size"], dims))
     all_sets = {"train": train_set, "val": val_set, **syn_sets}
     embeddings: dict[str, np.ndarray] = {}
-    aligned_images: dict[str, np.ndarray] = {}  # score="aligned": coarse images of every set
-    pixel_sets: dict[str, np.ndarray] = {}  # score="best-of": pixel features of every set
+    aligned_images: dict[str, np.ndarray] = {}  # aligned scores: coarse images of every set
+    pixel_sets: dict[str, np.ndarray] = {}  # best-of scores: pixel features of every set
     for name, s in all_sets.items():
         logger.info("embedding %s: %d image(s)", name, len(s))
         found = _score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
@@ -1027,18 +1042,24 @@ def audit(
     set_audits: dict[str, SetAudit] = {}
     controls_block: dict[str, Any] = {"n": n_controls}
     axes = _alignment(preprocess_cfg)
+    # best-of-aligned scores the aligned pixels alone: the fused features are one of its other sets
+    align_axes = {**axes, "weights": {"pixel": 1.0, "features": 0.0}} if score == "best-of-aligned" else axes
     for name, s in syn_sets.items():
         logger.info("matching %s against the training set", name)
         syn_paths = [r["image"] for r in s.records]
-        refine = None
-        if score == "aligned":
+        refine, best_of = None, None
+        if aligned_images:
             refine = _aligned_refine({"train": aligned_images["train"], "val": aligned_images["val"],
-                                      "synthetic": aligned_images[name]}, axes)
+                                      "synthetic": aligned_images[name]}, align_axes)
+        if pixel_sets:
+            best_of = [(pixel_sets["train"], pixel_sets["val"], pixel_sets[name])]
+            if refine is not None:  # best-of-aligned: the fused features' own correlations are the third set
+                best_of.append((embeddings["train"], embeddings["val"], embeddings[name]))
         res = match(embeddings["train"], embeddings["val"], embeddings[name], percentile, device,
                     train_subjects=train_subjects if split_by_subject else None,
                     val_subjects=val_subjects if split_by_subject else None, n_bootstrap=n_bootstrap, seed=seed,
                     train_ids=train_paths, synthetic_ids=syn_paths, refine=refine, refine_k=ALIGN_CANDIDATES,
-                    best_of=[(pixel_sets["train"], pixel_sets["val"], pixel_sets[name])] if pixel_sets else None)
+                    best_of=best_of)
         block = dict(res.summary)
         n_subj_mem, n_subj = _subject_counts(train_set.records, res.train_table["memorized"].to_numpy(bool))
         block.update({"n_memorized_subjects": n_subj_mem, "n_train_subjects": n_subj,
@@ -1055,19 +1076,29 @@ def audit(
         block.update({k: v for k, v in ct.items()})
         block.update({"authenticity": auth["authenticity"], "n_unauthentic": auth["n_unauthentic"]})
         if n_controls and not controls_block.get("threshold"):
+            aligned_v = aligned_i = None
+            if refine is not None:  # the same re-scoring as the synthetic images
+                cand_v, cand_i = topk_correlation(control_emb, embeddings["train"],
+                                                  min(ALIGN_CANDIDATES, len(train_set)), device=device)
+                aligned_v, aligned_i = _aligned_refine(
+                    {"controls": aligned_images["controls"], "train": aligned_images["train"]},
+                    align_axes)("controls", np.arange(n_controls), "train", cand_i, cand_v)
             if pixel_sets:  # the same best-of score as the synthetic images, on this set's τ_b
-                values, indices = best_of_correlation([control_emb, pixel_sets["controls"]],
-                                                      [embeddings["train"], pixel_sets["train"]],
-                                                      res.summary["feature_set_thresholds"], device=device)
+                taus = res.summary["feature_set_thresholds"]
+                plain = [(control_emb, embeddings["train"]), (pixel_sets["controls"], pixel_sets["train"])]
+                if refine is not None:  # best-of-aligned's sets: aligned, pixels, fused
+                    plain = plain[::-1]
+                values, indices = best_of_correlation([q for q, _ in plain], [r for _, r in plain],
+                                                      taus[1:] if refine is not None else taus, device=device)
+                if refine is not None:  # the aligned set is the first (it wins ties, as in match)
+                    aligned_v = scale_to_null(aligned_v, taus[0])
+                    take = aligned_v >= values
+                    values, indices = np.where(take, aligned_v, values), np.where(take, aligned_i, indices)
                 values, indices = values[:, None], indices[:, None]
             elif refine is None:
                 values, indices = topk_correlation(control_emb, embeddings["train"], 1, device=device)
-            else:  # the same re-scoring as the synthetic images
-                cand_v, cand_i = topk_correlation(control_emb, embeddings["train"],
-                                                  min(ALIGN_CANDIDATES, len(train_set)), device=device)
-                found = _aligned_refine({"controls": aligned_images["controls"], "train": aligned_images["train"]},
-                                        axes)("controls", np.arange(n_controls), "train", cand_i, cand_v)
-                values, indices = found[0][:, None], found[1][:, None]
+            else:
+                values, indices = aligned_v[:, None], aligned_i[:, None]
             caught = values[:, 0] > res.threshold
             controls_block.update({
                 "n_caught": int(caught.sum()), "share_caught": float(caught.mean()),
