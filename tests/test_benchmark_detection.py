@@ -115,7 +115,7 @@ def test_scores_of_one_encoder_share_its_training(monkeypatch):
     recipes = {name: shrink(r) for name, r in presets.MEMSCAN_SCORES.items()}
     case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(6, 20 + i) for i in range(3)}}
     scores = evaluate.score_case(case, recipes, 1, ["exact"], log=lambda *_: None)
-    assert len(calls) == 1 and set(scores["detector"]) == {"embedding", "fused", "best-of"}
+    assert len(calls) == 1 and set(scores["detector"]) == {"embedding", "fused", "best-of", "best-of-aligned"}
     by = scores.groupby("detector")["score"].apply(np.asarray)
     assert not np.allclose(by["embedding"], by["fused"])  # same encoder, different scores
 
@@ -165,6 +165,45 @@ def test_max_of_recipe_is_memscans_best_of_score():
     assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)
     exact = scores[(scores.detector == "centered") & (scores.family == "exact") & (scores.label == 1)]
     np.testing.assert_allclose(exact["score"], 1.0, atol=1e-5)
+
+
+def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
+    """``presets.MEMSCAN_SCORES["best-of-aligned"]``'s structure (pixels, retrieval features, their candidates
+    re-scored by aligned pixels alone) scores and calibrates τ as ``memscan.metrics.match(refine=..., best_of=...)``
+    does (``memscan audit --score best-of-aligned``), here with coarse pixels as the retrieval features."""
+    from memscan.metrics import match
+    from memscan.scoring import align_and_correlate, pixel_features, standardize_rows
+
+    product = presets.MEMSCAN_SCORES["best-of-aligned"]
+    assert product["max_of"][0] == presets.PIXEL and product["max_of"][1] == presets.MEMSCAN_SCORES["fused"]
+    align = product["max_of"][2]["align"]
+    assert align["weights"] == {"pixel": 1.0, "features": 0.0} and align["scoring"] == "retrieval"
+    coarse = {**presets.PIXEL, "pixel": [[4, 1.0]]}
+    recipe = {"max_of": [presets.PIXEL, coarse, {**coarse, "align": dict(align)}], "normalize": "ceiling"}
+    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(10, 40 + i) for i in range(3)}}
+    families = ["exact", "shift_rotate"]
+    scores = evaluate.score_case(case, {"boa": recipe}, 1, families, log=lambda *_: None)
+    tr, va, _ = evaluate.permutations(sorted(case["groups"]), 1)[0]
+    k, (fam, strength) = next((k, s) for k, s in enumerate(perturb.settings(families)) if s[0] == "shift_rotate")
+    query = perturb.perturb(case["groups"][tr], fam, strength, seed=7 * k)
+    images = {"train": case["groups"][tr], "val": case["groups"][va], "synthetic": query}
+    size = [n // align["factor"] for n in query.shape[2:]]
+
+    def refine(q, rows, ref, candidates, values):
+        found = align_and_correlate(images[q][rows], images[ref], candidates, feature_scores=values,
+                                    weights=align["weights"], size=size, flip_axes=())
+        return found.score, found.index
+
+    pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}
+    crs = {k: standardize_rows(pixel_features(x, [4, 4])) for k, x in images.items()}
+    ref = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
+                refine_k=align["k"], best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)])
+    got = scores[(scores.family == fam) & (scores.strength == strength) & (scores.label == 1)]
+    assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)
+    np.testing.assert_allclose(got["score"], ref.best_train_for_synthetic, atol=1e-6)
+    plain = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0,
+                  best_of=[tuple(pix[k] for k in images)])
+    assert not np.allclose(plain.best_train_for_synthetic, ref.best_train_for_synthetic)  # the aligned set counts
 
 
 def test_max_of_recipe_with_an_aligned_detector():

@@ -67,6 +67,14 @@ CANDIDATES: dict[str, dict] = {
                        "embedding_weight": 2.0, "tta_flip": True},
 }
 
+#: test-time geometric alignment (``evaluate.aligned_scores`` → ``memscan.scoring.aligned_search``): top-``k``
+#: candidates by the recipe's features, each aligned to the query (flip × rotation ±12° × zoom 0.8-1.25 × FFT
+#: translation ≤ 15%, sub-pixel peak) on images ``factor``× smaller per axis; pair score = aligned pixel Pearson
+#: fused by ``weights`` with the correlation of ``scoring`` features: ``"retrieval"`` = the recipe's own (fused)
+#: features, ``"embedding"`` = its embedding alone. Chosen on 2D MRI, 1 permutation (docs/benchmarks/
+#: detection_alignment.md lists the settings tried).
+ALIGN: dict = {"factor": 2, "k": 5, "scoring": "retrieval", "weights": {"pixel": 1.0, "features": 1.0}}
+
 #: the score ``memscan audit`` uses when none is given
 DEFAULT_SCORE: str = inspect.signature(audit).parameters["score"].default
 
@@ -87,21 +95,20 @@ def memscan_recipe(score: str) -> dict:
     if score == "best-of":  # match(best_of=[pixels]): the better of pixel Pearson (best_of_pixel_size keeps the
         # benchmark's images whole) and the fused score, each scaled by its own τ_b
         return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused")], "normalize": "ceiling"}
+    if score == "best-of-aligned":  # match(refine=aligned pixels, best_of=[pixels, fused]): the best of pixel Pearson,
+        # the fused score and the aligned pixels of the fused features' top candidates (alignment_size = half the
+        # benchmark's images), each scaled by its own τ_b
+        aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "weights": {"pixel": 1.0, "features": 0.0}}}
+        return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused"), aligned], "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
 
 
-MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score) for score in ("embedding", "fused", "best-of")}
+MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score)
+                                   for score in ("embedding", "fused", "best-of", "best-of-aligned")}
 
 # what memscan runs by default (training preset "default" + the audit's default score)
 DEFAULT: dict = copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE])
 
-#: test-time geometric alignment (``evaluate.aligned_scores`` → ``memscan.scoring.aligned_search``): top-``k``
-#: candidates by the recipe's features, each aligned to the query (flip × rotation ±12° × zoom 0.8-1.25 × FFT
-#: translation ≤ 15%, sub-pixel peak) on images ``factor``× smaller per axis; pair score = aligned pixel Pearson
-#: fused by ``weights`` with the correlation of ``scoring`` features: ``"retrieval"`` = the recipe's own (fused)
-#: features, ``"embedding"`` = its embedding alone. Chosen on 2D MRI, 1 permutation (docs/benchmarks/
-#: detection_alignment.md lists the settings tried).
-ALIGN: dict = {"factor": 2, "k": 5, "scoring": "retrieval", "weights": {"pixel": 1.0, "features": 1.0}}
 CANDIDATES["memscan_default_aligned"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "align": copy.deepcopy(ALIGN)}
 CANDIDATES["memscan_default_aligned_emb"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]),
                                              "align": {**copy.deepcopy(ALIGN), "scoring": "embedding"}}
@@ -147,3 +154,9 @@ def recipe_for(recipe: dict, spatial_dims: int) -> dict:
         if enc.get("memscan_preset"):
             enc["temperature"] = PRESETS[enc.pop("memscan_preset")][spatial_dims]["temperature"]
     return r
+
+#: lever: aligned pixels alone (the fused features only retrieve the 5 candidates), and the best of three scores, each
+#: scaled by its own null: plain pixel Pearson (mixtures, detail loss, contrast), the fused score (elastic warps,
+#: flips) and the aligned pixels (shift, rotation, crop/resize) — ``memscan audit --score best-of-aligned``
+CANDIDATES["aligned_pixels"] = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]["max_of"][2])
+CANDIDATES["best_of_three"] = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
