@@ -369,6 +369,9 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     keep[np.ix_(*[sorted({i % s for i in range(-w, w + 1)}) for w, s in zip(win, spatial)])] = True
     allowed = torch.from_numpy(np.flatnonzero(keep))
 
+    # the sampling grid of each warp depends only on the warp: built once, repeated for every reference of a chunk
+    # (affine_grid per chunk was half the search's time on a CPU)
+    base_grid = F.affine_grid(theta, [n_t, q_t.shape[1], *spatial], align_corners=False)  # [T, *spatial, dims]
     pixel = np.full((n, k), -np.inf)
     per_query = k * n_t * int(np.prod(spatial)) * q_t.shape[1]
     chunk = max(1, int(budget) // max(1, per_query))
@@ -381,8 +384,7 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             used, inverse = np.unique(c[valid], return_inverse=True)
             refs = r_t[torch.from_numpy(used)]  # [U, C, *spatial]
             u = len(used)
-            grid = F.affine_grid(theta.repeat(u, *([1] * (theta.ndim - 1))),
-                                 [u * n_t, refs.shape[1], *spatial], align_corners=False)
+            grid = base_grid.repeat(u, *([1] * (base_grid.ndim - 1)))
             warped = F.grid_sample(refs.repeat_interleave(n_t, dim=0), grid, mode="bilinear", padding_mode="zeros",
                                    align_corners=False)  # [U·T, C, *spatial]
             w_std, w_norm = _standardize_images(warped)
