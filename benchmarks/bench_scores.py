@@ -1,0 +1,115 @@
+"""Benchmark of the audit's score modes: the matching step's time for each ``memscan audit --score``, side by side.
+
+Same sets, same CPU, one run: ``--n`` training, validation and synthetic 2D images (smooth random fields at the
+detection benchmark's 64², a tenth of the synthetic set planted as shifted copies), each set with the features the
+audit computes for it — the fused features (coarse 16² pixels + a 128-d embedding, here random), the best-of pixels
+(64²) and the aligned images (32²) — then :func:`memscan.metrics.match` as the audit calls it for each mode
+(``fused``: plain; ``best-of``: ``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the
+feature correlation; ``best-of-aligned``: ``refine`` = aligned pixels, ``best_of=[pixels, fused]``). Modes are
+interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
+the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not included.
+
+Usage::
+
+    nice python benchmarks/bench_scores.py [--n 1000] [--repeats 2] [--threads 2] [--out docs/benchmarks/scores.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memscan.audit import ALIGN_CANDIDATES, _aligned_refine
+from memscan.metrics import match
+from memscan.scoring import pixel_features, standardize_rows
+
+
+def smooth_fields(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n, 1, size, size]`` random fields blurred to a few blobs, in [0, 1]."""
+    x = torch.as_tensor(rng.normal(size=(n, 1, size, size)), dtype=torch.float32)
+    k = torch.ones(1, 1, 9, 9) / 81.0
+    for _ in range(3):
+        x = F.conv2d(F.pad(x, (4, 4, 4, 4), mode="reflect"), k)
+    x = x - x.amin(dim=(2, 3), keepdim=True)
+    return (x / x.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)).numpy()
+
+
+def build(n: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Images and per-mode features of the three sets."""
+    rng = np.random.default_rng(seed)
+    images = {name: smooth_fields(n, 64, rng) for name in ("train", "val", "synthetic")}
+    k = max(1, n // 10)
+    images["synthetic"][:k] = np.roll(images["train"][:k], shift=(3, -2), axis=(2, 3))  # planted shifted copies
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, img in images.items():
+        emb = rng.normal(size=(n, 128)).astype(np.float32)
+        if name == "synthetic":
+            emb[:k] = out["train"]["embedding"][:k] + 0.1 * rng.normal(size=(k, 128)).astype(np.float32)
+        fused = np.concatenate([standardize_rows(pixel_features(img, [16, 16])), 2.0 * standardize_rows(emb)], 1)
+        out[name] = {"embedding": emb, "fused": standardize_rows(fused), "pixels": standardize_rows(pixel_features(img)),
+                     "aligned": pixel_features(img, [32, 32]).reshape(n, 1, 32, 32)}
+    return out
+
+
+def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict]:
+    """One audit-style match for ``mode``: (seconds, summary)."""
+    feats = [sets[k]["fused"] for k in ("train", "val", "synthetic")]
+    pixels = tuple(sets[k]["pixels"] for k in ("train", "val", "synthetic"))
+    images = {k: sets[k]["aligned"] for k in ("train", "val", "synthetic")}
+    axes = {"flip_axes": (-1,), "plane": (-2, -1)}
+    kwargs: dict = {}
+    if mode == "best-of":
+        kwargs = {"best_of": [pixels]}
+    elif mode == "aligned":
+        kwargs = {"refine": _aligned_refine(images, axes), "refine_k": ALIGN_CANDIDATES}
+    elif mode == "best-of-aligned":
+        kwargs = {"refine": _aligned_refine(images, {**axes, "weights": {"pixel": 1.0, "features": 0.0}}),
+                  "refine_k": ALIGN_CANDIDATES, "best_of": [pixels, tuple(feats)]}
+    t0 = time.perf_counter()
+    res = match(*feats, device="cpu", n_bootstrap=200, seed=0, **kwargs)
+    return time.perf_counter() - t0, res.summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1000, help="images per set")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sets = build(args.n)
+    modes = ("fused", "best-of", "aligned", "best-of-aligned")
+    best: dict[str, float] = {}
+    summaries: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for mode in modes:  # interleaved, so load from other jobs spreads over every mode
+            seconds, summaries[mode] = run_mode(mode, sets)
+            best[mode] = min(best.get(mode, np.inf), seconds)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = ["memscan score-mode benchmark (benchmarks/bench_scores.py)",
+             f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+             f"{args.threads} threads; date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load {load:.2f}",
+             f"match() as the audit calls it, {args.n} training, validation and synthetic 64² images each "
+             f"({args.n // 10} planted shifted copies), 200 bootstrap draws, best of {args.repeats} interleaved runs:"]
+    for mode in modes:
+        s = summaries[mode]
+        lines.append(f"  --score {mode:<16} {best[mode]:8.2f} s  {best[mode] / best['fused']:7.1f}× fused   "
+                     f"τ {s['threshold']:.4f}, copies {s['n_copies_synthetic']}/{args.n}")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
