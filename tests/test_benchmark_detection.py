@@ -204,6 +204,15 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     plain = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0,
                   best_of=[tuple(pix[k] for k in images)])
     assert not np.allclose(plain.best_train_for_synthetic, ref.best_train_for_synthetic)  # the aligned set counts
+    # evaluate.match_recipe (the DDPM audit's path) builds the same match from the recipe itself
+    via_recipe = evaluate.match_recipe(recipe, images["train"], images["val"], query, device="cpu", n_bootstrap=0)
+    assert via_recipe.threshold == pytest.approx(ref.threshold, abs=1e-9)
+    np.testing.assert_allclose(via_recipe.best_train_for_synthetic, ref.best_train_for_synthetic, atol=1e-9)
+    np.testing.assert_array_equal(via_recipe.synthetic_table["best_train_index"], ref.synthetic_table["best_train_index"])
+    single = evaluate.match_recipe(presets.PIXEL, images["train"], images["val"], query, device="cpu", n_bootstrap=0)
+    np.testing.assert_allclose(single.best_train_for_synthetic,
+                               match(pix["train"], pix["val"], pix["synthetic"], device="cpu",
+                                     n_bootstrap=0).best_train_for_synthetic, atol=1e-9)
 
 
 def test_max_of_recipe_with_an_aligned_detector():

@@ -2,7 +2,8 @@
 
 The DDPM of ``generator.py`` is trained on 16 axial slices (32²) of one subject; a second subject's slices are the
 validation set for τ. Each detector (pixel, paper, memscan default) is fitted on the 16 training slices and flags
-a sample as a copy when its best training correlation exceeds τ (``memscan.metrics.match``). The reference is
+a sample as a copy when its best training score exceeds τ (``memscan.metrics.match``, through
+``evaluate.match_recipe`` so best-of recipes are scored as ``memscan audit`` scores them). The reference is
 SSIM (``monai.metrics.SSIMMetric``): a sample is an SSIM copy when its best SSIM with a training slice exceeds
 the 95th percentile of the training slices' best SSIM with the validation subject — the same calibration rule.
 """
@@ -19,13 +20,11 @@ import torch
 from monai.metrics import SSIMMetric
 from monai.transforms import Resize
 
-from memscan.metrics import match
-
 try:
-    from .detectors import fit_detector
+    from .evaluate import match_recipe
     from .generator import generator_training_set, sample_generator, train_generator
 except ImportError:  # pragma: no cover - run as a script
-    from detectors import fit_detector
+    from evaluate import match_recipe
     from generator import generator_training_set, sample_generator, train_generator
 
 __all__ = ["ssim_matrix", "run_generator_audit"]
@@ -66,9 +65,8 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
     ssim_copy = ssim_best > tau_ssim
 
     rows, flags = [], {}
-    for name, recipe in recipes.items():
-        feats = fit_detector(recipe, train, seed=0)
-        res = match(feats(train), feats(val), feats(samples), 95.0, device="cpu", n_bootstrap=200)
+    for name, recipe in recipes.items():  # as memscan audit scores it (best-of recipes: best_of / refine)
+        res = match_recipe(recipe, train, val, samples, seed=0, percentile=95.0, device="cpu", n_bootstrap=200)
         flag = res.synthetic_table["copy"].to_numpy().astype(bool)
         flags[name] = flag
         same_nn = float((res.synthetic_table["best_train_index"].to_numpy() == ssim_nn).mean())
@@ -87,7 +85,8 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
         f"SSIM reference: τ_SSIM = {tau_ssim:.3f} (95th percentile of train→validation best SSIM); "
         f"{int(ssim_copy.sum())}/{n_samples} samples are SSIM copies; best-SSIM median {np.median(ssim_best):.3f} "
         f"(validation slices vs training: {np.median(ssim_matrix(val, train).max(1)):.3f}). Flags: a sample whose best "
-        "training correlation exceeds the detector's τ (`memscan.metrics.match`).",
+        "training score exceeds the detector's τ (`memscan.metrics.match`; memscan_best_of_aligned = "
+        "`memscan audit --score best-of-aligned`).",
         "",
         "| detector | τ | flagged copies | flagged & SSIM copy | flagged only | SSIM copy missed | agreement | "
         "same nearest slice as SSIM |",
@@ -104,7 +103,8 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
 
 
 def _mark(name: str) -> str:
-    return {"pixel": "X", "paper": "P", "memscan_default": "M"}.get(name, name[0].upper())
+    return {"pixel": "X", "paper": "P", "memscan_default": "M", "memscan_best_of_aligned": "B"}.get(name,
+                                                                                                 name[0].upper())
 
 
 def _pairs_figure(samples, train, ssim_best, ssim_nn, ssim_copy, flags, path: Path, n: int = 8) -> None:

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     from perturb import perturb, settings
     from presets import recipe_for
 
-__all__ = ["permutations", "score_case", "summarize", "scoring_recipe", "aligned_scores"]
+__all__ = ["permutations", "score_case", "summarize", "scoring_recipe", "aligned_scores", "match_recipe"]
 
 
 def permutations(subjects: list[str], n: int) -> list[tuple[str, str, str]]:
@@ -188,6 +188,45 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
     fused = (wp * ((1 - w) * res.pixel + w * hp) + wf * feat) / (wp + wf)
     fused[res.candidates < 0] = -np.inf
     return fused.max(axis=1)
+
+
+def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.ndarray, seed: int = 0,
+                 **match_kwargs):
+    """``memscan.metrics.match`` of ``queries`` against ``train`` with τ from ``val``, scored as the recipe says,
+    the way ``memscan audit`` runs it: a plain recipe matches its features; a ``max_of`` recipe passes its plain parts
+    as ``best_of`` sets and its ``align`` part (at most one) as ``refine`` on that part's retrieval features, which
+    are then the first set (``--score best-of`` / ``best-of-aligned``). Indices come with the scores, so the DDPM audit
+    can compare nearest training images."""
+    from memscan.metrics import match
+
+    parts = recipe.get("max_of") or [recipe]
+    images = {"train": train, "val": val, "synthetic": queries}
+    encoders: dict = {}
+    plain, aligned = [], None
+    for part in parts:
+        feats = fit_detector({k: v for k, v in part.items() if k != "align"}, train, seed=seed, encoders=encoders)
+        triple = tuple(feats(images[k]) for k in images)
+        if part.get("align"):
+            if aligned is not None:
+                raise ValueError("a max_of recipe takes at most one align part")
+            aligned = (part, triple)
+        else:
+            plain.append(triple)
+    if aligned is None:
+        return match(*plain[0], best_of=plain[1:] or None, **match_kwargs)
+    part, primary = aligned
+    a = part["align"]
+    size = [max(2, n // a.get("factor", 2)) for n in train.shape[2:]]
+    flip = (-1,) if part.get("tta_flip") else ()
+    if a.get("scoring", "embedding") != "retrieval" or a.get("highpass"):
+        raise ValueError("match_recipe supports align parts scored with their retrieval features only")
+
+    def refine(query, rows, reference, candidates, values):
+        found = align_and_correlate(images[query][rows], images[reference], candidates, feature_scores=values,
+                                    weights=a.get("weights"), size=size, flip_axes=flip)
+        return found.score, found.index
+
+    return match(*primary, refine=refine, refine_k=int(a.get("k", 5)), best_of=plain or None, **match_kwargs)
 
 
 def _metrics(g: pd.DataFrame) -> pd.Series:

@@ -55,6 +55,10 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+#: detectors the DDPM audit runs beside the main ones: memscan's most sensitive score (``--score best-of-aligned``)
+GENERATOR_EXTRA: dict = {"memscan_best_of_aligned": MEMSCAN_SCORES["best-of-aligned"]}
+
+
 def _with_steps(recipes: dict, steps: int | None) -> dict:
     out = copy.deepcopy(recipes)
     if steps:
@@ -415,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         from audit_generator import run_generator_audit
 
         run_generator_audit(load_cases(args.cache, args.root)["mri_t1_2d"]["groups"], args.cache, args.out,
-                            recipes=_with_steps({"pixel": PIXEL, "paper": PAPER, "memscan_default": DEFAULT},
-                                                args.steps))
+                            recipes=_with_steps({"pixel": PIXEL, "paper": PAPER, "memscan_default": DEFAULT,
+                                                 **GENERATOR_EXTRA}, args.steps))
         return 0
     if args.levers:
         recipes = _with_steps({"pixel": PIXEL, "paper": PAPER, **CANDIDATES}, args.steps)
@@ -455,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         from audit_generator import run_generator_audit
 
         run_generator_audit(load_cases(args.cache, args.root)["mri_t1_2d"]["groups"], args.cache, args.out,
-                            recipes=recipes)
+                            recipes={**recipes, **_with_steps(GENERATOR_EXTRA, args.steps)})
     return 0
 
 
