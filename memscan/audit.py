@@ -901,7 +901,7 @@ def audit(
 
     from memscan.data import check_sets
     from memscan.embed import configured_preprocess, embed_images, file_sha256, resolve_precision
-    from memscan.metrics import best_of_correlation, match, resolve_device, scale_to_null, topk_correlation
+    from memscan.metrics import best_of_correlation, match, resolve_device, topk_correlation
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
@@ -1044,17 +1044,27 @@ def audit(
     axes = _alignment(preprocess_cfg)
     # best-of-aligned scores the aligned pixels alone: the fused features are one of its other sets
     align_axes = {**axes, "weights": {"pixel": 1.0, "features": 0.0}} if score == "best-of-aligned" else axes
+    features = {**embeddings, "controls": control_emb}
+
+    def score_sets(set_name: str) -> list[np.ndarray]:
+        """The feature sets match() scores for one image set, in its order: the matched features (whose candidates
+        the alignment re-scores, when there is one), then best-of's pixels and, for best-of-aligned, the fused
+        features' plain correlations."""
+        found = [features[set_name]]
+        if pixel_sets:
+            found.append(pixel_sets[set_name])
+            if aligned_images:
+                found.append(features[set_name])
+        return found
     for name, s in syn_sets.items():
         logger.info("matching %s against the training set", name)
         syn_paths = [r["image"] for r in s.records]
-        refine, best_of = None, None
+        refine = None
         if aligned_images:
             refine = _aligned_refine({"train": aligned_images["train"], "val": aligned_images["val"],
                                       "synthetic": aligned_images[name]}, align_axes)
-        if pixel_sets:
-            best_of = [(pixel_sets["train"], pixel_sets["val"], pixel_sets[name])]
-            if refine is not None:  # best-of-aligned: the fused features' own correlations are the third set
-                best_of.append((embeddings["train"], embeddings["val"], embeddings[name]))
+        sets = [score_sets(k) for k in ("train", "val", name)]
+        best_of = list(zip(*(s_[1:] for s_ in sets))) or None  # per extra feature set: (train, val, synthetic)
         res = match(embeddings["train"], embeddings["val"], embeddings[name], percentile, device,
                     train_subjects=train_subjects if split_by_subject else None,
                     val_subjects=val_subjects if split_by_subject else None, n_bootstrap=n_bootstrap, seed=seed,
@@ -1084,16 +1094,10 @@ def audit(
                     {"controls": aligned_images["controls"], "train": aligned_images["train"]},
                     align_axes)("controls", np.arange(n_controls), "train", cand_i, cand_v)
             if pixel_sets:  # the same best-of score as the synthetic images, on this set's τ_b
-                taus = res.summary["feature_set_thresholds"]
-                plain = [(control_emb, embeddings["train"]), (pixel_sets["controls"], pixel_sets["train"])]
-                if refine is not None:  # best-of-aligned's sets: aligned, pixels, fused
-                    plain = plain[::-1]
-                values, indices = best_of_correlation([q for q, _ in plain], [r for _, r in plain],
-                                                      taus[1:] if refine is not None else taus, device=device)
-                if refine is not None:  # the aligned set is the first (it wins ties, as in match)
-                    aligned_v = scale_to_null(aligned_v, taus[0])
-                    take = aligned_v >= values
-                    values, indices = np.where(take, aligned_v, values), np.where(take, aligned_i, indices)
+                skip = 0 if refine is None else 1  # a refined first set comes as its aligned scores
+                values, indices = best_of_correlation(
+                    score_sets("controls")[skip:], score_sets("train")[skip:], res.summary["feature_set_thresholds"],
+                    refined=None if refine is None else (aligned_v, aligned_i), device=device)
                 values, indices = values[:, None], indices[:, None]
             elif refine is None:
                 values, indices = topk_correlation(control_emb, embeddings["train"], 1, device=device)

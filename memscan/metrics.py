@@ -980,25 +980,33 @@ def _best_of_located(values: Sequence[np.ndarray], indices: Sequence[np.ndarray]
 
 
 def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[ArrayLike], thresholds: Sequence[float],
-                        *, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
-                        ) -> tuple[np.ndarray, np.ndarray]:
+                        *, refined: tuple[ArrayLike, ArrayLike] | None = None, device: str | torch.device = "auto",
+                        dtype: str | torch.dtype = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Each query's best reference on :func:`match`'s ``best_of`` score (e.g. for images scored after the match).
 
     Args:
         queries, references: one query and one reference feature set per score block, rows aligned across blocks.
         thresholds: each block's τ_b (``summary["feature_set_thresholds"]`` of the match).
+        refined: for a match with ``refine``: each query's ``(best refine score, reference index)``, the first block
+            (its τ_b is ``thresholds[0]``); ``queries`` and ``references`` then hold the ``best_of`` blocks.
 
     Returns:
         ``(values, indices)``: per query the best scaled score over blocks and references, and the reference index
-        of the block that gave it.
+        of the block that gave it (the first block on ties, as in :func:`match`).
 
     Raises:
         InputError: mismatched blocks or row counts.
     """
-    if not len(queries) == len(references) == len(thresholds) or not queries:
+    n_blocks = len(queries) + (refined is not None)
+    if not len(queries) == len(references) or len(thresholds) != n_blocks or not n_blocks:
         raise InputError("best_of", f"needs one query set, reference set and threshold per block, got "
-                                    f"{len(queries)}, {len(references)} and {len(thresholds)}")
+                                    f"{len(queries)}, {len(references)} and {len(thresholds)}"
+                                    + (" (plus the refined block)" if refined is not None else ""))
     values, indices = [], []
+    if refined is not None:
+        values.append(scale_to_null(refined[0], float(thresholds[0])))
+        indices.append(np.asarray(refined[1], dtype=np.int64))
+        thresholds = thresholds[1:]
     for q, r, tau_b in zip(queries, references, thresholds):
         v, i = topk_correlation(q, r, 1, device=device, dtype=dtype)
         if values and len(v) != len(values[0]):

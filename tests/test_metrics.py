@@ -660,3 +660,14 @@ def test_match_refine_with_best_of_rescores_the_first_set_only() -> None:
     np.testing.assert_allclose(got.best_val_for_synthetic, sv.max(axis=1), atol=1e-12)
     np.testing.assert_array_equal(got.synthetic_table["best_train_index"], ts.argmax(axis=0))
     assert got.summary["refined"] and set(range(7)) <= set(np.flatnonzero(got.synthetic_table["copy"]))
+    # images scored after the match (the audit's positive controls): the refined set's best plus the plain sets
+    from memscan.metrics import best_of_correlation
+
+    refined = (np.tanh(corr(emb[2], emb[0]).max(axis=1)), corr(emb[2], emb[0]).argmax(axis=1))
+    values, indices = best_of_correlation([pix[2], emb[2]], [pix[0], emb[0]], got.summary["feature_set_thresholds"],
+                                          refined=refined, device="cpu", dtype="float64")
+    np.testing.assert_allclose(values, got.best_train_for_synthetic, atol=1e-12)
+    np.testing.assert_array_equal(indices, got.synthetic_table["best_train_index"])
+    with pytest.raises(InputError, match="refined block"):
+        best_of_correlation([pix[2], emb[2]], [pix[0], emb[0]], got.summary["feature_set_thresholds"][1:],
+                            refined=refined, device="cpu")
