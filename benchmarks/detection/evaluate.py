@@ -197,6 +197,7 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     as ``best_of`` sets and its ``align`` part (at most one) as ``refine`` on that part's retrieval features, which
     are then the first set (``--score best-of`` / ``best-of-aligned``). Indices come with the scores, so the DDPM audit
     can compare nearest training images."""
+    from memscan.audit import _aligned_refine  # the audit's own re-scoring of candidates
     from memscan.metrics import match
 
     parts = recipe.get("max_of") or [recipe]
@@ -221,11 +222,7 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     if a.get("scoring", "embedding") != "retrieval" or a.get("highpass"):
         raise ValueError("match_recipe supports align parts scored with their retrieval features only")
 
-    def refine(query, rows, reference, candidates, values):
-        found = align_and_correlate(images[query][rows], images[reference], candidates, feature_scores=values,
-                                    weights=a.get("weights"), size=size, flip_axes=flip)
-        return found.score, found.index
-
+    refine = _aligned_refine(images, {"weights": a.get("weights"), "size": size, "flip_axes": flip})
     return match(*primary, refine=refine, refine_k=int(a.get("k", 5)), best_of=plain or None, **match_kwargs)
 
 
