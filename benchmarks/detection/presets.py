@@ -160,8 +160,8 @@ def recipe_for(recipe: dict, spatial_dims: int) -> dict:
 #: flips) and the aligned pixels (shift, rotation, crop/resize) — ``memscan audit --score best-of-aligned``
 CANDIDATES["aligned_pixels"] = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]["max_of"][2])
 CANDIDATES["best_of_three"] = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
-#: lever: more retrieval candidates for the aligned pixels (crop/resize copies whose source the fused features rank
-#: below 5th); alignment time grows linearly with k
+#: lever: more retrieval candidates for the aligned pixels (for crop/resize copies whose source the fused features
+#: might rank below 5th); alignment time grows linearly with k. Measured: no gain (detection_candidates.md section 6)
 for _k in (10, 20):
     _boa = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
     _boa["max_of"][2]["align"]["k"] = _k
