@@ -227,6 +227,17 @@ def _standardize_images(x):  # torch [B, C, *spatial] → zero mean, unit norm p
     return (flat / norm.clamp_min(1e-12)).reshape(x.shape), norm[:, 0]
 
 
+def _highpass(x, sigma: float, plane: tuple[int, int]):
+    """torch ``[B, C, *spatial]`` minus its Gaussian blur (σ in pixels, sampled kernel to 3σ, edges replicated) along
+    the two ``plane`` axes."""
+    import torch
+    from monai.networks.layers import gaussian_1d, separable_filtering
+
+    kernel = gaussian_1d(torch.tensor(sigma), truncated=3.0, approx="sampled", normalize=True).to(x.dtype)
+    kernels = [kernel if a in plane else torch.ones(1, dtype=x.dtype) for a in range(x.ndim - 2)]
+    return x - separable_filtering(x, kernels, mode="replicate")
+
+
 def _subpixel_gain(corr, pos, spatial: Sequence[int]):
     """Sub-pixel refinement of correlation peaks: per axis, the vertex of the parabola through the peak and its two
     circular neighbours (offset clamped to ±½ pixel), summed over axes. ``corr`` [P, T, prod(spatial)], ``pos``
@@ -258,7 +269,8 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
                         angles: Sequence[float] = ALIGN_ANGLES, scales: Sequence[float] = ALIGN_SCALES,
                         max_shift: float | Sequence[float] = 0.15, flip_axes: Sequence[int] = (-1,),
                         plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
-                        subpixel: bool = True, budget: int = 1 << 22) -> AlignedMatch:
+                        subpixel: bool = True, highpass: float | None = None,
+                        budget: int = 1 << 22) -> AlignedMatch:
     """Verify retrieval candidates by aligning each one to its query and correlating the aligned pixels.
 
     For every (query, candidate) pair the candidate is warped by every transform of a small similarity group —
@@ -290,6 +302,9 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
         size: spatial size of the comparison (int for every axis) or None for the input size.
         subpixel: refine each correlation peak to sub-pixel translation (parabola through the peak and its
             neighbours, per axis); without it an integer-pixel shift on a coarse grid loses a few percent.
+        highpass: σ in pixels (at ``size``) of a Gaussian blur in ``plane`` subtracted from every image before the
+            search, or None: only detail finer than the outline all subjects share is then correlated, so a new
+            patient's image no longer lines up with a training image by its head or chest silhouette.
         budget: complex values held per chunk of queries (memory ≈ 8 bytes × budget × a few).
 
     Returns:
@@ -355,6 +370,10 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
         q_t = F.interpolate(q_t, size=target, mode="area")
         r_t = F.interpolate(r_t, size=target, mode="area")
     spatial = list(q_t.shape[2:])
+    if highpass is not None:
+        if isinstance(highpass, bool) or not isinstance(highpass, (int, float)) or not 0 < highpass < max(spatial):
+            raise InputError("highpass", f"expected a blur σ in (0, {max(spatial)}) pixels, got {highpass!r}")
+        q_t, r_t = _highpass(q_t, float(highpass), pl), _highpass(r_t, float(highpass), pl)
     q_std, q_norm = _standardize_images(q_t)
     if (q_norm <= 1e-12).any():
         raise InputError("query_images", "an image is constant: its correlation is undefined",

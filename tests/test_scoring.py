@@ -174,9 +174,35 @@ def test_align_rejects_bad_input():
         (dict(query_images=q, reference_images=ref, candidates=ok, max_shift=0.5), "fraction"),
         (dict(query_images=q, reference_images=ref, candidates=ok, scales=(0.0,)), "positive"),
         (dict(query_images=np.zeros_like(q), reference_images=ref, candidates=ok), "constant"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, highpass=0.0), "blur"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, highpass=True), "blur"),
         (dict(query_images=q, reference_images=ref, candidates=ok, feature_scores=np.zeros((1, 1)),
               weights={"pixel": -1.0, "features": 1.0}), "non-negative"),
     ]
     for kwargs, match in cases:
         with pytest.raises(InputError, match=match):
             align_and_correlate(**kwargs)
+
+
+def test_align_highpass_ignores_the_shared_outline():
+    """Two different objects inside the same silhouette line up by the silhouette; high-passed, only a copy does."""
+    import torch
+
+    from memscan.scoring import _highpass, align_and_correlate
+
+    yy, xx = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")
+    outline = np.exp(-(xx ** 2 / 0.7 + yy ** 2) / 0.3).astype(np.float32)  # the smooth shape every subject shares
+    rng = np.random.default_rng(0)
+    ref = np.stack([(outline + 0.5 * rng.normal(size=(32, 32)) * outline)[None] for _ in range(2)]).astype(np.float32)
+    copy_ = _affine(ref[0], 6.0, 1.0, (1.0, -2.0))[None]
+    other = (outline + 0.5 * rng.normal(size=(32, 32)) * outline)[None, None].astype(np.float32)
+    cand = np.array([[0]])
+    plain = align_and_correlate(np.concatenate([copy_, other]), ref, np.array([[0], [0]]))
+    hp = align_and_correlate(np.concatenate([copy_, other]), ref, np.array([[0], [0]]), highpass=2.0)
+    assert plain.pixel[1, 0] > 0.8 and plain.pixel[0, 0] > 0.99  # unrelated detail, same outline: high plain r
+    assert hp.pixel[1, 0] < 0.4 and hp.pixel[0, 0] > 0.99  # high-passed: the copy stays, the stranger drops
+    assert align_and_correlate(ref[:1], ref, cand, highpass=2.0).pixel[0, 0] == pytest.approx(1.0, abs=1e-5)
+    # the blur runs in the plane only: a 3D volume's slices are filtered independently
+    vol = torch.from_numpy(rng.normal(size=(1, 1, 3, 16, 16)).astype(np.float32))
+    per_slice = torch.cat([_highpass(vol[:, :, i], 2.0, (0, 1))[:, :, None] for i in range(3)], dim=2)
+    torch.testing.assert_close(_highpass(vol, 2.0, (1, 2)), per_slice)

@@ -169,6 +169,8 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
         q_scoring, r_scoring = q_feat, r_feat
     size = [max(2, s // factor) for s in query.shape[2:]]
     flip = (-1,) if recipe.get("tta_flip") else ()
+    if highpass and float(highpass[1]) == 1.0:  # high-passed pixels alone: the product's own search (highpass=σ)
+        a["highpass"], highpass = float(highpass[0]), None
     res = aligned_search(query, reference, q_feat, r_feat, k=k, query_scoring=q_scoring, reference_scoring=r_scoring,
                          device="cpu", size=size, flip_axes=flip, **a)
     if not highpass:
@@ -182,10 +184,11 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
                              **{key: v for key, v in a.items() if key != "weights"}).pixel
     wts = a.get("weights") or {"pixel": 1.0, "features": 1.0}
     wp, wf = float(wts["pixel"]), float(wts["features"])
-    if wf <= 0:  # the feature term is recovered from the fused mean below
-        raise ValueError("align.highpass needs a features weight > 0")
-    feat = ((wp + wf) * res.fused - wp * res.pixel) / wf
-    fused = (wp * ((1 - w) * res.pixel + w * hp) + wf * feat) / (wp + wf)
+    if wf > 0:  # the feature term is recovered from the fused mean
+        feat = ((wp + wf) * res.fused - wp * res.pixel) / wf
+        fused = (wp * ((1 - w) * res.pixel + w * hp) + wf * feat) / (wp + wf)
+    else:  # aligned pixels alone
+        fused = (1 - w) * res.pixel + w * hp
     fused[res.candidates < 0] = -np.inf
     return fused.max(axis=1)
 
@@ -219,10 +222,15 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     a = part["align"]
     size = [max(2, n // a.get("factor", 2)) for n in train.shape[2:]]
     flip = (-1,) if part.get("tta_flip") else ()
-    if a.get("scoring", "embedding") != "retrieval" or a.get("highpass"):
-        raise ValueError("match_recipe supports align parts scored with their retrieval features only")
+    highpass = a.get("highpass")
+    if a.get("scoring", "embedding") != "retrieval" or (highpass and float(highpass[1]) != 1.0):
+        raise ValueError("match_recipe supports align parts scored with their retrieval features only, on plain or "
+                         "high-passed pixels (highpass weight 1)")
 
-    refine = _aligned_refine(images, {"weights": a.get("weights"), "size": size, "flip_axes": flip})
+    axes = {"weights": a.get("weights"), "size": size, "flip_axes": flip}
+    if highpass:
+        axes["highpass"] = float(highpass[0])
+    refine = _aligned_refine(images, axes)
     return match(*primary, refine=refine, refine_k=int(a.get("k", 5)), best_of=plain or None, **match_kwargs)
 
 

@@ -166,3 +166,10 @@ for _k in (10, 20):
     _boa = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
     _boa["max_of"][2]["align"]["k"] = _k
     CANDIDATES[f"best_of_three_k{_k}"] = _boa
+#: lever: the aligned part of best_of_three on high-passed coarse pixels (the coarse image minus its σ 2 px blur, see
+#: bandpass_study.py), so the head outline that every subject shares no longer lines up a new subject's slice with a
+#: training slice; ``_half`` = half plain, half high-pass. Pixel Pearson and the fused score keep detail loss and elastic
+for _name, _w in (("best_of_three_hp", 1.0), ("best_of_three_hp_half", 0.5)):
+    _boa = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
+    _boa["max_of"][2]["align"]["highpass"] = [2.0, _w]
+    CANDIDATES[_name] = _boa
