@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -153,6 +155,25 @@ def canonical_frame(images: np.ndarray, threshold: float = 0.1) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+def _stored_or_trained(key: tuple, images: np.ndarray, cfg: dict, seed: int) -> Encoder:
+    """``train_contrastive``, or its state_dict saved by an earlier run under ``$MEMSCAN_DETECTION_ENCODERS`` (a
+    folder; unset = always train). The lever studies retrain the same seeded encoders; the weights are identical."""
+    folder = os.environ.get("MEMSCAN_DETECTION_ENCODERS")
+    if not folder:
+        return train_contrastive(images, cfg, seed)
+    path = Path(folder) / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".pt")
+    if path.is_file():
+        net = _network(cfg, images.ndim - 2)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return net.eval()
+    net = train_contrastive(images, cfg, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, path)
+    return net
+
+
 def fit_detector(recipe: dict, train_images: np.ndarray, seed: int = 0,
                  encoders: dict | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Fit a recipe on the training images; returns ``features(images) -> N×D`` for Pearson matching.
@@ -168,7 +189,7 @@ def fit_detector(recipe: dict, train_images: np.ndarray, seed: int = 0,
         if encoders is not None and key in encoders:
             net = encoders[key]
         else:
-            net = train_contrastive(prep(train_images), recipe["encoder"], seed)
+            net = _stored_or_trained(key, prep(train_images), recipe["encoder"], seed)
             if encoders is not None:
                 encoders[key] = net
     spatial = train_images.shape[2:]
