@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.audit import ALIGN_CANDIDATES, _aligned_refine
+from memscan.audit import ALIGN_CANDIDATES, _aligned_refine, _score_align_axes
 from memscan.metrics import match
 from memscan.scoring import pixel_features, standardize_rows
 
@@ -71,7 +71,7 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
     elif mode == "aligned":
         kwargs = {"refine": _aligned_refine(images, axes), "refine_k": ALIGN_CANDIDATES}
     elif mode == "best-of-aligned":
-        kwargs = {"refine": _aligned_refine(images, {**axes, "weights": {"pixel": 1.0, "features": 0.0}}),
+        kwargs = {"refine": _aligned_refine(images, _score_align_axes(mode, axes)),
                   "refine_k": ALIGN_CANDIDATES, "best_of": [pixels, tuple(feats)]}
     t0 = time.perf_counter()
     res = match(*feats, device="cpu", n_bootstrap=200, seed=0, **kwargs)

@@ -63,6 +63,8 @@ __all__ = [
     "CORRELATION_SCORES",
     "FUSED_WEIGHTS",
     "ALIGN_CANDIDATES",
+    "ALIGN_HIGHPASS",
+    "ALIGN_HIGHPASS_WEIGHT",
     "score_features",
     "alignment_size",
 ]
@@ -435,12 +437,19 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
 #: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment) or
 #: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null) or
 #: ``"best-of-aligned"`` (the best of three, each scaled by its own null: pixel Pearson, the fused score, and the
-#: aligned pixel correlation of the fused features' top candidates).
+#: aligned high-passed pixel correlation of the fused features' top candidates).
 SCORES = ("embedding", "fused", "aligned", "best-of", "best-of-aligned")
 #: The score modes whose values are Pearson correlations (the aligned and best-of scores are not).
 CORRELATION_SCORES = ("embedding", "fused")
 #: Candidates per query that ``score="aligned"`` aligns and re-scores.
 ALIGN_CANDIDATES = 5
+#: ``score="best-of-aligned"``: σ in pixels at :func:`alignment_size` of the in-plane Gaussian blur subtracted before
+#: its alignment (``align_and_correlate(highpass=...)``), so a new patient's image does not line up with a training
+#: image by the outline every patient shares (docs/benchmarks/detection_candidates.md section 7).
+ALIGN_HIGHPASS = 2.0
+#: The high-passed pixels' share of that aligned pixel score (the rest: the plain pixels, which keep copies of smooth
+#: images that have little fine detail).
+ALIGN_HIGHPASS_WEIGHT = 0.5
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
 
@@ -551,6 +560,16 @@ def _alignment(cfg: Any) -> dict[str, Any]:
     dims = int(cfg.spatial_dims)
     plane = (-2, -1) if dims == 2 else tuple(a - dims for a in range(3) if a != int(cfg.rotate_axis))
     return {"flip_axes": (int(cfg.flip_axis) - dims,), "plane": plane}
+
+
+def _score_align_axes(score: str, axes: Mapping[str, Any]) -> dict[str, Any]:
+    """``align_and_correlate`` arguments of a score's alignment: ``axes`` (:func:`_alignment`) as they are for
+    ``"aligned"``; for ``"best-of-aligned"`` the aligned pixels alone (the fused features are one of its other sets),
+    partly high-passed (:data:`ALIGN_HIGHPASS`, :data:`ALIGN_HIGHPASS_WEIGHT`)."""
+    if score != "best-of-aligned":
+        return dict(axes)
+    return {**axes, "weights": {"pixel": 1.0, "features": 0.0}, "highpass": ALIGN_HIGHPASS,
+            "highpass_weight": ALIGN_HIGHPASS_WEIGHT}
 
 
 def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any]) -> Any:
@@ -695,8 +714,9 @@ _SCORE_TEXT = {
     "best-of-aligned": "Score (memscan --score best-of-aligned, not the paper's): per pair, the best of three "
                        "scores, each rescaled as (r − τ_b) / (1 − τ_b) with its own threshold τ_b: the --score fused "
                        "correlation, the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), and the "
-                       "pixel correlation after aligning each of the fused features' 5 nearest candidates to the "
-                       "image (mirror, rotation ±12°, zoom 0.8–1.25, translation up to 15%). 0 is a score's "
+                       "correlation of the fine detail (each image minus its blur) after aligning each of the fused "
+                       "features' 5 nearest candidates to the image (mirror, rotation ±12°, zoom 0.8–1.25, "
+                       "translation up to 15%). 0 is a score's "
                        "threshold and 1 an exact copy. Every score below, τ included, is on that scale, not a "
                        "correlation.",
 }
@@ -881,8 +901,9 @@ def audit(
             the embedding misses, at more false alarms on new patients; docs/benchmarks/detection_candidates.md;
             the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of three
             scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` and
-            the aligned pixel correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates; the most
-            sensitive score of the detection benchmark, which also flags the most new patients' images;
+            the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
+            their blur (:data:`ALIGN_HIGHPASS`); the best AUROC of the detection benchmark, at more false alarms on
+            new patients than the fused score;
             docs/benchmarks/detection_candidates.md); τ and everything downstream are computed on the chosen
             score.
         precision: embedding precision, ``"auto"`` (float16 on CUDA, bfloat16 on CPUs with native bf16, else
@@ -1042,8 +1063,7 @@ def audit(
     set_audits: dict[str, SetAudit] = {}
     controls_block: dict[str, Any] = {"n": n_controls}
     axes = _alignment(preprocess_cfg)
-    # best-of-aligned scores the aligned pixels alone: the fused features are one of its other sets
-    align_axes = {**axes, "weights": {"pixel": 1.0, "features": 0.0}} if score == "best-of-aligned" else axes
+    align_axes = _score_align_axes(score, axes)
     features = {**embeddings, "controls": control_emb}
 
     def score_sets(set_name: str) -> list[np.ndarray]:

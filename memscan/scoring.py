@@ -220,11 +220,20 @@ def _similarity_matrices(spatial: Sequence[int], plane: tuple[int, int], angles:
     return torch.stack(mats).float()
 
 
-def _standardize_images(x):  # torch [B, C, *spatial] → zero mean, unit norm per image (float32)
-    flat = x.reshape(len(x), -1)
-    flat = flat - flat.mean(dim=1, keepdim=True)
-    norm = flat.norm(dim=1, keepdim=True)
-    return (flat / norm.clamp_min(1e-12)).reshape(x.shape), norm[:, 0]
+def _standardize_images(x, shares: Sequence[float] = (1.0,)):
+    """torch ``[B, C, *spatial]`` → zero mean, unit norm per image (float32), and the norms before.
+
+    With several ``shares`` (summing to 1) the channels form that many equal groups, each standardised on its own and
+    scaled by √share, so the dot product of two such images is the share-weighted mean of the groups' Pearson
+    correlations; the norms returned are the first group's.
+    """
+    import torch
+
+    groups = x.reshape(len(x), len(shares), -1)
+    groups = groups - groups.mean(dim=2, keepdim=True)
+    norm = groups.norm(dim=2, keepdim=True)
+    scale = torch.tensor([float(sh) ** 0.5 for sh in shares], dtype=x.dtype).reshape(1, -1, 1)
+    return (groups / norm.clamp_min(1e-12) * scale).reshape(x.shape), norm[:, 0, 0]
 
 
 def _highpass(x, sigma: float, plane: tuple[int, int]):
@@ -269,7 +278,7 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
                         angles: Sequence[float] = ALIGN_ANGLES, scales: Sequence[float] = ALIGN_SCALES,
                         max_shift: float | Sequence[float] = 0.15, flip_axes: Sequence[int] = (-1,),
                         plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
-                        subpixel: bool = True, highpass: float | None = None,
+                        subpixel: bool = True, highpass: float | None = None, highpass_weight: float = 1.0,
                         budget: int = 1 << 22) -> AlignedMatch:
     """Verify retrieval candidates by aligning each one to its query and correlating the aligned pixels.
 
@@ -305,6 +314,9 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
         highpass: σ in pixels (at ``size``) of a Gaussian blur in ``plane`` subtracted from every image before the
             search, or None: only detail finer than the outline all subjects share is then correlated, so a new
             patient's image no longer lines up with a training image by its head or chest silhouette.
+        highpass_weight: with ``highpass``, the share of the high-passed image in the pixel score: the score is
+            ``(1 - w) · r(plain) + w · r(high-passed)`` at the same warp and shift (one search over both, stacked as
+            channels); 1 = the high-passed image alone. A share of plain pixels keeps copies of smooth images.
         budget: complex values held per chunk of queries (memory ≈ 8 bytes × budget × a few).
 
     Returns:
@@ -370,11 +382,20 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
         q_t = F.interpolate(q_t, size=target, mode="area")
         r_t = F.interpolate(r_t, size=target, mode="area")
     spatial = list(q_t.shape[2:])
+    shares: tuple[float, ...] = (1.0,)
     if highpass is not None:
         if isinstance(highpass, bool) or not isinstance(highpass, (int, float)) or not 0 < highpass < max(spatial):
             raise InputError("highpass", f"expected a blur σ in (0, {max(spatial)}) pixels, got {highpass!r}")
-        q_t, r_t = _highpass(q_t, float(highpass), pl), _highpass(r_t, float(highpass), pl)
-    q_std, q_norm = _standardize_images(q_t)
+        w_hp = highpass_weight
+        if isinstance(w_hp, bool) or not isinstance(w_hp, (int, float)) or not 0 < w_hp <= 1:
+            raise InputError("highpass_weight", f"expected a share in (0, 1], got {w_hp!r}")
+        hp_q, hp_r = _highpass(q_t, float(highpass), pl), _highpass(r_t, float(highpass), pl)
+        if w_hp == 1:
+            q_t, r_t = hp_q, hp_r
+        else:  # plain channels first (their norm guards against blank images), then the high-passed ones
+            q_t, r_t = torch.cat([q_t, hp_q], dim=1), torch.cat([r_t, hp_r], dim=1)
+            shares = (1.0 - float(w_hp), float(w_hp))
+    q_std, q_norm = _standardize_images(q_t, shares)
     if (q_norm <= 1e-12).any():
         raise InputError("query_images", "an image is constant: its correlation is undefined",
                          row=int(torch.argmin(q_norm)))
@@ -406,7 +427,7 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             grid = base_grid.repeat(u, *([1] * (base_grid.ndim - 1)))
             warped = F.grid_sample(refs.repeat_interleave(n_t, dim=0), grid, mode="bilinear", padding_mode="zeros",
                                    align_corners=False)  # [U·T, C, *spatial]
-            w_std, w_norm = _standardize_images(warped)
+            w_std, w_norm = _standardize_images(warped, shares)
             r_f = torch.fft.rfftn(w_std, dim=s_dims).reshape(u, n_t, *w_std.shape[1:2], *q_f.shape[2:])
             rows, cols = np.nonzero(valid)
             prod = q_f[torch.from_numpy(rows + start)][:, None] * torch.conj(r_f[torch.from_numpy(inverse)])

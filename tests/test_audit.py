@@ -465,27 +465,41 @@ def test_single_validation_patient_gives_one_warning(data2d: dict, tmp_path: Pat
     assert about[0].startswith("validation holds 1 patient") and "null rate splits it by image" in about[0]
 
 
+def _textured(seed: int) -> np.ndarray:
+    """A phantom with fine texture (smooth blobs alone have no detail finer than the high-pass of the aligned score)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    texture = torch.nn.functional.interpolate(torch.as_tensor(rng.normal(size=(1, 1, 12, 12))), size=(SIZE, SIZE),
+                                              mode="bilinear", align_corners=False)[0, 0].numpy()
+    img = _phantom(seed, (SIZE, SIZE)) + 0.5 * texture
+    return (img - img.min()) / (img.max() - img.min())
+
+
 def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tmp_path: Path) -> None:
-    """``score="best-of-aligned"``: the best of the aligned pixels, pixel Pearson and the fused score, each on its own
-    τ_b; a shifted + rotated copy and a blended copy are both matched to their sources and flagged, the moved one by
-    the alignment (above its best plain best-of value, which the saved features reproduce); controls and the
-    report use the same score."""
+    """``score="best-of-aligned"``: the best of the aligned (partly high-passed) pixels, pixel Pearson and the fused
+    score, each on its own τ_b; a shifted + rotated copy and a blended copy are both matched to their sources and
+    flagged, the moved one by the alignment (above its best plain best-of value, which the saved features reproduce);
+    controls and the report use the same score. Textured phantoms: the high-pass keeps only their texture."""
     from PIL import Image
 
     from memscan.metrics import best_of_correlation
 
+    for i in range(16):
+        _write(tmp_path / "train" / f"p{i // 2}_{i}.png", _textured(i))
+    for i in range(12):
+        _write(tmp_path / "val" / f"p{100 + i // 2}_{i}.png", _textured(1000 + i))
     syn = tmp_path / "mixed_syn"
-    syn.mkdir()
-    for src in sorted(data2d["syn"].glob("new*.png")):
-        (syn / src.name).write_bytes(src.read_bytes())
-    train_files = sorted(data2d["train"].glob("*.png"))
+    for k in range(6):
+        _write(syn / f"new{k}.png", _textured(5000 + k))
+    train_files = sorted((tmp_path / "train").glob("*.png"))
     moved = Image.open(train_files[7]).rotate(8, resample=Image.BILINEAR)
     Image.fromarray(np.roll(np.asarray(moved), (2, -3), axis=(0, 1))).save(syn / "moved.png")
-    other = sorted(data2d["val"].glob("*.png"))[3]
+    other = sorted((tmp_path / "val").glob("*.png"))[3]
     blend = 0.75 * np.asarray(Image.open(train_files[9]), np.float64) + 0.25 * np.asarray(Image.open(other), np.float64)
     Image.fromarray(blend.astype(np.uint8)).save(syn / "blend.png")
     out = tmp_path / "best_of_aligned"
-    result = audit(data2d["train"], data2d["val"], {"syn": syn}, out_dir=out, checkpoint=data2d["ckpt"],
+    result = audit(tmp_path / "train", tmp_path / "val", {"syn": syn}, out_dir=out, checkpoint=data2d["ckpt"],
                    image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", **FAST)
     block = result.sets["syn"].block
     taus = block["feature_set_thresholds"]

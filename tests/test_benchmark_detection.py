@@ -178,6 +178,10 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     assert product["max_of"][0] == presets.PIXEL and product["max_of"][1] == presets.MEMSCAN_SCORES["fused"]
     align = product["max_of"][2]["align"]
     assert align["weights"] == {"pixel": 1.0, "features": 0.0} and align["scoring"] == "retrieval"
+    from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, _score_align_axes
+
+    axes = _score_align_axes("best-of-aligned", {"flip_axes": ()})  # the audit's own alignment arguments
+    assert align["highpass"] == [axes["highpass"], axes["highpass_weight"]] == [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]
     coarse = {**presets.PIXEL, "pixel": [[4, 1.0]]}
     recipe = {"max_of": [presets.PIXEL, coarse, {**coarse, "align": dict(align)}], "normalize": "ceiling"}
     case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(10, 40 + i) for i in range(3)}}
@@ -191,7 +195,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
 
     def refine(q, rows, ref, candidates, values):
         found = align_and_correlate(images[q][rows], images[ref], candidates, feature_scores=values,
-                                    weights=align["weights"], size=size, flip_axes=())
+                                    size=size, **axes)
         return found.score, found.index
 
     pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}

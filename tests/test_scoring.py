@@ -176,6 +176,7 @@ def test_align_rejects_bad_input():
         (dict(query_images=np.zeros_like(q), reference_images=ref, candidates=ok), "constant"),
         (dict(query_images=q, reference_images=ref, candidates=ok, highpass=0.0), "blur"),
         (dict(query_images=q, reference_images=ref, candidates=ok, highpass=True), "blur"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, highpass=2.0, highpass_weight=0.0), "share"),
         (dict(query_images=q, reference_images=ref, candidates=ok, feature_scores=np.zeros((1, 1)),
               weights={"pixel": -1.0, "features": 1.0}), "non-negative"),
     ]
@@ -202,6 +203,15 @@ def test_align_highpass_ignores_the_shared_outline():
     assert plain.pixel[1, 0] > 0.8 and plain.pixel[0, 0] > 0.99  # unrelated detail, same outline: high plain r
     assert hp.pixel[1, 0] < 0.4 and hp.pixel[0, 0] > 0.99  # high-passed: the copy stays, the stranger drops
     assert align_and_correlate(ref[:1], ref, cand, highpass=2.0).pixel[0, 0] == pytest.approx(1.0, abs=1e-5)
+    # a share of plain pixels: the same warp and shift scores (1 - w) r(plain) + w r(high-passed)
+    fixed = dict(angles=(0.0,), scales=(1.0,), flip_axes=(), max_shift=0.0, subpixel=False)
+    both = np.concatenate([copy_, other])
+    parts = [align_and_correlate(both, ref, np.array([[0, 1], [0, 1]]), **fixed, **kw).pixel
+             for kw in ({}, {"highpass": 2.0})]
+    mixed = align_and_correlate(both, ref, np.array([[0, 1], [0, 1]]), highpass=2.0, highpass_weight=0.25, **fixed)
+    np.testing.assert_allclose(mixed.pixel, 0.75 * parts[0] + 0.25 * parts[1], atol=1e-5)
+    half = align_and_correlate(both, ref, np.array([[0], [0]]), highpass=2.0, highpass_weight=0.5)
+    assert hp.pixel[1, 0] < half.pixel[1, 0] < plain.pixel[1, 0] and half.pixel[0, 0] > 0.99
     # the blur runs in the plane only: a 3D volume's slices are filtered independently
     vol = torch.from_numpy(rng.normal(size=(1, 1, 3, 16, 16)).astype(np.float32))
     per_slice = torch.cat([_highpass(vol[:, :, i], 2.0, (0, 1))[:, :, None] for i in range(3)], dim=2)

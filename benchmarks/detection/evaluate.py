@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import percentile, scale_to_null, topk_correlation
-from memscan.scoring import align_and_correlate, aligned_search
+from memscan.scoring import aligned_search
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
     from .detectors import fit_detector
@@ -164,33 +164,15 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
     a = dict(recipe["align"])
     factor = a.pop("factor", 2)
     k = a.pop("k", 5)
-    highpass = a.pop("highpass", None)  # (σ px at the coarse size, weight): see bandpass_study.py
+    highpass = a.pop("highpass", None)  # (σ px at the coarse size, share of the high-passed pixels): bandpass_study.py
+    if highpass:  # the product's joint search: (1 - w) plain + w high-passed pixels at the same warp and shift
+        a["highpass"], a["highpass_weight"] = float(highpass[0]), float(highpass[1])
     if a.pop("scoring", "embedding") == "retrieval":  # fuse the aligned pixels with the retrieval features' score
         q_scoring, r_scoring = q_feat, r_feat
     size = [max(2, s // factor) for s in query.shape[2:]]
     flip = (-1,) if recipe.get("tta_flip") else ()
-    if highpass and float(highpass[1]) == 1.0:  # high-passed pixels alone: the product's own search (highpass=σ)
-        a["highpass"], highpass = float(highpass[0]), None
-    res = aligned_search(query, reference, q_feat, r_feat, k=k, query_scoring=q_scoring, reference_scoring=r_scoring,
-                         device="cpu", size=size, flip_axes=flip, **a)
-    if not highpass:
-        return res.score
-    # the same candidates aligned again on high-passed coarse images; pixel term = (1 - w) plain + w high-pass
-    from bandpass_study import _blur, _down
-
-    sigma, w = float(highpass[0]), float(highpass[1])
-    qc, rc = _down(query, factor), _down(reference, factor)
-    hp = align_and_correlate(qc - _blur(qc, sigma), rc - _blur(rc, sigma), res.candidates, flip_axes=flip,
-                             **{key: v for key, v in a.items() if key != "weights"}).pixel
-    wts = a.get("weights") or {"pixel": 1.0, "features": 1.0}
-    wp, wf = float(wts["pixel"]), float(wts["features"])
-    if wf > 0:  # the feature term is recovered from the fused mean
-        feat = ((wp + wf) * res.fused - wp * res.pixel) / wf
-        fused = (wp * ((1 - w) * res.pixel + w * hp) + wf * feat) / (wp + wf)
-    else:  # aligned pixels alone
-        fused = (1 - w) * res.pixel + w * hp
-    fused[res.candidates < 0] = -np.inf
-    return fused.max(axis=1)
+    return aligned_search(query, reference, q_feat, r_feat, k=k, query_scoring=q_scoring, reference_scoring=r_scoring,
+                          device="cpu", size=size, flip_axes=flip, **a).score
 
 
 def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.ndarray, seed: int = 0,
@@ -222,14 +204,12 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     a = part["align"]
     size = [max(2, n // a.get("factor", 2)) for n in train.shape[2:]]
     flip = (-1,) if part.get("tta_flip") else ()
-    highpass = a.get("highpass")
-    if a.get("scoring", "embedding") != "retrieval" or (highpass and float(highpass[1]) != 1.0):
-        raise ValueError("match_recipe supports align parts scored with their retrieval features only, on plain or "
-                         "high-passed pixels (highpass weight 1)")
+    if a.get("scoring", "embedding") != "retrieval":
+        raise ValueError("match_recipe supports align parts scored with their retrieval features only")
 
     axes = {"weights": a.get("weights"), "size": size, "flip_axes": flip}
-    if highpass:
-        axes["highpass"] = float(highpass[0])
+    if a.get("highpass"):
+        axes["highpass"], axes["highpass_weight"] = float(a["highpass"][0]), float(a["highpass"][1])
     refine = _aligned_refine(images, axes)
     return match(*primary, refine=refine, refine_k=int(a.get("k", 5)), best_of=plain or None, **match_kwargs)
 

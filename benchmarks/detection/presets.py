@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 
-from memscan.audit import FUSED_WEIGHTS, audit
+from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, FUSED_WEIGHTS, audit
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -96,9 +96,10 @@ def memscan_recipe(score: str) -> dict:
         # benchmark's images whole) and the fused score, each scaled by its own τ_b
         return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused")], "normalize": "ceiling"}
     if score == "best-of-aligned":  # match(refine=aligned pixels, best_of=[pixels, fused]): the best of pixel Pearson,
-        # the fused score and the aligned pixels of the fused features' top candidates (alignment_size = half the
-        # benchmark's images), each scaled by its own τ_b
-        aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "weights": {"pixel": 1.0, "features": 0.0}}}
+        # the fused score and the aligned, partly high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
+        # (alignment_size = half the benchmark's images), each scaled by its own τ_b
+        aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "weights": {"pixel": 1.0, "features": 0.0},
+                                                        "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]}}
         return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused"), aligned], "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
 
@@ -155,21 +156,25 @@ def recipe_for(recipe: dict, spatial_dims: int) -> dict:
             enc["temperature"] = PRESETS[enc.pop("memscan_preset")][spatial_dims]["temperature"]
     return r
 
-#: lever: aligned pixels alone (the fused features only retrieve the 5 candidates), and the best of three scores, each
-#: scaled by its own null: plain pixel Pearson (mixtures, detail loss, contrast), the fused score (elastic warps,
-#: flips) and the aligned pixels (shift, rotation, crop/resize) — ``memscan audit --score best-of-aligned``
-CANDIDATES["aligned_pixels"] = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]["max_of"][2])
-CANDIDATES["best_of_three"] = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
+#: lever: aligned plain pixels alone (the fused features only retrieve the 5 candidates), and the best of three scores,
+#: each scaled by its own null: plain pixel Pearson (mixtures, detail loss, contrast), the fused score (elastic warps,
+#: flips) and the aligned pixels (shift, rotation, crop/resize) — ``--score best-of-aligned`` of round 8
+#: (detection_candidates.md section 6), before its aligned pixels were high-passed
+_PLAIN_ALIGNED = {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "align": {**ALIGN, "weights": {"pixel": 1.0, "features": 0.0}}}
+CANDIDATES["aligned_pixels"] = copy.deepcopy(_PLAIN_ALIGNED)
+CANDIDATES["best_of_three"] = {"max_of": [copy.deepcopy(PIXEL), copy.deepcopy(MEMSCAN_SCORES["fused"]),
+                                          copy.deepcopy(_PLAIN_ALIGNED)], "normalize": "ceiling"}
 #: lever: more retrieval candidates for the aligned pixels (for crop/resize copies whose source the fused features
 #: might rank below 5th); alignment time grows linearly with k. Measured: no gain (detection_candidates.md section 6)
 for _k in (10, 20):
-    _boa = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
+    _boa = copy.deepcopy(CANDIDATES["best_of_three"])
     _boa["max_of"][2]["align"]["k"] = _k
     CANDIDATES[f"best_of_three_k{_k}"] = _boa
 #: lever: the aligned part of best_of_three on high-passed coarse pixels (the coarse image minus its σ 2 px blur, see
 #: bandpass_study.py), so the head outline that every subject shares no longer lines up a new subject's slice with a
-#: training slice; ``_half`` = half plain, half high-pass. Pixel Pearson and the fused score keep detail loss and elastic
-for _name, _w in (("best_of_three_hp", 1.0), ("best_of_three_hp_half", 0.5)):
-    _boa = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
-    _boa["max_of"][2]["align"]["highpass"] = [2.0, _w]
+#: training slice; ``_half`` / ``_quarter`` = that share of high-passed pixels in one joint search, the rest plain
+#: (``align_and_correlate(highpass_weight=...)``). Pixel Pearson and the fused score keep detail loss and elastic
+for _name, _w in (("best_of_three_hp", 1.0), ("best_of_three_hp_half", 0.5), ("best_of_three_hp_quarter", 0.25)):
+    _boa = copy.deepcopy(CANDIDATES["best_of_three"])
+    _boa["max_of"][2]["align"]["highpass"] = [ALIGN_HIGHPASS, _w]
     CANDIDATES[_name] = _boa
