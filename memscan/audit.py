@@ -447,9 +447,10 @@ ALIGN_CANDIDATES = 5
 #: its alignment (``align_and_correlate(highpass=...)``), so a new patient's image does not line up with a training
 #: image by the outline every patient shares (docs/benchmarks/detection_candidates.md section 7).
 ALIGN_HIGHPASS = 2.0
-#: The high-passed pixels' share of that aligned pixel score (the rest: the plain pixels, which keep copies of smooth
-#: images that have little fine detail).
-ALIGN_HIGHPASS_WEIGHT = 0.5
+#: The high-passed pixels' share of that aligned pixel score (``align_and_correlate(highpass_weight=...)``; the rest
+#: would be plain pixels). 1: shares ½ and ¼ measured no better on the benchmark and on the DDPM audit, and raised
+#: the false alarms on new patients (detection_candidates.md section 7).
+ALIGN_HIGHPASS_WEIGHT = 1.0
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
 
@@ -565,7 +566,7 @@ def _alignment(cfg: Any) -> dict[str, Any]:
 def _score_align_axes(score: str, axes: Mapping[str, Any]) -> dict[str, Any]:
     """``align_and_correlate`` arguments of a score's alignment: ``axes`` (:func:`_alignment`) as they are for
     ``"aligned"``; for ``"best-of-aligned"`` the aligned pixels alone (the fused features are one of its other sets),
-    partly high-passed (:data:`ALIGN_HIGHPASS`, :data:`ALIGN_HIGHPASS_WEIGHT`)."""
+    high-passed (:data:`ALIGN_HIGHPASS`, :data:`ALIGN_HIGHPASS_WEIGHT`)."""
     if score != "best-of-aligned":
         return dict(axes)
     return {**axes, "weights": {"pixel": 1.0, "features": 0.0}, "highpass": ALIGN_HIGHPASS,

@@ -477,7 +477,7 @@ def _textured(seed: int) -> np.ndarray:
 
 
 def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tmp_path: Path) -> None:
-    """``score="best-of-aligned"``: the best of the aligned (partly high-passed) pixels, pixel Pearson and the fused
+    """``score="best-of-aligned"``: the best of the aligned high-passed pixels, pixel Pearson and the fused
     score, each on its own τ_b; a shifted + rotated copy and a blended copy are both matched to their sources and
     flagged, the moved one by the alignment (above its best plain best-of value, which the saved features reproduce);
     controls and the report use the same score. Textured phantoms: the high-pass keeps only their texture."""

@@ -96,7 +96,7 @@ def memscan_recipe(score: str) -> dict:
         # benchmark's images whole) and the fused score, each scaled by its own τ_b
         return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused")], "normalize": "ceiling"}
     if score == "best-of-aligned":  # match(refine=aligned pixels, best_of=[pixels, fused]): the best of pixel Pearson,
-        # the fused score and the aligned, partly high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
+        # the fused score and the aligned high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
         # (alignment_size = half the benchmark's images), each scaled by its own τ_b
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]}}
@@ -173,7 +173,8 @@ for _k in (10, 20):
 #: lever: the aligned part of best_of_three on high-passed coarse pixels (the coarse image minus its σ 2 px blur, see
 #: bandpass_study.py), so the head outline that every subject shares no longer lines up a new subject's slice with a
 #: training slice; ``_half`` / ``_quarter`` = that share of high-passed pixels in one joint search, the rest plain
-#: (``align_and_correlate(highpass_weight=...)``). Pixel Pearson and the fused score keep detail loss and elastic
+#: (``align_and_correlate(highpass_weight=...)``). Pixel Pearson and the fused score keep detail loss and elastic.
+#: ``best_of_three_hp`` is ``memscan audit --score best-of-aligned`` since round 9 (detection_candidates.md section 7)
 for _name, _w in (("best_of_three_hp", 1.0), ("best_of_three_hp_half", 0.5), ("best_of_three_hp_quarter", 0.25)):
     _boa = copy.deepcopy(CANDIDATES["best_of_three"])
     _boa["max_of"][2]["align"]["highpass"] = [ALIGN_HIGHPASS, _w]
