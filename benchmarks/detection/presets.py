@@ -113,7 +113,9 @@ DEFAULT: dict = copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE])
 CANDIDATES["memscan_default_aligned"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "align": copy.deepcopy(ALIGN)}
 CANDIDATES["memscan_default_aligned_emb"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]),
                                              "align": {**copy.deepcopy(ALIGN), "scoring": "embedding"}}
-#: lever (bandpass_study.py): the aligned pixel term 2:1 plain : high-pass (coarse image minus its σ 2 px blur)
+#: lever (bandpass_study.py): the aligned pixel term 2:1 plain : high-pass (coarse image minus its σ 2 px blur). Measured
+#: in round 7 with two searches (plain, then high-passed); ``evaluate.aligned_scores`` now runs the product's one
+#: joint search (``align_and_correlate(highpass_weight=1/3)``), so a rerun differs slightly from detection_alignment.md
 CANDIDATES["memscan_default_aligned_hp"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]),
                                             "align": {**copy.deepcopy(ALIGN), "highpass": [2.0, 1 / 3]}}
 
