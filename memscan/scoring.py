@@ -316,7 +316,8 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             patient's image no longer lines up with a training image by its head or chest silhouette.
         highpass_weight: with ``highpass``, the share of the high-passed image in the pixel score: the score is
             ``(1 - w) · r(plain) + w · r(high-passed)`` at the same warp and shift (one search over both, stacked as
-            channels); 1 = the high-passed image alone. A share of plain pixels keeps copies of smooth images.
+            channels); 1 = the high-passed image alone. A share of plain pixels keeps some of the coarse shape, for
+            images with little fine detail.
         budget: complex values held per chunk of queries (memory ≈ 8 bytes × budget × a few).
 
     Returns:
@@ -397,7 +398,9 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             shares = (1.0 - float(w_hp), float(w_hp))
     q_std, q_norm = _standardize_images(q_t, shares)
     if (q_norm <= 1e-12).any():
-        raise InputError("query_images", "an image is constant: its correlation is undefined",
+        what = "has no detail finer than the high-pass blur" if highpass is not None and shares == (1.0,) \
+            else "is constant"
+        raise InputError("query_images", f"an image {what}: its correlation is undefined",
                          row=int(torch.argmin(q_norm)))
     theta = _similarity_matrices(spatial, pl, angles, scales, flips)  # [T, dims, dims + 1]
     n_t = len(theta)

@@ -177,6 +177,7 @@ def test_align_rejects_bad_input():
         (dict(query_images=q, reference_images=ref, candidates=ok, highpass=0.0), "blur"),
         (dict(query_images=q, reference_images=ref, candidates=ok, highpass=True), "blur"),
         (dict(query_images=q, reference_images=ref, candidates=ok, highpass=2.0, highpass_weight=0.0), "share"),
+        (dict(query_images=np.full_like(q, 0.5), reference_images=ref, candidates=ok, highpass=2.0), "finer"),
         (dict(query_images=q, reference_images=ref, candidates=ok, feature_scores=np.zeros((1, 1)),
               weights={"pixel": -1.0, "features": 1.0}), "non-negative"),
     ]
