@@ -181,3 +181,8 @@ for _name, _w in (("best_of_three_hp", 1.0), ("best_of_three_hp_half", 0.5), ("b
     _boa = copy.deepcopy(CANDIDATES["best_of_three"])
     _boa["max_of"][2]["align"]["highpass"] = [ALIGN_HIGHPASS, _w]
     CANDIDATES[_name] = _boa
+#: lever: the high-pass's blur σ (px at the alignment size) around the product's 2: 1 keeps less of the outline, 3 more
+for _s in (1.0, 3.0):
+    _boa = copy.deepcopy(CANDIDATES["best_of_three"])
+    _boa["max_of"][2]["align"]["highpass"] = [_s, 1.0]
+    CANDIDATES[f"best_of_three_hp_s{int(_s)}"] = _boa
