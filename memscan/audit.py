@@ -445,8 +445,9 @@ CORRELATION_SCORES = ("embedding", "fused")
 ALIGN_CANDIDATES = 5
 #: ``score="best-of-aligned"``: σ in pixels at :func:`alignment_size` of the in-plane Gaussian blur subtracted before
 #: its alignment (``align_and_correlate(highpass=...)``), so a new patient's image does not line up with a training
-#: image by the outline every patient shares (docs/benchmarks/detection_candidates.md section 7).
-ALIGN_HIGHPASS = 2.0
+#: image by the outline every patient shares (docs/benchmarks/detection_candidates.md section 7: σ 1 beat 2 and 3 on the
+#: three 2D cases and tied 2 in 3D).
+ALIGN_HIGHPASS = 1.0
 #: The high-passed pixels' share of that aligned pixel score (``align_and_correlate(highpass_weight=...)``; the rest
 #: would be plain pixels). 1: shares ½ and ¼ measured no better on the benchmark and on the DDPM audit, and raised
 #: the false alarms on new patients (detection_candidates.md section 7).

@@ -176,12 +176,12 @@ for _k in (10, 20):
 #: bandpass_study.py), so the head outline that every subject shares no longer lines up a new subject's slice with a
 #: training slice; ``_half`` / ``_quarter`` = that share of high-passed pixels in one joint search, the rest plain
 #: (``align_and_correlate(highpass_weight=...)``). Pixel Pearson and the fused score keep detail loss and elastic.
-#: ``best_of_three_hp`` is ``memscan audit --score best-of-aligned`` since round 9 (detection_candidates.md section 7)
 for _name, _w in (("best_of_three_hp", 1.0), ("best_of_three_hp_half", 0.5), ("best_of_three_hp_quarter", 0.25)):
     _boa = copy.deepcopy(CANDIDATES["best_of_three"])
-    _boa["max_of"][2]["align"]["highpass"] = [ALIGN_HIGHPASS, _w]
+    _boa["max_of"][2]["align"]["highpass"] = [2.0, _w]  # the σ of section 7's main tables
     CANDIDATES[_name] = _boa
-#: lever: the high-pass's blur σ (px at the alignment size) around the product's 2: 1 keeps less of the outline, 3 more
+#: lever: the high-pass's blur σ (px at the alignment size) around section 7's 2: 1 keeps less of the outline, 3 more.
+#: ``best_of_three_hp_s1`` is ``memscan audit --score best-of-aligned`` since round 9 (ALIGN_HIGHPASS = 1)
 for _s in (1.0, 3.0):
     _boa = copy.deepcopy(CANDIDATES["best_of_three"])
     _boa["max_of"][2]["align"]["highpass"] = [_s, 1.0]
