@@ -161,18 +161,24 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
                    q_scoring: np.ndarray, r_scoring: np.ndarray) -> np.ndarray:
     """Each query's best score after retrieval (top-k by the recipe's features) and geometric verification
     (``memscan.scoring.aligned_search``) on coarse images (``align["factor"]``× smaller per axis)."""
-    a = dict(recipe["align"])
-    factor = a.pop("factor", 2)
-    k = a.pop("k", 5)
-    highpass = a.pop("highpass", None)  # (σ px at the coarse size, share of the high-passed pixels): bandpass_study.py
+    if recipe["align"].get("scoring", "embedding") == "retrieval":  # fuse the aligned pixels with the retrieval
+        q_scoring, r_scoring = q_feat, r_feat  # features' score
+    return aligned_search(query, reference, q_feat, r_feat, k=int(recipe["align"].get("k", 5)),
+                          query_scoring=q_scoring, reference_scoring=r_scoring, device="cpu",
+                          **_align_arguments(recipe, query.shape[2:])).score
+
+
+def _align_arguments(recipe: dict, spatial) -> dict:
+    """``align_and_correlate`` keyword arguments of a recipe's ``align`` part: ``size`` = the images ``factor``×
+    smaller per axis, the mirror when the recipe is flip-invariant, ``highpass`` = (σ px at that size, share of the
+    high-passed pixels; see bandpass_study.py), and the remaining entries (``weights``, grids) as they are."""
+    a = {key: v for key, v in recipe["align"].items() if key not in ("factor", "k", "scoring", "highpass")}
+    a["size"] = [max(2, n // recipe["align"].get("factor", 2)) for n in spatial]
+    a["flip_axes"] = (-1,) if recipe.get("tta_flip") else ()
+    highpass = recipe["align"].get("highpass")
     if highpass:  # the product's joint search: (1 - w) plain + w high-passed pixels at the same warp and shift
         a["highpass"], a["highpass_weight"] = float(highpass[0]), float(highpass[1])
-    if a.pop("scoring", "embedding") == "retrieval":  # fuse the aligned pixels with the retrieval features' score
-        q_scoring, r_scoring = q_feat, r_feat
-    size = [max(2, s // factor) for s in query.shape[2:]]
-    flip = (-1,) if recipe.get("tta_flip") else ()
-    return aligned_search(query, reference, q_feat, r_feat, k=k, query_scoring=q_scoring, reference_scoring=r_scoring,
-                          device="cpu", size=size, flip_axes=flip, **a).score
+    return a
 
 
 def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.ndarray, seed: int = 0,
@@ -201,17 +207,11 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     if aligned is None:
         return match(*plain[0], best_of=plain[1:] or None, **match_kwargs)
     part, primary = aligned
-    a = part["align"]
-    size = [max(2, n // a.get("factor", 2)) for n in train.shape[2:]]
-    flip = (-1,) if part.get("tta_flip") else ()
-    if a.get("scoring", "embedding") != "retrieval":
+    if part["align"].get("scoring", "embedding") != "retrieval":
         raise ValueError("match_recipe supports align parts scored with their retrieval features only")
-
-    axes = {"weights": a.get("weights"), "size": size, "flip_axes": flip}
-    if a.get("highpass"):
-        axes["highpass"], axes["highpass_weight"] = float(a["highpass"][0]), float(a["highpass"][1])
-    refine = _aligned_refine(images, axes)
-    return match(*primary, refine=refine, refine_k=int(a.get("k", 5)), best_of=plain or None, **match_kwargs)
+    refine = _aligned_refine(images, _align_arguments(part, train.shape[2:]))
+    return match(*primary, refine=refine, refine_k=int(part["align"].get("k", 5)), best_of=plain or None,
+                 **match_kwargs)
 
 
 def _metrics(g: pd.DataFrame) -> pd.Series:

@@ -55,7 +55,7 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-#: detectors the DDPM audit runs beside the main ones: memscan's most sensitive score (``--score best-of-aligned``)
+#: detectors the DDPM audit runs beside the main ones: memscan's best-AUROC score (``--score best-of-aligned``)
 GENERATOR_EXTRA: dict = {"memscan_best_of_aligned": MEMSCAN_SCORES["best-of-aligned"]}
 
 
