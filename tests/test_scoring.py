@@ -199,14 +199,14 @@ def test_align_highpass_ignores_the_shared_outline():
     copy_ = _affine(ref[0], 6.0, 1.0, (1.0, -2.0))[None]
     other = (outline + 0.5 * rng.normal(size=(32, 32)) * outline)[None, None].astype(np.float32)
     cand = np.array([[0]])
-    plain = align_and_correlate(np.concatenate([copy_, other]), ref, np.array([[0], [0]]))
-    hp = align_and_correlate(np.concatenate([copy_, other]), ref, np.array([[0], [0]]), highpass=2.0)
+    both = np.concatenate([copy_, other])
+    plain = align_and_correlate(both, ref, np.array([[0], [0]]))
+    hp = align_and_correlate(both, ref, np.array([[0], [0]]), highpass=2.0)
     assert plain.pixel[1, 0] > 0.8 and plain.pixel[0, 0] > 0.99  # unrelated detail, same outline: high plain r
     assert hp.pixel[1, 0] < 0.4 and hp.pixel[0, 0] > 0.99  # high-passed: the copy stays, the stranger drops
     assert align_and_correlate(ref[:1], ref, cand, highpass=2.0).pixel[0, 0] == pytest.approx(1.0, abs=1e-5)
     # a share of plain pixels: the same warp and shift scores (1 - w) r(plain) + w r(high-passed)
     fixed = dict(angles=(0.0,), scales=(1.0,), flip_axes=(), max_shift=0.0, subpixel=False)
-    both = np.concatenate([copy_, other])
     parts = [align_and_correlate(both, ref, np.array([[0, 1], [0, 1]]), **fixed, **kw).pixel
              for kw in ({}, {"highpass": 2.0})]
     mixed = align_and_correlate(both, ref, np.array([[0, 1], [0, 1]]), highpass=2.0, highpass_weight=0.25, **fixed)
