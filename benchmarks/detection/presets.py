@@ -186,3 +186,11 @@ for _s in (1.0, 3.0):
     _boa = copy.deepcopy(CANDIDATES["best_of_three"])
     _boa["max_of"][2]["align"]["highpass"] = [_s, 1.0]
     CANDIDATES[f"best_of_three_hp_s{int(_s)}"] = _boa
+#: lever: the aligned part at the images' full size (``factor`` 1, 64² in 2D, 12×32×32 in 3D) instead of half, the
+#: blur σ doubled to keep the same physical band (``_f1``) or kept at 1 px (``_f1_s1``): a crop-resized copy
+#: re-aligns at the resolution it was made at
+for _name, _s in (("best_of_three_hp_f1", 2.0), ("best_of_three_hp_f1_s1", 1.0)):
+    _boa = copy.deepcopy(CANDIDATES["best_of_three"])
+    _boa["max_of"][2]["align"]["highpass"] = [_s, 1.0]
+    _boa["max_of"][2]["align"]["factor"] = 1
+    CANDIDATES[_name] = _boa
