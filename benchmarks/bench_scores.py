@@ -3,7 +3,8 @@
 Same sets, same CPU, one run: ``--n`` training, validation and synthetic 2D images (smooth random fields at the
 detection benchmark's 64², a tenth of the synthetic set planted as shifted copies), each set with the features the
 audit computes for it — the fused features (coarse 16² pixels + a 128-d embedding, here random), the best-of pixels
-(64²) and the aligned images (32²) — then :func:`memscan.metrics.match` as the audit calls it for each mode
+(64²) and the images each score aligns (``memscan.audit.alignment_size``: 32² for ``aligned``, 64² for
+``best-of-aligned``) — then :func:`memscan.metrics.match` as the audit calls it for each mode
 (``fused``: plain; ``best-of``: ``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the
 feature correlation; ``best-of-aligned``: ``refine`` = aligned pixels, ``best_of=[pixels, fused]``). Modes are
 interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.audit import ALIGN_CANDIDATES, _aligned_refine, _score_align_axes
+from memscan.audit import ALIGN_CANDIDATES, _aligned_refine, _score_align_axes, alignment_size
 from memscan.metrics import match
 from memscan.scoring import pixel_features, standardize_rows
 
@@ -55,7 +56,7 @@ def build(n: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
             emb[:k] = out["train"]["embedding"][:k] + 0.1 * rng.normal(size=(k, 128)).astype(np.float32)
         fused = np.concatenate([standardize_rows(pixel_features(img, [16, 16])), 2.0 * standardize_rows(emb)], 1)
         out[name] = {"embedding": emb, "fused": standardize_rows(fused), "pixels": standardize_rows(pixel_features(img)),
-                     "aligned": pixel_features(img, [32, 32]).reshape(n, 1, 32, 32)}
+                     "image": img}
     return out
 
 
@@ -63,7 +64,8 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
     """One audit-style match for ``mode``: (seconds, summary)."""
     feats = [sets[k]["fused"] for k in ("train", "val", "synthetic")]
     pixels = tuple(sets[k]["pixels"] for k in ("train", "val", "synthetic"))
-    images = {k: sets[k]["aligned"] for k in ("train", "val", "synthetic")}
+    size = alignment_size(sets["train"]["image"].shape[2:], mode)
+    images = {k: pixel_features(sets[k]["image"], size).reshape(-1, 1, *size) for k in ("train", "val", "synthetic")}
     axes = {"flip_axes": (-1,), "plane": (-2, -1)}
     kwargs: dict = {}
     if mode == "best-of":

@@ -443,11 +443,11 @@ SCORES = ("embedding", "fused", "aligned", "best-of", "best-of-aligned")
 CORRELATION_SCORES = ("embedding", "fused")
 #: Candidates per query that ``score="aligned"`` aligns and re-scores.
 ALIGN_CANDIDATES = 5
-#: ``score="best-of-aligned"``: σ in pixels at :func:`alignment_size` of the in-plane Gaussian blur subtracted before
-#: its alignment (``align_and_correlate(highpass=...)``), so a new patient's image does not line up with a training
-#: image by the outline every patient shares (docs/benchmarks/detection_candidates.md section 7: σ 1 beat 2 and 3 on the
-#: three 2D cases and tied 2 in 3D).
-ALIGN_HIGHPASS = 1.0
+#: ``score="best-of-aligned"``: σ in pixels at its :func:`alignment_size` of the in-plane Gaussian blur subtracted
+#: before its alignment (``align_and_correlate(highpass=...)``), so a new patient's image does not line up with a
+#: training image by the outline every patient shares. 2 at the full size keeps the band of section 7's best, σ 1 at
+#: half size (docs/benchmarks/detection_candidates.md sections 7 and 8; σ 1 at the full size raised false alarms).
+ALIGN_HIGHPASS = 2.0
 #: The high-passed pixels' share of that aligned pixel score (``align_and_correlate(highpass_weight=...)``; the rest
 #: would be plain pixels). 1: shares ½ and ¼ measured no better on the benchmark and on the DDPM audit, and raised
 #: the false alarms on new patients (detection_candidates.md section 7).
@@ -528,9 +528,11 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
     # images, "best-of" also matches pixels); one pass decodes each file once for the embeddings of the image and
     # its mirror (Flipd's spatial axis 0) and the coarse pixels of both
     coarse = [max(1, int(n) // 4) for n in image_size]
-    align = alignment_size(image_size) if score in ("aligned", "best-of-aligned") else None
+    align = alignment_size(image_size, score) if score in ("aligned", "best-of-aligned") else None
     best = best_of_pixel_size(image_size) if score in ("best-of", "best-of-aligned") else None
     extra = [size for size in (align, best) if size is not None]
+    if len(extra) == 2 and extra[0] == extra[1]:  # best-of-aligned aligns its pixel Pearson's own pixels
+        extra = extra[:1]
     # the aligned and best-of pixels need no mirror image: the alignment mirrors itself, best-of is not mirrored
     feats = embed_mirrored(network, records, preprocess, mirror_axis=0, pixel_sizes=[coarse],
                            plain_pixel_sizes=extra, batch_size=batch_size,
@@ -549,9 +551,17 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
     return _SetFeatures((total / 2).astype(np.float32), aligned, plain)
 
 
-def alignment_size(image_size: Sequence[int]) -> list[int]:
-    """Spatial size at which ``score="aligned"`` aligns images: half the input per axis, at most 32 (2D) or 16 (3D)
-    voxels (the detection benchmark's setting: coarse enough to ignore detail a generator does not reproduce)."""
+def alignment_size(image_size: Sequence[int], score: str = "aligned") -> list[int]:
+    """Spatial size at which a score aligns images.
+
+    ``"aligned"``: half the input per axis, at most 32 (2D) or 16 (3D) voxels (the detection benchmark's setting:
+    coarse enough to ignore detail a generator does not reproduce). ``"best-of-aligned"``: the grid of its pixel
+    Pearson, :func:`best_of_pixel_size` (the input, at most 64² / 32³): its high-passed pixels keep only fine detail,
+    which re-aligns crop-resized and moved copies better at the benchmark's full size than at half
+    (docs/benchmarks/detection_candidates.md section 8).
+    """
+    if score == "best-of-aligned":
+        return best_of_pixel_size(image_size)
     cap = 32 if len(image_size) == 2 else 16
     return [max(4, min(int(n) // 2, cap)) for n in image_size]
 
@@ -904,7 +914,7 @@ def audit(
             the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of three
             scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` and
             the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
-            their blur (:data:`ALIGN_HIGHPASS`); the best AUROC of the detection benchmark, at more false alarms on
+            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`); the best AUROC of the detection benchmark, at more false alarms on
             new patients than the fused score;
             docs/benchmarks/detection_candidates.md); τ and everything downstream are computed on the chosen
             score.

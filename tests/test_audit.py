@@ -339,6 +339,19 @@ def test_bundle_audit_config_runs_the_same_audit(bundle: str, dims: int, tmp_pat
     assert summary["provenance"]["config"]["score"] == ("fused" if dims == 3 else "embedding")
 
 
+def test_alignment_size_per_score() -> None:
+    """``aligned`` searches half the input (at most 32² / 16³); ``best-of-aligned`` its pixel Pearson's own grid
+    (the input, at most 64² / 32³)."""
+    from memscan.audit import alignment_size, best_of_pixel_size
+
+    assert alignment_size([512, 512]) == [32, 32] and alignment_size([48, 40]) == [24, 20]
+    assert alignment_size([32, 256, 256]) == [16, 16, 16]
+    for shape in ([512, 512], [48, 40], [32, 256, 256], [12, 32, 32]):
+        assert alignment_size(shape, "best-of-aligned") == best_of_pixel_size(shape)
+    assert alignment_size([512, 512], "best-of-aligned") == [64, 64]
+    assert alignment_size([32, 256, 256], "best-of-aligned") == [32, 32, 32]
+
+
 def test_aligned_score_catches_a_shifted_rotated_copy(data2d: dict, tmp_path: Path) -> None:
     """``score="aligned"``: a copy moved by a shift and a rotation, which the fused features score below an exact
     copy, is re-scored after alignment, matched to its source and flagged; τ, controls and the report use it."""

@@ -68,7 +68,7 @@ def test_default_detector_is_memscans_default():
     """presets.DEFAULT follows the package: the training preset's views and temperature, the audit's default score."""
     import inspect
 
-    from memscan.audit import FUSED_WEIGHTS, audit, best_of_pixel_size
+    from memscan.audit import FUSED_WEIGHTS, alignment_size, audit, best_of_pixel_size
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
@@ -87,6 +87,10 @@ def test_default_detector_is_memscans_default():
     best = presets.MEMSCAN_SCORES["best-of"]
     assert best["normalize"] == "ceiling" and best["max_of"] == [presets.PIXEL, fused]
     assert best_of_pixel_size([64, 64]) == [64, 64] and best_of_pixel_size([12, 32, 32]) == [12, 32, 32]
+    # best-of-aligned aligns at the same full size (factor 1) that its benchmark recipe does
+    assert presets.MEMSCAN_SCORES["best-of-aligned"]["max_of"][2]["align"]["factor"] == 1
+    assert alignment_size([64, 64], "best-of-aligned") == [64, 64]
+    assert alignment_size([12, 32, 32], "best-of-aligned") == [12, 32, 32]
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (6, 12, 12)])
@@ -178,7 +182,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     assert product["max_of"][0] == presets.PIXEL and product["max_of"][1] == presets.MEMSCAN_SCORES["fused"]
     align = product["max_of"][2]["align"]
     assert align["weights"] == {"pixel": 1.0, "features": 0.0} and align["scoring"] == "retrieval"
-    from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, _score_align_axes
+    from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, _score_align_axes, alignment_size
 
     axes = _score_align_axes("best-of-aligned", {"flip_axes": ()})  # the audit's own alignment arguments
     assert align["highpass"] == [axes["highpass"], axes["highpass_weight"]] == [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]
@@ -192,6 +196,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     query = perturb.perturb(case["groups"][tr], fam, strength, seed=7 * k)
     images = {"train": case["groups"][tr], "val": case["groups"][va], "synthetic": query}
     size = [n // align["factor"] for n in query.shape[2:]]
+    assert size == alignment_size(query.shape[2:], "best-of-aligned")  # the audit's grid for this score
 
     def refine(q, rows, ref, candidates, values):
         found = align_and_correlate(images[q][rows], images[ref], candidates, feature_scores=values,

@@ -97,8 +97,9 @@ def memscan_recipe(score: str) -> dict:
         return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused")], "normalize": "ceiling"}
     if score == "best-of-aligned":  # match(refine=aligned pixels, best_of=[pixels, fused]): the best of pixel Pearson,
         # the fused score and the aligned high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
-        # (alignment_size = half the benchmark's images), each scaled by its own τ_b
-        aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "weights": {"pixel": 1.0, "features": 0.0},
+        # (alignment_size(..., "best-of-aligned") = the benchmark's images whole), each scaled by its own τ_b
+        aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
+                                                        "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]}}
         return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused"), aligned], "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
@@ -181,14 +182,15 @@ for _name, _w in (("best_of_three_hp", 1.0), ("best_of_three_hp_half", 0.5), ("b
     _boa["max_of"][2]["align"]["highpass"] = [2.0, _w]  # the σ of section 7's main tables
     CANDIDATES[_name] = _boa
 #: lever: the high-pass's blur σ (px at the alignment size) around section 7's 2: 1 keeps less of the outline, 3 more.
-#: ``best_of_three_hp_s1`` is ``memscan audit --score best-of-aligned`` since round 9 (ALIGN_HIGHPASS = 1)
+#: ``best_of_three_hp_s1`` was round 9's ``memscan audit --score best-of-aligned`` (σ 1 at half size)
 for _s in (1.0, 3.0):
     _boa = copy.deepcopy(CANDIDATES["best_of_three"])
     _boa["max_of"][2]["align"]["highpass"] = [_s, 1.0]
     CANDIDATES[f"best_of_three_hp_s{int(_s)}"] = _boa
 #: lever: the aligned part at the images' full size (``factor`` 1, 64² in 2D, 12×32×32 in 3D) instead of half, the
 #: blur σ doubled to keep the same physical band (``_f1``) or kept at 1 px (``_f1_s1``): a crop-resized copy
-#: re-aligns at the resolution it was made at
+#: re-aligns at the resolution it was made at. ``best_of_three_hp_f1`` is ``memscan audit --score best-of-aligned``
+#: since round 10 (``MEMSCAN_SCORES``; detection_candidates.md section 8)
 for _name, _s in (("best_of_three_hp_f1", 2.0), ("best_of_three_hp_f1_s1", 1.0)):
     _boa = copy.deepcopy(CANDIDATES["best_of_three"])
     _boa["max_of"][2]["align"]["highpass"] = [_s, 1.0]
