@@ -318,7 +318,7 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             ``(1 - w) · r(plain) + w · r(high-passed)`` at the same warp and shift (one search over both, stacked as
             channels); 1 = the high-passed image alone. A share of plain pixels keeps some of the coarse shape, for
             images with little fine detail.
-        budget: complex values held per chunk of queries (memory ≈ 8 bytes × budget × a few).
+        budget: complex values held per step of (query, candidate) pairs (memory ≈ 8 bytes × budget × a few).
 
     Returns:
         :class:`AlignedMatch`.
@@ -416,15 +416,18 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     # (affine_grid per chunk was half the search's time on a CPU)
     base_grid = F.affine_grid(theta, [n_t, q_t.shape[1], *spatial], align_corners=False)  # [T, *spatial, dims]
     pixel = np.full((n, k), -np.inf)
-    per_query = k * n_t * int(np.prod(spatial)) * q_t.shape[1]
-    chunk = max(1, int(budget) // max(1, per_query))
+    # pairs sorted by reference, so each step warps and transforms a reference once for all its queries there
+    # (warping is half the search's time; per query chunk, every pair re-warped its reference)
+    rows, cols = np.nonzero(cand >= 0)
+    pair_ref = cand[rows, cols]
+    order = np.argsort(pair_ref, kind="stable")
+    rows, cols, pair_ref = rows[order], cols[order], pair_ref[order]
+    # pairs per step (and at most as many references)
+    step = max(1, int(budget) // max(1, n_t * int(np.prod(spatial)) * q_t.shape[1]))
     with torch.no_grad():
-        for start in range(0, n, chunk):
-            c = cand[start:start + chunk]
-            valid = c >= 0
-            if not valid.any():
-                continue
-            used, inverse = np.unique(c[valid], return_inverse=True)
+        for start in range(0, len(rows), step):
+            p_rows, p_cols = rows[start:start + step], cols[start:start + step]
+            used, inverse = np.unique(pair_ref[start:start + step], return_inverse=True)
             refs = r_t[torch.from_numpy(used)]  # [U, C, *spatial]
             u = len(used)
             grid = base_grid.repeat(u, *([1] * (base_grid.ndim - 1)))
@@ -432,17 +435,17 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
                                    align_corners=False)  # [U·T, C, *spatial]
             w_std, w_norm = _standardize_images(warped, shares)
             r_f = torch.fft.rfftn(w_std, dim=s_dims).reshape(u, n_t, *w_std.shape[1:2], *q_f.shape[2:])
-            rows, cols = np.nonzero(valid)
-            prod = q_f[torch.from_numpy(rows + start)][:, None] * torch.conj(r_f[torch.from_numpy(inverse)])
-            corr = torch.fft.irfftn(prod.sum(dim=2), s=spatial, dim=s_dims).reshape(len(rows), n_t, -1)
+            inv = torch.from_numpy(inverse.reshape(-1))
+            prod = q_f[torch.from_numpy(p_rows)][:, None] * torch.conj(r_f[inv])
+            corr = torch.fft.irfftn(prod.sum(dim=2), s=spatial, dim=s_dims).reshape(len(p_rows), n_t, -1)
             pos = allowed[corr[:, :, allowed].argmax(dim=2)]  # [P, T] best allowed circular shift per warp
             peak = torch.gather(corr, 2, pos[..., None])[..., 0]
             if subpixel:
                 peak = peak + _subpixel_gain(corr, pos, spatial)
             # a warp that left no contrast (zoomed into a blank region) has no defined correlation
-            ok = (w_norm.reshape(u, n_t) > 1e-6)[torch.from_numpy(inverse)]
+            ok = (w_norm.reshape(u, n_t) > 1e-6)[inv]
             best = torch.where(ok, peak, torch.tensor(-np.inf)).amax(dim=1)
-            pixel[rows + start, cols] = best.double().numpy()
+            pixel[p_rows, p_cols] = best.double().numpy()
     pixel = np.clip(pixel, -1.0, 1.0)
     if feature_scores is None:
         fused = pixel.copy()

@@ -129,6 +129,25 @@ def test_align_fuses_feature_scores_and_skips_missing_candidates():
     assert none.index[0] == -1 and none.score[0] == -np.inf
 
 
+def test_align_scores_each_pair_as_if_alone():
+    """Pairs are grouped by reference (each reference warped once per step): every pair's score equals the search
+    of that query against that candidate alone, whatever the step size."""
+    from memscan.scoring import align_and_correlate
+
+    ref = np.stack([_blob(s, (16, 16)) for s in range(4)])
+    q = np.stack([_affine(ref[i % 4], 3.0 * (i % 3), 1.0, (1.0, -1.0)) for i in range(7)])
+    cand = np.array([[0, 1], [1, -1], [3, 0], [2, 2], [-1, -1], [1, 3], [0, 2]])
+    kwargs = {"angles": (-3.0, 0.0, 3.0, 6.0), "scales": (1.0, 1.1), "highpass": 1.5}
+    whole = align_and_correlate(q, ref, cand, **kwargs)
+    for budget in (1, 3000):
+        np.testing.assert_allclose(align_and_correlate(q, ref, cand, budget=budget, **kwargs).pixel, whole.pixel,
+                                   atol=1e-6)
+    for i, j in zip(*np.nonzero(cand >= 0)):
+        alone = align_and_correlate(q[i:i + 1], ref, cand[i:i + 1, j:j + 1], **kwargs)
+        np.testing.assert_allclose(alone.pixel[0, 0], whole.pixel[i, j], atol=1e-6)
+    assert (whole.fused[cand < 0] == -np.inf).all() and whole.index[4] == -1
+
+
 def test_aligned_search_retrieves_and_verifies():
     from memscan.scoring import aligned_search
 
