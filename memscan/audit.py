@@ -1075,7 +1075,7 @@ def audit(
     set_audits: dict[str, SetAudit] = {}
     controls_block: dict[str, Any] = {"n": n_controls}
     axes = _alignment(preprocess_cfg)
-    align_axes = _score_align_axes(score, axes)
+    align_axes = {**_score_align_axes(score, axes), "device": device}  # the search runs where the match does
     features = {**embeddings, "controls": control_emb}
 
     def score_sets(set_name: str) -> list[np.ndarray]:

@@ -232,7 +232,7 @@ def _standardize_images(x, shares: Sequence[float] = (1.0,)):
     groups = x.reshape(len(x), len(shares), -1)
     groups = groups - groups.mean(dim=2, keepdim=True)
     norm = groups.norm(dim=2, keepdim=True)
-    scale = torch.tensor([float(sh) ** 0.5 for sh in shares], dtype=x.dtype).reshape(1, -1, 1)
+    scale = torch.tensor([float(sh) ** 0.5 for sh in shares], dtype=x.dtype, device=x.device).reshape(1, -1, 1)
     return (groups / norm.clamp_min(1e-12) * scale).reshape(x.shape), norm[:, 0, 0]
 
 
@@ -254,7 +254,7 @@ def _subpixel_gain(corr, pos, spatial: Sequence[int]):
     import torch
 
     coords = list(np.unravel_index(np.arange(int(np.prod(spatial))), spatial))
-    coords_t = [torch.from_numpy(c.astype(np.int64))[pos] for c in coords]
+    coords_t = [torch.from_numpy(c.astype(np.int64)).to(pos.device)[pos] for c in coords]
     strides = [int(np.prod(spatial[d + 1:])) for d in range(len(spatial))]
     centre = torch.gather(corr, 2, pos[..., None])[..., 0]
     gain = torch.zeros_like(centre)
@@ -279,7 +279,7 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
                         max_shift: float | Sequence[float] = 0.15, flip_axes: Sequence[int] = (-1,),
                         plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
                         subpixel: bool = True, highpass: float | None = None, highpass_weight: float = 1.0,
-                        budget: int = 1 << 22) -> AlignedMatch:
+                        device: Any = "auto", budget: int | None = None) -> AlignedMatch:
     """Verify retrieval candidates by aligning each one to its query and correlating the aligned pixels.
 
     For every (query, candidate) pair the candidate is warped by every transform of a small similarity group —
@@ -318,7 +318,11 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             ``(1 - w) · r(plain) + w · r(high-passed)`` at the same warp and shift (one search over both, stacked as
             channels); 1 = the high-passed image alone. A share of plain pixels keeps some of the coarse shape, for
             images with little fine detail.
-        budget: complex values held per step of (query, candidate) pairs (memory ≈ 8 bytes × budget × a few).
+        device: where the search runs (``"auto"``: CUDA when available; see :func:`memscan.metrics.resolve_device`).
+            The images stay on the CPU (downsampled and high-passed there); each step moves its queries' transforms
+            and its references to the device.
+        budget: complex values held per step of (query, candidate) pairs (memory ≈ 8 bytes × budget × a few);
+            default 2²² on a CPU, 2²⁶ on a GPU.
 
     Returns:
         :class:`AlignedMatch`.
@@ -331,6 +335,11 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     import torch
     import torch.nn.functional as F
 
+    from memscan.metrics import resolve_device
+
+    dev = resolve_device(device)
+    if budget is None:
+        budget = 1 << (26 if dev.type == "cuda" else 22)
     q_img = _check_images(query_images, "query_images")
     r_img = _check_images(reference_images, "reference_images")
     if q_img.shape[1:] != r_img.shape[1:]:
@@ -410,11 +419,11 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     win = [int(np.floor(f * s)) for f, s in zip(shifts, spatial)]
     keep = np.zeros(spatial, dtype=bool)
     keep[np.ix_(*[sorted({i % s for i in range(-w, w + 1)}) for w, s in zip(win, spatial)])] = True
-    allowed = torch.from_numpy(np.flatnonzero(keep))
+    allowed = torch.from_numpy(np.flatnonzero(keep)).to(dev)
 
     # the sampling grid of each warp depends only on the warp: built once, repeated for every reference of a chunk
     # (affine_grid per chunk was half the search's time on a CPU)
-    base_grid = F.affine_grid(theta, [n_t, q_t.shape[1], *spatial], align_corners=False)  # [T, *spatial, dims]
+    base_grid = F.affine_grid(theta.to(dev), [n_t, q_t.shape[1], *spatial], align_corners=False)  # [T, *sp., dims]
     pixel = np.full((n, k), -np.inf)
     # pairs sorted by reference, so each step warps and transforms a reference once for all its queries there
     # (warping is half the search's time; per query chunk, every pair re-warped its reference)
@@ -428,15 +437,15 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
         for start in range(0, len(rows), step):
             p_rows, p_cols = rows[start:start + step], cols[start:start + step]
             used, inverse = np.unique(pair_ref[start:start + step], return_inverse=True)
-            refs = r_t[torch.from_numpy(used)]  # [U, C, *spatial]
+            refs = r_t[torch.from_numpy(used)].to(dev)  # [U, C, *spatial]
             u = len(used)
             grid = base_grid.repeat(u, *([1] * (base_grid.ndim - 1)))
             warped = F.grid_sample(refs.repeat_interleave(n_t, dim=0), grid, mode="bilinear", padding_mode="zeros",
                                    align_corners=False)  # [U·T, C, *spatial]
             w_std, w_norm = _standardize_images(warped, shares)
             r_f = torch.fft.rfftn(w_std, dim=s_dims).reshape(u, n_t, *w_std.shape[1:2], *q_f.shape[2:])
-            inv = torch.from_numpy(inverse.reshape(-1))
-            prod = q_f[torch.from_numpy(p_rows)][:, None] * torch.conj(r_f[inv])
+            inv = torch.from_numpy(inverse.reshape(-1)).to(dev)
+            prod = q_f[torch.from_numpy(p_rows)].to(dev)[:, None] * torch.conj(r_f[inv])
             corr = torch.fft.irfftn(prod.sum(dim=2), s=spatial, dim=s_dims).reshape(len(p_rows), n_t, -1)
             pos = allowed[corr[:, :, allowed].argmax(dim=2)]  # [P, T] best allowed circular shift per warp
             peak = torch.gather(corr, 2, pos[..., None])[..., 0]
@@ -444,8 +453,8 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
                 peak = peak + _subpixel_gain(corr, pos, spatial)
             # a warp that left no contrast (zoomed into a blank region) has no defined correlation
             ok = (w_norm.reshape(u, n_t) > 1e-6)[inv]
-            best = torch.where(ok, peak, torch.tensor(-np.inf)).amax(dim=1)
-            pixel[p_rows, p_cols] = best.double().numpy()
+            best = peak.masked_fill(~ok, float("-inf")).amax(dim=1)
+            pixel[p_rows, p_cols] = best.double().cpu().numpy()
     pixel = np.clip(pixel, -1.0, 1.0)
     if feature_scores is None:
         fused = pixel.copy()
@@ -473,7 +482,7 @@ def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query
         query_scoring, reference_scoring: features whose correlation is fused with the aligned pixels (e.g. the
             embedding); default the retrieval features.
         query_groups, reference_groups: subject ids; same-subject pairs are never candidates.
-        device: for the retrieval.
+        device: for the retrieval and the alignment.
         **align: keyword arguments of :func:`align_and_correlate` (grids, ``size``, ``weights``, ...).
 
     Returns:
@@ -491,4 +500,4 @@ def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query
         raise InputError("reference_scoring", f"scoring features {qs.shape} / {rs.shape} do not match the images")
     feat = np.einsum("nd,nkd->nk", qs.astype(np.float64), rs[np.maximum(idx, 0)].astype(np.float64))
     feat[idx < 0] = -np.inf
-    return align_and_correlate(query_images, reference_images, idx, feature_scores=feat, **align)
+    return align_and_correlate(query_images, reference_images, idx, feature_scores=feat, device=device, **align)

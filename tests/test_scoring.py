@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from memscan.errors import InputError
 from memscan.metrics import pearson
@@ -146,6 +147,35 @@ def test_align_scores_each_pair_as_if_alone():
         alone = align_and_correlate(q[i:i + 1], ref, cand[i:i + 1, j:j + 1], **kwargs)
         np.testing.assert_allclose(alone.pixel[0, 0], whole.pixel[i, j], atol=1e-6)
     assert (whole.fused[cand < 0] == -np.inf).all() and whole.index[4] == -1
+
+
+def test_align_device() -> None:
+    """The search runs on the device asked for: an unknown device is a clear error, the CPU gives the default's
+    scores wherever no GPU is present."""
+    from memscan.scoring import align_and_correlate
+
+    ref = np.stack([_blob(s, (16, 16)) for s in range(3)])
+    cand = np.array([[0, 1], [2, 0]])
+    with pytest.raises(InputError, match="device"):
+        align_and_correlate(ref[:2], ref, cand, device="tpu")
+    on_cpu = align_and_correlate(ref[:2], ref, cand, device="cpu", highpass=1.5)
+    assert on_cpu.index.tolist() == [0, 2]
+    if not torch.cuda.is_available():
+        np.testing.assert_array_equal(align_and_correlate(ref[:2], ref, cand, highpass=1.5).pixel, on_cpu.pixel)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("shape", [(32, 32), (8, 16, 16)])
+def test_align_on_gpu_matches_cpu(shape) -> None:
+    from memscan.scoring import align_and_correlate
+
+    ref = np.stack([_blob(s, shape) for s in range(6)])
+    q = np.stack([_affine(ref[i], 3.0 * i, 1.0, (1.0,) * len(shape)) for i in range(6)])
+    cand = np.array([[i, (i + 1) % 6, -1] for i in range(6)])
+    a = align_and_correlate(q, ref, cand, device="cpu", highpass=1.5, highpass_weight=0.5)
+    b = align_and_correlate(q, ref, cand, device="cuda", highpass=1.5, highpass_weight=0.5)
+    np.testing.assert_array_equal(a.index, b.index)
+    np.testing.assert_allclose(a.pixel, b.pixel, atol=1e-4)
 
 
 def test_aligned_search_retrieves_and_verifies():
