@@ -196,3 +196,13 @@ for _name, _s in (("best_of_three_hp_f1", 2.0), ("best_of_three_hp_f1_s1", 1.0))
     _boa["max_of"][2]["align"]["highpass"] = [_s, 1.0]
     _boa["max_of"][2]["align"]["factor"] = 1
     CANDIDATES[_name] = _boa
+#: lever: pixel Pearson at half size in the best of three (``_px2``) or beside the full-size one (``best_of_four``):
+#: coarser pixels are less disturbed by elastic warps and detail loss, the families where the best of three trails
+#: pixel Pearson (CXR) or stays below 0.99 (MRI 3D, CT elastic)
+_PIXEL_HALF = {**copy.deepcopy(PIXEL), "pixel": [[2, 1.0]]}
+_boa = copy.deepcopy(CANDIDATES["best_of_three_hp_f1"])
+_boa["max_of"][0] = copy.deepcopy(_PIXEL_HALF)
+CANDIDATES["best_of_three_hp_f1_px2"] = _boa
+_boa = copy.deepcopy(CANDIDATES["best_of_three_hp_f1"])
+_boa["max_of"].insert(1, copy.deepcopy(_PIXEL_HALF))
+CANDIDATES["best_of_four_hp_f1"] = _boa
