@@ -914,8 +914,8 @@ def audit(
             the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of three
             scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` and
             the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
-            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`); the best AUROC of the detection benchmark, at more false alarms on
-            new patients than the fused score;
+            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`); the best AUROC of the detection
+            benchmark, at more false alarms on new patients than the fused score;
             docs/benchmarks/detection_candidates.md); τ and everything downstream are computed on the chosen
             score.
         precision: embedding precision, ``"auto"`` (float16 on CUDA, bfloat16 on CPUs with native bf16, else

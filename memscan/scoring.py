@@ -421,7 +421,7 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     keep[np.ix_(*[sorted({i % s for i in range(-w, w + 1)}) for w, s in zip(win, spatial)])] = True
     allowed = torch.from_numpy(np.flatnonzero(keep)).to(dev)
 
-    # the sampling grid of each warp depends only on the warp: built once, repeated for every reference of a chunk
+    # the sampling grid of each warp depends only on the warp: built once, repeated for every reference of a step
     # (affine_grid per chunk was half the search's time on a CPU)
     base_grid = F.affine_grid(theta.to(dev), [n_t, q_t.shape[1], *spatial], align_corners=False)  # [T, *sp., dims]
     pixel = np.full((n, k), -np.inf)
