@@ -436,8 +436,8 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
 #: Score modes: ``"embedding"`` (Dar et al.'s score), ``"fused"`` (flip-invariant pixel + embedding features),
 #: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment) or
 #: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null) or
-#: ``"best-of-aligned"`` (the best of three, each scaled by its own null: pixel Pearson, the fused score, and the
-#: aligned high-passed pixel correlation of the fused features' top candidates).
+#: ``"best-of-aligned"`` (the best of four, each scaled by its own null: pixel Pearson at two sizes, the fused score,
+#: and the aligned high-passed pixel correlation of the fused features' top candidates).
 SCORES = ("embedding", "fused", "aligned", "best-of", "best-of-aligned")
 #: The score modes whose values are Pearson correlations (the aligned and best-of scores are not).
 CORRELATION_SCORES = ("embedding", "fused")
@@ -468,12 +468,22 @@ def best_of_pixel_size(image_size: Sequence[int]) -> list[int]:
     return [max(1, min(int(n), cap)) for n in image_size]
 
 
+def best_of_pixel_sizes(image_size: Sequence[int], score: str) -> list[list[int]]:
+    """Spatial sizes of a score's pixel Pearson sets: ``"best-of"`` has one, :func:`best_of_pixel_size`;
+    ``"best-of-aligned"`` adds that grid at a quarter per axis (16² / 8³ at most), where detail loss and elastic
+    warps leave a copy's coarse image intact (docs/benchmarks/detection_candidates.md section 9); other scores none."""
+    if score not in ("best-of", "best-of-aligned"):
+        return []
+    full = best_of_pixel_size(image_size)
+    return [full] if score == "best-of" else [full, [max(1, n // 4) for n in full]]
+
+
 class _SetFeatures(NamedTuple):
     """What :func:`_score_features` computes for one set."""
 
     features: np.ndarray  # the matched features (embedding or fused)
     aligned: np.ndarray | None  # score="aligned" / "best-of-aligned": the coarse images it aligns
-    pixels: np.ndarray | None  # score="best-of" / "best-of-aligned": the pixel features beside the fused ones
+    pixels: list[np.ndarray]  # score="best-of" / "best-of-aligned": the pixel feature sets beside the fused ones
 
 
 def score_features(network: Any, records: Sequence[Mapping[str, Any]], preprocess: Any, *, score: str = "embedding",
@@ -523,27 +533,27 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
     if score == "embedding":
         return _SetFeatures(np.asarray(embed_images(network, records, preprocess, batch_size=batch_size, device=device,
                                                     cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
-                                                    precision=precision), np.float32), None, None)
+                                                    precision=precision), np.float32), None, [])
     # "fused", "aligned" and "best-of" match the same features ("aligned" then re-scores candidates on the aligned
     # images, "best-of" also matches pixels); one pass decodes each file once for the embeddings of the image and
     # its mirror (Flipd's spatial axis 0) and the coarse pixels of both
     coarse = [max(1, int(n) // 4) for n in image_size]
     align = alignment_size(image_size, score) if score in ("aligned", "best-of-aligned") else None
-    best = best_of_pixel_size(image_size) if score in ("best-of", "best-of-aligned") else None
-    extra = [size for size in (align, best) if size is not None]
-    if len(extra) == 2 and extra[0] == extra[1]:  # best-of-aligned aligns its pixel Pearson's own pixels
-        extra = extra[:1]
+    best = best_of_pixel_sizes(image_size, score)
+    extra = ([] if align is None else [align]) + best
+    # best-of-aligned aligns its pixel Pearson's own full-size pixels: one array for both
+    extra = [size for k, size in enumerate(extra) if size not in extra[:k]]
     # the aligned and best-of pixels need no mirror image: the alignment mirrors itself, best-of is not mirrored
     feats = embed_mirrored(network, records, preprocess, mirror_axis=0, pixel_sizes=[coarse],
                            plain_pixel_sizes=extra, batch_size=batch_size,
                            device=device, cache_dir=cache_dir, checkpoint_sha256=checkpoint_sha256,
                            precision=precision)
-    (pixels, mirrored), aligned, plain = feats.pixels[0], None, None
+    (pixels, mirrored), aligned = feats.pixels[0], None
     if align is not None:
-        plain_small = feats.plain_pixels[0]
+        plain_small = feats.plain_pixels[extra.index(align)]
         aligned = plain_small.reshape(len(plain_small), -1, *align)
-    if best is not None:  # standardised rows, like every block of the fused features
-        plain = standardize_rows(feats.plain_pixels[-1], "pixels")
+    # standardised rows, like every block of the fused features
+    plain = [standardize_rows(feats.plain_pixels[extra.index(size)], "pixels") for size in best]
     total = None
     for pix, emb in ((pixels, feats.embedding), (mirrored, feats.mirrored)):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
@@ -723,9 +733,10 @@ _SCORE_TEXT = {
                "correlation and the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), each rescaled "
                "as (r − τ_b) / (1 − τ_b) with its own threshold τ_b, so 0 is that score's threshold and 1 an exact "
                "copy. Every score below, τ included, is on that scale, not a correlation.",
-    "best-of-aligned": "Score (memscan --score best-of-aligned, not the paper's): per pair, the best of three "
+    "best-of-aligned": "Score (memscan --score best-of-aligned, not the paper's): per pair, the best of four "
                        "scores, each rescaled as (r − τ_b) / (1 − τ_b) with its own threshold τ_b: the --score fused "
-                       "correlation, the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), and the "
+                       "correlation, the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D) and the "
+                       "same at a quarter of that size per axis, and the "
                        "correlation of the fine detail (each image minus its blur) after aligning each of the fused "
                        "features' 5 nearest candidates to the image (mirror, rotation ±12°, zoom 0.8–1.25, "
                        "translation up to 15%). 0 is a score's "
@@ -911,8 +922,9 @@ def audit(
             pixel Pearson at :func:`best_of_pixel_size`, each scaled by its own τ_b, ``memscan.metrics.match``'s
             ``best_of``: catches blends of a training image with another image and contrast or detail changes that
             the embedding misses, at more false alarms on new patients; docs/benchmarks/detection_candidates.md;
-            the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of three
-            scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` and
+            the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of four
+            scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` and at
+            a quarter of it (:func:`best_of_pixel_sizes`, ``embeddings/<set>_pixels_16x16.npy`` and the like), and
             the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
             their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`); the best AUROC of the detection
             benchmark, at more false alarms on new patients than the fused score;
@@ -1023,7 +1035,10 @@ def audit(
     all_sets = {"train": train_set, "val": val_set, **syn_sets}
     embeddings: dict[str, np.ndarray] = {}
     aligned_images: dict[str, np.ndarray] = {}  # aligned scores: coarse images of every set
-    pixel_sets: dict[str, np.ndarray] = {}  # best-of scores: pixel features of every set
+    pixel_sets: dict[str, list[np.ndarray]] = {}  # best-of scores: the pixel feature sets of every set
+    # best-of's full-size pixels as <set>_pixels.npy, best-of-aligned's quarter-size ones as <set>_pixels_16x16.npy
+    pixel_files = ["pixels"] + ["pixels_" + "x".join(map(str, size))
+                                for size in best_of_pixel_sizes(spatial_size, score)[1:]]
     for name, s in all_sets.items():
         logger.info("embedding %s: %d image(s)", name, len(s))
         found = _score_features(network, s.records, preprocess, score=score, image_size=spatial_size,
@@ -1032,9 +1047,10 @@ def audit(
         embeddings[name] = np.asarray(found.features, dtype=np.float32)
         if found.aligned is not None:
             aligned_images[name] = found.aligned
-        if found.pixels is not None:
+        if found.pixels:
             pixel_sets[name] = found.pixels
-            save_npy_atomic(out / "embeddings" / f"{name}_pixels.npy", found.pixels)
+            for stem, array in zip(pixel_files, found.pixels):
+                save_npy_atomic(out / "embeddings" / f"{name}_{stem}.npy", array)
         save_npy_atomic(out / "embeddings" / f"{name}.npy", embeddings[name])
 
         write_csv_atomic(pd.DataFrame({"index": np.arange(len(s)), "path": [r["image"] for r in s.records],
@@ -1062,7 +1078,7 @@ def audit(
             control_emb = found.features
             if found.aligned is not None:
                 aligned_images["controls"] = found.aligned
-            if found.pixels is not None:
+            if found.pixels:
                 pixel_sets["controls"] = found.pixels
 
     # 4. matching ---------------------------------------------------------------------------------------------
@@ -1084,7 +1100,7 @@ def audit(
         features' plain correlations."""
         found = [features[set_name]]
         if pixel_sets:
-            found.append(pixel_sets[set_name])
+            found.extend(pixel_sets[set_name])
             if aligned_images:
                 found.append(features[set_name])
         return found

@@ -490,7 +490,7 @@ def _textured(seed: int) -> np.ndarray:
 
 
 def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tmp_path: Path) -> None:
-    """``score="best-of-aligned"``: the best of the aligned high-passed pixels, pixel Pearson and the fused
+    """``score="best-of-aligned"``: the best of the aligned high-passed pixels, pixel Pearson at two sizes and the fused
     score, each on its own τ_b; a shifted + rotated copy and a blended copy are both matched to their sources and
     flagged, the moved one by the alignment (above its best plain best-of value, which the saved features reproduce);
     controls and the report use the same score. Textured phantoms: the high-pass keeps only their texture."""
@@ -516,14 +516,17 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
                    image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", **FAST)
     block = result.sets["syn"].block
     taus = block["feature_set_thresholds"]
-    assert len(taus) == 3 and block["refined"] is True
+    assert len(taus) == 4 and block["refined"] is True  # aligned (refined fused), pixels, quarter pixels, fused
     table = result.sets["syn"].synthetic_table
     table = table.set_index(table["path"].map(lambda p: Path(p).name))
     for name, source in (("moved.png", train_files[7]), ("blend.png", train_files[9])):
         assert Path(table.loc[name, "train_path"]).name == source.name and bool(table.loc[name, "copy"]), name
     emb = {k: np.load(out / "embeddings" / f"{k}.npy") for k in ("train", "syn")}
     pix = {k: np.load(out / "embeddings" / f"{k}_pixels.npy") for k in ("train", "syn")}
-    plain, _ = best_of_correlation([pix["syn"], emb["syn"]], [pix["train"], emb["train"]], taus[1:], device="cpu")
+    quarter = {k: np.load(out / "embeddings" / f"{k}_pixels_{SIZE // 4}x{SIZE // 4}.npy") for k in ("train", "syn")}
+    assert pix["train"].shape == (16, SIZE * SIZE) and quarter["train"].shape == (16, (SIZE // 4) ** 2)
+    plain, _ = best_of_correlation([pix["syn"], quarter["syn"], emb["syn"]], [pix["train"], quarter["train"],
+                                   emb["train"]], taus[1:], device="cpu")
     scores = result.sets["syn"].synthetic_table["best_train_correlation"].to_numpy()
     assert (scores >= plain - 1e-6).all()  # the aligned set only adds to the plain sets' best
     moved_row = int(np.flatnonzero(table.index == "moved.png")[0])

@@ -68,7 +68,7 @@ def test_default_detector_is_memscans_default():
     """presets.DEFAULT follows the package: the training preset's views and temperature, the audit's default score."""
     import inspect
 
-    from memscan.audit import FUSED_WEIGHTS, alignment_size, audit, best_of_pixel_size
+    from memscan.audit import FUSED_WEIGHTS, alignment_size, audit, best_of_pixel_size, best_of_pixel_sizes
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
@@ -87,8 +87,16 @@ def test_default_detector_is_memscans_default():
     best = presets.MEMSCAN_SCORES["best-of"]
     assert best["normalize"] == "ceiling" and best["max_of"] == [presets.PIXEL, fused]
     assert best_of_pixel_size([64, 64]) == [64, 64] and best_of_pixel_size([12, 32, 32]) == [12, 32, 32]
-    # best-of-aligned aligns at the same full size (factor 1) that its benchmark recipe does
-    assert presets.MEMSCAN_SCORES["best-of-aligned"]["max_of"][2]["align"]["factor"] == 1
+    # best-of-aligned aligns at the same full size (factor 1) that its benchmark recipe does, and its pixel Pearson
+    # sets are the audit's best_of_pixel_sizes: the benchmark's images whole and at a quarter per axis
+    boa = presets.MEMSCAN_SCORES["best-of-aligned"]["max_of"]
+    assert boa[3]["align"]["factor"] == 1 and boa[2] == fused
+    assert [part["pixel"] for part in boa[:2]] == [[[1, 1.0]], [[4, 1.0]]]
+    assert best_of_pixel_sizes([64, 64], "best-of-aligned") == [[64, 64], [16, 16]]
+    assert best_of_pixel_sizes([12, 32, 32], "best-of-aligned") == [[12, 32, 32], [3, 8, 8]]
+    assert best_of_pixel_sizes([512, 512], "best-of-aligned") == [[64, 64], [16, 16]]
+    assert best_of_pixel_sizes([64, 64], "best-of") == [[64, 64]] and not best_of_pixel_sizes([64, 64], "fused")
+    assert presets.CANDIDATES["best_of_four_hp_f1_px4"] == presets.MEMSCAN_SCORES["best-of-aligned"]
     assert alignment_size([64, 64], "best-of-aligned") == [64, 64]
     assert alignment_size([12, 32, 32], "best-of-aligned") == [12, 32, 32]
 
@@ -179,8 +187,8 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     from memscan.scoring import align_and_correlate, pixel_features, standardize_rows
 
     product = presets.MEMSCAN_SCORES["best-of-aligned"]
-    assert product["max_of"][0] == presets.PIXEL and product["max_of"][1] == presets.MEMSCAN_SCORES["fused"]
-    align = product["max_of"][2]["align"]
+    assert product["max_of"][0] == presets.PIXEL and product["max_of"][2] == presets.MEMSCAN_SCORES["fused"]
+    align = product["max_of"][3]["align"]
     assert align["weights"] == {"pixel": 1.0, "features": 0.0} and align["scoring"] == "retrieval"
     from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, _score_align_axes, alignment_size
 

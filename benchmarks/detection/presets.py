@@ -95,13 +95,15 @@ def memscan_recipe(score: str) -> dict:
     if score == "best-of":  # match(best_of=[pixels]): the better of pixel Pearson (best_of_pixel_size keeps the
         # benchmark's images whole) and the fused score, each scaled by its own τ_b
         return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused")], "normalize": "ceiling"}
-    if score == "best-of-aligned":  # match(refine=aligned pixels, best_of=[pixels, fused]): the best of pixel Pearson,
-        # the fused score and the aligned high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
+    if score == "best-of-aligned":  # match(refine=aligned pixels, best_of=[pixels, quarter-size pixels, fused]): the
+        # best of pixel Pearson at best_of_pixel_sizes (the benchmark's images whole and at a quarter per axis), the
+        # fused score and the aligned high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
         # (alignment_size(..., "best-of-aligned") = the benchmark's images whole), each scaled by its own τ_b
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
                                                         "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]}}
-        return {"max_of": [copy.deepcopy(PIXEL), memscan_recipe("fused"), aligned], "normalize": "ceiling"}
+        quarter = {**copy.deepcopy(PIXEL), "pixel": [[4, 1.0]]}
+        return {"max_of": [copy.deepcopy(PIXEL), quarter, memscan_recipe("fused"), aligned], "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
 
 
@@ -190,7 +192,7 @@ for _s in (1.0, 3.0):
 #: lever: the aligned part at the images' full size (``factor`` 1, 64² in 2D, 12×32×32 in 3D) instead of half, the
 #: blur σ doubled to keep the same physical band (``_f1``) or kept at 1 px (``_f1_s1``): a crop-resized copy
 #: re-aligns at the resolution it was made at. ``best_of_three_hp_f1`` is ``memscan audit --score best-of-aligned``
-#: since round 10 (``MEMSCAN_SCORES``; detection_candidates.md section 8)
+#: in round 10 (detection_candidates.md section 8)
 for _name, _s in (("best_of_three_hp_f1", 2.0), ("best_of_three_hp_f1_s1", 1.0)):
     _boa = copy.deepcopy(CANDIDATES["best_of_three"])
     _boa["max_of"][2]["align"]["highpass"] = [_s, 1.0]
@@ -206,3 +208,11 @@ CANDIDATES["best_of_three_hp_f1_px2"] = _boa
 _boa = copy.deepcopy(CANDIDATES["best_of_three_hp_f1"])
 _boa["max_of"].insert(1, copy.deepcopy(_PIXEL_HALF))
 CANDIDATES["best_of_four_hp_f1"] = _boa
+#: lever: pixel Pearson at a quarter of the size (the fused score's own pixel grid, without its mirror and embedding)
+#: beside the full-size one: detail loss and elastic warps leave the coarse image intact; measured alone, quarter-size
+#: pixels beat full-size ones on those families in 3D, CT and CXR and trail them on mixtures. This is ``memscan audit
+#: --score best-of-aligned`` from round 11 (``MEMSCAN_SCORES``; detection_candidates.md section 9)
+_PIXEL_QUARTER = {**copy.deepcopy(PIXEL), "pixel": [[4, 1.0]]}
+_boa = copy.deepcopy(CANDIDATES["best_of_three_hp_f1"])
+_boa["max_of"].insert(1, copy.deepcopy(_PIXEL_QUARTER))
+CANDIDATES["best_of_four_hp_f1_px4"] = _boa

@@ -44,8 +44,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "detection benchmark; default), embedding (the paper's) or aligned (fused, then the "
                              "best candidates re-scored after test-time alignment: catches shifted/zoomed copies) or "
                              "best-of (the better of fused and pixel Pearson per pair: catches blended copies, "
-                             "more false alarms) or best-of-aligned (the best of fused, pixel Pearson and aligned, "
-                             "high-passed pixels: the best on the detection benchmark, more false alarms than "
+                             "more false alarms) or best-of-aligned (the best of fused, pixel Pearson at two "
+                             "sizes and aligned, high-passed pixels: the best on the detection benchmark, more false alarms than "
                              "fused)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--controls", type=int, default=None, metavar="N",
