@@ -13,7 +13,8 @@ Studies run with it (docs/benchmarks/detection_candidates.md):
   ``best_of_three`` (round 8's ``memscan audit --score best-of-aligned``): the best of pixel Pearson, the fused score
   and the aligned pixels alone of the fused features' 5 best candidates (``aligned_pixels``), each scaled by its own
   null; ``best_of_three_hp*`` high-pass those aligned pixels (``_s1`` was round 9's ``--score
-  best-of-aligned``, ``_f1`` aligns at the full size and is today's).
+  best-of-aligned``, ``_f1`` aligns at the full size and was round 10's); ``best_of_four_hp_f1_px4`` adds pixel
+  Pearson at a quarter size and is today's.
 * ``*_centered``: Pearson of the features minus the training set's mean feature vector (``center`` = the share
   subtracted), which removes the component every image of the anatomy shares.
 * ``memscan_default_v2t``: τ from each validation image's best training score instead.
