@@ -3,10 +3,10 @@
 Same sets, same CPU, one run: ``--n`` training, validation and synthetic 2D images (smooth random fields at the
 detection benchmark's 64², a tenth of the synthetic set planted as shifted copies), each set with the features the
 audit computes for it — the fused features (coarse 16² pixels + a 128-d embedding, here random), the best-of pixels
-(64²) and the images each score aligns (``memscan.audit.alignment_size``: 32² for ``aligned``, 64² for
-``best-of-aligned``) — then :func:`memscan.metrics.match` as the audit calls it for each mode
+(``memscan.audit.best_of_pixel_sizes``: 64², and 16² too for ``best-of-aligned``) and the images each score aligns
+(``memscan.audit.alignment_size``: 32² for ``aligned``, 64² for ``best-of-aligned``) — then :func:`memscan.metrics.match` as the audit calls it for each mode
 (``fused``: plain; ``best-of``: ``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the
-feature correlation; ``best-of-aligned``: ``refine`` = aligned pixels, ``best_of=[pixels, fused]``). Modes are
+feature correlation; ``best-of-aligned``: ``refine`` = aligned pixels, ``best_of=[pixels, quarter-size pixels, fused]``). Modes are
 interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
 the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not included.
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.audit import ALIGN_CANDIDATES, _aligned_refine, _score_align_axes, alignment_size
+from memscan.audit import ALIGN_CANDIDATES, _aligned_refine, _score_align_axes, alignment_size, best_of_pixel_sizes
 from memscan.metrics import match
 from memscan.scoring import pixel_features, standardize_rows
 
@@ -55,26 +55,27 @@ def build(n: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
         if name == "synthetic":
             emb[:k] = out["train"]["embedding"][:k] + 0.1 * rng.normal(size=(k, 128)).astype(np.float32)
         fused = np.concatenate([standardize_rows(pixel_features(img, [16, 16])), 2.0 * standardize_rows(emb)], 1)
-        out[name] = {"embedding": emb, "fused": standardize_rows(fused), "pixels": standardize_rows(pixel_features(img)),
-                     "image": img}
+        out[name] = {"embedding": emb, "fused": standardize_rows(fused), "image": img}
     return out
 
 
 def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict]:
     """One audit-style match for ``mode``: (seconds, summary)."""
     feats = [sets[k]["fused"] for k in ("train", "val", "synthetic")]
-    pixels = tuple(sets[k]["pixels"] for k in ("train", "val", "synthetic"))
+    # the audit's pixel Pearson sets for this mode (best_of_pixel_sizes: 64², and 16² for best-of-aligned)
+    pixels = [tuple(standardize_rows(pixel_features(sets[k]["image"], size)) for k in ("train", "val", "synthetic"))
+              for size in best_of_pixel_sizes(sets["train"]["image"].shape[2:], mode)]
     size = alignment_size(sets["train"]["image"].shape[2:], mode)
     images = {k: pixel_features(sets[k]["image"], size).reshape(-1, 1, *size) for k in ("train", "val", "synthetic")}
     axes = {"flip_axes": (-1,), "plane": (-2, -1)}
     kwargs: dict = {}
     if mode == "best-of":
-        kwargs = {"best_of": [pixels]}
+        kwargs = {"best_of": pixels}
     elif mode == "aligned":
         kwargs = {"refine": _aligned_refine(images, axes), "refine_k": ALIGN_CANDIDATES}
     elif mode == "best-of-aligned":
         kwargs = {"refine": _aligned_refine(images, _score_align_axes(mode, axes)),
-                  "refine_k": ALIGN_CANDIDATES, "best_of": [pixels, tuple(feats)]}
+                  "refine_k": ALIGN_CANDIDATES, "best_of": [*pixels, tuple(feats)]}
     t0 = time.perf_counter()
     res = match(*feats, device="cpu", n_bootstrap=200, seed=0, **kwargs)
     return time.perf_counter() - t0, res.summary
