@@ -540,7 +540,8 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
     coarse = [max(1, int(n) // 4) for n in image_size]
     align = alignment_size(image_size, score) if score in ("aligned", "best-of-aligned") else None
     best = best_of_pixel_sizes(image_size, score)
-    extra = ([] if align is None else [align]) + best
+    # a best-of grid equal to the fused pixels' is taken from them, not downsampled again
+    extra = ([] if align is None else [align]) + [size for size in best if size != coarse]
     # best-of-aligned aligns its pixel Pearson's own full-size pixels: one array for both
     extra = [size for k, size in enumerate(extra) if size not in extra[:k]]
     # the aligned and best-of pixels need no mirror image: the alignment mirrors itself, best-of is not mirrored
@@ -553,7 +554,8 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
         plain_small = feats.plain_pixels[extra.index(align)]
         aligned = plain_small.reshape(len(plain_small), -1, *align)
     # standardised rows, like every block of the fused features
-    plain = [standardize_rows(feats.plain_pixels[extra.index(size)], "pixels") for size in best]
+    plain = [standardize_rows(pixels if size == coarse else feats.plain_pixels[extra.index(size)], "pixels")
+             for size in best]
     total = None
     for pix, emb in ((pixels, feats.embedding), (mirrored, feats.mirrored)):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")

@@ -533,3 +533,26 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     assert scores[moved_row] > plain[moved_row] + 1e-3
     assert block["controls"]["n_caught"] == 2
     assert "--score best-of-aligned" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_best_of_aligned_pixel_sets_are_the_images_at_each_grid(tiny_2d_folder, size: int) -> None:
+    """``score="best-of-aligned"``'s pixel sets are the preprocessed images area-downsampled to each of
+    :func:`best_of_pixel_sizes`, standardised: at 32² the quarter grid is the fused pixels' own (8², taken from them),
+    at 96² it is not (16² against the fused 24²), and both paths give the same features as a direct computation."""
+    from memscan.audit import _preprocessed_image, _score_features, best_of_pixel_sizes
+    from memscan.data import PreprocessConfig, load_image_set, preprocess_transforms
+    from memscan.scoring import pixel_features, standardize_rows
+
+    records = load_image_set(tiny_2d_folder(n=4, size=(40, 44)), "images").records
+    pre = preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=size))
+    torch.manual_seed(0)
+    net = build_encoder(2, "resnet10", embedding_dim=8).eval()
+    found = _score_features(net, records, pre, score="best-of-aligned", image_size=[size, size], batch_size=2,
+                            device="cpu", cache_dir=None, checkpoint_sha256=None, precision="float32")
+    grids = best_of_pixel_sizes([size, size], "best-of-aligned")
+    assert grids[1] == [max(1, n // 4) for n in grids[0]] and len(found.pixels) == 2
+    images = np.stack([_preprocessed_image(pre, r) for r in records])
+    for got, grid in zip(found.pixels, grids):
+        np.testing.assert_allclose(got, standardize_rows(pixel_features(images, grid)), rtol=1e-5, atol=1e-6)
+    assert found.aligned.shape == (4, 1, *grids[0])
