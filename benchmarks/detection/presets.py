@@ -44,6 +44,8 @@ _ENCODER = {
 }
 
 PIXEL: dict = {"pixel": [[1, 1.0]], "encoder": None, "embedding_weight": 0.0, "tta_flip": False}
+#: pixel Pearson at a quarter of the size per axis (best-of-aligned's second pixel set)
+_PIXEL_QUARTER: dict = {**copy.deepcopy(PIXEL), "pixel": [[4, 1.0]]}
 
 PAPER: dict = {"pixel": [], "encoder": dict(_ENCODER), "embedding_weight": 1.0, "tta_flip": False}
 
@@ -102,8 +104,8 @@ def memscan_recipe(score: str) -> dict:
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
                                                         "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]}}
-        quarter = {**copy.deepcopy(PIXEL), "pixel": [[4, 1.0]]}
-        return {"max_of": [copy.deepcopy(PIXEL), quarter, memscan_recipe("fused"), aligned], "normalize": "ceiling"}
+        return {"max_of": [copy.deepcopy(PIXEL), copy.deepcopy(_PIXEL_QUARTER), memscan_recipe("fused"), aligned],
+                "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
 
 
@@ -212,7 +214,6 @@ CANDIDATES["best_of_four_hp_f1"] = _boa
 #: beside the full-size one: detail loss and elastic warps leave the coarse image intact; measured alone, quarter-size
 #: pixels beat full-size ones on those families in 3D, CT and CXR and trail them on mixtures. This is ``memscan audit
 #: --score best-of-aligned`` from round 11 (``MEMSCAN_SCORES``; detection_candidates.md section 9)
-_PIXEL_QUARTER = {**copy.deepcopy(PIXEL), "pixel": [[4, 1.0]]}
 _boa = copy.deepcopy(CANDIDATES["best_of_three_hp_f1"])
 _boa["max_of"].insert(1, copy.deepcopy(_PIXEL_QUARTER))
 CANDIDATES["best_of_four_hp_f1_px4"] = _boa
