@@ -4,9 +4,10 @@ Same sets, same CPU, one run: ``--n`` training, validation and synthetic 2D imag
 detection benchmark's 64², a tenth of the synthetic set planted as shifted copies), each set with the features the
 audit computes for it — the fused features (coarse 16² pixels + a 128-d embedding, here random), the best-of pixels
 (``memscan.audit.best_of_pixel_sizes``: 64², and 16² too for ``best-of-aligned``) and the images each score aligns
-(``memscan.audit.alignment_size``: 32² for ``aligned``, 64² for ``best-of-aligned``) — then :func:`memscan.metrics.match` as the audit calls it for each mode
-(``fused``: plain; ``best-of``: ``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the
-feature correlation; ``best-of-aligned``: ``refine`` = aligned pixels, ``best_of=[pixels, quarter-size pixels, fused]``). Modes are
+(``memscan.audit.alignment_size``: 32² for ``aligned``, 64² for ``best-of-aligned``) — then
+:func:`memscan.metrics.match` as the audit calls it for each mode (``fused``: plain; ``best-of``:
+``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the feature correlation;
+``best-of-aligned``: ``refine`` = aligned pixels, ``best_of=[pixels, quarter-size pixels, fused]``). Modes are
 interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
 the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not included.
 

@@ -45,8 +45,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "best candidates re-scored after test-time alignment: catches shifted/zoomed copies) or "
                              "best-of (the better of fused and pixel Pearson per pair: catches blended copies, "
                              "more false alarms) or best-of-aligned (the best of fused, pixel Pearson at two "
-                             "sizes and aligned, high-passed pixels: the best on the detection benchmark, more false alarms than "
-                             "fused)")
+                             "sizes and aligned, high-passed pixels: the best on the detection benchmark, more "
+                             "false alarms than fused)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--controls", type=int, default=None, metavar="N",
                         help="positive controls: perturbed training images that must be caught (default 8; 0 = off)")
