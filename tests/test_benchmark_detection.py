@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from monai.transforms import GaussianSmooth
@@ -49,6 +50,20 @@ def test_score_case_pixel_and_tiny_encoder():
     assert summary.loc[("pixel", "exact"), "auroc"] == 1.0
     assert summary.loc[("pixel", "exact"), "recall"] == 1.0
     assert {"overall", "exact", "hflip"} <= set(summary.loc["tiny"].index)
+
+
+def test_seed_table_pools_seeds_per_family():
+    def summary(auroc_exact: float, recall_exact: float) -> pd.DataFrame:
+        return pd.DataFrame({"detector": ["a", "a", "b", "b"], "family": ["exact", "overall"] * 2,
+                             "auroc": [auroc_exact, 0.9, 1.0, 0.95], "recall": [recall_exact, 0.8, 1.0, 0.9],
+                             "fpr": [0.1, 0.2, 0.0, 0.04]})
+
+    table = evaluate.seed_table({0: summary(0.98, 0.9), 3: summary(1.0, 1.0)}, ["a", "b"]).splitlines()
+    assert table[0] == "| family | a AUROC mean ± sd (worst) / recall | b AUROC mean ± sd (worst) / recall |"
+    # mean 0.99, sample sd of (0.98, 1.0), the worst seed, mean recall
+    assert table[2] == "| exact | 0.990 ± 0.014 (0.980) / 0.95 | 1.000 ± 0.000 (1.000) / 1.00 |"
+    assert table[-2] == "| overall recall / FPR, mean ± sd | 0.80 ± 0.00 / 0.20 ± 0.00 | 0.90 ± 0.00 / 0.04 ± 0.00 |"
+    assert table[-1] == "| families at AUROC ≥ 0.99, per seed | 0, 1 | 1, 1 |"  # "overall" is not a family
 
 
 def test_permutations_rotate_subjects():

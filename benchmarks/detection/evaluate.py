@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     from perturb import perturb, settings
     from presets import recipe_for
 
-__all__ = ["permutations", "score_case", "summarize", "scoring_recipe", "aligned_scores", "match_recipe"]
+__all__ = ["permutations", "score_case", "summarize", "seed_table", "scoring_recipe", "aligned_scores", "match_recipe"]
 
 
 def permutations(subjects: list[str], n: int) -> list[tuple[str, str, str]]:
@@ -234,3 +234,33 @@ def summarize(scores: pd.DataFrame, by_strength: bool = False) -> pd.DataFrame:
                                 recall_min=("recall", "min"), fpr=("fpr", "mean"), fpr_max=("fpr", "max"),
                                 tau=("tau", "mean"), n_perm=("perm", "nunique"))
     return agg.reset_index()
+
+
+def seed_table(summaries: dict[int, pd.DataFrame], names: list[str]) -> str:
+    """Markdown table of a study repeated over seeds: per family, each detector's AUROC as mean ± sd over the seeds
+    (each seed's value itself a mean over permutations), its worst seed, and the mean recall at τ; then overall
+    recall / FPR as mean ± sd and, per seed, how many families reach AUROC ≥ 0.99.
+
+    Args:
+        summaries: :func:`summarize` output per seed.
+        names: detectors, in column order.
+    """
+    per = pd.concat([sm.assign(seed=s) for s, sm in summaries.items()], ignore_index=True)
+    fams = [f for f in per["family"].unique() if f != "overall"] + ["overall"]
+    stats = per.groupby(["detector", "family"]).agg(mean=("auroc", "mean"), sd=("auroc", "std"),
+                                                     worst=("auroc", "min"), recall=("recall", "mean"))
+    lines = ["| family | " + " | ".join(f"{d} AUROC mean ± sd (worst) / recall" for d in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for fam in fams:
+        cells = (stats.loc[(d, fam)] for d in names)
+        lines.append(f"| {fam} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f} ({c['worst']:.3f}) / {c['recall']:.2f}"
+                                                 for c in cells) + " |")
+    over = per[per["family"] == "overall"].groupby("detector")[["recall", "fpr"]].agg(["mean", "std"])
+    lines.append("| overall recall / FPR, mean ± sd | " + " | ".join(
+        f"{over.loc[d, ('recall', 'mean')]:.2f} ± {over.loc[d, ('recall', 'std')]:.2f} / "
+        f"{over.loc[d, ('fpr', 'mean')]:.2f} ± {over.loc[d, ('fpr', 'std')]:.2f}" for d in names) + " |")
+    fam_only = per[per["family"] != "overall"]
+    goal = (fam_only["auroc"] >= 0.99).groupby([fam_only["detector"], fam_only["seed"]]).sum()
+    lines.append("| families at AUROC ≥ 0.99, per seed | " + " | ".join(
+        ", ".join(str(int(goal.loc[(d, s)])) for s in summaries) for d in names) + " |")
+    return "\n".join(lines)
