@@ -49,6 +49,10 @@ def test_score_case_pixel_and_tiny_encoder():
     # an exact copy has correlation 1 with its source: perfectly separated, always above τ
     assert summary.loc[("pixel", "exact"), "auroc"] == 1.0
     assert summary.loc[("pixel", "exact"), "recall"] == 1.0
+    # the stricter operating points come from the same null: τ ≤ its 99th percentile ≤ its maximum
+    per = scores.groupby(["detector", "perm"])[["tau", "tau_p99", "tau_p100"]].first()
+    assert (per["tau"] <= per["tau_p99"]).all() and (per["tau_p99"] <= per["tau_p100"]).all()
+    assert (per["tau"] < per["tau_p100"]).any()
     assert {"overall", "exact", "hflip"} <= set(summary.loc["tiny"].index)
 
 
@@ -62,7 +66,11 @@ def test_seed_table_pools_seeds_per_family():
     assert table[0] == "| family | a AUROC mean ± sd (worst) / recall | b AUROC mean ± sd (worst) / recall |"
     # mean 0.99, sample sd of (0.98, 1.0), the worst seed, mean recall
     assert table[2] == "| exact | 0.990 ± 0.014 (0.980) / 0.95 | 1.000 ± 0.000 (1.000) / 1.00 |"
-    assert table[-2] == "| overall recall / FPR, mean ± sd | 0.80 ± 0.00 / 0.20 ± 0.00 | 0.90 ± 0.00 / 0.04 ± 0.00 |"
+    assert table[-2] == "| overall recall / FPR at τ, mean ± sd | 0.80 ± 0.00 / 0.20 ± 0.00 | 0.90 ± 0.00 / 0.04 ± 0.00 |"
+    strict = {0: summary(0.98, 0.9).assign(recall=0.5, fpr=0.0), 3: summary(1.0, 1.0).assign(recall=0.7, fpr=0.02)}
+    strict_table = evaluate.seed_table({0: summary(0.98, 0.9), 3: summary(1.0, 1.0)}, ["a", "b"], {"τ at p99": strict})
+    assert strict_table.splitlines()[-2] == ("| overall recall / FPR at τ at p99, mean ± sd | 0.60 ± 0.14 / 0.01 ± 0.01 | "
+                                      "0.60 ± 0.14 / 0.01 ± 0.01 |")
     assert table[-1] == "| families at AUROC ≥ 0.99, per seed | 0, 1 | 1, 1 |"  # "overall" is not a family
 
 

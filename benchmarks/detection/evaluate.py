@@ -30,7 +30,12 @@ except ImportError:  # pragma: no cover
     from perturb import perturb, settings
     from presets import recipe_for
 
-__all__ = ["permutations", "score_case", "summarize", "seed_table", "scoring_recipe", "aligned_scores", "match_recipe"]
+__all__ = ["STRICTER_PERCENTILES", "permutations", "score_case", "summarize", "seed_table", "scoring_recipe", "aligned_scores", "match_recipe"]
+
+
+#: τ at these percentiles of the same null too (columns ``tau_p99``, ``tau_p100``): the stricter operating points
+#: ``memscan audit --percentile`` offers; ``summarize(scores.assign(tau=scores["tau_p99"]))`` reads recall / FPR there
+STRICTER_PERCENTILES = (99.0, 100.0)
 
 
 def permutations(subjects: list[str], n: int) -> list[tuple[str, str, str]]:
@@ -48,7 +53,8 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
     permutations that share it.
 
     Returns:
-        Long table with columns perm, train, val, unseen, detector, family, strength, label, score, tau.
+        Long table with columns perm, train, val, unseen, detector, family, strength, label, score, tau (the 95th
+        percentile of the null) and ``tau_p<q>`` for each of :data:`STRICTER_PERCENTILES`.
     """
     groups, dims = case["groups"], case["spatial_dims"]
     perms = permutations(sorted(groups), n_perm)
@@ -70,22 +76,23 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
                        for k, part in enumerate(parts)]
             if len(scorers) == 1:  # the detector's own score and τ
                 (null, best), = scorers
-                tau = percentile(null, 95.0)
                 score = best
             else:  # the best of the parts' scores, each scaled by its own null; τ on the same combination
                 taus = [percentile(null, 95.0) for null, _ in scorers]
-                tau = percentile(np.max([null_normalized(null, null, t, how) for (null, _), t in zip(scorers, taus)],
-                                        axis=0), 95.0)
+                null = np.max([null_normalized(n, n, t, how) for (n, _), t in zip(scorers, taus)], axis=0)
 
                 def score(images, _scorers=scorers, _taus=taus):
-                    return np.max([null_normalized(best(images), null, t, how)
-                                   for (null, best), t in zip(_scorers, _taus)], axis=0)
+                    return np.max([null_normalized(best(images), n, t, how)
+                                   for (n, best), t in zip(_scorers, _taus)], axis=0)
+            tau = percentile(null, 95.0)
+            stricter = {f"tau_p{q:g}": percentile(null, q) for q in STRICTER_PERCENTILES}
 
             for f, st in sets:
                 for label, subj in ((1, tr), (0, un)):
                     rows.append(pd.DataFrame({
                         "perm": pi, "train": tr, "val": va, "unseen": un, "detector": name, "family": f,
-                        "strength": st, "label": label, "score": score(synth[(subj, f, st)]), "tau": tau}))
+                        "strength": st, "label": label, "score": score(synth[(subj, f, st)]), "tau": tau,
+                        **stricter}))
             if any(part.get("align") for part in parts):
                 log(f"  aligned {name} perm {pi} in {time.time() - t0:.1f}s")
     return pd.concat(rows, ignore_index=True)
@@ -236,14 +243,16 @@ def summarize(scores: pd.DataFrame, by_strength: bool = False) -> pd.DataFrame:
     return agg.reset_index()
 
 
-def seed_table(summaries: dict[int, pd.DataFrame], names: list[str]) -> str:
+def seed_table(summaries: dict[int, pd.DataFrame], names: list[str],
+               stricter: dict[str, dict[int, pd.DataFrame]] | None = None) -> str:
     """Markdown table of a study repeated over seeds: per family, each detector's AUROC as mean ± sd over the seeds
     (each seed's value itself a mean over permutations), its worst seed, and the mean recall at τ; then overall
-    recall / FPR as mean ± sd and, per seed, how many families reach AUROC ≥ 0.99.
+    recall / FPR as mean ± sd, the same at each stricter τ, and, per seed, how many families reach AUROC ≥ 0.99.
 
     Args:
         summaries: :func:`summarize` output per seed.
         names: detectors, in column order.
+        stricter: per label (e.g. ``"τ at p99"``) the seeds' :func:`summarize` output at that τ.
     """
     per = pd.concat([sm.assign(seed=s) for s, sm in summaries.items()], ignore_index=True)
     fams = [f for f in per["family"].unique() if f != "overall"] + ["overall"]
@@ -255,10 +264,12 @@ def seed_table(summaries: dict[int, pd.DataFrame], names: list[str]) -> str:
         cells = (stats.loc[(d, fam)] for d in names)
         lines.append(f"| {fam} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f} ({c['worst']:.3f}) / {c['recall']:.2f}"
                                                  for c in cells) + " |")
-    over = per[per["family"] == "overall"].groupby("detector")[["recall", "fpr"]].agg(["mean", "std"])
-    lines.append("| overall recall / FPR, mean ± sd | " + " | ".join(
-        f"{over.loc[d, ('recall', 'mean')]:.2f} ± {over.loc[d, ('recall', 'std')]:.2f} / "
-        f"{over.loc[d, ('fpr', 'mean')]:.2f} ± {over.loc[d, ('fpr', 'std')]:.2f}" for d in names) + " |")
+    for label, sums in {"τ": summaries, **(stricter or {})}.items():
+        at = pd.concat(list(sums.values()), ignore_index=True)
+        over = at[at["family"] == "overall"].groupby("detector")[["recall", "fpr"]].agg(["mean", "std"])
+        lines.append(f"| overall recall / FPR at {label}, mean ± sd | " + " | ".join(
+            f"{over.loc[d, ('recall', 'mean')]:.2f} ± {over.loc[d, ('recall', 'std')]:.2f} / "
+            f"{over.loc[d, ('fpr', 'mean')]:.2f} ± {over.loc[d, ('fpr', 'std')]:.2f}" for d in names) + " |")
     fam_only = per[per["family"] != "overall"]
     goal = (fam_only["auroc"] >= 0.99).groupby([fam_only["detector"], fam_only["seed"]]).sum()
     lines.append("| families at AUROC ≥ 0.99, per seed | " + " | ".join(
