@@ -74,6 +74,21 @@ def test_seed_table_pools_seeds_per_family():
     assert table[-1] == "| families at AUROC ≥ 0.99, per seed | 0, 1 | 1, 1 |"  # "overall" is not a family
 
 
+def test_fpr_at_recall_reads_tau_off_the_copies():
+    copies, unseen = np.arange(20) / 20 + 0.5, np.arange(10) / 10  # copies 0.50 … 1.45, unseen 0.0 … 0.9
+    scores = pd.DataFrame({"detector": "a", "perm": 0, "label": [1] * 20 + [0] * 10,
+                           "score": np.concatenate([copies, unseen])})
+    out = evaluate.fpr_at_recall(scores, 0.95)
+    # 19 of 20 copies kept: τ is the second-lowest copy (0.55); unseen 0.6 … 0.9 lie above it
+    assert out.loc[0, "tau_oracle"] == pytest.approx(0.55) and out.loc[0, "fpr"] == pytest.approx(0.4)
+    assert evaluate.fpr_at_recall(scores, 1.0).loc[0, "fpr"] == pytest.approx(0.5)  # τ = 0.50 flags 0.5 … 0.9
+    oracle = {0: out.assign(detector="a"), 1: out.assign(fpr=0.2)}
+    summary = pd.DataFrame({"detector": ["a"] * 2, "family": ["exact", "overall"], "auroc": [1.0, 1.0],
+                            "recall": [1.0, 1.0], "fpr": [0.0, 0.0]})
+    row = evaluate.seed_table({0: summary, 1: summary}, ["a"], oracle=oracle).splitlines()[-2]
+    assert row == "| FPR at the τ giving recall 0.95 (oracle), mean ± sd (worst permutation) | 0.30 ± 0.14 (0.40) |"
+
+
 def test_permutations_rotate_subjects():
     perms = evaluate.permutations(["a", "b", "c"], 6)
     assert len(set(perms)) == 6

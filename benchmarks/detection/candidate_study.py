@@ -22,8 +22,9 @@ Studies run with it (docs/benchmarks/detection_candidates.md):
 ``--seeds 0,1,2`` repeats the whole study per seed (the seed draws the perturbations and initialises every encoder
 and its views) and prints, per family, each detector's AUROC as mean ± standard deviation over the seeds (each seed
 itself a mean over permutations), the worst seed's AUROC, and overall recall / FPR at τ (95th percentile) and at the
-stricter τ of ``evaluate.STRICTER_PERCENTILES`` (99th, 100th); ``--paper`` adds the paper's recipe as a column. One
-seed keeps the single-run tables above.
+stricter τ of ``evaluate.STRICTER_PERCENTILES`` (99th, 100th), and the FPR at an oracle τ read off the copies for
+recall 0.95 (``evaluate.fpr_at_recall``: what the ranking allows if τ were calibrated perfectly); ``--paper`` adds
+the paper's recipe as a column. One seed keeps the single-run tables above.
 
 Usage (2 CPU cores; about 6 min per MRI case)::
 
@@ -40,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build import study_cases, study_parser  # noqa: E402
-from evaluate import STRICTER_PERCENTILES, score_case, seed_table, summarize  # noqa: E402
+from evaluate import STRICTER_PERCENTILES, fpr_at_recall, score_case, seed_table, summarize  # noqa: E402
 from presets import CANDIDATES, DEFAULT, PAPER, PIXEL  # noqa: E402
 from run import PERMUTATIONS, _table  # noqa: E402
 
@@ -65,20 +66,21 @@ def main() -> None:
     for name in args.cases.split(","):
         t0 = time.time()
         if len(seeds) > 1:
-            summaries, stricter = {}, {f"τ at p{q:g}": {} for q in STRICTER_PERCENTILES}
+            summaries, stricter, oracle = {}, {f"τ at p{q:g}": {} for q in STRICTER_PERCENTILES}, {}
             for seed in seeds:
                 scores = score_case(cases[name], recipes, args.permutations or PERMUTATIONS.get(name, 3),
                                     seed=seed, log=lambda m: print(m, file=sys.stderr))
                 summaries[seed] = summarize(scores)
                 for q, label in zip(STRICTER_PERCENTILES, stricter):
                     stricter[label][seed] = summarize(scores.assign(tau=scores[f"tau_p{q:g}"]))
+                oracle[seed] = fpr_at_recall(scores)
                 args.cache.mkdir(parents=True, exist_ok=True)  # each seed kept, so a cut-short run still reports
                 summaries[seed].to_csv(args.cache / f"seed_summary_{name}_{seed}.csv", index=False)
                 scores.to_csv(args.cache / f"seed_scores_{name}_{seed}.csv.gz", index=False)
                 print(f"  {name} seed {seed} done at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
             print(f"### {name} ({scores['perm'].nunique()} permutations × seeds {args.seeds}, "
                   f"{time.time() - t0:.0f} s)\n")
-            print(seed_table(summaries, list(recipes), stricter) + "\n", flush=True)
+            print(seed_table(summaries, list(recipes), stricter, oracle) + "\n", flush=True)
             continue
         scores = score_case(cases[name], recipes, args.permutations or PERMUTATIONS.get(name, 3),
                             log=lambda m: print(m, file=sys.stderr))

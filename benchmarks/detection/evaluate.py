@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     from perturb import perturb, settings
     from presets import recipe_for
 
-__all__ = ["STRICTER_PERCENTILES", "permutations", "score_case", "summarize", "seed_table", "scoring_recipe", "aligned_scores", "match_recipe"]
+__all__ = ["STRICTER_PERCENTILES", "permutations", "score_case", "summarize", "seed_table", "fpr_at_recall", "scoring_recipe", "aligned_scores", "match_recipe"]
 
 
 #: τ at these percentiles of the same null too (columns ``tau_p99``, ``tau_p100``): the stricter operating points
@@ -244,7 +244,8 @@ def summarize(scores: pd.DataFrame, by_strength: bool = False) -> pd.DataFrame:
 
 
 def seed_table(summaries: dict[int, pd.DataFrame], names: list[str],
-               stricter: dict[str, dict[int, pd.DataFrame]] | None = None) -> str:
+               stricter: dict[str, dict[int, pd.DataFrame]] | None = None,
+               oracle: dict[int, pd.DataFrame] | None = None) -> str:
     """Markdown table of a study repeated over seeds: per family, each detector's AUROC as mean ± sd over the seeds
     (each seed's value itself a mean over permutations), its worst seed, and the mean recall at τ; then overall
     recall / FPR as mean ± sd, the same at each stricter τ, and, per seed, how many families reach AUROC ≥ 0.99.
@@ -253,6 +254,8 @@ def seed_table(summaries: dict[int, pd.DataFrame], names: list[str],
         summaries: :func:`summarize` output per seed.
         names: detectors, in column order.
         stricter: per label (e.g. ``"τ at p99"``) the seeds' :func:`summarize` output at that τ.
+        oracle: per seed, :func:`fpr_at_recall` output: adds the FPR at an oracle τ (mean over permutations, mean ±
+            sd over seeds, and the worst permutation of any seed).
     """
     per = pd.concat([sm.assign(seed=s) for s, sm in summaries.items()], ignore_index=True)
     fams = [f for f in per["family"].unique() if f != "overall"] + ["overall"]
@@ -270,8 +273,31 @@ def seed_table(summaries: dict[int, pd.DataFrame], names: list[str],
         lines.append(f"| overall recall / FPR at {label}, mean ± sd | " + " | ".join(
             f"{over.loc[d, ('recall', 'mean')]:.2f} ± {over.loc[d, ('recall', 'std')]:.2f} / "
             f"{over.loc[d, ('fpr', 'mean')]:.2f} ± {over.loc[d, ('fpr', 'std')]:.2f}" for d in names) + " |")
+    if oracle:
+        at = pd.concat([o.assign(seed=s) for s, o in oracle.items()], ignore_index=True)
+        mean = at.groupby(["detector", "seed"])["fpr"].mean().groupby("detector").agg(["mean", "std"])
+        worst = at.groupby("detector")["fpr"].max()
+        lines.append("| FPR at the τ giving recall 0.95 (oracle), mean ± sd (worst permutation) | " + " | ".join(
+            f"{mean.loc[d, 'mean']:.2f} ± {mean.loc[d, 'std']:.2f} ({worst.loc[d]:.2f})" for d in names) + " |")
     fam_only = per[per["family"] != "overall"]
     goal = (fam_only["auroc"] >= 0.99).groupby([fam_only["detector"], fam_only["seed"]]).sum()
     lines.append("| families at AUROC ≥ 0.99, per seed | " + " | ".join(
         ", ".join(str(int(goal.loc[(d, s)])) for s in summaries) for d in names) + " |")
     return "\n".join(lines)
+
+
+def fpr_at_recall(scores: pd.DataFrame, recall: float = 0.95) -> pd.DataFrame:
+    """FPR on the unseen subject at the τ that would give exactly ``recall`` of the copies (an oracle τ read off the
+    copies themselves, per detector and permutation, all families pooled): how far the ranking alone would get if τ
+    were calibrated perfectly, against the FPR at the validation subject's τ.
+
+    Returns:
+        One row per detector and permutation: detector, perm, tau_oracle, fpr.
+    """
+    rows = []
+    for (det, perm), g in scores.groupby(["detector", "perm"]):
+        pos, neg = g.loc[g["label"] == 1, "score"].to_numpy(), g.loc[g["label"] == 0, "score"].to_numpy()
+        k = int(np.floor((1.0 - recall) * len(pos) + 1e-9))  # the k lowest copies may fall below: recall ≥ `recall`
+        tau = float(np.sort(pos)[k])
+        rows.append({"detector": det, "perm": perm, "tau_oracle": tau, "fpr": float((neg >= tau).mean())})
+    return pd.DataFrame(rows)
