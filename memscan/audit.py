@@ -610,11 +610,13 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any]) -
 
 
 def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int,
-                score: str = "embedding") -> None:
+                score: str = "embedding", headroom: float = 0.0) -> None:
     if score not in SCORES:
         raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
         raise InputError("percentile", f"must be a number in [0, 100], got {percentile!r}")
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+        raise InputError("headroom", f"must be a number in [0, 1), got {headroom!r}")
     if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 0:
         raise InputError("controls", f"must be a non-negative integer, got {controls!r}")
     if fail_above is not None and (isinstance(fail_above, bool) or not isinstance(fail_above, (int, float))
@@ -762,7 +764,7 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
         verdict,
         write_report,
     )
-    from memscan.report.tables import format_fraction, interval
+    from memscan.report.tables import format_fraction, interval, threshold_rule
 
     first = next(iter(set_audits.values()))
     tau = float(first.match.threshold)
@@ -772,7 +774,7 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
     is_r = score in CORRELATION_SCORES
     dist_png = figure_to_png(plot_distributions(first.match.best_val_for_train,
                                                 {n: sa.match.best_synthetic_for_train for n, sa in set_audits.items()},
-                                                tau, percentile=pct,
+                                                tau, percentile=pct, headroom=float(summary.get("headroom", 0.0)),
                                                 score_name="Pearson correlation" if is_r else f"{score} score"))
     write_bytes_atomic(figures_dir / "distributions.png", dist_png)
     train_names = _relative_names([r["image"] for r in train_set.records])
@@ -811,7 +813,7 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
     tau_ci = interval(first.block, "threshold")
     overview = [
         ("threshold τ", f"{tau:.4f}" + (f" (95% CI {tau_ci[0]:.4f}–{tau_ci[1]:.4f})" if tau_ci else "")),
-        ("percentile", f"{pct:g}"),
+        ("τ rule", threshold_rule(summary)),
         ("training images", f"{first.block['n_train']} ({first.block.get('n_train_subjects', '?')} patients)"),
         ("validation images", str(first.block["n_val"])),
         ("null rate (memorized)", format_fraction(first.block.get("null_rate"))),
@@ -871,6 +873,7 @@ def audit(
     image_size: int | Sequence[int] | None = None,
     spatial_dims: int | None = None,
     percentile: float = 95.0,
+    headroom: float = 0.0,
     device: str = "auto",
     controls: int = DEFAULT_CONTROLS,
     fail_above: float | None = None,
@@ -902,6 +905,9 @@ def audit(
             ``train`` with these (memscan's ``default`` preset otherwise).
         spatial_dims: 2 or 3; inferred from the training set when None.
         percentile: τ's percentile of the train→validation best correlations.
+        headroom: in [0, 1): flag against ``τ + headroom · (1 − τ)`` instead of τ (``memscan.metrics.match``;
+            0 = the paper's rule). With ``score="best-of-aligned"``, 0.5 held false alarms on a new patient near 5%
+            at recall ≥ 0.95 in the detection benchmark (docs/benchmarks/detection_candidates.md section 10).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         controls: number of positive controls (perturbed training images embedded beside the synthetic sets; their
             catch rate is reported and they are excluded from every statistic). 0 disables them.
@@ -952,7 +958,7 @@ def audit(
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
-    _check_args(percentile, controls, fail_above, batch_size, score)
+    _check_args(percentile, controls, fail_above, batch_size, score, headroom)
     used_precision = resolve_precision(precision, resolve_device(device))  # a bad value fails before any work
     sources = _synthetic_sources(synthetic)
     out = Path(out_dir).expanduser().resolve()
@@ -1119,7 +1125,7 @@ def audit(
                     train_subjects=train_subjects if split_by_subject else None,
                     val_subjects=val_subjects if split_by_subject else None, n_bootstrap=n_bootstrap, seed=seed,
                     train_ids=train_paths, synthetic_ids=syn_paths, refine=refine, refine_k=ALIGN_CANDIDATES,
-                    best_of=best_of)
+                    best_of=best_of, headroom=headroom)
         block = dict(res.summary)
         n_subj_mem, n_subj = _subject_counts(train_set.records, res.train_table["memorized"].to_numpy(bool))
         block.update({"n_memorized_subjects": n_subj_mem, "n_train_subjects": n_subj,
@@ -1226,7 +1232,8 @@ def audit(
             "config": {
                 "spatial_dims": dims, "arch": settings["arch"], "embedding_dim": int(settings["embedding_dim"]),
                 "image_size": list(settings["image_size"]), "preprocess": repr(preprocess_cfg),
-                "percentile": float(percentile), "device": str(resolve_device(device)), "controls": int(controls),
+                "percentile": float(percentile), "headroom": float(headroom), "device": str(resolve_device(device)),
+                "controls": int(controls),
                 "batch_size": int(batch_size), "n_bootstrap": int(n_bootstrap), "seed": int(seed),
                 "epochs": epochs, "layout": layout, "subject_regex": subject_regex, "strict": bool(strict),
                 "fail_above": fail_above, "score": score,

@@ -34,7 +34,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import pandas as pd
@@ -52,6 +52,7 @@ __all__ = [
     "best_matches",
     "best_of_correlation",
     "scale_to_null",
+    "with_headroom",
     "percentile",
     "calibrate_threshold",
     "match",
@@ -66,6 +67,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+T = TypeVar("T", float, np.ndarray, torch.Tensor)
 #: ``refine(query_set, query_rows, reference_set, candidates, feature_correlations) -> (best_score, best_index)``:
 #: set names ``"train"``/``"val"``/``"synthetic"``, the query rows (indices into their set), ``[n, k]`` candidate
 #: indices into the reference set (``-1`` = none) with their ``[n, k]`` feature correlations; returns each query's
@@ -906,11 +908,13 @@ def _split_halves(n_val: int, val_subjects: ArrayLike | None, rng: np.random.Gen
 
 
 def _bootstrap(best_val_for_train: np.ndarray, best_syn_for_train: np.ndarray, best_train_for_syn: np.ndarray,
-               percentile_: float, n_bootstrap: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+               percentile_: float, n_bootstrap: int, rng: np.random.Generator,
+               headroom: float = 0.0) -> dict[str, np.ndarray]:
     """Bootstrap draws of τ and both fractions from the per-sample best-correlation vectors (no new correlations).
 
     Each draw resamples the training samples with replacement (their best validation and best synthetic
-    correlations move together), recomputes τ* and the memorized fraction on them, and draws the copy count as
+    correlations move together), recomputes τ* (raised by ``headroom``, see :func:`with_headroom`) and the memorized
+    fraction on them, and draws the copy count as
     Binomial(n_synthetic, share of synthetic best-training correlations > τ*) — the exact distribution of a
     with-replacement resample of the synthetic set.
 
@@ -940,7 +944,7 @@ def _bootstrap(best_val_for_train: np.ndarray, best_syn_for_train: np.ndarray, b
         del ranks
         running = torch.cumsum(counts, dim=1, dtype=torch.int32, out=running_buf[:b])
         at = torch.searchsorted(running, torch.tensor([[lo + 1, hi + 1]], dtype=torch.int32).repeat(b, 1))
-        tau = _lerp(val_sorted[at[:, 0]], val_sorted[at[:, 1]], t)
+        tau = with_headroom(_lerp(val_sorted[at[:, 0]], val_sorted[at[:, 1]], t), headroom)
         # memorized count of each draw: its counts over the ranks whose best synthetic correlation exceeds its τ*
         above_tau = running_buf[:b].copy_(syn_by_rank[None, :] > tau[:, None])
         mems.append((above_tau.mul_(counts)).sum(dim=1).to(torch.float64) / n)
@@ -956,6 +960,12 @@ def _interval(draws: np.ndarray) -> list[float] | None:
         return None
     x = torch.as_tensor(draws, dtype=torch.float64).reshape(1, -1)
     return [float(_percentile_rows(x, 2.5)[0]), float(_percentile_rows(x, 97.5)[0])]
+
+
+def with_headroom(tau: T, headroom: float) -> T:
+    """The decision threshold ``τ + headroom · (1 − τ)``: a copy must clear the share ``headroom`` of the way from
+    the percentile threshold τ to an exact copy (correlation 1). 0 is Dar et al.'s rule. Floats, arrays, tensors."""
+    return tau + headroom * (1.0 - tau)
 
 
 def scale_to_null(values: ArrayLike, tau: float) -> np.ndarray:
@@ -1022,7 +1032,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
           train_ids: ArrayLike | None = None, synthetic_ids: ArrayLike | None = None,
           dtype: str | torch.dtype = "float32", block_size: int | tuple[int, int] | None = None,
           refine: Refine | None = None, refine_k: int = 5,
-          best_of: Sequence[tuple[ArrayLike, ArrayLike, ArrayLike]] | None = None) -> MatchResult:
+          best_of: Sequence[tuple[ArrayLike, ArrayLike, ArrayLike]] | None = None,
+          headroom: float = 0.0) -> MatchResult:
     """Run the memorization test of Dar et al. on three embedding sets.
 
     τ = ``percentile``-th percentile (numpy "linear") of each training sample's best validation correlation;
@@ -1066,18 +1077,27 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             above — calibration included — is taken on that score, so τ is the null of the combination. With
             ``refine``, the first set's values are its ``refine`` scores (pass the same features again in
             ``best_of`` to keep their plain correlations as another set).
+        headroom: in [0, 1): flag against ``τ + headroom · (1 − τ)`` (:func:`with_headroom`) instead of τ, the
+            percentile threshold: a copy must also clear that share of the way from τ to an exact copy. 0 (default)
+            is the paper's rule. It keeps false alarms down when the validation patients are few or less alike to
+            the training patients than new patients may be (docs/benchmarks/detection_candidates.md section 10);
+            ``threshold``, the null split's threshold and the bootstrap use it, ``percentile_threshold`` keeps τ.
 
     Returns:
-        :class:`MatchResult`. ``summary`` keys: threshold, percentile, n_train, n_val, n_synthetic,
-        n_memorized_train, frac_memorized_train, n_copies_synthetic, frac_copies_synthetic, threshold_ci95,
-        frac_memorized_train_ci95, frac_copies_synthetic_ci95, n_bootstrap, null_rate, null_rate_copies,
-        null_rate_expected, null_threshold, seed, subject_exclusion, device, dtype, memscan_version, and with
-        ``best_of`` ``feature_set_thresholds`` (each set's own τ_b, the first being ``train_emb``'s).
+        :class:`MatchResult`. ``summary`` keys: threshold, percentile, percentile_threshold, headroom, n_train,
+        n_val, n_synthetic, n_memorized_train, frac_memorized_train, n_copies_synthetic, frac_copies_synthetic,
+        threshold_ci95, frac_memorized_train_ci95, frac_copies_synthetic_ci95, n_bootstrap, null_rate,
+        null_rate_copies, null_rate_expected, null_threshold, seed, subject_exclusion, device, dtype,
+        memscan_version, and with ``best_of`` ``feature_set_thresholds`` (each set's own τ_b, the first being
+        ``train_emb``'s).
 
     Raises:
         InputError: invalid embeddings, mismatched dimensions, bad arguments.
     """
     p = _check_percentile(percentile)
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float, np.floating)) or not 0 <= headroom < 1:
+        raise InputError("headroom", f"must be a number in [0, 1), got {headroom!r}")
+    headroom = float(headroom)
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
         raise InputError("n_bootstrap", f"must be a non-negative integer, got {n_bootstrap!r}")
     dev, dt = resolve_device(device), _resolve_dtype(dtype)
@@ -1161,11 +1181,12 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     best_val_t = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
     _no_valid_row(best_val_t, "train_subjects", "this training sample shares its subject with every validation "
                                                 "sample: no other-patient correlation to calibrate on")
-    tau = _percentile_1d(best_val_t, p)
+    tau_p = _percentile_1d(best_val_t, p)
+    tau = with_headroom(tau_p, headroom)
 
     null_rate = null_rate_copies = null_tau = math.nan
     if halves is not None and not np.isneginf(part_best[0]).any():  # else a training subject fills half A
-        null_tau = _percentile_1d(part_best[0], p)
+        null_tau = with_headroom(_percentile_1d(part_best[0], p), headroom)
         null_rate = float(np.mean(part_best[1] > null_tau))
         null_rate_copies = float(np.mean(part_cols[1] > null_tau))
 
@@ -1191,10 +1212,12 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     copies = best_train_s > tau
     n_mem, n_copies = int(memorized.sum()), int(copies.sum())
 
-    draws = _bootstrap(best_val_t, best_syn_t, best_train_s, p, int(n_bootstrap), rng) if n_bootstrap else {}
+    draws = _bootstrap(best_val_t, best_syn_t, best_train_s, p, int(n_bootstrap), rng, headroom) if n_bootstrap else {}
     summary: dict[str, Any] = {
         "threshold": tau,
         "percentile": p,
+        "percentile_threshold": tau_p,
+        "headroom": headroom,
         "n_train": n_t,
         "n_val": n_v,
         "n_synthetic": n_s,

@@ -21,6 +21,7 @@ from memscan.audit import (
 )
 from memscan.cli import main
 from memscan.errors import EXIT_BAD_INPUT, EXIT_GATE, InputError
+from memscan.metrics import with_headroom
 from memscan.networks import build_encoder
 
 SIZE = 32
@@ -218,6 +219,9 @@ def test_bad_inputs_are_one_line_errors(data2d: dict, tmp_path: Path, capsys: py
               image_size=SIZE, **FAST)
     with pytest.raises(InputError, match="percentile"):
         audit(data2d["train"], data2d["val"], data2d["syn"], out_dir=tmp_path / "o3", percentile=120)
+    with pytest.raises(InputError, match="headroom"):  # before any work: nothing written
+        audit(data2d["train"], data2d["val"], data2d["syn"], out_dir=tmp_path / "o3h", headroom=1.0)
+    assert not (tmp_path / "o3h").exists()
     with pytest.raises(InputError, match="usable set name"):
         audit(data2d["train"], data2d["val"], {"train": data2d["syn"]}, out_dir=tmp_path / "o4")
     capsys.readouterr()
@@ -328,7 +332,8 @@ def test_bundle_audit_config_runs_the_same_audit(bundle: str, dims: int, tmp_pat
     torch.save(build_encoder(dims, "resnet10", 16).state_dict(), ckpt)
     overrides = {"dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "ckpt_path": str(ckpt),
                  "arch": "resnet10", "embedding_dim": 16, "image_size": [SIZE if dims == 2 else 16] * dims,
-                 "device": "cpu", "controls": 2, "fail_above": 0.0, "score": "fused" if dims == 3 else "embedding"}
+                 "device": "cpu", "controls": 2, "fail_above": 0.0, "score": "fused" if dims == 3 else "embedding",
+                 "headroom": 0.25}
     with pytest.raises(SystemExit) as exc:  # 2 copies in 4 images > 0.0: the release gate exits 3
         run(config_file=str(config), **overrides)
     assert exc.value.code == EXIT_GATE
@@ -337,6 +342,9 @@ def test_bundle_audit_config_runs_the_same_audit(bundle: str, dims: int, tmp_pat
     assert summary["synthetic_set_names"] == ["synthetic"] and summary["n_synthetic"] == 4
     assert summary["gate"] == {"fail_above": 0.0, "failed": True}
     assert summary["provenance"]["config"]["score"] == ("fused" if dims == 3 else "embedding")
+    assert summary["provenance"]["config"]["headroom"] == summary["headroom"] == 0.25
+    assert summary["threshold"] == pytest.approx(with_headroom(summary["percentile_threshold"], 0.25), abs=1e-12)
+    assert "95th percentile (" in (tmp_path / "out" / "report.html").read_text()  # the report states the rule
 
 
 def test_alignment_size_per_score() -> None:

@@ -139,6 +139,7 @@ def test_bad_input_is_one_line_exit_2(case: str, slot: str, sets: dict[str, Path
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--percentile", "150"], "percentile"),
+    (["--headroom", "1"], "headroom"),
     (["--bootstrap", "-5"], "n_bootstrap"),
     (["--device", "tpu"], "device"),
 ])
@@ -147,6 +148,17 @@ def test_bad_options_exit_2(extra: list[str], fragment: str, sets: dict[str, Pat
     assert main(argv(sets, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0]
+
+
+def test_headroom_is_the_python_apis(sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(argv(sets, out, "--bootstrap", "50", "--headroom", "0.5")) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["headroom"] == 0.5 and summary["threshold"] > summary["percentile_threshold"]
+    assert first.startswith(f"τ = {summary['threshold']:.4f}")
+    assert f"95th percentile ({summary['percentile_threshold']:.4f}) + 0.5 of the way to 1" in first
+    assert summary["n_copies_synthetic"] >= 3  # the three near-copies clear the raised threshold
 
 
 def test_unwritable_out_is_one_line(sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

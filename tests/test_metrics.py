@@ -431,6 +431,35 @@ def test_bootstrap_is_the_resampling_it_claims() -> None:
     np.testing.assert_allclose(draws["frac_copies_synthetic"], again.binomial(40, share) / 40)
 
 
+def test_headroom_raises_tau_toward_an_exact_copy() -> None:
+    rng = np.random.default_rng(11)
+    train, val = rng.normal(size=(60, 8)), rng.normal(size=(50, 8))
+    # synthetic: 5 near-copies, 5 half-way blends (correlation ~0.7 with their source), 20 strangers
+    syn = np.concatenate([train[:5] + 0.01 * rng.normal(size=(5, 8)), train[5:10] + rng.normal(size=(5, 8)),
+                          rng.normal(size=(20, 8))])
+    plain = match(train, val, syn, device="cpu", n_bootstrap=200, seed=1)
+    strict = match(train, val, syn, device="cpu", n_bootstrap=200, seed=1, headroom=0.5)
+    tau_p = paper(train, val, syn, 95.0)["tau"]
+    assert plain.summary["percentile_threshold"] == plain.threshold == pytest.approx(tau_p, abs=1e-6)  # float32
+    assert plain.summary["headroom"] == 0.0
+    assert strict.summary["percentile_threshold"] == plain.threshold
+    assert strict.threshold == pytest.approx(plain.threshold + 0.5 * (1 - plain.threshold), abs=1e-12)
+    assert metrics.with_headroom(plain.threshold, 0.5) == pytest.approx(strict.threshold, abs=1e-12)
+    best = strict.best_train_for_synthetic
+    assert_count_matches(strict.summary["n_copies_synthetic"], best, strict.threshold)
+    assert strict.synthetic_table["copy"].to_numpy().tolist() == (best > strict.threshold).tolist()
+    assert strict.summary["n_copies_synthetic"] < plain.summary["n_copies_synthetic"]  # the blends drop out
+    assert strict.synthetic_table["copy"].to_numpy()[:5].all()  # the near-copies stay
+    # the bootstrap and the null split judge the same rule: τ* raised per draw, τ_A raised
+    np.testing.assert_allclose(strict.bootstrap["threshold"], metrics.with_headroom(plain.bootstrap["threshold"], 0.5))
+    assert strict.summary["null_threshold"] == pytest.approx(metrics.with_headroom(plain.summary["null_threshold"],
+                                                                                   0.5), abs=1e-12)
+    assert strict.summary["null_rate"] <= plain.summary["null_rate"]
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(InputError, match="headroom"):
+            match(train, val, syn, device="cpu", headroom=bad)
+
+
 def test_match_is_reproducible_and_bootstrap_optional() -> None:
     rng = np.random.default_rng(5)
     train, val, syn = rng.normal(size=(40, 8)), rng.normal(size=(30, 8)), rng.normal(size=(20, 8))

@@ -36,6 +36,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="input size after preprocessing (one int, or one per axis)")
     enc.add_argument("--dims", type=int, choices=(2, 3), default=None, help="2D or 3D (default: from the data)")
     parser.add_argument("--percentile", type=float, default=95.0, help="τ percentile (default 95)")
+    parser.add_argument("--headroom", type=float, default=0.0, metavar="H",
+                        help="flag copies above τ + H·(1 − τ), H in [0, 1): fewer false alarms on new patients, "
+                             "fewer copies caught (default 0, the paper's rule; 0.5 with best-of-aligned: see "
+                             "docs/benchmarks/detection_candidates.md section 10)")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="embedding precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else "
                         "float32; default), or one of them explicitly (recorded in summary.json)")
@@ -74,12 +78,12 @@ def _pct(x: float | None) -> str:
 def format_result(result: Any) -> str:
     """A few lines per synthetic set: copies, memorized images and patients, verdict; then where the report is."""
     from memscan.audit import CORRELATION_SCORES
-    from memscan.report.tables import verdict
+    from memscan.report.tables import threshold_rule, verdict
 
     s = result.summary
     score = (s.get("provenance") or {}).get("config", {}).get("score", "embedding")
     what = "correlation" if score in CORRELATION_SCORES else f"{score} score"
-    lines = [f"τ = {s['threshold']:.4f} ({s['percentile']:g}th percentile of {s['n_train']} training images' best "
+    lines = [f"τ = {s['threshold']:.4f} ({threshold_rule(s)} of {s['n_train']} training images' best "
              f"validation {what}; {s['n_val']} validation images)"]
     controls = s.get("controls") or {}
     if controls.get("n"):
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     result = audit(
         args.train, args.val, synthetic, out_dir=args.out, checkpoint=args.checkpoint, bundle=args.bundle,
         epochs=args.epochs, image_size=image_size, spatial_dims=args.dims, percentile=args.percentile,
+        headroom=args.headroom,
         device=args.device, controls=DEFAULT_CONTROLS if args.controls is None else args.controls,
         fail_above=args.fail_above, export_clean=args.export_clean, overwrite=args.overwrite, layout=args.layout,
         subject_regex=args.subject_regex, strict=args.strict, batch_size=args.batch_size, n_bootstrap=args.bootstrap,

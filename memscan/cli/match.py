@@ -36,6 +36,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "pair is scored by the better of the feature sets, each rescaled by its own threshold, as "
                         "'memscan audit --score best-of' does; repeatable")
     parser.add_argument("--percentile", type=float, default=95.0, help="τ percentile (default 95)")
+    parser.add_argument("--headroom", type=float, default=0.0, metavar="H",
+                        help="flag copies above τ + H·(1 − τ), H in [0, 1) (default 0, the paper's rule)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap draws for the 95%% intervals (0 = none; default 1000)")
@@ -58,9 +60,11 @@ def _ci(interval: list[float] | None, percent: bool = True) -> str:
 
 def format_summary(summary: dict[str, Any], out_dir: str) -> str:
     """Four-line human summary of a match result."""
+    from memscan.report.tables import threshold_rule
+
     s = summary
     return "\n".join([
-        f"τ = {s['threshold']:.4f}{_ci(s['threshold_ci95'], percent=False)}: {s['percentile']:g}th percentile of "
+        f"τ = {s['threshold']:.4f}{_ci(s['threshold_ci95'], percent=False)}: {threshold_rule(s)} of "
         f"the best validation {'best-of score' if s.get('feature_set_thresholds') else 'correlation'} of "
         f"{s['n_train']} training samples ({s['n_val']} validation)",
         f"memorized training samples: {s['n_memorized_train']}/{s['n_train']} = "
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             if len(arr) != len(main_arr):
                 raise InputError(path, f"has {len(arr)} rows but --{flag}-emb has {len(main_arr)}: --best-of needs "
                                        "features of the same images in the same order")
-    result = match(train, val, synthetic, percentile=args.percentile, device=args.device,
+    result = match(train, val, synthetic, percentile=args.percentile, headroom=args.headroom, device=args.device,
                    n_bootstrap=args.bootstrap, seed=args.seed, best_of=best_of or None, **labels)
     result.to_dir(args.out)
     print(format_summary(result.summary, args.out))

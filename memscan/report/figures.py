@@ -105,6 +105,7 @@ def plot_distributions(
     threshold: float,
     *,
     percentile: float = 95.0,
+    headroom: float = 0.0,
     bins: int = 40,
     score_name: str = "Pearson correlation",
 ) -> Figure:
@@ -116,6 +117,7 @@ def plot_distributions(
             set. One panel per set, side by side, sharing the y axis.
         threshold: τ.
         percentile: the percentile τ was taken at (for the legend).
+        headroom: the share of the way to 1 that τ was raised by from that percentile (for the legend).
         bins: histogram bins (shared edges across panels).
         score_name: what the values are, for the x axis (e.g. ``"best-of score"`` when they are not correlations).
 
@@ -139,7 +141,8 @@ def plot_distributions(
         if syn is not None:
             ax.hist(syn, bins=edges, density=True, alpha=0.55, color=_SYN_COLOUR, label="train → synthetic")
         ax.axvline(threshold, color=_TAU_COLOUR, linestyle="--", linewidth=1.6,
-                   label=f"τ = {threshold:.3f} ({percentile:g}th pct.)")
+                   label=f"τ = {threshold:.3f} ({percentile:g}th pct." + (f" + headroom {headroom:g})" if headroom
+                                                                          else ")"))
         n_mem = int(np.sum(syn > threshold)) if syn is not None else 0
         ax.set_title(f"{name}: {n_mem} of {len(val)} training images above τ" if name else "validation")
         ax.set_xlabel(f"best {score_name} of each training image")

@@ -16,6 +16,7 @@ import pandas as pd
 __all__ = [
     "interval",
     "format_fraction",
+    "threshold_rule",
     "verdict",
     "set_headline",
     "comparison_table",
@@ -56,6 +57,16 @@ def format_fraction(value: float | None, ci: tuple[float, float] | None = None) 
     if ci is not None:
         text += f" (95% CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%)"
     return text
+
+
+def threshold_rule(summary: Mapping[str, Any]) -> str:
+    """How τ was set, in words: ``"95th percentile"``, or with a headroom (:func:`memscan.metrics.with_headroom`)
+    ``"95th percentile (0.8123) + 0.5 of the way to 1"``."""
+    rule = f"{float(summary.get('percentile', 95.0)):g}th percentile"
+    headroom = float(summary.get("headroom") or 0.0)
+    if headroom:
+        rule += f" ({float(summary['percentile_threshold']):.4f}) + {headroom:g} of the way to 1"
+    return rule
 
 
 def _chance_rate(block: Mapping[str, Any]) -> float:
