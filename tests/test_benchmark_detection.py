@@ -89,6 +89,21 @@ def test_fpr_at_recall_reads_tau_off_the_copies():
     assert row == "| FPR at the τ giving recall 0.95 (oracle), mean ± sd (worst permutation) | 0.30 ± 0.14 (0.40) |"
 
 
+def test_operating_points_and_rates_table():
+    scores = pd.DataFrame({"detector": "a", "perm": 0, "family": "exact", "label": [1, 1, 0, 0],
+                           "score": [0.9, 0.7, 0.65, 0.3], "tau": 0.6, "tau_p99": 0.62, "tau_p100": 0.66})
+    points = evaluate.operating_points(scores)
+    assert list(points) == ["τ at p99", "τ at p100", "τ + 0.25 (1 − τ)", "τ + 0.5 (1 − τ)"]
+    assert points["τ at p100"]["tau"].iloc[0] == 0.66
+    assert points["τ + 0.5 (1 − τ)"]["tau"].iloc[0] == pytest.approx(0.8)  # 0.6 + 0.5 · 0.4: memscan's headroom
+    at = {0: evaluate.summarize(points["τ + 0.25 (1 − τ)"]), 1: evaluate.summarize(points["τ + 0.5 (1 − τ)"])}
+    table = evaluate.rates_table(at, ["a"]).splitlines()
+    # τ 0.7 keeps one copy of two (0.7 is not above it) and no unseen image; τ 0.8 the same
+    assert table[2] == "| exact | 0.50 / 0.00 |" and table[-1] == "| families with recall ≥ 0.95 and FPR ≤ 0.05 | 0 |"
+    at = {0: evaluate.summarize(scores)}  # at τ 0.6: both copies, and the unseen 0.65
+    assert evaluate.rates_table(at, ["a"]).splitlines()[2] == "| exact | 1.00 / 0.50 |"
+
+
 def test_permutations_rotate_subjects():
     perms = evaluate.permutations(["a", "b", "c"], 6)
     assert len(set(perms)) == 6

@@ -21,10 +21,13 @@ Studies run with it (docs/benchmarks/detection_candidates.md):
 
 ``--seeds 0,1,2`` repeats the whole study per seed (the seed draws the perturbations and initialises every encoder
 and its views) and prints, per family, each detector's AUROC as mean ± standard deviation over the seeds (each seed
-itself a mean over permutations), the worst seed's AUROC, and overall recall / FPR at τ (95th percentile) and at the
-stricter τ of ``evaluate.STRICTER_PERCENTILES`` (99th, 100th), and the FPR at an oracle τ read off the copies for
-recall 0.95 (``evaluate.fpr_at_recall``: what the ranking allows if τ were calibrated perfectly); ``--paper`` adds
-the paper's recipe as a column. One seed keeps the single-run tables above.
+itself a mean over permutations), the worst seed's AUROC, overall recall / FPR at τ (95th percentile) and at each
+stricter operating point (``evaluate.operating_points``: the 99th and 100th percentile of the same null, τ raised by
+a headroom of 0.25 and 0.5 as ``memscan audit --headroom`` does), the FPR at an oracle τ read off the copies for
+recall 0.95 (``evaluate.fpr_at_recall``: what the ranking allows if τ were calibrated perfectly), and recall / FPR
+per family at headroom 0.5. ``--paper`` adds the paper's recipe as a column; each seed's scores are kept in
+``--cache``, and ``--from-scores`` tabulates them again without recomputing. One seed keeps the single-run tables
+above.
 
 Usage (2 CPU cores; about 6 min per MRI case)::
 
@@ -38,10 +41,13 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build import study_cases, study_parser  # noqa: E402
-from evaluate import STRICTER_PERCENTILES, fpr_at_recall, score_case, seed_table, summarize  # noqa: E402
+from evaluate import (HEADROOMS, fpr_at_recall, operating_points, rates_table, score_case, seed_table,  # noqa: E402
+                      summarize)
 from presets import CANDIDATES, DEFAULT, PAPER, PIXEL  # noqa: E402
 from run import PERMUTATIONS, _table  # noqa: E402
 
@@ -58,6 +64,8 @@ def main() -> None:
                         help="comma-separated names of presets.CANDIDATES")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; more than one prints mean ± sd")
     parser.add_argument("--paper", action="store_true", help="add the paper's recipe as a column")
+    parser.add_argument("--from-scores", action="store_true",
+                        help="with --seeds: tabulate the scores an earlier run kept in --cache, computing nothing")
     args = parser.parse_args()
     cases = study_cases(args)
     recipes = {"pixel": PIXEL, **({"paper": PAPER} if args.paper else {}), "memscan_default": DEFAULT,
@@ -66,21 +74,28 @@ def main() -> None:
     for name in args.cases.split(","):
         t0 = time.time()
         if len(seeds) > 1:
-            summaries, stricter, oracle = {}, {f"τ at p{q:g}": {} for q in STRICTER_PERCENTILES}, {}
+            summaries, points, oracle = {}, {}, {}
             for seed in seeds:
-                scores = score_case(cases[name], recipes, args.permutations or PERMUTATIONS.get(name, 3),
-                                    seed=seed, log=lambda m: print(m, file=sys.stderr))
+                path = args.cache / f"seed_scores_{name}_{seed}.csv.gz"  # each seed kept: a cut run still reports
+                if args.from_scores:
+                    scores = pd.read_csv(path)
+                else:
+                    scores = score_case(cases[name], recipes, args.permutations or PERMUTATIONS.get(name, 3),
+                                        seed=seed, log=lambda m: print(m, file=sys.stderr))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    scores.to_csv(path, index=False)
                 summaries[seed] = summarize(scores)
-                for q, label in zip(STRICTER_PERCENTILES, stricter):
-                    stricter[label][seed] = summarize(scores.assign(tau=scores[f"tau_p{q:g}"]))
+                for label, at in operating_points(scores).items():
+                    points.setdefault(label, {})[seed] = summarize(at)
                 oracle[seed] = fpr_at_recall(scores)
-                args.cache.mkdir(parents=True, exist_ok=True)  # each seed kept, so a cut-short run still reports
-                summaries[seed].to_csv(args.cache / f"seed_summary_{name}_{seed}.csv", index=False)
-                scores.to_csv(args.cache / f"seed_scores_{name}_{seed}.csv.gz", index=False)
                 print(f"  {name} seed {seed} done at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-            print(f"### {name} ({scores['perm'].nunique()} permutations × seeds {args.seeds}, "
-                  f"{time.time() - t0:.0f} s)\n")
-            print(seed_table(summaries, list(recipes), stricter, oracle) + "\n", flush=True)
+            names = [d for d in recipes if d in set(scores["detector"])]
+            print(f"### {name} ({scores['perm'].nunique()} permutations × seeds {args.seeds}"
+                  + ("" if args.from_scores else f", {time.time() - t0:.0f} s") + ")\n")
+            print(seed_table(summaries, names, points, oracle) + "\n")
+            strict = f"τ + {HEADROOMS[-1]:g} (1 − τ)"
+            print(f"Recall / FPR per family at {strict} (``--headroom {HEADROOMS[-1]:g}``), mean over seeds:\n")
+            print(rates_table(points[strict], names) + "\n", flush=True)
             continue
         scores = score_case(cases[name], recipes, args.permutations or PERMUTATIONS.get(name, 3),
                             log=lambda m: print(m, file=sys.stderr))

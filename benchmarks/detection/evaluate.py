@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from memscan.metrics import percentile, scale_to_null, topk_correlation
+from memscan.metrics import percentile, scale_to_null, topk_correlation, with_headroom
 from memscan.scoring import aligned_search
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
@@ -30,12 +30,15 @@ except ImportError:  # pragma: no cover
     from perturb import perturb, settings
     from presets import recipe_for
 
-__all__ = ["STRICTER_PERCENTILES", "permutations", "score_case", "summarize", "seed_table", "fpr_at_recall", "scoring_recipe", "aligned_scores", "match_recipe"]
+__all__ = ["STRICTER_PERCENTILES", "HEADROOMS", "permutations", "score_case", "summarize", "seed_table",
+           "fpr_at_recall", "operating_points", "rates_table", "scoring_recipe", "aligned_scores", "match_recipe"]
 
 
 #: τ at these percentiles of the same null too (columns ``tau_p99``, ``tau_p100``): the stricter operating points
 #: ``memscan audit --percentile`` offers; ``summarize(scores.assign(tau=scores["tau_p99"]))`` reads recall / FPR there
 STRICTER_PERCENTILES = (99.0, 100.0)
+#: τ raised by these headrooms (``memscan audit --headroom``, :func:`memscan.metrics.with_headroom`), read beside τ
+HEADROOMS = (0.25, 0.5)
 
 
 def permutations(subjects: list[str], n: int) -> list[tuple[str, str, str]]:
@@ -244,16 +247,18 @@ def summarize(scores: pd.DataFrame, by_strength: bool = False) -> pd.DataFrame:
 
 
 def seed_table(summaries: dict[int, pd.DataFrame], names: list[str],
-               stricter: dict[str, dict[int, pd.DataFrame]] | None = None,
+               points: dict[str, dict[int, pd.DataFrame]] | None = None,
                oracle: dict[int, pd.DataFrame] | None = None) -> str:
     """Markdown table of a study repeated over seeds: per family, each detector's AUROC as mean ± sd over the seeds
     (each seed's value itself a mean over permutations), its worst seed, and the mean recall at τ; then overall
-    recall / FPR as mean ± sd, the same at each stricter τ, and, per seed, how many families reach AUROC ≥ 0.99.
+    recall / FPR as mean ± sd, the same at each other operating point, and, per seed, how many families reach AUROC
+    ≥ 0.99.
 
     Args:
         summaries: :func:`summarize` output per seed.
         names: detectors, in column order.
-        stricter: per label (e.g. ``"τ at p99"``) the seeds' :func:`summarize` output at that τ.
+        points: per label (e.g. ``"τ at p99"``, see :func:`operating_points`) the seeds' :func:`summarize` output
+            at that τ.
         oracle: per seed, :func:`fpr_at_recall` output: adds the FPR at an oracle τ (mean over permutations, mean ±
             sd over seeds, and the worst permutation of any seed).
     """
@@ -267,7 +272,7 @@ def seed_table(summaries: dict[int, pd.DataFrame], names: list[str],
         cells = (stats.loc[(d, fam)] for d in names)
         lines.append(f"| {fam} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f} ({c['worst']:.3f}) / {c['recall']:.2f}"
                                                  for c in cells) + " |")
-    for label, sums in {"τ": summaries, **(stricter or {})}.items():
+    for label, sums in {"τ": summaries, **(points or {})}.items():
         at = pd.concat(list(sums.values()), ignore_index=True)
         over = at[at["family"] == "overall"].groupby("detector")[["recall", "fpr"]].agg(["mean", "std"])
         lines.append(f"| overall recall / FPR at {label}, mean ± sd | " + " | ".join(
@@ -301,3 +306,32 @@ def fpr_at_recall(scores: pd.DataFrame, recall: float = 0.95) -> pd.DataFrame:
         tau = float(np.sort(pos)[k])
         rows.append({"detector": det, "perm": perm, "tau_oracle": tau, "fpr": float((neg >= tau).mean())})
     return pd.DataFrame(rows)
+
+
+def operating_points(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """:func:`score_case` output with τ replaced by each stricter operating point, by label: the 99th and 100th
+    percentile of the same null (:data:`STRICTER_PERCENTILES`) and τ raised by each of :data:`HEADROOMS`."""
+    points = {f"τ at p{q:g}": scores.assign(tau=scores[f"tau_p{q:g}"]) for q in STRICTER_PERCENTILES}
+    points.update({f"τ + {h:g} (1 − τ)": scores.assign(tau=with_headroom(scores["tau"], h)) for h in HEADROOMS})
+    return points
+
+
+def rates_table(summaries: dict[int, pd.DataFrame], names: list[str]) -> str:
+    """Markdown: per family, each detector's recall / FPR at τ (mean over seeds of the mean over permutations), and
+    per detector the families meeting recall ≥ 0.95 with FPR ≤ 0.05.
+
+    Args:
+        summaries: :func:`summarize` output per seed, all at one operating point.
+        names: detectors, in column order.
+    """
+    per = pd.concat(list(summaries.values()), ignore_index=True)
+    rates = per.groupby(["detector", "family"])[["recall", "fpr"]].mean()
+    fams = [f for f in per["family"].unique() if f != "overall"] + ["overall"]
+    lines = ["| family | " + " | ".join(f"{d} recall / FPR" for d in names) + " |", "|---|" + "---|" * len(names)]
+    for fam in fams:
+        lines.append(f"| {fam} | " + " | ".join(f"{rates.loc[(d, fam), 'recall']:.2f} / {rates.loc[(d, fam), 'fpr']:.2f}"
+                                                 for d in names) + " |")
+    ok = [sum(rates.loc[(d, f), "recall"] >= 0.95 and rates.loc[(d, f), "fpr"] <= 0.05 for f in fams[:-1])
+          for d in names]
+    lines.append("| families with recall ≥ 0.95 and FPR ≤ 0.05 | " + " | ".join(str(n) for n in ok) + " |")
+    return "\n".join(lines)
