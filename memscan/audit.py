@@ -818,7 +818,8 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
         ("validation images", str(first.block["n_val"])),
         ("null rate (memorized)", format_fraction(first.block.get("null_rate"))),
         ("null rate (copies)", format_fraction(first.block.get("null_rate_copies"))),
-        ("expected by construction", format_fraction(first.block.get("null_rate_expected"))),
+        ("expected by construction" + (" (at most, with the headroom)" if summary.get("headroom") else ""),
+         format_fraction(first.block.get("null_rate_expected"))),
     ]
     if controls.get("n"):
         overview.append(("positive controls caught", f"{controls.get('n_caught', 0)} of {controls['n']}"))

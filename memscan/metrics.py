@@ -1081,7 +1081,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             percentile threshold: a copy must also clear that share of the way from τ to an exact copy. 0 (default)
             is the paper's rule. It keeps false alarms down when the validation patients are few or less alike to
             the training patients than new patients may be (docs/benchmarks/detection_candidates.md section 10);
-            ``threshold``, the null split's threshold and the bootstrap use it, ``percentile_threshold`` keeps τ.
+            ``threshold``, the null split's threshold and the bootstrap use it, ``percentile_threshold`` keeps τ,
+            and ``null_rate_expected`` ((100 − p)%) becomes an upper bound.
 
     Returns:
         :class:`MatchResult`. ``summary`` keys: threshold, percentile, percentile_threshold, headroom, n_train,
