@@ -1414,7 +1414,8 @@ def build_demo(out_dir: str | os.PathLike[str], *, spatial_dims: int = 2, n_copi
 
 def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2, epochs: int | None = None,
              image_size: int | Sequence[int] | None = None, device: str = "auto", controls: int = DEFAULT_CONTROLS,
-             n_bootstrap: int = 1000, seed: int = 0, arch: str | None = None) -> DemoResult:
+             n_bootstrap: int = 1000, seed: int = 0, arch: str | None = None, score: str = "fused",
+             headroom: float = 0.0) -> DemoResult:
     """Build the demo inputs, train a small encoder, audit, and score the audit against the planted truth.
 
     ``out_dir`` receives ``inputs/`` (synthetic set + ``truth.csv``) and ``audit/`` (the audit's outputs and
@@ -1428,6 +1429,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
         controls: positive controls.
         n_bootstrap: bootstrap draws.
         seed: seed of the demo inputs and the audit.
+        score, headroom: the audit's score and threshold headroom (see :func:`audit`).
 
     Returns:
         :class:`DemoResult`.
@@ -1437,6 +1439,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
     """
     if dims not in DEMO_SETTINGS:
         raise InputError("dims", f"must be 2 or 3, got {dims!r}")
+    _check_args(95.0, controls, None, 16, score, headroom)  # before the inputs are built
     cfg = DEMO_SETTINGS[dims]
     out = Path(out_dir).expanduser().resolve()
     previous = (out / "inputs" / "truth.csv").is_file()
@@ -1447,7 +1450,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
     result = audit(inputs.train, inputs.val, {"synthetic": inputs.synthetic}, out_dir=out / "audit",
                    epochs=int(cfg["epochs"] if epochs is None else epochs), image_size=size, spatial_dims=dims,
                    device=device, controls=controls, overwrite=previous, n_bootstrap=n_bootstrap, seed=seed,
-                   subject_regex=inputs.subject_regex,
+                   subject_regex=inputs.subject_regex, score=score, headroom=headroom,
                    train_overrides={"arch": arch or cfg["arch"], "embedding_dim": cfg["embedding_dim"],
                                     "batch_size": cfg["batch_size"], "num_workers": 0,
                                     "val_interval": min(int(cfg["val_interval"]), int(cfg["epochs"] if epochs is None

@@ -21,11 +21,12 @@ def _counts(printed: str, label: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-@pytest.mark.parametrize("dims,size", [(2, "32"), (3, "32 32 8")])
-def test_demo_reports_planted_copies_against_the_truth(dims: int, size: str, tmp_path: Path,
+@pytest.mark.parametrize("dims,size,extra", [(2, "32", ()), (3, "32 32 8", ()),
+                                             (2, "32", ("--score", "best-of-aligned", "--headroom", "0.5"))])
+def test_demo_reports_planted_copies_against_the_truth(dims: int, size: str, extra: tuple[str, ...], tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--dims", str(dims), "--image-size", *size.split(), *FAST])
+    rc = main(["demo", "--out", str(out), "--dims", str(dims), "--image-size", *size.split(), *FAST, *extra])
     printed = capsys.readouterr().out
     assert rc == 0
     report = out / "audit" / "report.html"
@@ -44,6 +45,8 @@ def test_demo_reports_planted_copies_against_the_truth(dims: int, size: str, tmp
     # train and validation are different people; the unseen subject is neither
     summary = pd.read_json(out / "audit" / "summary.json", typ="series")
     assert summary["n_train"] > 0 and summary["n_val"] > 0
+    config = summary["provenance"]["config"]
+    assert (config["score"], config["headroom"]) == (("best-of-aligned", 0.5) if extra else ("fused", 0.0))
 
 
 def test_demo_reruns_into_its_own_folder_but_not_a_foreign_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -53,6 +56,9 @@ def test_demo_reruns_into_its_own_folder_but_not_a_foreign_one(tmp_path: Path, c
     rc = main(["demo", "--out", str(foreign), "--image-size", "32", *FAST])
     assert rc == EXIT_BAD_INPUT and "not a previous memscan demo" in capsys.readouterr().err
     assert (foreign / "thesis.txt").read_text() == "keep me"
+    rc = main(["demo", "--out", str(tmp_path / "new"), "--headroom", "1", *FAST])  # before any input is built
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == EXIT_BAD_INPUT and len(err) == 1 and "headroom" in err[0] and not (tmp_path / "new").exists()
 
 
 def test_build_demo_plants_perturbed_copies(tmp_path: Path) -> None:
