@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     lines = [
         f"planted copies caught: {result.n_copies_caught} of {result.n_copies_planted}",
         f"unseen-subject images wrongly flagged: {result.n_unseen_flagged} of {result.n_unseen} "
-        f"(the threshold's expected false-alarm rate is about {100 - block['percentile']:g}%)",
+        f"(the threshold's expected false-alarm rate is {'at most ' if block.get('headroom') else ''}about "
+        f"{100 - block['percentile']:g}%)",
         f"τ = {block['threshold']:.4f}; copies flagged in total: {block['n_copies_synthetic']} of "
         f"{block['n_synthetic']}",
     ]
