@@ -104,6 +104,19 @@ def test_operating_points_and_rates_table():
     assert evaluate.rates_table(at, ["a"]).splitlines()[2] == "| exact | 1.00 / 0.50 |"
 
 
+def test_a_recipes_headroom_is_matchs():
+    train, val, queries = _blobs(8, 1), _blobs(8, 2), np.concatenate([_blobs(8, 1)[:3], _blobs(5, 3)])
+    plain = evaluate.match_recipe(presets.PIXEL, train, val, queries, n_bootstrap=0, device="cpu")
+    strict = evaluate.match_recipe({**presets.PIXEL, "headroom": 0.5}, train, val, queries, n_bootstrap=0,
+                                   device="cpu")
+    assert strict.summary["headroom"] == 0.5 and strict.summary["percentile_threshold"] == plain.threshold
+    assert strict.threshold == pytest.approx(plain.threshold + 0.5 * (1 - plain.threshold))
+    assert strict.synthetic_table["copy"].to_numpy()[:3].all()  # exact copies clear any headroom
+    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(4, i) for i in range(3)}}
+    with pytest.raises(ValueError, match="operating points"):  # score_case reads headrooms off its τ instead
+        evaluate.score_case(case, {"h": {**presets.PIXEL, "headroom": 0.5}}, 1, ["exact"], log=lambda *_: None)
+
+
 def test_permutations_rotate_subjects():
     perms = evaluate.permutations(["a", "b", "c"], 6)
     assert len(set(perms)) == 6

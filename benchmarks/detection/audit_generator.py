@@ -94,7 +94,8 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
         f"{int(ssim_copy.sum())}/{n_samples} samples are SSIM copies; best-SSIM median {np.median(ssim_best):.3f} "
         f"(validation slices vs training: {np.median(ssim_matrix(val, train).max(1)):.3f}). Flags: a sample whose best "
         "training score exceeds the detector's τ (`memscan.metrics.match`; memscan_best_of_aligned = "
-        "`memscan audit --score best-of-aligned`).",
+        "`memscan audit --score best-of-aligned`, memscan_best_of_aligned_h05 the same with `--headroom 0.5`: τ "
+        "is then the raised threshold).",
         "",
         "| detector | τ | flagged copies | flagged & SSIM copy | flagged only | SSIM copy missed | agreement | "
         "same nearest slice as SSIM |",
@@ -111,8 +112,8 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
 
 
 def _mark(name: str) -> str:
-    return {"pixel": "X", "paper": "P", "memscan_default": "M", "memscan_best_of_aligned": "B"}.get(name,
-                                                                                                 name[0].upper())
+    return {"pixel": "X", "paper": "P", "memscan_default": "M", "memscan_best_of_aligned": "B",
+            "memscan_best_of_aligned_h05": "H"}.get(name, name[0].upper())
 
 
 def _pairs_figure(samples, train, ssim_best, ssim_nn, ssim_copy, flags, path: Path, n: int = 8) -> None:

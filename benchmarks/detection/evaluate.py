@@ -70,6 +70,8 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
     fitted: dict = {}
     encoders: dict = {}  # recipes that differ only in scoring train their encoder once
     for name, recipe in recipes.items():
+        if "headroom" in recipe:
+            raise ValueError(f"{name}: score_case reads headrooms as operating points (HEADROOMS), not per recipe")
         recipe = recipe_for(recipe, dims)
         parts = recipe.get("max_of") or [recipe]
         how = recipe.get("normalize", "ceiling")
@@ -196,8 +198,8 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     """``memscan.metrics.match`` of ``queries`` against ``train`` with τ from ``val``, scored as the recipe says,
     the way ``memscan audit`` runs it: a plain recipe matches its features; a ``max_of`` recipe passes its plain parts
     as ``best_of`` sets and its ``align`` part (at most one) as ``refine`` on that part's retrieval features, which
-    are then the first set (``--score best-of`` / ``best-of-aligned``). Indices come with the scores, so the DDPM audit
-    can compare nearest training images."""
+    are then the first set (``--score best-of`` / ``best-of-aligned``). A recipe's ``headroom`` is ``match``'s
+    (``--headroom``). Indices come with the scores, so the DDPM audit can compare nearest training images."""
     from memscan.audit import _aligned_refine  # the audit's own re-scoring of candidates
     from memscan.metrics import match
 
@@ -214,6 +216,7 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
             aligned = (part, triple)
         else:
             plain.append(triple)
+    match_kwargs = {"headroom": float(recipe.get("headroom", 0.0)), **match_kwargs}
     if aligned is None:
         return match(*plain[0], best_of=plain[1:] or None, **match_kwargs)
     part, primary = aligned

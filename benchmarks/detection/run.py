@@ -55,8 +55,10 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-#: detectors the DDPM audit runs beside the main ones: memscan's best-AUROC score (``--score best-of-aligned``)
-GENERATOR_EXTRA: dict = {"memscan_best_of_aligned": MEMSCAN_SCORES["best-of-aligned"]}
+#: detectors the DDPM audit runs beside the main ones: memscan's best-AUROC score (``--score best-of-aligned``), also
+#: with the threshold headroom of detection_candidates.md section 10 (``--headroom 0.5``)
+GENERATOR_EXTRA: dict = {"memscan_best_of_aligned": MEMSCAN_SCORES["best-of-aligned"],
+                         "memscan_best_of_aligned_h05": {**MEMSCAN_SCORES["best-of-aligned"], "headroom": 0.5}}
 
 
 def _with_steps(recipes: dict, steps: int | None) -> dict:
