@@ -615,7 +615,7 @@ def _check_args(percentile: float, controls: int, fail_above: float | None, batc
         raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
         raise InputError("percentile", f"must be a number in [0, 100], got {percentile!r}")
-    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float, np.floating)) or not 0 <= headroom < 1:
         raise InputError("headroom", f"must be a number in [0, 1), got {headroom!r}")
     if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 0:
         raise InputError("controls", f"must be a non-negative integer, got {controls!r}")
