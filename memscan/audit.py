@@ -611,12 +611,13 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any]) -
 
 def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int,
                 score: str = "embedding", headroom: float = 0.0) -> None:
+    from memscan.metrics import _check_headroom  # the audit imports metrics right after these checks anyway
+
     if score not in SCORES:
         raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
         raise InputError("percentile", f"must be a number in [0, 100], got {percentile!r}")
-    if isinstance(headroom, bool) or not isinstance(headroom, (int, float, np.floating)) or not 0 <= headroom < 1:
-        raise InputError("headroom", f"must be a number in [0, 1), got {headroom!r}")
+    _check_headroom(headroom)
     if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 0:
         raise InputError("controls", f"must be a non-negative integer, got {controls!r}")
     if fail_above is not None and (isinstance(fail_above, bool) or not isinstance(fail_above, (int, float))

@@ -781,6 +781,13 @@ def _check_percentile(p: float, name: str = "percentile") -> float:
     return p
 
 
+def _check_headroom(headroom: float) -> float:
+    """``headroom`` as a float in [0, 1) (see :func:`with_headroom`), else a one-line :class:`InputError`."""
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float, np.floating)) or not 0 <= headroom < 1:
+        raise InputError("headroom", f"must be a number in [0, 1), got {headroom!r}")
+    return float(headroom)
+
+
 def percentile(values: ArrayLike, q: float) -> float:
     """The q-th percentile of ``values`` with numpy's default ``"linear"`` interpolation (any size)."""
     x = np.asarray(values, dtype=np.float64).ravel()
@@ -1096,9 +1103,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         InputError: invalid embeddings, mismatched dimensions, bad arguments.
     """
     p = _check_percentile(percentile)
-    if isinstance(headroom, bool) or not isinstance(headroom, (int, float, np.floating)) or not 0 <= headroom < 1:
-        raise InputError("headroom", f"must be a number in [0, 1), got {headroom!r}")
-    headroom = float(headroom)
+    headroom = _check_headroom(headroom)
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
         raise InputError("n_bootstrap", f"must be a non-negative integer, got {n_bootstrap!r}")
     dev, dt = resolve_device(device), _resolve_dtype(dtype)

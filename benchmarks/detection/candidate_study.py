@@ -46,8 +46,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build import study_cases, study_parser  # noqa: E402
-from evaluate import (HEADROOMS, fpr_at_recall, operating_points, rates_table, score_case, seed_table,  # noqa: E402
-                      summarize)
+from evaluate import (HEADROOMS, fpr_at_recall, headroom_label, operating_points, rates_table,  # noqa: E402
+                      score_case, seed_table, summarize)
 from presets import CANDIDATES, DEFAULT, PAPER, PIXEL  # noqa: E402
 from run import PERMUTATIONS, _table  # noqa: E402
 
@@ -93,7 +93,7 @@ def main() -> None:
             print(f"### {name} ({scores['perm'].nunique()} permutations × seeds {args.seeds}"
                   + ("" if args.from_scores else f", {time.time() - t0:.0f} s") + ")\n")
             print(seed_table(summaries, names, points, oracle) + "\n")
-            strict = f"τ + {HEADROOMS[-1]:g} (1 − τ)"
+            strict = headroom_label(HEADROOMS[-1])
             print(f"Recall / FPR per family at {strict} (``--headroom {HEADROOMS[-1]:g}``), mean over seeds:\n")
             print(rates_table(points[strict], names) + "\n", flush=True)
             continue

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover
     from presets import recipe_for
 
 __all__ = ["STRICTER_PERCENTILES", "HEADROOMS", "permutations", "score_case", "summarize", "seed_table",
-           "fpr_at_recall", "operating_points", "rates_table", "scoring_recipe", "aligned_scores", "match_recipe"]
+           "fpr_at_recall", "headroom_label", "operating_points", "rates_table", "scoring_recipe", "aligned_scores", "match_recipe"]
 
 
 #: τ at these percentiles of the same null too (columns ``tau_p99``, ``tau_p100``): the stricter operating points
@@ -266,7 +266,7 @@ def seed_table(summaries: dict[int, pd.DataFrame], names: list[str],
             sd over seeds, and the worst permutation of any seed).
     """
     per = pd.concat([sm.assign(seed=s) for s, sm in summaries.items()], ignore_index=True)
-    fams = [f for f in per["family"].unique() if f != "overall"] + ["overall"]
+    fams = _families(per)
     stats = per.groupby(["detector", "family"]).agg(mean=("auroc", "mean"), sd=("auroc", "std"),
                                                      worst=("auroc", "min"), recall=("recall", "mean"))
     lines = ["| family | " + " | ".join(f"{d} AUROC mean ± sd (worst) / recall" for d in names) + " |",
@@ -311,11 +311,21 @@ def fpr_at_recall(scores: pd.DataFrame, recall: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _families(per: pd.DataFrame) -> list[str]:
+    """The families of a summary in their order, ``"overall"`` last."""
+    return [f for f in per["family"].unique() if f != "overall"] + ["overall"]
+
+
+def headroom_label(headroom: float) -> str:
+    """The :func:`operating_points` label of τ raised by ``headroom``."""
+    return f"τ + {headroom:g} (1 − τ)"
+
+
 def operating_points(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """:func:`score_case` output with τ replaced by each stricter operating point, by label: the 99th and 100th
     percentile of the same null (:data:`STRICTER_PERCENTILES`) and τ raised by each of :data:`HEADROOMS`."""
     points = {f"τ at p{q:g}": scores.assign(tau=scores[f"tau_p{q:g}"]) for q in STRICTER_PERCENTILES}
-    points.update({f"τ + {h:g} (1 − τ)": scores.assign(tau=with_headroom(scores["tau"], h)) for h in HEADROOMS})
+    points.update({headroom_label(h): scores.assign(tau=with_headroom(scores["tau"], h)) for h in HEADROOMS})
     return points
 
 
@@ -329,7 +339,7 @@ def rates_table(summaries: dict[int, pd.DataFrame], names: list[str]) -> str:
     """
     per = pd.concat(list(summaries.values()), ignore_index=True)
     rates = per.groupby(["detector", "family"])[["recall", "fpr"]].mean()
-    fams = [f for f in per["family"].unique() if f != "overall"] + ["overall"]
+    fams = _families(per)
     lines = ["| family | " + " | ".join(f"{d} recall / FPR" for d in names) + " |", "|---|" + "---|" * len(names)]
     for fam in fams:
         lines.append(f"| {fam} | " + " | ".join(f"{rates.loc[(d, fam), 'recall']:.2f} / {rates.loc[(d, fam), 'fpr']:.2f}"
