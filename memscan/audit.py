@@ -9,9 +9,12 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
 2. **Encoder** — a given checkpoint (or a bundle's ``models/model.pt``) is loaded; otherwise a small
    self-supervised encoder is trained on the training set with :func:`memscan.training.train_encoder`.
 3. **Embeddings** — every set through :func:`memscan.embed.embed_images` (batched; cached by file content hash and
-   checkpoint sha256, so an interrupted audit resumes where it stopped). With ``score="fused"`` the matched
-   features are :mod:`memscan.scoring`'s flip-invariant pixel + embedding fusion (:func:`score_features`).
-4. **Matching** — :func:`memscan.metrics.match` per synthetic set (τ from train→validation, copies, memorized
+   checkpoint sha256, so an interrupted audit resumes where it stopped). The default score
+   (:data:`DEFAULT_SCORE`, ``"best-of-aligned"``) matches four feature sets side by side: :mod:`memscan.scoring`'s
+   flip-invariant pixel + embedding fusion (:func:`score_features`), pixel Pearson at two sizes, and the aligned
+   high-passed pixels of each query's best fused candidates.
+4. **Matching** — :func:`memscan.metrics.match` per synthetic set (τ from train→validation, raised by the score's
+   :func:`default_headroom` unless one is given; copies, memorized
    training images, bootstrap intervals, null rate), plus the patient-level count, the positive controls, and two
    aggregate statistics from the literature (:func:`data_copying_statistic`, :func:`authenticity_score`).
 5. **Outputs** in ``out_dir`` (all written atomically): ``summary.json``, ``train_matches.csv``,
@@ -63,6 +66,9 @@ __all__ = [
     "CORRELATION_SCORES",
     "FUSED_WEIGHTS",
     "ALIGN_CANDIDATES",
+    "DEFAULT_HEADROOM",
+    "DEFAULT_SCORE",
+    "default_headroom",
     "ALIGN_HIGHPASS",
     "ALIGN_HIGHPASS_WEIGHT",
     "score_features",
@@ -454,6 +460,19 @@ ALIGN_HIGHPASS = 2.0
 ALIGN_HIGHPASS_WEIGHT = 1.0
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
+#: The audit's score when none is given: the detection benchmark's best on every case and seed, and, with its
+#: headroom, the only one catching more copies than ``"fused"`` at fewer false alarms on a new patient
+#: (docs/benchmarks/detection_candidates.md section 10, detection.md).
+DEFAULT_SCORE = "best-of-aligned"
+#: Threshold headroom per score when none is given (0 elsewhere, the paper's rule): ``best-of-aligned`` at 0.5
+#: flagged 0.00-0.09 of a new patient's images instead of 0.13-0.45 at τ, keeping recall 0.86-0.96; the fused score
+#: at 0.5 lost a quarter of the copies, so it keeps τ (detection_candidates.md section 10).
+DEFAULT_HEADROOM: dict[str, float] = {"best-of-aligned": 0.5}
+
+
+def default_headroom(score: str) -> float:
+    """The headroom the audit uses with ``score`` when none is given (:data:`DEFAULT_HEADROOM`, else 0)."""
+    return DEFAULT_HEADROOM.get(score, 0.0)
 
 
 #: Largest pixel grid per axis of ``score="best-of"``'s pixel Pearson (by dimensionality): the detection
@@ -875,7 +894,7 @@ def audit(
     image_size: int | Sequence[int] | None = None,
     spatial_dims: int | None = None,
     percentile: float = 95.0,
-    headroom: float = 0.0,
+    headroom: float | None = None,
     device: str = "auto",
     controls: int = DEFAULT_CONTROLS,
     fail_above: float | None = None,
@@ -888,7 +907,7 @@ def audit(
     n_bootstrap: int = 1000,
     seed: int = 0,
     train_overrides: Mapping[str, Any] | None = None,
-    score: str = "fused",
+    score: str = DEFAULT_SCORE,
     precision: str = "auto",
 ) -> AuditResult:
     """Audit one or more synthetic sets for copies of the training patients (Dar et al. 2025).
@@ -908,9 +927,10 @@ def audit(
         spatial_dims: 2 or 3; inferred from the training set when None.
         percentile: τ's percentile of the train→validation best correlations.
         headroom: in [0, 1): flag against ``τ + headroom · (1 − τ)`` instead of τ (``memscan.metrics.match``;
-            0 = the paper's rule). With ``score="best-of-aligned"``, 0.5 cut false alarms on a new patient from
-            0.40-0.45 to 0.03-0.04 on the detection benchmark's MRI (recall 0.96 / 0.93; CT 0.00, chest X-rays 0.09),
-            losing zoomed and warped copies (docs/benchmarks/detection_candidates.md section 10).
+            0 = the paper's rule); None (default) = :func:`default_headroom` of ``score``: 0.5 for
+            ``"best-of-aligned"``, which cut false alarms on a new patient from 0.40-0.45 to 0.03-0.04 on the
+            detection benchmark's MRI (recall 0.96 / 0.93; CT 0.00, chest X-rays 0.09), losing some zoomed and
+            warped copies (docs/benchmarks/detection_candidates.md section 10); 0 for every other score.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         controls: number of positive controls (perturbed training images embedded beside the synthetic sets; their
             catch rate is reported and they are excluded from every statistic). 0 disables them.
@@ -924,8 +944,8 @@ def audit(
         n_bootstrap: bootstrap draws for the intervals.
         seed: seed of the controls, bootstrap, null split and k-means.
         train_overrides: extra bundle config overrides when training the encoder (e.g. ``{"arch": "resnet10"}``).
-        score: ``"fused"`` (default: flip-invariant pixel + embedding features, see :func:`score_features`; the
-            detection benchmark's better score, docs/benchmarks/detection.md), ``"embedding"`` (Dar et al.'s
+        score: ``"fused"`` (flip-invariant pixel + embedding features, see :func:`score_features`; the default
+            of earlier versions, a thousand times cheaper to match, docs/benchmarks/scores.txt), ``"embedding"`` (Dar et al.'s
             embedding correlation) or ``"aligned"`` (the fused features' :data:`ALIGN_CANDIDATES` best candidates
             of every query re-scored after test-time alignment, :func:`memscan.scoring.align_and_correlate`: catches
             shifted, rotated and zoomed copies better, at a few more false alarms and ~10-50 ms per image on a CPU;
@@ -937,10 +957,11 @@ def audit(
             scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` and at
             a quarter of it (:func:`best_of_pixel_sizes`, ``embeddings/<set>_pixels_16x16.npy`` and the like), and
             the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
-            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`); the best AUROC of the detection
-            benchmark, at more false alarms on new patients than the fused score;
-            docs/benchmarks/detection_candidates.md); τ and everything downstream are computed on the chosen
-            score.
+            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`); the default, :data:`DEFAULT_SCORE`:
+            the best AUROC of the detection benchmark, and with its default headroom more copies caught and fewer
+            false alarms on new patients than the fused score; docs/benchmarks/detection_candidates.md); τ and
+            everything downstream are computed on the chosen score. ``score="embedding", headroom=0`` is the paper's
+            recipe.
         precision: embedding precision, ``"auto"`` (float16 on CUDA, bfloat16 on CPUs with native bf16, else
             float32), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :func:`memscan.embed.resolve_precision`);
             the resolved one is recorded in ``summary.json``.
@@ -961,6 +982,7 @@ def audit(
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
+    headroom = default_headroom(score) if headroom is None else headroom
     _check_args(percentile, controls, fail_above, batch_size, score, headroom)
     used_precision = resolve_precision(precision, resolve_device(device))  # a bad value fails before any work
     sources = _synthetic_sources(synthetic)
@@ -1416,8 +1438,8 @@ def build_demo(out_dir: str | os.PathLike[str], *, spatial_dims: int = 2, n_copi
 
 def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2, epochs: int | None = None,
              image_size: int | Sequence[int] | None = None, device: str = "auto", controls: int = DEFAULT_CONTROLS,
-             n_bootstrap: int = 1000, seed: int = 0, arch: str | None = None, score: str = "fused",
-             headroom: float = 0.0) -> DemoResult:
+             n_bootstrap: int = 1000, seed: int = 0, arch: str | None = None, score: str = DEFAULT_SCORE,
+             headroom: float | None = None) -> DemoResult:
     """Build the demo inputs, train a small encoder, audit, and score the audit against the planted truth.
 
     ``out_dir`` receives ``inputs/`` (synthetic set + ``truth.csv``) and ``audit/`` (the audit's outputs and
@@ -1431,7 +1453,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
         controls: positive controls.
         n_bootstrap: bootstrap draws.
         seed: seed of the demo inputs and the audit.
-        score, headroom: the audit's score and threshold headroom (see :func:`audit`).
+        score, headroom: the audit's score and threshold headroom (see :func:`audit`; None = the score's default).
 
     Returns:
         :class:`DemoResult`.
@@ -1441,6 +1463,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
     """
     if dims not in DEMO_SETTINGS:
         raise InputError("dims", f"must be 2 or 3, got {dims!r}")
+    headroom = default_headroom(score) if headroom is None else headroom
     _check_args(95.0, controls, None, 16, score, headroom)  # before the inputs are built
     cfg = DEMO_SETTINGS[dims]
     out = Path(out_dir).expanduser().resolve()

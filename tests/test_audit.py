@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -324,7 +325,14 @@ def test_data_copying_and_authenticity_separate_copies_from_new_samples() -> Non
 def test_bundle_audit_config_runs_the_same_audit(bundle: str, dims: int, tmp_path: Path) -> None:
     from monai.bundle import run
 
+    from memscan.audit import DEFAULT_SCORE, default_headroom
+
     config = Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs" / "audit.json"
+    # the bundle's defaults are the audit's: its default score, and null = that score's own headroom
+    defaults = json.loads(config.read_text())
+    assert defaults["score"] == DEFAULT_SCORE == inspect.signature(audit).parameters["score"].default
+    assert defaults["headroom"] is None is inspect.signature(audit).parameters["headroom"].default
+    assert default_headroom(DEFAULT_SCORE) == 0.5 and default_headroom("fused") == default_headroom("embedding") == 0
     data = tmp_path / "dataset"
     make_sets(data, dims=dims, n_train=8, n_val=8, n_copies=2, n_new=2, name="synthetic")
     ckpt = tmp_path / "enc.pt"
@@ -521,7 +529,7 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     Image.fromarray(blend.astype(np.uint8)).save(syn / "blend.png")
     out = tmp_path / "best_of_aligned"
     result = audit(tmp_path / "train", tmp_path / "val", {"syn": syn}, out_dir=out, checkpoint=data2d["ckpt"],
-                   image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", **FAST)
+                   image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", headroom=0.0, **FAST)
     block = result.sets["syn"].block
     taus = block["feature_set_thresholds"]
     assert len(taus) == 4 and block["refined"] is True  # aligned (refined fused), pixels, quarter pixels, fused

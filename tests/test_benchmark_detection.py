@@ -112,9 +112,22 @@ def test_a_recipes_headroom_is_matchs():
     assert strict.summary["headroom"] == 0.5 and strict.summary["percentile_threshold"] == plain.threshold
     assert strict.threshold == pytest.approx(plain.threshold + 0.5 * (1 - plain.threshold))
     assert strict.synthetic_table["copy"].to_numpy()[:3].all()  # exact copies clear any headroom
+
+
+def test_score_case_raises_a_recipes_tau_by_its_headroom():
     case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(4, i) for i in range(3)}}
-    with pytest.raises(ValueError, match="operating points"):  # score_case reads headrooms off its τ instead
-        evaluate.score_case(case, {"h": {**presets.PIXEL, "headroom": 0.5}}, 1, ["exact"], log=lambda *_: None)
+    recipes = {"plain": presets.PIXEL, "strict": {**presets.PIXEL, "headroom": 0.5}}
+    scores = evaluate.score_case(case, recipes, 1, ["exact"], log=lambda *_: None)
+    plain, strict = (scores[scores["detector"] == d].reset_index(drop=True) for d in recipes)
+    assert np.array_equal(plain["score"], strict["score"])  # the same scores, judged against another threshold
+    assert np.allclose(strict["tau_percentile"], plain["tau"]) and np.allclose(plain["tau_percentile"], plain["tau"])
+    assert np.allclose(strict["tau"], plain["tau"] + 0.5 * (1 - plain["tau"]))
+    assert np.allclose(strict["tau_p99"], plain["tau_p99"] + 0.5 * (1 - plain["tau_p99"]))
+    # the operating points replace the recipe's headroom rather than stacking on it
+    for label, at in evaluate.operating_points(scores).items():
+        if label.startswith("τ +"):
+            assert np.allclose(at.loc[at["detector"] == "strict", "tau"].to_numpy(),
+                               at.loc[at["detector"] == "plain", "tau"].to_numpy())
 
 
 def test_permutations_rotate_subjects():
@@ -131,14 +144,19 @@ def test_cxr_case_groups_by_patient():
 
 
 def test_default_detector_is_memscans_default():
-    """presets.DEFAULT follows the package: the training preset's views and temperature, the audit's default score."""
+    """presets.DEFAULT follows the package: the training preset's views and temperature, the audit's default score
+    and that score's default headroom."""
     import inspect
 
-    from memscan.audit import FUSED_WEIGHTS, alignment_size, audit, best_of_pixel_size, best_of_pixel_sizes
+    from memscan.audit import (DEFAULT_SCORE, FUSED_WEIGHTS, alignment_size, audit, best_of_pixel_size,
+                               best_of_pixel_sizes, default_headroom)
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
-    assert presets.DEFAULT_SCORE == score and presets.DEFAULT == presets.MEMSCAN_SCORES[score]
+    assert presets.DEFAULT_SCORE == score == DEFAULT_SCORE
+    plain = {k: v for k, v in presets.DEFAULT.items() if k != "headroom"}
+    assert plain == presets.MEMSCAN_SCORES[score]
+    assert presets.DEFAULT.get("headroom", 0.0) == default_headroom(score)
     for dims in (2, 3):
         adapted = presets.recipe_for(presets.DEFAULT, dims)
         enc = next(part for part in adapted.get("max_of", [adapted]) if part.get("encoder"))["encoder"]

@@ -93,9 +93,9 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
         f"SSIM reference: τ_SSIM = {tau_ssim:.3f} (95th percentile of train→validation best SSIM); "
         f"{int(ssim_copy.sum())}/{n_samples} samples are SSIM copies; best-SSIM median {np.median(ssim_best):.3f} "
         f"(validation slices vs training: {np.median(ssim_matrix(val, train).max(1)):.3f}). Flags: a sample whose best "
-        "training score exceeds the detector's τ (`memscan.metrics.match`; memscan_best_of_aligned = "
-        "`memscan audit --score best-of-aligned`, memscan_best_of_aligned_h05 the same with `--headroom 0.5`: τ "
-        "is then the raised threshold).",
+        "training score exceeds the detector's τ (`memscan.metrics.match`; memscan_default = `memscan audit`'s "
+        "default score and headroom, its τ the raised threshold; memscan_best_of_aligned_tau = the same score at "
+        "the paper's τ, `--headroom 0`; memscan_fused = `--score fused`).",
         "",
         "| detector | τ | flagged copies | flagged & SSIM copy | flagged only | SSIM copy missed | agreement | "
         "same nearest slice as SSIM |",
@@ -112,8 +112,8 @@ def run_generator_audit(mri_groups: dict, cache: Path, out: Path, recipes: dict,
 
 
 def _mark(name: str) -> str:
-    return {"pixel": "X", "paper": "P", "memscan_default": "M", "memscan_best_of_aligned": "B",
-            "memscan_best_of_aligned_h05": "H"}.get(name, name[0].upper())
+    return {"pixel": "X", "paper": "P", "memscan_default": "M", "memscan_best_of_aligned_tau": "B",
+            "memscan_fused": "F"}.get(name, name[0].upper())
 
 
 def _pairs_figure(samples, train, ssim_best, ssim_nn, ssim_copy, flags, path: Path, n: int = 8) -> None:

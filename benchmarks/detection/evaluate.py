@@ -55,9 +55,13 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
     An encoder depends only on its training subject, so it is trained once per subject and reused by the
     permutations that share it.
 
+    A recipe's ``headroom`` (``memscan audit --headroom``) raises its τ as the audit does: ``tau`` and every
+    ``tau_p<q>`` are then ``with_headroom(percentile, headroom)``, and ``tau_percentile`` keeps the 95th percentile.
+
     Returns:
-        Long table with columns perm, train, val, unseen, detector, family, strength, label, score, tau (the 95th
-        percentile of the null) and ``tau_p<q>`` for each of :data:`STRICTER_PERCENTILES`.
+        Long table with columns perm, train, val, unseen, detector, family, strength, label, score, tau (the
+        detector's decision threshold: the 95th percentile of the null, raised by its headroom), ``tau_p<q>`` for
+        each of :data:`STRICTER_PERCENTILES` (raised the same way) and ``tau_percentile`` (the 95th percentile).
     """
     groups, dims = case["groups"], case["spatial_dims"]
     perms = permutations(sorted(groups), n_perm)
@@ -70,8 +74,7 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
     fitted: dict = {}
     encoders: dict = {}  # recipes that differ only in scoring train their encoder once
     for name, recipe in recipes.items():
-        if "headroom" in recipe:
-            raise ValueError(f"{name}: score_case reads headrooms as operating points (HEADROOMS), not per recipe")
+        headroom = float(recipe.get("headroom", 0.0))
         recipe = recipe_for(recipe, dims)
         parts = recipe.get("max_of") or [recipe]
         how = recipe.get("normalize", "ceiling")
@@ -89,15 +92,16 @@ def score_case(case: dict, recipes: dict[str, dict], n_perm: int, families: list
                 def score(images, _scorers=scorers, _taus=taus):
                     return np.max([null_normalized(best(images), n, t, how)
                                    for (n, best), t in zip(_scorers, _taus)], axis=0)
-            tau = percentile(null, 95.0)
-            stricter = {f"tau_p{q:g}": percentile(null, q) for q in STRICTER_PERCENTILES}
+            tau_percentile = percentile(null, 95.0)
+            tau = with_headroom(tau_percentile, headroom)
+            stricter = {f"tau_p{q:g}": with_headroom(percentile(null, q), headroom) for q in STRICTER_PERCENTILES}
 
             for f, st in sets:
                 for label, subj in ((1, tr), (0, un)):
                     rows.append(pd.DataFrame({
                         "perm": pi, "train": tr, "val": va, "unseen": un, "detector": name, "family": f,
                         "strength": st, "label": label, "score": score(synth[(subj, f, st)]), "tau": tau,
-                        **stricter}))
+                        **stricter, "tau_percentile": tau_percentile}))
             if any(part.get("align") for part in parts):
                 log(f"  aligned {name} perm {pi} in {time.time() - t0:.1f}s")
     return pd.concat(rows, ignore_index=True)
@@ -323,9 +327,11 @@ def headroom_label(headroom: float) -> str:
 
 def operating_points(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """:func:`score_case` output with τ replaced by each stricter operating point, by label: the 99th and 100th
-    percentile of the same null (:data:`STRICTER_PERCENTILES`) and τ raised by each of :data:`HEADROOMS`."""
+    percentile of the same null (:data:`STRICTER_PERCENTILES`) and the 95th percentile raised by each of
+    :data:`HEADROOMS` (instead of a recipe's own headroom, not on top of it)."""
     points = {f"τ at p{q:g}": scores.assign(tau=scores[f"tau_p{q:g}"]) for q in STRICTER_PERCENTILES}
-    points.update({headroom_label(h): scores.assign(tau=with_headroom(scores["tau"], h)) for h in HEADROOMS})
+    base = scores["tau_percentile"] if "tau_percentile" in scores else scores["tau"]  # older caches: no headroom
+    points.update({headroom_label(h): scores.assign(tau=with_headroom(base, h)) for h in HEADROOMS})
     return points
 
 

@@ -16,10 +16,10 @@ Pearson baseline; ``CANDIDATES`` are the levers measured by ``run.py --levers``.
 
 ``DEFAULT`` is exactly what memscan runs by default, derived from the package rather than copied: the views of
 ``memscan.training.PRESETS["default"]`` (``augment "memscan:default"`` = ``memscan.data.view_transforms(augment=
-"default")``), its NT-Xent temperature, and the score of ``memscan.audit.audit``'s default (``"embedding"``: the
-embedding alone; ``"fused"``: flip-invariant coarse pixels + embedding with ``memscan.audit.FUSED_WEIGHTS``). Only the
-network is CPU-sized like every encoder here. ``MEMSCAN_SCORES`` holds both scores on those views (``run.py`` runs
-both, the encoder trained once).
+"default")``), its NT-Xent temperature, the score of ``memscan.audit.audit``'s default (``memscan.audit.DEFAULT_SCORE``,
+see :func:`memscan_recipe`) and that score's threshold headroom (``memscan.audit.default_headroom``). Only the network
+is CPU-sized like every encoder here. ``MEMSCAN_SCORES`` holds the audit's scores on those views (at τ, no headroom;
+``run.py`` runs the default and the fused score, the encoder trained once).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 
-from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, FUSED_WEIGHTS, audit
+from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, FUSED_WEIGHTS, audit, default_headroom
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -112,8 +112,9 @@ def memscan_recipe(score: str) -> dict:
 MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score)
                                    for score in ("embedding", "fused", "best-of", "best-of-aligned")}
 
-# what memscan runs by default (training preset "default" + the audit's default score)
-DEFAULT: dict = copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE])
+# what memscan runs by default (training preset "default" + the audit's default score and its headroom)
+DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
+                 **({"headroom": default_headroom(DEFAULT_SCORE)} if default_headroom(DEFAULT_SCORE) else {})}
 
 CANDIDATES["memscan_default_aligned"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "align": copy.deepcopy(ALIGN)}
 CANDIDATES["memscan_default_aligned_emb"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]),

@@ -55,10 +55,10 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-#: detectors the DDPM audit runs beside the main ones: memscan's best-AUROC score (``--score best-of-aligned``), also
-#: with the threshold headroom of detection_candidates.md section 10 (``--headroom 0.5``)
-GENERATOR_EXTRA: dict = {"memscan_best_of_aligned": MEMSCAN_SCORES["best-of-aligned"],
-                         "memscan_best_of_aligned_h05": {**MEMSCAN_SCORES["best-of-aligned"], "headroom": 0.5}}
+#: detectors the DDPM audit runs beside the main ones: memscan's default score at the paper's τ (no headroom) and the
+#: fused score (the default of earlier versions)
+GENERATOR_EXTRA: dict = {f"memscan_{DEFAULT_SCORE.replace('-', '_')}_tau": MEMSCAN_SCORES[DEFAULT_SCORE],
+                         "memscan_fused": MEMSCAN_SCORES["fused"]}
 
 
 def _with_steps(recipes: dict, steps: int | None) -> dict:
@@ -171,7 +171,8 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "",
         "Positives: the training subject's images through each perturbation family (all strengths pooled); negatives:",
         "the unseen subject's images through the same family. Score = best Pearson correlation with the training set;",
-        "τ = 95th percentile of the training images' best validation correlation. Cells: AUROC / recall at τ / FPR",
+        "τ = 95th percentile of the training images' best validation correlation (for memscan_default raised by its",
+        "headroom, as `memscan audit` does). Cells: AUROC / recall at τ / FPR",
         "on unseen at τ, mean over permutations. Goal for memscan_default: AUROC ≥ 0.99, recall ≥ 0.95, FPR ≤ 0.05",
         "and AUROC above both baselines on every family.",
         "",
@@ -180,8 +181,9 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "memscan runs by default (benchmarks/detection/presets.py `DEFAULT`, derived from the package): the views",
         "of `memscan.training.PRESETS[\"default\"]` (`memscan.data` families "
         "affine, flip, elastic, smooth, lowres, noise,",
-        f"contrast), its NT-Xent temperature, and `memscan audit`'s default score (`{DEFAULT_SCORE}`), with the same",
-        f"CPU-sized ResNet as `paper`; `{ALT}` = the same encoder scored with `memscan audit --score {OTHER_SCORE}`.",
+        f"contrast), its NT-Xent temperature, `memscan audit`'s default score (`{DEFAULT_SCORE}`) and its threshold",
+        f"headroom ({DEFAULT.get('headroom', 0.0):g}: τ + H·(1 − τ), `memscan audit --headroom`), with the same",
+        f"CPU-sized ResNet as `paper`; `{ALT}` = the same encoder scored with `memscan audit --score {OTHER_SCORE}` (τ).",
         "",
         "```",
         json.dumps(DEFAULT),

@@ -36,21 +36,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="input size after preprocessing (one int, or one per axis)")
     enc.add_argument("--dims", type=int, choices=(2, 3), default=None, help="2D or 3D (default: from the data)")
     parser.add_argument("--percentile", type=float, default=95.0, help="τ percentile (default 95)")
-    parser.add_argument("--headroom", type=float, default=0.0, metavar="H",
+    parser.add_argument("--headroom", type=float, default=None, metavar="H",
                         help="flag copies above τ + H·(1 − τ), H in [0, 1): fewer false alarms on new patients, "
-                             "fewer copies caught (default 0, the paper's rule; 0.5 with best-of-aligned: see "
-                             "docs/benchmarks/detection_candidates.md section 10)")
+                             "fewer copies caught (default 0.5 with best-of-aligned, 0 with every other score; 0 is "
+                             "the paper's rule; docs/benchmarks/detection_candidates.md section 10)")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="embedding precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else "
                         "float32; default), or one of them explicitly (recorded in summary.json)")
-    parser.add_argument("--score", default="fused", metavar="MODE",
-                        help="similarity score: fused (flip-invariant pixel + embedding features, better on the "
-                             "detection benchmark; default), embedding (the paper's) or aligned (fused, then the "
-                             "best candidates re-scored after test-time alignment: catches shifted/zoomed copies) or "
-                             "best-of (the better of fused and pixel Pearson per pair: catches blended copies, "
-                             "more false alarms) or best-of-aligned (the best of fused, pixel Pearson at two "
-                             "sizes and aligned, high-passed pixels: the best on the detection benchmark, more "
-                             "false alarms than fused)")
+    parser.add_argument("--score", default=None, metavar="MODE",
+                        help="similarity score: best-of-aligned (default: the best of fused, pixel Pearson at two "
+                             "sizes and aligned, high-passed pixels; the best on the detection benchmark), fused "
+                             "(flip-invariant pixel + embedding features: about a thousand times faster to match), "
+                             "embedding (the paper's; with --headroom 0, the paper's recipe), aligned (fused, then "
+                             "the best candidates re-scored after test-time alignment) or best-of (the better of "
+                             "fused and pixel Pearson per pair)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--controls", type=int, default=None, metavar="N",
                         help="positive controls: perturbed training images that must be caught (default 8; 0 = off)")
@@ -104,7 +103,7 @@ def format_result(result: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the audit from parsed arguments; returns the exit code."""
-    from memscan.audit import DEFAULT_CONTROLS, audit
+    from memscan.audit import DEFAULT_CONTROLS, DEFAULT_SCORE, audit
 
     names = args.synthetic_name or []
     if names and len(names) != len(args.synthetic):
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, controls=DEFAULT_CONTROLS if args.controls is None else args.controls,
         fail_above=args.fail_above, export_clean=args.export_clean, overwrite=args.overwrite, layout=args.layout,
         subject_regex=args.subject_regex, strict=args.strict, batch_size=args.batch_size, n_bootstrap=args.bootstrap,
-        seed=args.seed, score=args.score, precision=args.precision,
+        seed=args.seed, score=args.score or DEFAULT_SCORE, precision=args.precision,
     )
     print(format_result(result))
     if result.gate_failed:

@@ -33,17 +33,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda")
     parser.add_argument("--controls", type=int, default=8, metavar="N", help="positive controls (default 8)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap draws (default 1000)")
-    parser.add_argument("--score", default="fused", metavar="MODE",
-                        help="similarity score, as for memscan audit (default fused)")
-    parser.add_argument("--headroom", type=float, default=0.0, metavar="H",
-                        help="flag copies above τ + H·(1 − τ), as for memscan audit (default 0, the paper's rule)")
+    parser.add_argument("--score", default=None, metavar="MODE",
+                        help="similarity score, as for memscan audit (default best-of-aligned)")
+    parser.add_argument("--headroom", type=float, default=None, metavar="H",
+                        help="flag copies above τ + H·(1 − τ), as for memscan audit (default 0.5 with "
+                             "best-of-aligned, 0 with every other score)")
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
-    from memscan.audit import run_demo
+    from memscan.audit import DEFAULT_SCORE, run_demo
 
     size = None
     if args.image_size:
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"memscan demo: {args.dims}D — building a synthetic set with planted copies, training a small encoder "
           f"and auditing (a few minutes on a laptop CPU)…", flush=True)
     result = run_demo(args.out, dims=args.dims, epochs=args.epochs, image_size=size, device=args.device,
-                      controls=args.controls, n_bootstrap=args.bootstrap, score=args.score, headroom=args.headroom)
+                      controls=args.controls, n_bootstrap=args.bootstrap, score=args.score or DEFAULT_SCORE,
+                      headroom=args.headroom)
     block = result.audit.summary["synthetic_sets"]["synthetic"]
     controls = result.audit.summary.get("controls") or {}
     lines = [
