@@ -265,9 +265,10 @@ def bench_demo(tmp: Path, dims: int) -> list[str]:
 
 
 def bench_scale(tmp: Path, n: int, size: int, device: str = "cpu") -> list[str]:
-    """End-to-end ``memscan.audit`` with a given checkpoint on three sets of ``n`` distinct PNGs (the default fused
-    score: preflight, both embeddings and the coarse pixels of every image, matching, report)."""
-    from memscan.audit import audit
+    """End-to-end ``memscan.audit`` with a given checkpoint on three sets of ``n`` distinct PNGs, with the fused score
+    and with the default score (preflight, both embeddings and the pixels of every image, matching, report), side by
+    side, each from a cold output folder."""
+    from memscan.audit import DEFAULT_SCORE, audit
     from memscan.networks import build_encoder
 
     paths = _images(tmp / "scale_images", 3 * n, size)
@@ -279,13 +280,16 @@ def bench_scale(tmp: Path, n: int, size: int, device: str = "cpu") -> list[str]:
     checkpoint = tmp / "scale_encoder.pt"
     torch.save(build_encoder(2, "resnet18", 128).state_dict(), checkpoint)
     root = tmp / "scale"
-    t0 = time.perf_counter()
-    audit(root / "train", root / "val", {"synthetic": root / "synthetic"}, out_dir=tmp / "scale_out",
-          checkpoint=checkpoint, image_size=size, device=device, subject_regex=r"(?P<subject>p\d+)_")
-    t = time.perf_counter() - t0
-    return [f"end-to-end audit with a checkpoint, 3 x {n} PNGs of {2 * size}² (fused score): {t:6.1f} s "
-            f"= {1000 * t / (3 * n):.1f} ms per image (preflight, embeddings of each image and its mirror, "
-            "coarse pixels, matching, report)"]
+    lines = []
+    for score in dict.fromkeys(("fused", DEFAULT_SCORE)):
+        t0 = time.perf_counter()
+        audit(root / "train", root / "val", {"synthetic": root / "synthetic"}, out_dir=tmp / f"scale_out_{score}",
+              checkpoint=checkpoint, image_size=size, device=device, subject_regex=r"(?P<subject>p\d+)_", score=score)
+        t = time.perf_counter() - t0
+        lines.append(f"end-to-end audit with a checkpoint, 3 x {n} PNGs of {2 * size}² (--score {score}): {t:6.1f} s "
+                     f"= {1000 * t / (3 * n):.1f} ms per image (preflight, embeddings of each image and its mirror, "
+                     "pixels, matching, report)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
