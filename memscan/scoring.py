@@ -191,33 +191,42 @@ def _check_images(images: np.ndarray, source: str) -> np.ndarray:
     return x
 
 
-def _similarity_matrices(spatial: Sequence[int], plane: tuple[int, int], angles: Sequence[float],
-                         scales: Sequence[float], flip_axes: Sequence[int]):
-    """``affine_grid`` matrices (output → input, normalised coordinates in x, y[, z] order) of every
-    flip × rotation × zoom; the zoom maps a reference pixel ``u`` to ``s·u`` (``s > 1`` enlarges the content)."""
+def _warp_matrices(spatial: Sequence[int], plane: tuple[int, int], angles: Any, scales: Any, mirrors: Any):
+    """``affine_grid`` matrices (output → input, normalised coordinates in x, y[, z] order) of W warps, each a mirror
+    (``mirrors`` [W, dims] of ±1), then a rotation by ``angles`` [W] degrees and a zoom by ``scales`` [W] in ``plane``;
+    the zoom maps a reference pixel ``u`` to ``s·u`` (``s > 1`` enlarges the content). torch tensors → [W, dims,
+    dims + 1] float32."""
     import torch
 
     dims = len(spatial)
     half = torch.tensor([n / 2.0 for n in spatial], dtype=torch.float64)
+    rad = torch.deg2rad(torch.as_tensor(angles, dtype=torch.float64))
+    z = torch.as_tensor(scales, dtype=torch.float64)
+    m = torch.eye(dims, dtype=torch.float64).repeat(len(rad), 1, 1)  # pixel units, tensor-axis order
+    p, q = plane
+    c, s_ = torch.cos(rad) / z, torch.sin(rad) / z
+    m[:, p, p], m[:, p, q], m[:, q, p], m[:, q, q] = c, -s_, s_, c
+    m = m * torch.as_tensor(mirrors, dtype=torch.float64)[:, None, :]  # mirror the output coordinate, then rotate
+    m = m * (half[None, :] / half[:, None])[None]  # normalised coordinates: D⁻¹ M D with D = diag(n / 2)
+    m = torch.flip(m, dims=(1, 2))  # affine_grid wants (x = last axis, y, z) order
+    return torch.cat([m, torch.zeros(len(m), dims, 1, dtype=torch.float64)], dim=2).float()
+
+
+def _similarity_grid(dims: int, angles: Sequence[float], scales: Sequence[float], flip_axes: Sequence[int]):
+    """Every flip × rotation × zoom of the search, in that nesting order: (angles [T], scales [T], mirrors [T, dims])
+    as float64 torch tensors."""
+    import torch
+
     flips: list[tuple[int, ...]] = [()]
     for a in flip_axes:
         flips += [f + (a,) for f in flips]
-    mats = []
-    p, q = plane
-    for f in flips:
-        mirror = torch.ones(dims, dtype=torch.float64)
-        for a in f:
-            mirror[a] = -1.0
-        for ang in angles:
-            c, s_ = np.cos(np.deg2rad(ang)), np.sin(np.deg2rad(ang))
-            for z in scales:
-                m = torch.eye(dims, dtype=torch.float64)  # pixel units, tensor-axis order
-                m[p, p], m[p, q], m[q, p], m[q, q] = c / z, -s_ / z, s_ / z, c / z
-                m = m * mirror[None, :]  # mirror the output coordinate, then rotate / zoom
-                m = m * half[None, :] / half[:, None]  # normalised coordinates: D⁻¹ M D with D = diag(n / 2)
-                m = torch.flip(m, dims=(0, 1))  # affine_grid wants (x = last axis, y, z) order
-                mats.append(torch.cat([m, torch.zeros(dims, 1, dtype=torch.float64)], dim=1))
-    return torch.stack(mats).float()
+    mirrors = torch.ones(len(flips), dims, dtype=torch.float64)
+    for i, f in enumerate(flips):
+        mirrors[i, list(f)] = -1.0
+    n_a, n_s = len(angles), len(scales)
+    return (torch.tensor(angles, dtype=torch.float64).repeat_interleave(n_s).repeat(len(flips)),
+            torch.tensor(scales, dtype=torch.float64).repeat(n_a * len(flips)),
+            mirrors.repeat_interleave(n_a * n_s, dim=0))
 
 
 def _standardize_images(x, shares: Sequence[float] = (1.0,)):
@@ -278,7 +287,8 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
                         angles: Sequence[float] = ALIGN_ANGLES, scales: Sequence[float] = ALIGN_SCALES,
                         max_shift: float | Sequence[float] = 0.15, flip_axes: Sequence[int] = (-1,),
                         plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
-                        subpixel: bool = True, highpass: float | None = None, highpass_weight: float = 1.0,
+                        subpixel: bool = True, refine_rounds: int = 0, highpass: float | None = None,
+                        highpass_weight: float = 1.0,
                         device: Any = "auto", budget: int | None = None) -> AlignedMatch:
     """Verify retrieval candidates by aligning each one to its query and correlating the aligned pixels.
 
@@ -311,6 +321,12 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
         size: spatial size of the comparison (int for every axis) or None for the input size.
         subpixel: refine each correlation peak to sub-pixel translation (parabola through the peak and its
             neighbours, per axis); without it an integer-pixel shift on a coarse grid loses a few percent.
+        refine_rounds: coarse-to-fine search of rotation and zoom: after the grid, each pair's best warp is tried
+            again at its 8 neighbours half a grid step away in angle and in log-zoom (same mirror, all shifts again),
+            the best kept, and the step halved for the next round. A copy zoomed between two grid values lines up
+            again (the grid's 7.7% zoom steps leave up to 3.8%, most of a pixel at the edge of a 64² image). The
+            rounds stay within the grid's range, so two rounds search a subset of a grid four times finer per axis;
+            each round costs 8 warps per pair against the grid's one set of warps per reference.
         highpass: σ in pixels (at ``size``) of a Gaussian blur in ``plane`` subtracted from every image before the
             search, or None: only detail finer than the outline all subjects share is then correlated, so a new
             patient's image no longer lines up with a training image by its head or chest silhouette.
@@ -380,6 +396,8 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     if len(pl) != 2 or pl[0] == pl[1]:
         raise InputError("plane", f"expected two different spatial axes, got {plane}")
     flips = sorted({axis(a, "flip_axes") for a in flip_axes})
+    if isinstance(refine_rounds, bool) or not isinstance(refine_rounds, (int, np.integer)) or refine_rounds < 0:
+        raise InputError("refine_rounds", f"expected a non-negative integer, got {refine_rounds!r}")
     shifts = [float(max_shift)] * dims if np.isscalar(max_shift) else [float(s) for s in max_shift]
     if len(shifts) != dims or any(not 0 <= s < 0.5 for s in shifts):
         raise InputError("max_shift", f"expected {dims} fraction(s) in [0, 0.5), got {max_shift}")
@@ -411,8 +429,13 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             else "is constant"
         raise InputError("query_images", f"an image {what}: its correlation is undefined",
                          row=int(torch.argmin(q_norm)))
-    theta = _similarity_matrices(spatial, pl, angles, scales, flips)  # [T, dims, dims + 1]
+    grid_angle, grid_zoom, grid_mirror = _similarity_grid(dims, angles, scales, flips)
+    theta = _warp_matrices(spatial, pl, grid_angle, grid_zoom, grid_mirror)  # [T, dims, dims + 1]
     n_t = len(theta)
+    # the refinement's first steps: half the grid's finest spacing in angle and in log-zoom (0: one value, kept)
+    steps = [float(np.diff(np.unique(v)).min()) if len(np.unique(v)) > 1 else 0.0 for v in (angles, np.log(scales))]
+    moves = torch.tensor([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)
+                          if (i, j) != (0, 0) and (steps[0] or not i) and (steps[1] or not j)], dtype=torch.float64)
     s_dims = tuple(range(-dims, 0))
     q_f = torch.fft.rfftn(q_std, dim=s_dims)  # [N, C, *freq]
     # flat indices of the allowed circular shifts (0..w and n-w..n-1 on each axis)
@@ -424,6 +447,41 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     # the sampling grid of each warp depends only on the warp: built once, repeated for every reference of a step
     # (affine_grid per chunk was half the search's time on a CPU)
     base_grid = F.affine_grid(theta.to(dev), [n_t, q_t.shape[1], *spatial], align_corners=False)  # [T, *sp., dims]
+
+    def peak_over_shifts(corr):
+        """[P, W, prod(spatial)] circular correlations → [P, W] best over the allowed shifts (sub-pixel refined)."""
+        pos = allowed[corr[:, :, allowed].argmax(dim=2)]
+        peak = torch.gather(corr, 2, pos[..., None])[..., 0]
+        return peak + _subpixel_gain(corr, pos, spatial) if subpixel else peak
+
+    def refine(best, at, refs, q_sel):
+        """Coarse-to-fine rotation / zoom around each pair's best grid warp ``at`` (see ``refine_rounds``)."""
+        angle, log_zoom, mirror = grid_angle[at], torch.log(grid_zoom[at]), grid_mirror[at]
+        n_p, n_m = len(at), len(moves)
+        delta = list(steps)
+        for _ in range(refine_rounds):
+            delta = [v / 2 for v in delta]
+            # within the grid's range: the rounds subdivide the grid, they do not widen the search
+            cand_angle = (angle[:, None] + moves[None, :, 0] * delta[0]).clamp(min(angles), max(angles))  # [P, M]
+            cand_log = (log_zoom[:, None] + moves[None, :, 1] * delta[1]).clamp(float(np.log(min(scales))),
+                                                                                float(np.log(max(scales))))
+            th = _warp_matrices(spatial, pl, cand_angle.reshape(-1), torch.exp(cand_log).reshape(-1),
+                                mirror.repeat_interleave(n_m, dim=0)).to(dev)
+            warped = F.grid_sample(refs.repeat_interleave(n_m, dim=0),
+                                   F.affine_grid(th, [n_p * n_m, refs.shape[1], *spatial], align_corners=False),
+                                   mode="bilinear", padding_mode="zeros", align_corners=False)
+            w_std, w_norm = _standardize_images(warped, shares)
+            r_f = torch.fft.rfftn(w_std, dim=s_dims).reshape(n_p, n_m, *w_std.shape[1:2], *q_f.shape[2:])
+            corr = torch.fft.irfftn((q_sel[:, None] * torch.conj(r_f)).sum(dim=2), s=spatial,
+                                    dim=s_dims).reshape(n_p, n_m, -1)
+            value, j = peak_over_shifts(corr).masked_fill(~(w_norm.reshape(n_p, n_m) > 1e-6), float("-inf")).max(1)
+            better = (value > best).cpu()
+            best = torch.where(better.to(best.device), value, best)
+            j = j.cpu()[:, None]
+            angle = torch.where(better, cand_angle.gather(1, j)[:, 0], angle)
+            log_zoom = torch.where(better, cand_log.gather(1, j)[:, 0], log_zoom)
+        return best
+
     pixel = np.full((n, k), -np.inf)
     # pairs sorted by reference, so each step warps and transforms a reference once for all its queries there
     # (warping is half the search's time; per query chunk, every pair re-warped its reference)
@@ -445,15 +503,15 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             w_std, w_norm = _standardize_images(warped, shares)
             r_f = torch.fft.rfftn(w_std, dim=s_dims).reshape(u, n_t, *w_std.shape[1:2], *q_f.shape[2:])
             inv = torch.from_numpy(inverse.reshape(-1)).to(dev)
-            prod = q_f[torch.from_numpy(p_rows)].to(dev)[:, None] * torch.conj(r_f[inv])
+            q_sel = q_f[torch.from_numpy(p_rows)].to(dev)
+            prod = q_sel[:, None] * torch.conj(r_f[inv])
             corr = torch.fft.irfftn(prod.sum(dim=2), s=spatial, dim=s_dims).reshape(len(p_rows), n_t, -1)
-            pos = allowed[corr[:, :, allowed].argmax(dim=2)]  # [P, T] best allowed circular shift per warp
-            peak = torch.gather(corr, 2, pos[..., None])[..., 0]
-            if subpixel:
-                peak = peak + _subpixel_gain(corr, pos, spatial)
+            peak = peak_over_shifts(corr)
             # a warp that left no contrast (zoomed into a blank region) has no defined correlation
             ok = (w_norm.reshape(u, n_t) > 1e-6)[inv]
-            best = peak.masked_fill(~ok, float("-inf")).amax(dim=1)
+            best, at = peak.masked_fill(~ok, float("-inf")).max(dim=1)
+            if refine_rounds and len(moves):
+                best = refine(best, at.cpu(), refs[inv], q_sel)
             pixel[p_rows, p_cols] = best.double().cpu().numpy()
     pixel = np.clip(pixel, -1.0, 1.0)
     if feature_scores is None:

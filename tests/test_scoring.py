@@ -115,6 +115,29 @@ def test_align_recovers_rotated_zoomed_shifted_copy():
     assert with_sub > without
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (8, 32, 32)])
+def test_align_refines_rotation_and_zoom_between_grid_values(shape):
+    """A copy zoomed and rotated half-way between grid values lines up again with ``refine_rounds`` (as with a grid
+    four times finer), an unrelated image gains little, and without rounds the result is the grid's."""
+    from memscan.scoring import ALIGN_SCALES, align_and_correlate
+
+    ref = np.stack([_blob(10, shape), _blob(11, shape)])
+    zoom = float(np.sqrt(ALIGN_SCALES[4] * ALIGN_SCALES[5]))  # half-way between two grid zooms (log scale)
+    queries = np.stack([_affine(ref[0], 4.5, zoom, (1.0,) * len(shape)), _blob(12, shape)])
+    cand = np.array([[0], [0]])
+    kw = dict(flip_axes=(), highpass=1.0)  # fine detail: a small misalignment shows
+    grid = align_and_correlate(queries, ref, cand, **kw)
+    assert np.array_equal(grid.pixel, align_and_correlate(queries, ref, cand, refine_rounds=0, **kw).pixel)
+    refined = align_and_correlate(queries, ref, cand, refine_rounds=2, **kw)
+    fine = align_and_correlate(queries, ref, cand, angles=np.arange(-12, 12.1, 0.75),
+                               scales=np.geomspace(0.8, 1.25, 25), **kw)
+    assert refined.pixel[0, 0] > grid.pixel[0, 0] + 0.005  # the copy lines up better: as well as on the fine grid
+    assert refined.pixel[0, 0] == pytest.approx(fine.pixel[0, 0], abs=1e-3)
+    assert (refined.pixel >= grid.pixel - 1e-6).all()  # the grid's best warp is kept when nothing beats it
+    # the rounds subdivide the grid within its range: never above the fine grid's best, for any pair
+    assert (refined.pixel <= fine.pixel + 1e-5).all()
+
+
 def test_align_fuses_feature_scores_and_skips_missing_candidates():
     from memscan.scoring import align_and_correlate
 
@@ -221,6 +244,8 @@ def test_align_rejects_bad_input():
         (dict(query_images=q, reference_images=ref, candidates=ok, plane=(0, 0)), "two different"),
         (dict(query_images=q, reference_images=ref, candidates=ok, plane=(0, 2)), "spatial axes"),
         (dict(query_images=q, reference_images=ref, candidates=ok, max_shift=0.5), "fraction"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, refine_rounds=-1), "non-negative integer"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, refine_rounds=True), "non-negative integer"),
         (dict(query_images=q, reference_images=ref, candidates=ok, scales=(0.0,)), "positive"),
         (dict(query_images=np.zeros_like(q), reference_images=ref, candidates=ok), "constant"),
         (dict(query_images=q, reference_images=ref, candidates=ok, highpass=0.0), "blur"),

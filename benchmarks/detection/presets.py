@@ -112,6 +112,14 @@ def memscan_recipe(score: str) -> dict:
 MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score)
                                    for score in ("embedding", "fused", "best-of", "best-of-aligned")}
 
+#: lever (round 13): best-of-aligned whose alignment refines each pair's best rotation and zoom coarse-to-fine
+#: (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a grid step), for copies zoomed or rotated
+#: between two grid values (the benchmark's weak crop, a 1.11× zoom, falls between the grid's 1.077 and 1.16)
+CANDIDATES["best_of_aligned_refined"] = {
+    **copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]),
+    "max_of": [part if not part.get("align") else {**part, "align": {**part["align"], "refine_rounds": 2}}
+               for part in copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])["max_of"]]}
+
 # what memscan runs by default (training preset "default" + the audit's default score and its headroom)
 DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
                  **({"headroom": default_headroom(DEFAULT_SCORE)} if default_headroom(DEFAULT_SCORE) else {})}
