@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -180,7 +182,11 @@ def test_default_detector_is_memscans_default():
     assert best_of_pixel_sizes([12, 32, 32], "best-of-aligned") == [[12, 32, 32], [3, 8, 8]]
     assert best_of_pixel_sizes([512, 512], "best-of-aligned") == [[64, 64], [16, 16]]
     assert best_of_pixel_sizes([64, 64], "best-of") == [[64, 64]] and not best_of_pixel_sizes([64, 64], "fused")
-    assert presets.CANDIDATES["best_of_four_hp_f1_px4"] == presets.MEMSCAN_SCORES["best-of-aligned"]
+    # round 12's score is today's without the coarse-to-fine rounds of its alignment
+    grid = copy.deepcopy(presets.MEMSCAN_SCORES["best-of-aligned"])
+    assert grid["max_of"][3]["align"].pop("refine_rounds") > 0
+    assert presets.CANDIDATES["best_of_four_hp_f1_px4"] == grid
+    assert presets.CANDIDATES["best_of_aligned_refined"] == presets.MEMSCAN_SCORES["best-of-aligned"]
     assert alignment_size([64, 64], "best-of-aligned") == [64, 64]
     assert alignment_size([12, 32, 32], "best-of-aligned") == [12, 32, 32]
 
@@ -274,10 +280,12 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     assert product["max_of"][0] == presets.PIXEL and product["max_of"][2] == presets.MEMSCAN_SCORES["fused"]
     align = product["max_of"][3]["align"]
     assert align["weights"] == {"pixel": 1.0, "features": 0.0} and align["scoring"] == "retrieval"
-    from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, _score_align_axes, alignment_size
+    from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, _score_align_axes,
+                               alignment_size)
 
     axes = _score_align_axes("best-of-aligned", {"flip_axes": ()})  # the audit's own alignment arguments
     assert align["highpass"] == [axes["highpass"], axes["highpass_weight"]] == [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]
+    assert align["refine_rounds"] == axes["refine_rounds"] == ALIGN_REFINE_ROUNDS > 0
     coarse = {**presets.PIXEL, "pixel": [[4, 1.0]]}
     recipe = {"max_of": [presets.PIXEL, coarse, {**coarse, "align": dict(align)}], "normalize": "ceiling"}
     case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(10, 40 + i) for i in range(3)}}

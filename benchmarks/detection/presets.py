@@ -27,7 +27,8 @@ from __future__ import annotations
 import copy
 import inspect
 
-from memscan.audit import ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, FUSED_WEIGHTS, audit, default_headroom
+from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, FUSED_WEIGHTS, audit,
+                           default_headroom)
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -103,7 +104,8 @@ def memscan_recipe(score: str) -> dict:
         # (alignment_size(..., "best-of-aligned") = the benchmark's images whole), each scaled by its own τ_b
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
                                                         "weights": {"pixel": 1.0, "features": 0.0},
-                                                        "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]}}
+                                                        "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT],
+                                                        "refine_rounds": ALIGN_REFINE_ROUNDS}}
         return {"max_of": [copy.deepcopy(PIXEL), copy.deepcopy(_PIXEL_QUARTER), memscan_recipe("fused"), aligned],
                 "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
@@ -112,13 +114,11 @@ def memscan_recipe(score: str) -> dict:
 MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score)
                                    for score in ("embedding", "fused", "best-of", "best-of-aligned")}
 
-#: lever (round 13): best-of-aligned whose alignment refines each pair's best rotation and zoom coarse-to-fine
-#: (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a grid step), for copies zoomed or rotated
-#: between two grid values (the benchmark's weak crop, a 1.11× zoom, falls between the grid's 1.077 and 1.16)
-CANDIDATES["best_of_aligned_refined"] = {
-    **copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]),
-    "max_of": [part if not part.get("align") else {**part, "align": {**part["align"], "refine_rounds": 2}}
-               for part in copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])["max_of"]]}
+#: lever (round 13, adopted as ``memscan.audit.ALIGN_REFINE_ROUNDS``): best-of-aligned whose alignment refines each
+#: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
+#: grid step), for copies zoomed or rotated between two grid values (the benchmark's weak crop, a 1.11× zoom, falls
+#: between the grid's 1.077 and 1.16); ``best_of_four_hp_f1_px4`` is the same score on the grid alone (round 12's)
+CANDIDATES["best_of_aligned_refined"] = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
 
 # what memscan runs by default (training preset "default" + the audit's default score and its headroom)
 DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
