@@ -336,3 +336,24 @@ def test_max_of_recipe_with_an_aligned_detector():
     assert summary.loc[("with_aligned", "exact"), "recall"] == 1.0
     by = scores.groupby("detector")["score"].apply(np.asarray)
     assert not np.allclose(by["plain"], by["with_aligned"])  # the aligned part took part
+
+
+def test_compare_runs_puts_one_detector_of_two_runs_side_by_side(tmp_path):
+    from benchmarks.detection import compare_runs
+
+    def run(shift: float) -> dict:
+        rows = pd.DataFrame({"perm": 0, "detector": "memscan_default", "family": "exact", "label": [1, 1, 0, 0],
+                             "score": np.array([0.9, 0.7, 0.65, 0.3]) + shift, "tau": 0.6})
+        return {"case_a": pd.concat([rows, rows.assign(detector="pixel")], ignore_index=True)}
+
+    table = compare_runs.compare(run(0.0), run(-0.1), "memscan_default", ("grid", "refined")).splitlines()
+    assert table[0] == "#### case_a"
+    assert table[2] == "| family | grid AUROC / recall / FPR | refined AUROC / recall / FPR |"
+    # the second run's scores are 0.1 lower: one copy (0.6) and the unseen 0.55 no longer clear τ 0.6
+    assert table[4] == "| exact | 1.000 / 1.00 / 0.50 | 1.000 / 0.50 / 0.00 |"
+    with pytest.raises(ValueError, match="nobody"):
+        compare_runs.compare(run(0.0), run(-0.1), "nobody")
+    for i, scores in enumerate((run(0.0), run(-0.1))):
+        pd.to_pickle({"scores": scores}, tmp_path / f"{i}.pkl")
+    assert compare_runs.main([str(tmp_path / "0.pkl"), str(tmp_path / "1.pkl"), "--detector", "pixel"]) == 0
+    assert compare_runs.main([str(tmp_path / "0.pkl"), str(tmp_path / "missing.pkl")]) == 2
