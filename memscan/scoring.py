@@ -15,6 +15,8 @@ mirror copy get identical rows (Pearson 1) — test-time invariance without chan
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -24,6 +26,10 @@ from memscan.errors import InputError
 
 __all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "area_pixels", "pixel_features",
            "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search"]
+
+logger = logging.getLogger(__name__)
+#: seconds between two progress lines of a long :func:`align_and_correlate` (INFO; the CLI prints them)
+PROGRESS_SECONDS = 30.0
 
 
 def standardize_rows(features: np.ndarray, source: str = "features") -> np.ndarray:
@@ -491,8 +497,15 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     rows, cols, pair_ref = rows[order], cols[order], pair_ref[order]
     # pairs per step (and at most as many references)
     step = max(1, int(budget) // max(1, n_t * int(np.prod(spatial)) * q_t.shape[1]))
+    started = last_said = time.monotonic()
     with torch.no_grad():
         for start in range(0, len(rows), step):
+            now = time.monotonic()
+            if start and now - last_said >= PROGRESS_SECONDS:  # a long search says how far it is (large sets: minutes)
+                left = (now - started) / start * (len(rows) - start)
+                logger.info("aligning: %d of %d candidate pairs (%.0f%%), about %.0f min left", start, len(rows),
+                            100.0 * start / len(rows), left / 60.0)
+                last_said = now
             p_rows, p_cols = rows[start:start + step], cols[start:start + step]
             used, inverse = np.unique(pair_ref[start:start + step], return_inverse=True)
             refs = r_t[torch.from_numpy(used)].to(dev)  # [U, C, *spatial]

@@ -291,3 +291,21 @@ def test_align_highpass_ignores_the_shared_outline():
     vol = torch.from_numpy(rng.normal(size=(1, 1, 3, 16, 16)).astype(np.float32))
     per_slice = torch.cat([_highpass(vol[:, :, i], 2.0, (0, 1))[:, :, None] for i in range(3)], dim=2)
     torch.testing.assert_close(_highpass(vol, 2.0, (1, 2)), per_slice)
+
+
+def test_align_reports_progress_on_long_searches(monkeypatch, caplog):
+    """A search longer than ``PROGRESS_SECONDS`` logs how many candidate pairs are done and the time left."""
+    import logging
+
+    import memscan.scoring as scoring
+
+    ref = np.stack([_blob(s, (16, 16)) for s in range(4)])
+    cand = np.array([[i, (i + 1) % 4] for i in range(4)])
+    with caplog.at_level(logging.INFO, logger="memscan.scoring"):
+        quiet = scoring.align_and_correlate(ref, ref, cand, budget=1, device="cpu")
+        assert not caplog.records  # under PROGRESS_SECONDS: silent
+        monkeypatch.setattr(scoring, "PROGRESS_SECONDS", 0.0)
+        said = scoring.align_and_correlate(ref, ref, cand, budget=1, device="cpu")  # one pair per step
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("aligning: 1 of 8 candidate pairs (12%), about ") and lines[0].endswith(" min left")
+    assert len(lines) == 7 and np.array_equal(quiet.pixel, said.pixel)
