@@ -621,14 +621,25 @@ def _score_align_axes(score: str, axes: Mapping[str, Any]) -> dict[str, Any]:
             "highpass_weight": ALIGN_HIGHPASS_WEIGHT, "refine_rounds": ALIGN_REFINE_ROUNDS}
 
 
-def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any]) -> Any:
+def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
+                    memo: dict[tuple, tuple[np.ndarray, np.ndarray]] | None = None) -> Any:
     """A :data:`memscan.metrics.Refine` that aligns each query's candidates
-    (:func:`memscan.scoring.align_and_correlate`) and fuses the aligned pixels with their feature correlation."""
+    (:func:`memscan.scoring.align_and_correlate`) and fuses the aligned pixels with their feature correlation.
+
+    ``memo``, shared by the refines of several synthetic sets, keeps the searches that involve no synthetic image
+    (train → validation: τ and the null split), so an audit of several sets aligns its calibration pairs once."""
     from memscan.scoring import align_and_correlate
 
     def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,
                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = None
+        if memo is not None and "synthetic" not in (query, reference):
+            key = (query, reference, *(np.ascontiguousarray(a).tobytes() for a in (rows, candidates, values)))
+            if key in memo:
+                return memo[key]
         found = align_and_correlate(images[query][rows], images[reference], candidates, feature_scores=values, **axes)
+        if key is not None:
+            memo[key] = (found.score, found.index)
         return found.score, found.index
 
     return refine
@@ -1131,6 +1142,7 @@ def audit(
     controls_block: dict[str, Any] = {"n": n_controls}
     axes = _alignment(preprocess_cfg)
     align_axes = {**_score_align_axes(score, axes), "device": device}  # the search runs where the match does
+    calibration_memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # train → validation, the same for every set
     features = {**embeddings, "controls": control_emb}
 
     def score_sets(set_name: str) -> list[np.ndarray]:
@@ -1149,7 +1161,7 @@ def audit(
         refine = None
         if aligned_images:
             refine = _aligned_refine({"train": aligned_images["train"], "val": aligned_images["val"],
-                                      "synthetic": aligned_images[name]}, align_axes)
+                                      "synthetic": aligned_images[name]}, align_axes, calibration_memo)
         sets = [score_sets(k) for k in ("train", "val", name)]
         best_of = list(zip(*(s_[1:] for s_ in sets))) or None  # per extra feature set: (train, val, synthetic)
         res = match(embeddings["train"], embeddings["val"], embeddings[name], percentile, device,

@@ -572,3 +572,30 @@ def test_best_of_aligned_pixel_sets_are_the_images_at_each_grid(tiny_2d_folder, 
     for got, grid in zip(found.pixels, grids):
         np.testing.assert_allclose(got, standardize_rows(pixel_features(images, grid)), rtol=1e-5, atol=1e-6)
     assert found.aligned.shape == (4, 1, *grids[0])
+
+
+def test_aligned_refine_memo_aligns_calibration_pairs_once(monkeypatch) -> None:
+    """Several synthetic sets share one train → validation alignment (``memo``); pairs with a synthetic image, and a
+    different set of rows, are aligned anew."""
+    import memscan.scoring
+    from memscan.audit import _aligned_refine
+
+    calls = []
+    real = memscan.scoring.align_and_correlate
+
+    def counting(query_images, *args, **kwargs):
+        calls.append(len(query_images))
+        return real(query_images, *args, **kwargs)
+
+    monkeypatch.setattr(memscan.scoring, "align_and_correlate", counting)
+    rng = np.random.default_rng(0)
+    images = {k: rng.random((4, 1, 16, 16)).astype(np.float32) for k in ("train", "val", "synthetic")}
+    cand, values = np.array([[0, 1]] * 4), np.full((4, 2), 0.5)
+    memo: dict = {}
+    first = _aligned_refine(images, {"device": "cpu"}, memo)("train", np.arange(4), "val", cand, values)
+    again = _aligned_refine(images, {"device": "cpu"}, memo)("train", np.arange(4), "val", cand, values)
+    assert len(calls) == 1 and all(np.array_equal(a, b) for a, b in zip(first, again))
+    _aligned_refine(images, {"device": "cpu"}, memo)("train", np.arange(3), "val", cand[:3], values[:3])
+    for _ in range(2):
+        _aligned_refine(images, {"device": "cpu"}, memo)("synthetic", np.arange(4), "train", cand, values)
+    assert len(calls) == 4 and len(memo) == 2
