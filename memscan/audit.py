@@ -646,14 +646,16 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
 
 
 def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int,
-                score: str = "embedding", headroom: float = 0.0) -> None:
+                score: str = "embedding", headroom: float | None = 0.0) -> float:
+    """One-line errors for bad arguments, before any work; returns the headroom to use (None = the score's
+    :func:`default_headroom`)."""
     from memscan.metrics import _check_headroom  # the audit imports metrics right after these checks anyway
 
     if score not in SCORES:
         raise InputError("score", f"must be one of {', '.join(SCORES)}, got {score!r}")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
         raise InputError("percentile", f"must be a number in [0, 100], got {percentile!r}")
-    _check_headroom(headroom)
+    headroom = _check_headroom(default_headroom(score) if headroom is None else headroom)
     if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 0:
         raise InputError("controls", f"must be a non-negative integer, got {controls!r}")
     if fail_above is not None and (isinstance(fail_above, bool) or not isinstance(fail_above, (int, float))
@@ -661,6 +663,7 @@ def _check_args(percentile: float, controls: int, fail_above: float | None, batc
         raise InputError("fail_above", f"must be a fraction in [0, 1], got {fail_above!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError("batch_size", f"must be a positive integer, got {batch_size!r}")
+    return headroom
 
 
 def _relative_names(paths: Sequence[str]) -> list[str]:
@@ -962,11 +965,12 @@ def audit(
         seed: seed of the controls, bootstrap, null split and k-means.
         train_overrides: extra bundle config overrides when training the encoder (e.g. ``{"arch": "resnet10"}``).
         score: ``"fused"`` (flip-invariant pixel + embedding features, see :func:`score_features`; the default
-            of earlier versions, a thousand times cheaper to match, docs/benchmarks/scores.txt), ``"embedding"`` (Dar et al.'s
-            embedding correlation) or ``"aligned"`` (the fused features' :data:`ALIGN_CANDIDATES` best candidates
-            of every query re-scored after test-time alignment, :func:`memscan.scoring.align_and_correlate`: catches
-            shifted, rotated and zoomed copies better, at a few more false alarms and ~10-50 ms per image on a CPU;
-            docs/benchmarks/detection_alignment.md) or ``"best-of"`` (per pair, the better of the fused score and
+            of earlier versions, a thousand times cheaper to match, docs/benchmarks/scores.txt), ``"embedding"``
+            (Dar et al.'s embedding correlation) or ``"aligned"`` (the fused features' :data:`ALIGN_CANDIDATES`
+            best candidates of every query re-scored after test-time alignment,
+            :func:`memscan.scoring.align_and_correlate`: catches shifted, rotated and zoomed copies better, at a few
+            more false alarms and ~10-50 ms per image on a CPU; docs/benchmarks/detection_alignment.md) or
+            ``"best-of"`` (per pair, the better of the fused score and
             pixel Pearson at :func:`best_of_pixel_size`, each scaled by its own τ_b, ``memscan.metrics.match``'s
             ``best_of``: catches blends of a training image with another image and contrast or detail changes that
             the embedding misses, at more false alarms on new patients; docs/benchmarks/detection_candidates.md;
@@ -999,8 +1003,7 @@ def audit(
     from memscan.networks import build_encoder, load_encoder_checkpoint
 
     started = time.time()
-    headroom = default_headroom(score) if headroom is None else headroom
-    _check_args(percentile, controls, fail_above, batch_size, score, headroom)
+    headroom = _check_args(percentile, controls, fail_above, batch_size, score, headroom)
     used_precision = resolve_precision(precision, resolve_device(device))  # a bad value fails before any work
     sources = _synthetic_sources(synthetic)
     out = Path(out_dir).expanduser().resolve()
@@ -1481,8 +1484,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
     """
     if dims not in DEMO_SETTINGS:
         raise InputError("dims", f"must be 2 or 3, got {dims!r}")
-    headroom = default_headroom(score) if headroom is None else headroom
-    _check_args(95.0, controls, None, 16, score, headroom)  # before the inputs are built
+    headroom = _check_args(95.0, controls, None, 16, score, headroom)  # before the inputs are built
     cfg = DEMO_SETTINGS[dims]
     out = Path(out_dir).expanduser().resolve()
     previous = (out / "inputs" / "truth.csv").is_file()

@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover
     from presets import recipe_for
 
 __all__ = ["STRICTER_PERCENTILES", "HEADROOMS", "permutations", "score_case", "summarize", "seed_table",
-           "fpr_at_recall", "headroom_label", "operating_points", "rates_table", "scoring_recipe", "aligned_scores", "match_recipe"]
+           "fpr_at_recall", "headroom_label", "operating_points", "rates_table", "scoring_recipe", "aligned_scores",
+           "match_recipe"]
 
 
 #: τ at these percentiles of the same null too (columns ``tau_p99``, ``tau_p100``): the stricter operating points
@@ -277,8 +278,8 @@ def seed_table(summaries: dict[int, pd.DataFrame], names: list[str],
              "|---|" + "---|" * len(names)]
     for fam in fams:
         cells = (stats.loc[(d, fam)] for d in names)
-        lines.append(f"| {fam} | " + " | ".join(f"{c['mean']:.3f} ± {c['sd']:.3f} ({c['worst']:.3f}) / {c['recall']:.2f}"
-                                                 for c in cells) + " |")
+        lines.append(f"| {fam} | " + " | ".join(
+            f"{c['mean']:.3f} ± {c['sd']:.3f} ({c['worst']:.3f}) / {c['recall']:.2f}" for c in cells) + " |")
     for label, sums in {"τ": summaries, **(points or {})}.items():
         at = pd.concat(list(sums.values()), ignore_index=True)
         over = at[at["family"] == "overall"].groupby("detector")[["recall", "fpr"]].agg(["mean", "std"])
@@ -348,8 +349,8 @@ def rates_table(summaries: dict[int, pd.DataFrame], names: list[str]) -> str:
     fams = _families(per)
     lines = ["| family | " + " | ".join(f"{d} recall / FPR" for d in names) + " |", "|---|" + "---|" * len(names)]
     for fam in fams:
-        lines.append(f"| {fam} | " + " | ".join(f"{rates.loc[(d, fam), 'recall']:.2f} / {rates.loc[(d, fam), 'fpr']:.2f}"
-                                                 for d in names) + " |")
+        lines.append(f"| {fam} | " + " | ".join(
+            f"{rates.loc[(d, fam), 'recall']:.2f} / {rates.loc[(d, fam), 'fpr']:.2f}" for d in names) + " |")
     ok = [sum(rates.loc[(d, f), "recall"] >= 0.95 and rates.loc[(d, f), "fpr"] <= 0.05 for f in fams[:-1])
           for d in names]
     lines.append("| families with recall ≥ 0.95 and FPR ≤ 0.05 | " + " | ".join(str(n) for n in ok) + " |")
