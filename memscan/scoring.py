@@ -25,7 +25,8 @@ import numpy as np
 from memscan.errors import InputError
 
 __all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "area_pixels", "pixel_features",
-           "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search"]
+           "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search",
+           "deform_and_correlate"]
 
 logger = logging.getLogger(__name__)
 #: seconds between two progress lines of a long :func:`align_and_correlate` (INFO; the CLI prints them)
@@ -572,3 +573,138 @@ def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query
     feat = np.einsum("nd,nkd->nk", qs.astype(np.float64), rs[np.maximum(idx, 0)].astype(np.float64))
     feat[idx < 0] = -np.inf
     return align_and_correlate(query_images, reference_images, idx, feature_scores=feat, device=device, **align)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# test-time non-rigid alignment
+# ----------------------------------------------------------------------------------------------------------------
+def _control_points(spatial: Sequence[int], spacing: float) -> list[int]:
+    """Control points per axis of a displacement grid about ``spacing`` pixels apart (at least 2: a linear ramp)."""
+    return [max(2, int(round(n / spacing)) + 1) for n in spatial]
+
+
+def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, candidates: np.ndarray, *,
+                         spacing: float = 12.0, max_displacement: float = 3.0, iterations: int = 60,
+                         learning_rate: float = 0.3, fit_highpass: float = 2.0, highpass: float = 1.0,
+                         plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
+                         device: Any = "auto", budget: int | None = None) -> AlignedMatch:
+    """Verify retrieval candidates by bending each one onto its query with a smooth, small displacement field.
+
+    A generator that memorised an image may reproduce it locally stretched (an elastic warp): no rotation, zoom or
+    shift lines it up again (:func:`align_and_correlate`), but a displacement field of a few pixels does. For every
+    (query, candidate) pair a displacement per control point (about ``spacing`` pixels apart on every spatial axis,
+    interpolated smoothly between them, each bounded by ``max_displacement`` pixels) is fitted by ``iterations``
+    Adam steps to maximise the Pearson correlation of the query and the warped candidate, both high-passed
+    (``fit_highpass``: σ of the blur subtracted, pixels); the pair's score is then the correlation of the finer
+    detail (``highpass``) at that field. The field is too coarse and too small to turn one patient's anatomy into
+    another's, so other patients' images gain less than copies do. Apply the same function to the calibration pairs
+    (as for :func:`align_and_correlate`) so that τ is the null of the same fit. 2D and 3D share one path.
+
+    Args:
+        query_images: ``[N, C, *spatial]`` (2 or 3 spatial axes).
+        reference_images: ``[M, C, *spatial]``, same C and spatial shape.
+        candidates: ``[N, K]`` reference indices per query (``-1`` = no candidate).
+        spacing: distance in pixels (at ``size``) between control points of the displacement field.
+        max_displacement: largest displacement of a control point in pixels, per axis (bounded by a tanh).
+        iterations: Adam steps of the fit.
+        learning_rate: Adam's step size on the unbounded parameters.
+        fit_highpass: σ in pixels of the blur subtracted before the fit, in ``plane`` (smoother to climb).
+        highpass: σ in pixels of the blur subtracted before the pair's score, in ``plane``.
+        plane: the two spatial axes (negative = from the end) of the high-pass filters.
+        size: spatial size of the comparison (int for every axis) or None for the input size.
+        device: where the fit runs (``"auto"``: CUDA when available).
+        budget: pixels held per step of pairs (default 2²² on a CPU, 2²⁶ on a GPU).
+
+    Returns:
+        :class:`AlignedMatch`; ``pixel`` holds every candidate's score, ``fused`` the same values.
+
+    Raises:
+        InputError: malformed images, candidates or settings.
+    """
+    # hand-written: MONAI's registration losses and warps fit one pair at a time; this fits every pair as one batch
+    import torch
+    import torch.nn.functional as F
+
+    from memscan.metrics import resolve_device
+
+    dev = resolve_device(device)
+    if budget is None:
+        budget = 1 << (26 if dev.type == "cuda" else 22)
+    q_img = _check_images(query_images, "query_images")
+    r_img = _check_images(reference_images, "reference_images")
+    if q_img.shape[1:] != r_img.shape[1:]:
+        raise InputError("reference_images", f"shape {r_img.shape[1:]} differs from the queries' {q_img.shape[1:]}")
+    n, m, dims = len(q_img), len(r_img), q_img.ndim - 2
+    cand = np.asarray(candidates)
+    if cand.ndim == 1:
+        cand = cand[:, None]
+    if cand.ndim != 2 or len(cand) != n or cand.shape[1] == 0 or not np.issubdtype(cand.dtype, np.integer):
+        raise InputError("candidates", f"expected an integer [{n}, K] array, got {cand.dtype} {cand.shape}")
+    if ((cand < -1) | (cand >= m)).any():
+        raise InputError("candidates", f"indices must be in [0, {m}) or -1",
+                         row=int(np.argwhere((cand < -1) | (cand >= m))[0, 0]))
+    for name, value in (("spacing", spacing), ("max_displacement", max_displacement),
+                        ("learning_rate", learning_rate), ("fit_highpass", fit_highpass), ("highpass", highpass)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+            raise InputError(name, f"expected a positive number, got {value!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise InputError("iterations", f"expected a non-negative integer, got {iterations!r}")
+    pl = tuple(int(a) % dims for a in plane)
+    if len(pl) != 2 or pl[0] == pl[1] or any(not -dims <= int(a) < dims for a in plane):
+        raise InputError("plane", f"expected two different spatial axes of {dims}, got {plane}")
+    cand = cand.astype(np.int64)
+    q_t, r_t = torch.from_numpy(q_img), torch.from_numpy(r_img)
+    if size is not None:
+        target = [int(size)] * dims if np.isscalar(size) else [int(s) for s in size]
+        if len(target) != dims or min(target) < 2:
+            raise InputError("size", f"expected {dims} sizes ≥ 2, got {size}")
+        q_t, r_t = F.interpolate(q_t, size=target, mode="area"), F.interpolate(r_t, size=target, mode="area")
+    spatial = list(q_t.shape[2:])
+    points = _control_points(spatial, float(spacing))
+    # the smooth field as one matrix product: each control point's interpolation kernel over the image (bicubic in
+    # 2D, trilinear in 3D: torch has no tricubic), [control points, pixels]; far cheaper to differentiate than
+    # interpolate()
+    n_ctrl, n_pix = int(np.prod(points)), int(np.prod(spatial))
+    basis = F.interpolate(torch.eye(n_ctrl).reshape(n_ctrl, 1, *points), size=spatial,
+                          mode="bicubic" if dims == 2 else "trilinear", align_corners=True).reshape(n_ctrl, n_pix)
+    basis = basis.to(dev)
+    # pixel displacement → grid_sample's normalised (x = last axis, y, z) offsets
+    to_norm = torch.tensor([2.0 / s for s in reversed(spatial)], dtype=torch.float32, device=dev)
+    # the references are high-passed once and then bent: for a field this smooth, bending and filtering commute
+    # (up to the edges), so the fit needs no filtering per step
+    q_fit, q_eval = _highpass(q_t, float(fit_highpass), pl), _highpass(q_t, float(highpass), pl)
+    r_fit, r_eval = _highpass(r_t, float(fit_highpass), pl), _highpass(r_t, float(highpass), pl)
+    if (_standardize_images(q_eval)[1] <= 1e-12).any():
+        raise InputError("query_images", "an image has no detail finer than the high-pass blur: its correlation is "
+                                         "undefined", row=int(torch.argmin(_standardize_images(q_eval)[1])))
+    q_fit, q_eval = _standardize_images(q_fit)[0], _standardize_images(q_eval)[0]
+    rows, cols = np.nonzero(cand >= 0)
+    pixel = np.full(cand.shape, -np.inf)
+    step = max(1, int(budget) // max(1, n_pix * q_t.shape[1] * 8))
+    identity = F.affine_grid(torch.eye(dims, dims + 1, device=dev)[None], [1, 1, *spatial], align_corners=False)
+
+    def warp(refs, params):
+        field = (float(max_displacement) * torch.tanh(params)) @ basis  # [P, dims (tensor-axis order), pixels]
+        field = field.reshape(len(refs), dims, *spatial).movedim(1, -1).flip(-1) * to_norm
+        return F.grid_sample(refs, identity + field, mode="bilinear", padding_mode="border", align_corners=False)
+
+    for start in range(0, len(rows), step):
+        p_rows, p_cols = torch.from_numpy(rows[start:start + step]), torch.from_numpy(cols[start:start + step])
+        pair_ref = torch.from_numpy(cand[rows[start:start + step], cols[start:start + step]])
+        refs_fit, target_fit = r_fit[pair_ref].to(dev), q_fit[p_rows].to(dev)
+        params = torch.zeros(len(p_rows), dims, n_ctrl, device=dev, requires_grad=True)
+        opt = torch.optim.Adam([params], lr=float(learning_rate))
+        for _ in range(int(iterations)):
+            loss = -(target_fit * _standardize_images(warp(refs_fit, params))[0]).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            warped, norm = _standardize_images(warp(r_eval[pair_ref].to(dev), params))
+            value = (q_eval[p_rows].to(dev) * warped).flatten(1).sum(1).masked_fill(~(norm > 1e-6), float("-inf"))
+        pixel[rows[start:start + step], cols[start:start + step]] = value.double().cpu().numpy()
+    pixel = np.where(cand >= 0, np.clip(pixel, -1.0, 1.0), -np.inf)
+    best_k = np.argmax(pixel, axis=1)
+    score = pixel[np.arange(n), best_k]
+    index = np.where(np.isfinite(score), cand[np.arange(n), best_k], -1)
+    return AlignedMatch(score=score, index=index, candidates=cand, pixel=pixel, fused=pixel.copy())

@@ -309,3 +309,57 @@ def test_align_reports_progress_on_long_searches(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("aligning: 1 of 8 candidate pairs (12%), about ") and lines[0].endswith(" min left")
     assert len(lines) == 7 and np.array_equal(quiet.pixel, said.pixel)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# test-time non-rigid alignment
+# ------------------------------------------------------------------------------------------------------------------
+def _elastic(img: np.ndarray, seed: int) -> np.ndarray:
+    """MONAI's own elastic warp (control points 8 px apart, offsets of 1.5 px), the way a generator may bend a copy."""
+    from monai.transforms import Rand2DElastic, Rand3DElastic
+
+    dims = img.ndim - 1
+    t = (Rand2DElastic(spacing=8, magnitude_range=(1.5, 1.5), prob=1.0, padding_mode="zeros") if dims == 2 else
+         Rand3DElastic(sigma_range=(3.0, 3.0), magnitude_range=(40.0, 40.0), prob=1.0, padding_mode="zeros"))
+    t.set_random_state(seed=seed)
+    return np.asarray(t(img), dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (8, 24, 24)])
+def test_deform_recovers_an_elastically_warped_copy(shape):
+    from memscan.scoring import _highpass, deform_and_correlate
+
+    ref = np.stack([_blob(s, shape) for s in range(3)])
+    queries = np.stack([_elastic(ref[0], 1), _elastic(ref[1], 2), _blob(9, shape)])
+    cand = np.array([[0, 1], [1, 2], [0, 1]])
+    plane = (len(shape) - 2, len(shape) - 1)
+    hp = [_highpass(torch.as_tensor(x), 1.0, plane).numpy().reshape(len(x), -1) for x in (queries, ref)]
+    before = pearson(hp[0], hp[1], device="cpu").numpy()
+    found = deform_and_correlate(queries, ref, cand, spacing=8.0)
+    # no bending: the plain Pearson correlation of the high-passed pair
+    still = deform_and_correlate(queries, ref, cand, spacing=8.0, iterations=0)
+    np.testing.assert_allclose(still.pixel, before[np.arange(3)[:, None], cand], atol=1e-5)
+    # the warped copies come back close to their sources, far above where they started and above unrelated pairs
+    assert found.pixel[0, 0] > max(0.85, before[0, 0] + 0.1) and found.pixel[1, 0] > max(0.85, before[1, 1] + 0.1)
+    assert found.index.tolist()[:2] == [0, 1]
+    assert found.score[2] < found.pixel[0, 0] - 0.2 and found.pixel[0, 1] < found.pixel[0, 0] - 0.2
+    np.testing.assert_array_equal(found.fused, found.pixel)
+
+
+def test_deform_skips_missing_candidates_and_rejects_bad_input():
+    from memscan.scoring import deform_and_correlate
+
+    ref = np.stack([_blob(s, (24, 24)) for s in range(2)])
+    res = deform_and_correlate(ref, ref, np.array([[1, -1], [-1, -1]]), iterations=2)
+    assert np.isfinite(res.pixel[0, 0]) and np.isneginf(res.pixel[0, 1]) and res.index.tolist() == [1, -1]
+    for kwargs, what in [({"spacing": 0.0}, "spacing"), ({"max_displacement": -1.0}, "max_displacement"),
+                         ({"iterations": 1.5}, "iterations"), ({"highpass": True}, "highpass"),
+                         ({"plane": (-1, -1)}, "plane"), ({"size": [4]}, "size")]:
+        with pytest.raises(InputError, match=what):
+            deform_and_correlate(ref, ref, np.array([[0], [1]]), **kwargs)
+    with pytest.raises(InputError, match="candidates"):
+        deform_and_correlate(ref, ref, np.array([[2], [0]]))
+    with pytest.raises(InputError, match="reference_images"):
+        deform_and_correlate(ref, ref[:, :, :20], np.array([[0], [1]]))
+    with pytest.raises(InputError, match="high-pass"):
+        deform_and_correlate(np.ones((1, 1, 24, 24), np.float32), ref, np.array([[0]]))
