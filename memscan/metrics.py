@@ -71,7 +71,9 @@ T = TypeVar("T", float, np.ndarray, torch.Tensor)
 #: ``refine(query_set, query_rows, reference_set, candidates, feature_correlations) -> (best_score, best_index)``:
 #: set names ``"train"``/``"val"``/``"synthetic"``, the query rows (indices into their set), ``[n, k]`` candidate
 #: indices into the reference set (``-1`` = none) with their ``[n, k]`` feature correlations; returns each query's
-#: best score and the reference index reaching it (``-inf`` / ``-1`` without a candidate). See :func:`match`.
+#: best score and the reference index reaching it (``-inf`` / ``-1`` without a candidate). A refine that scores each
+#: pair in R ways returns ``[n, R]`` arrays (each way's best over the candidates): R sets of :func:`match`'s
+#: ``best_of``, each on its own τ_b. See :func:`match`.
 Refine = Callable[[str, np.ndarray, str, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 _CPU_TILE_CAP = 1 << 21  # 2M elements (8 MB in float32) per worker: measured best of 512-2048-row tiles (bench_metrics)
@@ -1005,7 +1007,8 @@ def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[Array
         queries, references: one query and one reference feature set per score block, rows aligned across blocks.
         thresholds: each block's τ_b (``summary["feature_set_thresholds"]`` of the match).
         refined: for a match with ``refine``: each query's ``(best refine score, reference index)``, the first block
-            (its τ_b is ``thresholds[0]``); ``queries`` and ``references`` then hold the ``best_of`` blocks.
+            (its τ_b is ``thresholds[0]``), or ``[n, R]`` arrays for a refine that scores in R ways (the first R
+            blocks, ``thresholds[:R]``); ``queries`` and ``references`` then hold the ``best_of`` blocks.
 
     Returns:
         ``(values, indices)``: per query the best scaled score over blocks and references, and the reference index
@@ -1014,16 +1017,19 @@ def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[Array
     Raises:
         InputError: mismatched blocks or row counts.
     """
-    n_blocks = len(queries) + (refined is not None)
+    if refined is not None:
+        r_values, r_index = (np.asarray(a).reshape(len(np.asarray(a)), -1) for a in refined)
+    n_refined = 0 if refined is None else r_values.shape[1]
+    n_blocks = len(queries) + n_refined
     if not len(queries) == len(references) or len(thresholds) != n_blocks or not n_blocks:
         raise InputError("best_of", f"needs one query set, reference set and threshold per block, got "
                                     f"{len(queries)}, {len(references)} and {len(thresholds)}"
-                                    + (" (plus the refined block)" if refined is not None else ""))
+                                    + (f" (plus {n_refined} refined block(s))" if refined is not None else ""))
     values, indices = [], []
-    if refined is not None:
-        values.append(scale_to_null(refined[0], float(thresholds[0])))
-        indices.append(np.asarray(refined[1], dtype=np.int64))
-        thresholds = thresholds[1:]
+    for j in range(n_refined):
+        values.append(scale_to_null(r_values[:, j], float(thresholds[j])))
+        indices.append(r_index[:, j].astype(np.int64))
+    thresholds = thresholds[n_refined:]
     for q, r, tau_b in zip(queries, references, thresholds):
         v, i = topk_correlation(q, r, 1, device=device, dtype=dtype)
         if values and len(v) != len(values[0]):
@@ -1083,7 +1089,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             and an exact copy to 1); a pair's score is then the best of its sets' values, and every best match
             above — calibration included — is taken on that score, so τ is the null of the combination. With
             ``refine``, the first set's values are its ``refine`` scores (pass the same features again in
-            ``best_of`` to keep their plain correlations as another set).
+            ``best_of`` to keep their plain correlations as another set); a refine returning R scores per query
+            (``[n, R]``) gives R such sets.
         headroom: in [0, 1): flag against ``τ + headroom · (1 − τ)`` (:func:`with_headroom`) instead of τ, the
             percentile threshold: a copy must also clear that share of the way from τ to an exact copy. 0 (default)
             is the paper's rule. It keeps false alarms down when the validation patients are few or less alike to
@@ -1097,7 +1104,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         threshold_ci95, frac_memorized_train_ci95, frac_copies_synthetic_ci95, n_bootstrap, null_rate,
         null_rate_copies, null_rate_expected, null_threshold, seed, subject_exclusion, device, dtype,
         memscan_version, and with ``best_of`` ``feature_set_thresholds`` (each set's own τ_b, the first being
-        ``train_emb``'s).
+        ``train_emb``'s, or the refine's R sets).
 
     Raises:
         InputError: invalid embeddings, mismatched dimensions, bad arguments.
@@ -1140,7 +1147,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     def refined(query: str, reference: str, rows: np.ndarray | None = None, ref_rows: np.ndarray | None = None,
                 q_codes: np.ndarray | None = None, r_codes: np.ndarray | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Best ``refine`` score (and reference index) of each query row among its top feature correlations."""
+        """Best ``refine`` scores (and reference indices) of each query row among its top feature correlations,
+        ``[rows, R]`` (one column per way the refine scores a pair)."""
         q_all, r_all = sets[query], sets[reference]
         rows = np.arange(len(q_all)) if rows is None else rows
         ref_rows = np.arange(len(r_all)) if ref_rows is None else ref_rows
@@ -1149,31 +1157,41 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         candidates = np.where(i >= 0, ref_rows[np.maximum(i, 0)], -1)
         score, index = refine(query, rows, reference, candidates, v)
         score, index = np.asarray(score, dtype=np.float64), np.asarray(index, dtype=np.int64)
-        if score.shape != (len(rows),) or index.shape != (len(rows),):
-            raise InputError("refine", f"must return two arrays of {len(rows)} values, got {score.shape} and "
-                                       f"{index.shape}")
+        if score.ndim == 1:
+            score, index = score[:, None], index[:, None] if index.ndim == 1 else index
+        if score.ndim != 2 or len(score) != len(rows) or index.shape != score.shape or \
+                (n_refined and score.shape[1] != n_refined):
+            raise InputError("refine", f"must return two arrays of {len(rows)} values (or {len(rows)} rows of "
+                                       f"{n_refined or 'R'} values), got {score.shape} and {index.shape}")
         return score, index
 
     # train → validation, as two halves A/B: the full best (for τ) and the null rate for one pass's work
     halves = _split_halves(n_v, val_subjects, rng)
     parts = [np.arange(n_v)] if halves is None else list(halves)
     block_parts = []  # per feature set: (best per training row, best per validation row of half B) per part
-    for b, (b_train, b_val, _) in enumerate(blocks):
+    n_refined = 0  # score sets the refine gives (its columns); they replace the first feature set
+    if refine is not None:  # refine re-scores the first feature set's candidates
+        found_best, found_cols = [], []
+        for k_part, rows in enumerate(parts):
+            r_codes = None if v_codes is None else v_codes[rows]
+            found_best.append(refined("train", "val", ref_rows=rows, q_codes=t_codes, r_codes=r_codes)[0])
+            n_refined = found_best[-1].shape[1]
+            found_cols.append(None if halves is None or k_part == 0 else
+                              refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
+        block_parts.extend(([fb[:, j] for fb in found_best], [None if fc is None else fc[:, j] for fc in found_cols])
+                           for j in range(n_refined))
+    for b_train, b_val, _ in blocks[1 if refine is not None else 0:]:
         part_best, part_cols = [], []
         for k_part, rows in enumerate(parts):
             r_codes = None if v_codes is None else v_codes[rows]
-            if refine is not None and b == 0:  # refine re-scores the first feature set's candidates
-                part_best.append(refined("train", "val", ref_rows=rows, q_codes=t_codes, r_codes=r_codes)[0])
-                part_cols.append(None if halves is None or k_part == 0 else
-                                 refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
-                continue
             v, _, cv, _ = _exact_search(b_train, b_val[rows], 1, q_codes=t_codes, r_codes=r_codes,
                                         columns=halves is not None and k_part == 1, indices=False, **search)
             part_best.append(v[:, 0])
             part_cols.append(cv)
         block_parts.append((part_best, part_cols))
     block_taus: list[float] = []
-    if len(blocks) > 1:  # each set's own τ_b, then every part's values on the common scale, best set per row
+    part_best, part_cols = block_parts[0]
+    if len(block_parts) > 1:  # each set's own τ_b, then every part's values on the common scale, best set per row
         for part_best, _ in block_parts:
             full = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
             _no_valid_row(full, "train_subjects", "this training sample shares its subject with every validation "
@@ -1196,20 +1214,20 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         null_rate = float(np.mean(part_best[1] > null_tau))
         null_rate_copies = float(np.mean(part_cols[1] > null_tau))
 
-    found = []
-    for b, ((b_train, b_val, b_syn), tau_b) in enumerate(zip(blocks, block_taus or [None])):
-        if refine is not None and b == 0:
-            t_v, t_i = refined("train", "synthetic")
-            s_v, s_i = refined("synthetic", "train")
-            v_v = refined("synthetic", "val")[0]
-        else:
-            # train ↔ synthetic: row and column maxima from the same tiles
-            t_v, t_i, s_v, s_i = best_matches(b_train, b_syn, **search)
-            # synthetic → validation (for the table's best validation correlation)
-            v_v = _exact_search(b_syn, b_val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
-        if tau_b is not None:
-            t_v, s_v, v_v = (scale_to_null(x, tau_b) for x in (t_v, s_v, v_v))
+    found = []  # per score set: (train → synthetic best, index, synthetic → train best, index, synthetic → val best)
+    if refine is not None:
+        (t_v, t_i), (s_v, s_i), v_v = refined("train", "synthetic"), refined("synthetic", "train"), \
+            refined("synthetic", "val")[0]
+        found.extend((t_v[:, j], t_i[:, j], s_v[:, j], s_i[:, j], v_v[:, j]) for j in range(n_refined))
+    for b_train, b_val, b_syn in blocks[1 if refine is not None else 0:]:
+        # train ↔ synthetic: row and column maxima from the same tiles
+        t_v, t_i, s_v, s_i = best_matches(b_train, b_syn, **search)
+        # synthetic → validation (for the table's best validation correlation)
+        v_v = _exact_search(b_syn, b_val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
         found.append((t_v, t_i, s_v, s_i, v_v))
+    if block_taus:
+        found = [(scale_to_null(t_v, tau_b), t_i, scale_to_null(s_v, tau_b), s_i, scale_to_null(v_v, tau_b))
+                 for (t_v, t_i, s_v, s_i, v_v), tau_b in zip(found, block_taus)]
     best_syn_t, best_syn_t_idx = _best_of_located([f[0] for f in found], [f[1] for f in found])
     best_train_s, best_train_s_idx = _best_of_located([f[2] for f in found], [f[3] for f in found])
     best_val_s = _best_of_sets([f[4] for f in found])[0]

@@ -14,6 +14,7 @@ from scipy.spatial.distance import cdist
 from memscan import metrics
 from memscan.errors import InputError
 from memscan.metrics import (
+    best_of_correlation,
     calibrate_threshold,
     load_embeddings,
     match,
@@ -606,8 +607,31 @@ def test_match_refine_hook_is_the_plain_search_when_it_keeps_the_top_candidate()
     assert squashed.summary["n_copies_synthetic"] == plain.summary["n_copies_synthetic"]  # monotone: same flags
     assert squashed.threshold < plain.threshold
 
-    with pytest.raises(InputError, match="refine"):
-        match(train, val, syn, device="cpu", n_bootstrap=0, refine=lambda q, r, ref, c, v: (v, c))
+    # a refine scoring each pair in two ways gives two score sets, as best_of does with two feature sets (here the
+    # same score twice, so the same as best_of with the same features again)
+    def twice(query, rows, reference, candidates, values):
+        score, index = first(query, rows, reference, candidates, values)
+        return np.stack([score, score], axis=1), np.stack([index, index], axis=1)
+
+    two = match(train, val, syn, device="cpu", n_bootstrap=0, refine=twice, **subjects)
+    both = match(train, val, syn, device="cpu", n_bootstrap=0, best_of=[(train, val, syn)], **subjects)
+    assert two.summary["feature_set_thresholds"] == pytest.approx(both.summary["feature_set_thresholds"], abs=1e-12)
+    for key in ("threshold", "n_memorized_train", "n_copies_synthetic", "null_rate", "null_rate_copies"):
+        assert two.summary[key] == pytest.approx(both.summary[key], abs=1e-9), key
+    np.testing.assert_allclose(two.best_train_for_synthetic, both.best_train_for_synthetic, atol=1e-9)
+    values, indices = best_of_correlation([], [], two.summary["feature_set_thresholds"],
+                                          refined=twice("synthetic", None, "train",
+                                                        np.argsort(-pearson(syn, train, device="cpu").numpy(),
+                                                                   axis=1)[:, :5],
+                                                        np.sort(pearson(syn, train, device="cpu").numpy(),
+                                                                axis=1)[:, ::-1][:, :5]), device="cpu")
+    np.testing.assert_allclose(values, two.best_train_for_synthetic, atol=1e-6)
+    np.testing.assert_array_equal(indices, two.synthetic_table["best_train_index"])
+
+    for bad in (lambda q, r, ref, c, v: (v[:-1, 0], c[:-1, 0]), lambda q, r, ref, c, v: (v, c[:, 0]),
+                lambda q, r, ref, c, v: (v[:, : 1 + (q == "synthetic")], c[:, : 1 + (q == "synthetic")])):
+        with pytest.raises(InputError, match="refine"):
+            match(train, val, syn, device="cpu", n_bootstrap=0, refine=bad)
     with pytest.raises(InputError, match="refine_k"):
         match(train, val, syn, device="cpu", n_bootstrap=0, refine=first, refine_k=0)
 
