@@ -627,8 +627,17 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     (:func:`memscan.scoring.align_and_correlate`) and fuses the aligned pixels with their feature correlation.
 
     ``memo``, shared by the refines of several synthetic sets, keeps the searches that involve no synthetic image
-    (train → validation: τ and the null split), so an audit of several sets aligns its calibration pairs once."""
-    from memscan.scoring import align_and_correlate
+    (train → validation: τ and the null split), so an audit of several sets aligns its calibration pairs once.
+    With a ``deform`` entry in ``axes`` (:func:`memscan.scoring.deform_and_correlate` settings, and ``k``: only the
+    first k candidates) the same candidates are also bent onto their query, and the refine returns both scores per
+    query (``[n, 2]``: two score sets of :func:`memscan.metrics.match`). No audit score uses it yet; the detection
+    benchmark measures it (docs/benchmarks/detection_candidates.md section 12)."""
+    from memscan.scoring import align_and_correlate, deform_and_correlate
+
+    axes = dict(axes)
+    deform = axes.pop("deform", None)
+    deform_k = None if deform is None else deform.get("k")  # the first k candidates (by feature correlation) only
+    deform = None if deform is None else {key: v for key, v in deform.items() if key != "k"}
 
     def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,
                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -638,9 +647,15 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
             if key in memo:
                 return memo[key]
         found = align_and_correlate(images[query][rows], images[reference], candidates, feature_scores=values, **axes)
+        score, index = found.score, found.index
+        if deform is not None:
+            bent = deform_and_correlate(images[query][rows], images[reference], candidates[:, :deform_k],
+                                        plane=axes.get("plane", (-2, -1)),
+                                        device=axes.get("device", "auto"), **deform)
+            score, index = np.stack([score, bent.score], axis=1), np.stack([index, bent.index], axis=1)
         if key is not None:
-            memo[key] = (found.score, found.index)
-        return found.score, found.index
+            memo[key] = (score, index)
+        return score, index
 
     return refine
 

@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import percentile, scale_to_null, topk_correlation, with_headroom
-from memscan.scoring import aligned_search
+from memscan.scoring import aligned_search, deform_and_correlate
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
     from .detectors import fit_detector
@@ -143,6 +143,11 @@ def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: di
     if recipe.get("center"):  # features minus a share of the training set's mean feature vector
         feats = _centered(feats, groups[tr], float(recipe["center"]))
     f_train = feats(groups[tr])
+    if recipe.get("deform"):  # top-k candidates by the part's features, each bent onto its query
+        def deformed(images: np.ndarray) -> np.ndarray:
+            return deformed_scores(recipe, images, groups[tr], feats(images), f_train)
+
+        return deformed_scores(recipe, groups[tr], groups[va], f_train, feats(groups[va])), deformed
     if recipe.get("align"):
         if key + (tr, "scoring") not in fitted:
             fitted[key + (tr, "scoring")] = fit_detector(scoring_recipe(recipe), groups[tr], seed=seed,
@@ -185,6 +190,15 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
                           **_align_arguments(recipe, query.shape[2:])).score
 
 
+def deformed_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_feat: np.ndarray,
+                    r_feat: np.ndarray) -> np.ndarray:
+    """Each query's best score over its top-k candidates by the recipe's features after a non-rigid fit
+    (``memscan.scoring.deform_and_correlate`` with the recipe's ``deform`` settings but ``k``)."""
+    settings = {key: v for key, v in recipe["deform"].items() if key != "k"}
+    idx = topk_correlation(q_feat, r_feat, int(recipe["deform"].get("k", 5)), device="cpu")[1]
+    return deform_and_correlate(query, reference, idx, device="cpu", **settings).score
+
+
 def _align_arguments(recipe: dict, spatial) -> dict:
     """``align_and_correlate`` keyword arguments of a recipe's ``align`` part: ``size`` = the images ``factor``×
     smaller per axis, the mirror when the recipe is flip-invariant, ``highpass`` = (σ px at that size, share of the
@@ -212,7 +226,12 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     images = {"train": train, "val": val, "synthetic": queries}
     encoders: dict = {}
     plain, aligned = [], None
+    deform = [part["deform"] for part in parts if part.get("deform")]  # scored by the aligned part's refine
+    if len(deform) > 1 or (deform and not any(part.get("align") for part in parts)):
+        raise ValueError("a max_of recipe takes at most one deform part, beside an align part")
     for part in parts:
+        if part.get("deform"):
+            continue
         feats = fit_detector({k: v for k, v in part.items() if k != "align"}, train, seed=seed, encoders=encoders)
         triple = tuple(feats(images[k]) for k in images)
         if part.get("align"):
@@ -227,7 +246,12 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     part, primary = aligned
     if part["align"].get("scoring", "embedding") != "retrieval":
         raise ValueError("match_recipe supports align parts scored with their retrieval features only")
-    refine = _aligned_refine(images, _align_arguments(part, train.shape[2:]))
+    axes = _align_arguments(part, train.shape[2:])
+    if deform:  # the audit's fifth score: the same candidates bent onto their query (refine's second column)
+        if int(deform[0].get("k", 5)) > int(part["align"].get("k", 5)):
+            raise ValueError("the deform part verifies at most as many candidates as the align part")
+        axes["deform"] = dict(deform[0])
+    refine = _aligned_refine(images, axes)
     return match(*primary, refine=refine, refine_k=int(part["align"].get("k", 5)), best_of=plain or None,
                  **match_kwargs)
 

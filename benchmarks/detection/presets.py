@@ -226,3 +226,22 @@ CANDIDATES["best_of_four_hp_f1"] = _boa
 _boa = copy.deepcopy(CANDIDATES["best_of_three_hp_f1"])
 _boa["max_of"].insert(1, copy.deepcopy(_PIXEL_QUARTER))
 CANDIDATES["best_of_four_hp_f1_px4"] = _boa
+
+#: lever (round 14, not adopted): best-of-aligned plus a fifth part, the non-rigid fit
+#: (``memscan.scoring.deform_and_correlate``) of the fused features' top ``k`` candidates: a smooth displacement field
+#: (control points ``spacing`` px apart, each ≤ 3 px) bent onto the query on σ 2 px high-passed pixels, the pair scored
+#: on σ 1 px high-passed pixels, for elastically warped copies. ``best_of_five_deform``: 12 px, 60 Adam steps, top 5;
+#: ``best_of_five_deform6_k1`` / ``_k5``: 6 px, 100 smaller steps, top 1 / top 5 (detection_candidates.md section 12)
+_DEFORM = {"spacing": 12.0, "max_displacement": 3.0, "iterations": 60, "fit_highpass": 2.0, "highpass": 1.0, "k": 5}
+
+
+def _with_deform(**settings) -> dict:
+    """The default recipe (best-of-aligned at its headroom) with a deform part of ``_DEFORM`` updated by ``settings``."""
+    return {**copy.deepcopy(DEFAULT),
+            "max_of": [*copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]["max_of"]),
+                       {**memscan_recipe("fused"), "deform": {**_DEFORM, **settings}}]}
+
+
+CANDIDATES["best_of_five_deform"] = _with_deform()
+for _k in (1, 5):
+    CANDIDATES[f"best_of_five_deform6_k{_k}"] = _with_deform(spacing=6.0, iterations=100, learning_rate=0.15, k=_k)
