@@ -198,6 +198,25 @@ def _check_images(images: np.ndarray, source: str) -> np.ndarray:
     return x
 
 
+def _check_pairs(query_images: np.ndarray, reference_images: np.ndarray, candidates: np.ndarray):
+    """Checked query and reference images (same channels and spatial shape) and ``[N, K]`` int64 candidate indices
+    into the references (``-1`` = none; a 1-D array is one candidate per query)."""
+    q_img = _check_images(query_images, "query_images")
+    r_img = _check_images(reference_images, "reference_images")
+    if q_img.shape[1:] != r_img.shape[1:]:
+        raise InputError("reference_images", f"shape {r_img.shape[1:]} differs from the queries' {q_img.shape[1:]}")
+    n, m = len(q_img), len(r_img)
+    cand = np.asarray(candidates)
+    if cand.ndim == 1:
+        cand = cand[:, None]
+    if cand.ndim != 2 or len(cand) != n or cand.shape[1] == 0 or not np.issubdtype(cand.dtype, np.integer):
+        raise InputError("candidates", f"expected an integer [{n}, K] array, got {cand.dtype} {cand.shape}")
+    if ((cand < -1) | (cand >= m)).any():
+        raise InputError("candidates", f"indices must be in [0, {m}) or -1",
+                         row=int(np.argwhere((cand < -1) | (cand >= m))[0, 0]))
+    return q_img, r_img, cand.astype(np.int64)
+
+
 def _warp_matrices(spatial: Sequence[int], plane: tuple[int, int], angles: Any, scales: Any, mirrors: Any):
     """``affine_grid`` matrices (output → input, normalised coordinates in x, y[, z] order) of W warps, each a mirror
     (``mirrors`` [W, dims] of ±1), then a rotation by ``angles`` [W] degrees and a zoom by ``scales`` [W] in ``plane``;
@@ -363,20 +382,8 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     dev = resolve_device(device)
     if budget is None:
         budget = 1 << (26 if dev.type == "cuda" else 22)
-    q_img = _check_images(query_images, "query_images")
-    r_img = _check_images(reference_images, "reference_images")
-    if q_img.shape[1:] != r_img.shape[1:]:
-        raise InputError("reference_images", f"shape {r_img.shape[1:]} differs from the queries' {q_img.shape[1:]}")
-    n, m, dims = len(q_img), len(r_img), q_img.ndim - 2
-    cand = np.asarray(candidates)
-    if cand.ndim == 1:
-        cand = cand[:, None]
-    if cand.ndim != 2 or len(cand) != n or cand.shape[1] == 0 or not np.issubdtype(cand.dtype, np.integer):
-        raise InputError("candidates", f"expected an integer [{n}, K] array, got {cand.dtype} {cand.shape}")
-    if ((cand < -1) | (cand >= m)).any():
-        bad = int(np.argwhere((cand < -1) | (cand >= m))[0, 0])
-        raise InputError("candidates", f"indices must be in [0, {m}) or -1", row=bad)
-    cand = cand.astype(np.int64)
+    q_img, r_img, cand = _check_pairs(query_images, reference_images, candidates)
+    n, dims = len(q_img), q_img.ndim - 2
     k = cand.shape[1]
     if feature_scores is not None:
         fs = np.asarray(feature_scores, dtype=np.float64)
@@ -630,19 +637,8 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     dev = resolve_device(device)
     if budget is None:
         budget = 1 << (26 if dev.type == "cuda" else 22)
-    q_img = _check_images(query_images, "query_images")
-    r_img = _check_images(reference_images, "reference_images")
-    if q_img.shape[1:] != r_img.shape[1:]:
-        raise InputError("reference_images", f"shape {r_img.shape[1:]} differs from the queries' {q_img.shape[1:]}")
-    n, m, dims = len(q_img), len(r_img), q_img.ndim - 2
-    cand = np.asarray(candidates)
-    if cand.ndim == 1:
-        cand = cand[:, None]
-    if cand.ndim != 2 or len(cand) != n or cand.shape[1] == 0 or not np.issubdtype(cand.dtype, np.integer):
-        raise InputError("candidates", f"expected an integer [{n}, K] array, got {cand.dtype} {cand.shape}")
-    if ((cand < -1) | (cand >= m)).any():
-        raise InputError("candidates", f"indices must be in [0, {m}) or -1",
-                         row=int(np.argwhere((cand < -1) | (cand >= m))[0, 0]))
+    q_img, r_img, cand = _check_pairs(query_images, reference_images, candidates)
+    n, dims = len(q_img), q_img.ndim - 2
     for name, value in (("spacing", spacing), ("max_displacement", max_displacement),
                         ("learning_rate", learning_rate), ("fit_highpass", fit_highpass), ("highpass", highpass)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
@@ -652,7 +648,6 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     pl = tuple(int(a) % dims for a in plane)
     if len(pl) != 2 or pl[0] == pl[1] or any(not -dims <= int(a) < dims for a in plane):
         raise InputError("plane", f"expected two different spatial axes of {dims}, got {plane}")
-    cand = cand.astype(np.int64)
     q_t, r_t = torch.from_numpy(q_img), torch.from_numpy(r_img)
     if size is not None:
         target = [int(size)] * dims if np.isscalar(size) else [int(s) for s in size]
