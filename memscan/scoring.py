@@ -217,6 +217,37 @@ def _check_pairs(query_images: np.ndarray, reference_images: np.ndarray, candida
     return q_img, r_img, cand.astype(np.int64)
 
 
+def _spatial_axis(a: Any, dims: int, what: str) -> int:
+    """A spatial axis (negative = from the end) as its index in ``0..dims - 1``; ``what`` names it in the error."""
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -dims <= a < dims:
+        raise InputError(what, f"spatial axes are -{dims}..{dims - 1} (negative = from the end), got {a!r}")
+    return int(a) % dims
+
+
+def _plane_axes(plane: Sequence[int], dims: int) -> tuple[int, ...]:
+    """The two different spatial axes of ``plane`` as indices in ``0..dims - 1``."""
+    pl = tuple(_spatial_axis(a, dims, "plane") for a in plane)
+    if len(pl) != 2 or pl[0] == pl[1]:
+        raise InputError("plane", f"expected two different spatial axes, got {plane}")
+    return pl
+
+
+def _at_size(q_img: np.ndarray, r_img: np.ndarray, size: int | Sequence[int] | None):
+    """Query and reference images as torch tensors, area-downsampled to ``size`` (int for every axis; None keeps
+    them as they are)."""
+    import torch
+    import torch.nn.functional as F
+
+    q_t, r_t = torch.from_numpy(q_img), torch.from_numpy(r_img)
+    if size is None:
+        return q_t, r_t
+    dims = q_img.ndim - 2
+    target = [int(size)] * dims if np.isscalar(size) else [int(s) for s in size]
+    if len(target) != dims or min(target) < 2:
+        raise InputError("size", f"expected {dims} sizes ≥ 2, got {size}")
+    return F.interpolate(q_t, size=target, mode="area"), F.interpolate(r_t, size=target, mode="area")
+
+
 def _warp_matrices(spatial: Sequence[int], plane: tuple[int, int], angles: Any, scales: Any, mirrors: Any):
     """``affine_grid`` matrices (output → input, normalised coordinates in x, y[, z] order) of W warps, each a mirror
     (``mirrors`` [W, dims] of ±1), then a rotation by ``angles`` [W] degrees and a zoom by ``scales`` [W] in ``plane``;
@@ -401,28 +432,15 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     if not angles or not scales or not np.isfinite(angles).all() or not all(np.isfinite(s) and s > 0 for s in scales):
         raise InputError("scales", f"need finite angles and positive zooms, got angles {angles}, scales {scales}")
 
-    def axis(a: int, what: str) -> int:
-        if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -dims <= a < dims:
-            raise InputError(what, f"spatial axes are -{dims}..{dims - 1} (negative = from the end), got {a!r}")
-        return int(a) % dims
-
-    pl = tuple(axis(a, "plane") for a in plane)
-    if len(pl) != 2 or pl[0] == pl[1]:
-        raise InputError("plane", f"expected two different spatial axes, got {plane}")
-    flips = sorted({axis(a, "flip_axes") for a in flip_axes})
+    pl = _plane_axes(plane, dims)
+    flips = sorted({_spatial_axis(a, dims, "flip_axes") for a in flip_axes})
     if isinstance(refine_rounds, bool) or not isinstance(refine_rounds, (int, np.integer)) or refine_rounds < 0:
         raise InputError("refine_rounds", f"expected a non-negative integer, got {refine_rounds!r}")
     shifts = [float(max_shift)] * dims if np.isscalar(max_shift) else [float(s) for s in max_shift]
     if len(shifts) != dims or any(not 0 <= s < 0.5 for s in shifts):
         raise InputError("max_shift", f"expected {dims} fraction(s) in [0, 0.5), got {max_shift}")
 
-    q_t, r_t = torch.from_numpy(q_img), torch.from_numpy(r_img)
-    if size is not None:
-        target = [int(size)] * dims if np.isscalar(size) else [int(s) for s in size]
-        if len(target) != dims or min(target) < 2:
-            raise InputError("size", f"expected {dims} sizes ≥ 2, got {size}")
-        q_t = F.interpolate(q_t, size=target, mode="area")
-        r_t = F.interpolate(r_t, size=target, mode="area")
+    q_t, r_t = _at_size(q_img, r_img, size)
     spatial = list(q_t.shape[2:])
     shares: tuple[float, ...] = (1.0,)
     if highpass is not None:
@@ -645,15 +663,8 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
             raise InputError(name, f"expected a positive number, got {value!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
         raise InputError("iterations", f"expected a non-negative integer, got {iterations!r}")
-    pl = tuple(int(a) % dims for a in plane)
-    if len(pl) != 2 or pl[0] == pl[1] or any(not -dims <= int(a) < dims for a in plane):
-        raise InputError("plane", f"expected two different spatial axes of {dims}, got {plane}")
-    q_t, r_t = torch.from_numpy(q_img), torch.from_numpy(r_img)
-    if size is not None:
-        target = [int(size)] * dims if np.isscalar(size) else [int(s) for s in size]
-        if len(target) != dims or min(target) < 2:
-            raise InputError("size", f"expected {dims} sizes ≥ 2, got {size}")
-        q_t, r_t = F.interpolate(q_t, size=target, mode="area"), F.interpolate(r_t, size=target, mode="area")
+    pl = _plane_axes(plane, dims)
+    q_t, r_t = _at_size(q_img, r_img, size)
     spatial = list(q_t.shape[2:])
     points = _control_points(spatial, float(spacing))
     # the smooth field as one matrix product: each control point's interpolation kernel over the image (bicubic in
@@ -667,12 +678,12 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     to_norm = torch.tensor([2.0 / s for s in reversed(spatial)], dtype=torch.float32, device=dev)
     # the references are high-passed once and then bent: for a field this smooth, bending and filtering commute
     # (up to the edges), so the fit needs no filtering per step
-    q_fit, q_eval = _highpass(q_t, float(fit_highpass), pl), _highpass(q_t, float(highpass), pl)
-    r_fit, r_eval = _highpass(r_t, float(fit_highpass), pl), _highpass(r_t, float(highpass), pl)
-    if (_standardize_images(q_eval)[1] <= 1e-12).any():
+    q_eval, q_norm = _standardize_images(_highpass(q_t, float(highpass), pl))
+    if (q_norm <= 1e-12).any():
         raise InputError("query_images", "an image has no detail finer than the high-pass blur: its correlation is "
-                                         "undefined", row=int(torch.argmin(_standardize_images(q_eval)[1])))
-    q_fit, q_eval = _standardize_images(q_fit)[0], _standardize_images(q_eval)[0]
+                                         "undefined", row=int(torch.argmin(q_norm)))
+    q_fit = _standardize_images(_highpass(q_t, float(fit_highpass), pl))[0]
+    r_fit, r_eval = _highpass(r_t, float(fit_highpass), pl), _highpass(r_t, float(highpass), pl)
     rows, cols = np.nonzero(cand >= 0)
     pixel = np.full(cand.shape, -np.inf)
     step = max(1, int(budget) // max(1, n_pix * q_t.shape[1] * 8))
@@ -684,9 +695,10 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
         return F.grid_sample(refs, identity + field, mode="bilinear", padding_mode="border", align_corners=False)
 
     for start in range(0, len(rows), step):
-        p_rows, p_cols = torch.from_numpy(rows[start:start + step]), torch.from_numpy(cols[start:start + step])
-        pair_ref = torch.from_numpy(cand[rows[start:start + step], cols[start:start + step]])
-        refs_fit, target_fit = r_fit[pair_ref].to(dev), q_fit[p_rows].to(dev)
+        p_rows, p_cols = rows[start:start + step], cols[start:start + step]
+        pair_ref = torch.from_numpy(cand[p_rows, p_cols])
+        q_sel = torch.from_numpy(p_rows)
+        refs_fit, target_fit = r_fit[pair_ref].to(dev), q_fit[q_sel].to(dev)
         params = torch.zeros(len(p_rows), dims, n_ctrl, device=dev, requires_grad=True)
         opt = torch.optim.Adam([params], lr=float(learning_rate))
         for _ in range(int(iterations)):
@@ -696,8 +708,8 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
             opt.step()
         with torch.no_grad():
             warped, norm = _standardize_images(warp(r_eval[pair_ref].to(dev), params))
-            value = (q_eval[p_rows].to(dev) * warped).flatten(1).sum(1).masked_fill(~(norm > 1e-6), float("-inf"))
-        pixel[rows[start:start + step], cols[start:start + step]] = value.double().cpu().numpy()
+            value = (q_eval[q_sel].to(dev) * warped).flatten(1).sum(1).masked_fill(~(norm > 1e-6), float("-inf"))
+        pixel[p_rows, p_cols] = value.double().cpu().numpy()
     pixel = np.where(cand >= 0, np.clip(pixel, -1.0, 1.0), -np.inf)
     best_k = np.argmax(pixel, axis=1)
     score = pixel[np.arange(n), best_k]

@@ -354,7 +354,7 @@ def test_deform_skips_missing_candidates_and_rejects_bad_input():
     assert np.isfinite(res.pixel[0, 0]) and np.isneginf(res.pixel[0, 1]) and res.index.tolist() == [1, -1]
     for kwargs, what in [({"spacing": 0.0}, "spacing"), ({"max_displacement": -1.0}, "max_displacement"),
                          ({"iterations": 1.5}, "iterations"), ({"highpass": True}, "highpass"),
-                         ({"plane": (-1, -1)}, "plane"), ({"size": [4]}, "size")]:
+                         ({"plane": (-1, -1)}, "plane"), ({"plane": ("x", -1)}, "plane"), ({"size": [4]}, "size")]:
         with pytest.raises(InputError, match=what):
             deform_and_correlate(ref, ref, np.array([[0], [1]]), **kwargs)
     with pytest.raises(InputError, match="candidates"):
