@@ -635,9 +635,10 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     from memscan.scoring import align_and_correlate, deform_and_correlate
 
     axes = dict(axes)
-    deform = axes.pop("deform", None)
-    deform_k = None if deform is None else deform.get("k")  # the first k candidates (by feature correlation) only
-    deform = None if deform is None else {key: v for key, v in deform.items() if key != "k"}
+    deform, deform_k = axes.pop("deform", None), None
+    if deform is not None:
+        deform = dict(deform)
+        deform_k = deform.pop("k", None)  # the first k candidates (by feature correlation) only
 
     def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,
                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1157,8 +1157,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         candidates = np.where(i >= 0, ref_rows[np.maximum(i, 0)], -1)
         score, index = refine(query, rows, reference, candidates, v)
         score, index = np.asarray(score, dtype=np.float64), np.asarray(index, dtype=np.int64)
-        if score.ndim == 1:
-            score, index = score[:, None], index[:, None] if index.ndim == 1 else index
+        if score.ndim == 1 and index.ndim == 1:  # one score per query: one column
+            score, index = score[:, None], index[:, None]
         if score.ndim != 2 or len(score) != len(rows) or index.shape != score.shape or \
                 (n_refined and score.shape[1] != n_refined):
             raise InputError("refine", f"must return two arrays of {len(rows)} values (or {len(rows)} rows of "
@@ -1170,6 +1170,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     parts = [np.arange(n_v)] if halves is None else list(halves)
     block_parts = []  # per feature set: (best per training row, best per validation row of half B) per part
     n_refined = 0  # score sets the refine gives (its columns); they replace the first feature set
+    plain_blocks = blocks[1:] if refine is not None else blocks  # the feature sets matched by correlation
     if refine is not None:  # refine re-scores the first feature set's candidates
         found_best, found_cols = [], []
         for k_part, rows in enumerate(parts):
@@ -1180,7 +1181,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
                               refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
         block_parts.extend(([fb[:, j] for fb in found_best], [None if fc is None else fc[:, j] for fc in found_cols])
                            for j in range(n_refined))
-    for b_train, b_val, _ in blocks[1 if refine is not None else 0:]:
+    for b_train, b_val, _ in plain_blocks:
         part_best, part_cols = [], []
         for k_part, rows in enumerate(parts):
             r_codes = None if v_codes is None else v_codes[rows]
@@ -1216,10 +1217,11 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
 
     found = []  # per score set: (train → synthetic best, index, synthetic → train best, index, synthetic → val best)
     if refine is not None:
-        (t_v, t_i), (s_v, s_i), v_v = refined("train", "synthetic"), refined("synthetic", "train"), \
-            refined("synthetic", "val")[0]
+        t_v, t_i = refined("train", "synthetic")
+        s_v, s_i = refined("synthetic", "train")
+        v_v = refined("synthetic", "val")[0]
         found.extend((t_v[:, j], t_i[:, j], s_v[:, j], s_i[:, j], v_v[:, j]) for j in range(n_refined))
-    for b_train, b_val, b_syn in blocks[1 if refine is not None else 0:]:
+    for b_train, b_val, b_syn in plain_blocks:
         # train ↔ synthetic: row and column maxima from the same tiles
         t_v, t_i, s_v, s_i = best_matches(b_train, b_syn, **search)
         # synthetic → validation (for the table's best validation correlation)
