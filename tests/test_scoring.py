@@ -138,6 +138,39 @@ def test_align_refines_rotation_and_zoom_between_grid_values(shape):
     assert (refined.pixel <= fine.pixel + 1e-5).all()
 
 
+def _texture(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Smooth random texture filling the whole field of view (no empty background), ``[1, *shape]``."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    coarse = torch.as_tensor(rng.normal(size=(1, 1, *[max(3, s // 3) for s in shape])), dtype=torch.float32)
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="bilinear" if len(shape) == 2 else "trilinear",
+                                           align_corners=False)[0].numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (6, 32, 32)])
+def test_align_rewarps_a_copy_zoomed_into_a_corner(shape):
+    """A crop of an image's corner, resized back to the full size, lines up at ~1 only when the best warp is applied
+    with its shift (``rewarp``): the circular search zooms about the centre and loses the strip it cuts off. An
+    unrelated image gains almost nothing, and re-warping never lowers a pair's score."""
+    from monai.transforms import Resize
+
+    from memscan.scoring import align_and_correlate
+
+    ref = np.stack([_texture(20, shape), _texture(21, shape)])
+    crop = ref[0][(slice(None),) + (slice(None),) * (len(shape) - 2) + (slice(0, 26), slice(0, 26))]
+    copy_ = np.asarray(Resize(spatial_size=shape, mode="bilinear")(crop), dtype=np.float32)  # a 1.23× zoom
+    queries = np.stack([copy_, _texture(22, shape)])
+    cand = np.array([[0, 1], [0, 1]])
+    kw = dict(flip_axes=(), highpass=1.0, refine_rounds=2)
+    circular = align_and_correlate(queries, ref, cand, rewarp=False, **kw)
+    direct = align_and_correlate(queries, ref, cand, **kw)
+    assert direct.pixel[0, 0] > 0.97
+    assert circular.pixel[0, 0] < direct.pixel[0, 0] - 0.05
+    assert (direct.pixel >= circular.pixel - 1e-6).all()
+    assert direct.pixel[1].max() < 0.5 and (direct.pixel[1] - circular.pixel[1]).max() < 0.05
+
+
 def test_align_fuses_feature_scores_and_skips_missing_candidates():
     from memscan.scoring import align_and_correlate
 
@@ -246,6 +279,7 @@ def test_align_rejects_bad_input():
         (dict(query_images=q, reference_images=ref, candidates=ok, max_shift=0.5), "fraction"),
         (dict(query_images=q, reference_images=ref, candidates=ok, refine_rounds=-1), "non-negative integer"),
         (dict(query_images=q, reference_images=ref, candidates=ok, refine_rounds=True), "non-negative integer"),
+        (dict(query_images=q, reference_images=ref, candidates=ok, rewarp="yes"), "True or False"),
         (dict(query_images=q, reference_images=ref, candidates=ok, scales=(0.0,)), "positive"),
         (dict(query_images=np.zeros_like(q), reference_images=ref, candidates=ok), "constant"),
         (dict(query_images=q, reference_images=ref, candidates=ok, highpass=0.0), "blur"),

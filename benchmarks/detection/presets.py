@@ -245,3 +245,9 @@ def _with_deform(**settings) -> dict:
 CANDIDATES["best_of_five_deform"] = _with_deform()
 for _k in (1, 5):
     CANDIDATES[f"best_of_five_deform6_k{_k}"] = _with_deform(spacing=6.0, iterations=100, learning_rate=0.15, k=_k)
+
+#: the round-14 default (best-of-aligned at its headroom) with the alignment's circular shifts only
+#: (``align_and_correlate(rewarp=False)``): the side-by-side baseline of round 15's re-warp, which correlates each
+#: pair once more at its best rotation, zoom and shift without wrapping (detection_candidates.md section 13)
+CANDIDATES["best_of_aligned_circular"] = copy.deepcopy(DEFAULT)
+CANDIDATES["best_of_aligned_circular"]["max_of"][3]["align"]["rewarp"] = False
