@@ -151,8 +151,9 @@ def _texture(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(32, 32), (6, 32, 32)])
 def test_align_rewarps_a_copy_zoomed_into_a_corner(shape):
     """A crop of an image's corner, resized back to the full size, lines up at ~1 only when the best warp is applied
-    with its shift (``rewarp``): the circular search zooms about the centre and loses the strip it cuts off. An
-    unrelated image gains almost nothing, and re-warping never lowers a pair's score."""
+    with its shift (``rewarp``): the circular search zooms about the centre and loses the strip it cuts off. A copy
+    rotated within its frame lines up once the reference is high-passed after its warp. An unrelated image gains
+    almost nothing, and re-warping never lowers a pair's score."""
     from monai.transforms import Resize
 
     from memscan.scoring import align_and_correlate
@@ -169,6 +170,10 @@ def test_align_rewarps_a_copy_zoomed_into_a_corner(shape):
     assert circular.pixel[0, 0] < direct.pixel[0, 0] - 0.05
     assert (direct.pixel >= circular.pixel - 1e-6).all()
     assert direct.pixel[1].max() < 0.5 and (direct.pixel[1] - circular.pixel[1]).max() < 0.05
+    # a copy rotated within its frame has the frame's edges in its high-pass: so does a reference warped before it
+    rotated = _affine(ref[0], 10.0, 1.0, (2.0, -1.0) if len(shape) == 2 else (0.0, 2.0, -1.0))[None]
+    assert align_and_correlate(rotated, ref, cand[:1, :1], **kw).pixel[0, 0] > 0.98
+    assert align_and_correlate(rotated, ref, cand[:1, :1], rewarp=False, **kw).pixel[0, 0] < 0.95
 
 
 def test_align_fuses_feature_scores_and_skips_missing_candidates():
