@@ -287,8 +287,11 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     assert align["highpass"] == [axes["highpass"], axes["highpass_weight"]] == [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]
     assert align["refine_rounds"] == axes["refine_rounds"] == ALIGN_REFINE_ROUNDS > 0
     coarse = {**presets.PIXEL, "pixel": [[4, 1.0]]}
-    recipe = {"max_of": [presets.PIXEL, coarse, {**coarse, "align": dict(align)}], "normalize": "ceiling"}
-    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(10, 40 + i) for i in range(3)}}
+    # every validation image a candidate: match() calibrates on the top k of each half of the validation set (its
+    # null split), the benchmark on the top k of the whole, so only an exhaustive k searches the same pairs in both
+    k_all = 10
+    recipe = {"max_of": [presets.PIXEL, coarse, {**coarse, "align": {**align, "k": k_all}}], "normalize": "ceiling"}
+    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(k_all, 40 + i) for i in range(3)}}
     families = ["exact", "shift_rotate"]
     scores = evaluate.score_case(case, {"boa": recipe}, 1, families, log=lambda *_: None)
     tr, va, _ = evaluate.permutations(sorted(case["groups"]), 1)[0]
@@ -306,7 +309,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}
     crs = {k: standardize_rows(pixel_features(x, [4, 4])) for k, x in images.items()}
     ref = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
-                refine_k=align["k"], best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)])
+                refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)])
     got = scores[(scores.family == fam) & (scores.strength == strength) & (scores.label == 1)]
     assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)
     np.testing.assert_allclose(got["score"], ref.best_train_for_synthetic, atol=1e-6)
