@@ -387,10 +387,12 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             again (the grid's 7.7% zoom steps leave up to 3.8%, most of a pixel at the edge of a 64² image). The
             rounds stay within the grid's range, so two rounds search a subset of a grid four times finer per axis;
             each round costs 8 warps per pair against the grid's one set of warps per reference.
-        rewarp: warp each pair's reference once more by its best rotation, zoom and shift together (sub-pixel, not
-            circular) and keep the larger of that direct correlation and the search's: the search's shifts are
-            circular, so a copy zoomed into an image's corner lost the strip the zoom about the centre cut off
-            (strong crops of the detection benchmark: 0.82 instead of 0.99). One more warp per pair.
+        rewarp: warp each pair's plain reference once more by its best rotation, zoom and shift together
+            (sub-pixel, not circular), high-pass it after that warp as the query was, and keep the larger of that
+            direct correlation and the search's. The search's shifts are circular, so a copy zoomed into an image's
+            corner lost the strip the zoom about the centre cut off (strong crops of the detection benchmark: 0.82
+            instead of 0.99), and a copy rotated within its frame has the frame's edges in its high-pass, which a
+            reference high-passed before its warp lacks. One more warp per pair.
         highpass: σ in pixels (at ``size``) of a Gaussian blur in ``plane`` subtracted from every image before the
             search, or None: only detail finer than the outline all subjects share is then correlated, so a new
             patient's image no longer lines up with a training image by its head or chest silhouette.
@@ -599,7 +601,8 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
             at = at.cpu()
             best, angle, log_zoom, shift = refine(best, at, pick(peak_shift, at), refs[inv], q_sel)
             if rewarp:
-                direct = rewarped(r_plain[torch.from_numpy(used)].to(dev)[inv], q_std[torch.from_numpy(p_rows)].to(dev), angle, log_zoom,
+                plain_refs = r_plain[torch.from_numpy(used)].to(dev)[inv]
+                direct = rewarped(plain_refs, q_std[torch.from_numpy(p_rows)].to(dev), angle, log_zoom,
                                   grid_mirror[at], shift)
                 best = torch.maximum(best, direct)
             pixel[p_rows, p_cols] = best.double().cpu().numpy()
