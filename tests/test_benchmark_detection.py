@@ -132,6 +132,24 @@ def test_score_case_raises_a_recipes_tau_by_its_headroom():
                                at.loc[at["detector"] == "plain", "tau"].to_numpy())
 
 
+def test_calibrate_lowres_takes_the_null_over_blurred_validation_images_too():
+    """A plain part with ``calibrate_lowres`` keeps its scores; its null is each training image's best over the
+    validation images as they are and at each lower resolution, so τ can only rise."""
+    # one shared outline under each image's own fine noise: blurring a validation image removes its noise, which
+    # correlated with nothing, and raises its correlation with every training image
+    rng = np.random.default_rng(0)
+    shared = _blobs(1, 50)
+    case = {"spatial_dims": 2, "groups": {f"s{i}": (shared + 0.5 * rng.random((6, 1, 16, 16))).astype(np.float32)
+                                          for i in range(3)}}
+    recipes = {"plain": presets.PIXEL, "lowres": {**presets.PIXEL, "calibrate_lowres": [0.5, 0.25]}}
+    scores = evaluate.score_case(case, recipes, 1, ["exact", "detail_loss"], log=lambda *_: None)
+    plain, low = (scores[scores["detector"] == d].reset_index(drop=True) for d in recipes)
+    assert np.array_equal(plain["score"], low["score"])
+    assert (low["tau"] >= plain["tau"] - 1e-12).all() and (low["tau"] > plain["tau"] + 1e-6).any()
+    blurred = evaluate.lowres(case["groups"]["s0"], 0.25)
+    assert blurred.shape == case["groups"]["s0"].shape and not np.allclose(blurred, case["groups"]["s0"])
+
+
 def test_permutations_rotate_subjects():
     perms = evaluate.permutations(["a", "b", "c"], 6)
     assert len(set(perms)) == 6

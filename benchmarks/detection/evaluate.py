@@ -15,6 +15,7 @@ from collections.abc import Callable
 import time
 
 import numpy as np
+import torch
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
@@ -167,7 +168,21 @@ def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: di
 
     if recipe.get("calibration", "train_to_val") == "val_to_train":  # the null of a novel image
         return best(groups[va]), best
-    return topk_correlation(f_train, feats(groups[va]), 1, device="cpu")[0][:, 0], best
+    null = topk_correlation(f_train, feats(groups[va]), 1, device="cpu")[0][:, 0]
+    for zoom in recipe.get("calibrate_lowres", []):  # the null over the validation images at a lower resolution too
+        null = np.maximum(null, topk_correlation(f_train, feats(lowres(groups[va], zoom)), 1, device="cpu")[0][:, 0])
+    return null, best
+
+
+def lowres(images: np.ndarray, zoom: float) -> np.ndarray:
+    """``images`` down-sampled to ``zoom`` of their size and back (MONAI's ``RandSimulateLowResolution`` at one zoom,
+    the ``lowres`` view of memscan's training presets)."""
+    from monai.transforms import RandSimulateLowResolution
+
+    dims = images.ndim - 2
+    t = RandSimulateLowResolution(prob=1.0, zoom_range=(zoom, zoom),
+                                  upsample_mode="bilinear" if dims == 2 else "trilinear")
+    return np.stack([np.asarray(t(torch.from_numpy(np.ascontiguousarray(x))), dtype=np.float32) for x in images])
 
 
 def scoring_recipe(recipe: dict) -> dict:
