@@ -15,8 +15,8 @@ from collections.abc import Callable
 import time
 
 import numpy as np
-import torch
 import pandas as pd
+import torch
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import percentile, scale_to_null, topk_correlation, with_headroom
@@ -133,8 +133,9 @@ def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: di
     """One detector on one permutation: its null and ``best(images)``, each image's best training score.
 
     The null is every training image's best validation score (Dar et al.), or every validation image's best
-    training score with ``calibration="val_to_train"``; with ``align`` both come from the aligned search. The
-    fitted detector is cached in ``fitted`` under ``key + (tr,)``.
+    training score with ``calibration="val_to_train"``; with ``calibrate_lowres`` (zooms) each training image's best
+    over the validation images as they are and at each lower resolution (:func:`lowres`); with ``align`` both come
+    from the aligned search. The fitted detector is cached in ``fitted`` under ``key + (tr,)``.
     """
     if key + (tr,) not in fitted:
         t0 = time.time()

@@ -252,13 +252,18 @@ for _k in (1, 5):
 CANDIDATES["best_of_aligned_circular"] = copy.deepcopy(DEFAULT)
 CANDIDATES["best_of_aligned_circular"]["max_of"][3]["align"]["rewarp"] = False
 
-#: lever (round 15, measured, see detection_candidates.md section 13): the default whose plain parts (pixels at both
-#: sizes, the fused score) also calibrate on the validation images at half and a quarter of their resolution, so a
-#: new patient's blurred image, whose plain Pearson the blur raises, no longer clears a null of sharp images
-CANDIDATES["best_of_aligned_lowres_null"] = copy.deepcopy(DEFAULT)
-for _part in CANDIDATES["best_of_aligned_lowres_null"]["max_of"][:3]:
-    _part["calibrate_lowres"] = [0.5, 0.25]
-#: the same for the two pixel parts only (the fused score, which carries most elastic copies, keeps its null)
-CANDIDATES["best_of_aligned_lowres_null_px"] = copy.deepcopy(DEFAULT)
-for _part in CANDIDATES["best_of_aligned_lowres_null_px"]["max_of"][:2]:
-    _part["calibrate_lowres"] = [0.5, 0.25]
+def _with_lowres_null(n_parts: int) -> dict:
+    """The default recipe whose first ``n_parts`` parts (plain correlations) calibrate on the validation images at
+    half and a quarter of their resolution too (``calibrate_lowres``)."""
+    recipe = copy.deepcopy(DEFAULT)
+    for part in recipe["max_of"][:n_parts]:
+        part["calibrate_lowres"] = [0.5, 0.25]
+    return recipe
+
+
+#: lever (round 15, measured, see detection_candidates.md section 13): a new patient's blurred image gains plain
+#: Pearson with every training image, so it cleared a null of sharp images; the plain parts' null then takes the
+#: blurred validation images too: all three plain parts (pixels at both sizes, the fused score), or the two pixel
+#: parts only (the fused score carries most elastic copies)
+CANDIDATES["best_of_aligned_lowres_null"] = _with_lowres_null(3)
+CANDIDATES["best_of_aligned_lowres_null_px"] = _with_lowres_null(2)
