@@ -342,6 +342,22 @@ def _subpixel_gain(corr, pos, spatial: Sequence[int]):
     return gain, offsets
 
 
+def _correlate_warped(q_std, warped, shares: Sequence[float] = (1.0,)):
+    """Pearson correlation of each standardised query ``q_std`` [P, C, *spatial] with its warped reference
+    [P, C, *spatial] → [P]; ``-inf`` where the warp left no contrast (the correlation is undefined)."""
+    w_std, w_norm = _standardize_images(warped, shares)
+    return (q_std * w_std).flatten(1).sum(1).masked_fill(~(w_norm > 1e-6), float("-inf"))
+
+
+def _best_candidates(cand: np.ndarray, pixel: np.ndarray, fused: np.ndarray) -> AlignedMatch:
+    """Each query's best candidate by ``fused`` (``-inf`` for missing candidates) as an :class:`AlignedMatch`."""
+    rows = np.arange(len(cand))
+    best_k = np.argmax(fused, axis=1)
+    score = fused[rows, best_k]
+    index = np.where(np.isfinite(score), cand[rows, best_k], -1)
+    return AlignedMatch(score=score, index=index, candidates=cand, pixel=pixel, fused=fused)
+
+
 def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, candidates: np.ndarray, *,
                         feature_scores: np.ndarray | None = None, weights: Mapping[str, float] | None = None,
                         angles: Sequence[float] = ALIGN_ANGLES, scales: Sequence[float] = ALIGN_SCALES,
@@ -559,9 +575,7 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
         th[:, :, dims] = -(th[:, :, :dims] @ moved[..., None])[..., 0]
         warped = F.grid_sample(refs, F.affine_grid(th, list(refs.shape), align_corners=False), mode="bilinear",
                                padding_mode="zeros", align_corners=False)
-        w_std, w_norm = _standardize_images(compared(warped), shares)
-        value = (q_sel * w_std).flatten(1).sum(1)
-        return value.masked_fill(~(w_norm > 1e-6), float("-inf"))
+        return _correlate_warped(q_sel, compared(warped), shares)
 
     pixel = np.full((n, k), -np.inf)
     # pairs sorted by reference, so each step warps and transforms a reference once for all its queries there
@@ -612,10 +626,7 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
     else:
         fused = (w["pixel"] * pixel + w["features"] * fs) / (w["pixel"] + w["features"])
     fused[cand < 0] = -np.inf
-    best_k = np.argmax(fused, axis=1)
-    score = fused[np.arange(n), best_k]
-    index = np.where(np.isfinite(score), cand[np.arange(n), best_k], -1)
-    return AlignedMatch(score=score, index=index, candidates=cand, pixel=pixel, fused=fused)
+    return _best_candidates(cand, pixel, fused)
 
 
 def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query_features: np.ndarray,
@@ -710,7 +721,7 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     if budget is None:
         budget = 1 << (26 if dev.type == "cuda" else 22)
     q_img, r_img, cand = _check_pairs(query_images, reference_images, candidates)
-    n, dims = len(q_img), q_img.ndim - 2
+    dims = q_img.ndim - 2
     for name, value in (("spacing", spacing), ("max_displacement", max_displacement),
                         ("learning_rate", learning_rate), ("fit_highpass", fit_highpass), ("highpass", highpass)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
@@ -761,11 +772,7 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
             loss.backward()
             opt.step()
         with torch.no_grad():
-            warped, norm = _standardize_images(warp(r_eval[pair_ref].to(dev), params))
-            value = (q_eval[q_sel].to(dev) * warped).flatten(1).sum(1).masked_fill(~(norm > 1e-6), float("-inf"))
+            value = _correlate_warped(q_eval[q_sel].to(dev), warp(r_eval[pair_ref].to(dev), params))
         pixel[p_rows, p_cols] = value.double().cpu().numpy()
     pixel = np.where(cand >= 0, np.clip(pixel, -1.0, 1.0), -np.inf)
-    best_k = np.argmax(pixel, axis=1)
-    score = pixel[np.arange(n), best_k]
-    index = np.where(np.isfinite(score), cand[np.arange(n), best_k], -1)
-    return AlignedMatch(score=score, index=index, candidates=cand, pixel=pixel, fused=pixel.copy())
+    return _best_candidates(cand, pixel, pixel.copy())
