@@ -72,6 +72,7 @@ __all__ = [
     "ALIGN_HIGHPASS",
     "ALIGN_HIGHPASS_WEIGHT",
     "ALIGN_REFINE_ROUNDS",
+    "ALIGN_DEFORM",
     "score_features",
     "alignment_size",
 ]
@@ -444,7 +445,8 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
 #: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment) or
 #: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null) or
 #: ``"best-of-aligned"`` (the best of four, each scaled by its own null: pixel Pearson at two sizes, the fused score,
-#: and the aligned high-passed pixel correlation of the fused features' top candidates).
+#: and the aligned high-passed pixel correlation of the fused features' top candidates; in 2D a fifth, the same
+#: candidates bent onto the query by a smooth field, :data:`ALIGN_DEFORM`).
 SCORES = ("embedding", "fused", "aligned", "best-of", "best-of-aligned")
 #: The score modes whose values are Pearson correlations (the aligned and best-of scores are not).
 CORRELATION_SCORES = ("embedding", "fused")
@@ -463,6 +465,18 @@ ALIGN_HIGHPASS_WEIGHT = 1.0
 #: (``align_and_correlate(refine_rounds=...)``): 2 lifted zoomed copies' recall at the default headroom from 0.82 to
 #: 0.93 (MRI 2D) and 0.78 to 0.92 (CT) at the same false alarms (docs/benchmarks/detection_candidates.md section 11).
 ALIGN_REFINE_ROUNDS = 2
+#: ``score="best-of-aligned"``: settings of its non-rigid fit (:func:`memscan.scoring.deform_and_correlate`, at
+#: :func:`alignment_size`) per spatial dimensionality, or None for none. The fused features' first ``k`` candidates
+#: are bent onto each query by a smooth field (control points 6 px apart, each ≤ 3 px), fitted coarse-to-fine on
+#: σ 4 then 2 px high-passed pixels and scored on σ 1 px detail: a fifth score set on its own null, for copies a
+#: generator reproduced locally stretched. 2D: elastic recall at the default headroom 0.87 → 0.96 (MRI) at the same
+#: false alarms (docs/benchmarks/detection_candidates.md section 14). 3D: none; the benchmark's 3D warp moves voxels
+#: through the slices too, and the fit lifted too few of its copies above its own raised null to pay for its time.
+ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
+    2: {"spacing": 6.0, "max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60,
+        "learning_rate": 0.15, "highpass": 1.0, "k": 5},
+    3: None,
+}
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
 #: The audit's score when none is given: the detection benchmark's best on every case and seed, and, with its
@@ -610,15 +624,17 @@ def _alignment(cfg: Any) -> dict[str, Any]:
     return {"flip_axes": (int(cfg.flip_axis) - dims,), "plane": plane}
 
 
-def _score_align_axes(score: str, axes: Mapping[str, Any]) -> dict[str, Any]:
-    """``align_and_correlate`` arguments of a score's alignment: ``axes`` (:func:`_alignment`) as they are for
+def _score_align_axes(score: str, axes: Mapping[str, Any], spatial_dims: int = 2) -> dict[str, Any]:
+    """:func:`_aligned_refine` arguments of a score's alignment: ``axes`` (:func:`_alignment`) as they are for
     ``"aligned"``; for ``"best-of-aligned"`` the aligned pixels alone (the fused features are one of its other sets),
     high-passed (:data:`ALIGN_HIGHPASS`, :data:`ALIGN_HIGHPASS_WEIGHT`), with :data:`ALIGN_REFINE_ROUNDS` rounds of
-    coarse-to-fine rotation and zoom."""
+    coarse-to-fine rotation and zoom, and the non-rigid fit of :data:`ALIGN_DEFORM` for ``spatial_dims``."""
     if score != "best-of-aligned":
         return dict(axes)
+    deform = ALIGN_DEFORM[int(spatial_dims)]
     return {**axes, "weights": {"pixel": 1.0, "features": 0.0}, "highpass": ALIGN_HIGHPASS,
-            "highpass_weight": ALIGN_HIGHPASS_WEIGHT, "refine_rounds": ALIGN_REFINE_ROUNDS}
+            "highpass_weight": ALIGN_HIGHPASS_WEIGHT, "refine_rounds": ALIGN_REFINE_ROUNDS,
+            **({"deform": dict(deform)} if deform else {})}
 
 
 def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
@@ -630,8 +646,8 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     (train → validation: τ and the null split), so an audit of several sets aligns its calibration pairs once.
     With a ``deform`` entry in ``axes`` (:func:`memscan.scoring.deform_and_correlate` settings, and ``k``: only the
     first k candidates) the same candidates are also bent onto their query, and the refine returns both scores per
-    query (``[n, 2]``: two score sets of :func:`memscan.metrics.match`). No audit score uses it yet; the detection
-    benchmark measures it (docs/benchmarks/detection_candidates.md section 12)."""
+    query (``[n, 2]``: two score sets of :func:`memscan.metrics.match`): ``"best-of-aligned"`` in 2D
+    (:data:`ALIGN_DEFORM`)."""
     from memscan.scoring import align_and_correlate, deform_and_correlate
 
     axes = dict(axes)
@@ -799,7 +815,8 @@ _SCORE_TEXT = {
                        "same at a quarter of that size per axis, and the "
                        "correlation of the fine detail (each image minus its blur) after aligning each of the fused "
                        "features' 5 nearest candidates to the image (mirror, rotation ±12°, zoom 0.8–1.25, "
-                       "translation up to 15%). 0 is a score's "
+                       "translation up to 15%); in 2D a fifth, the fine detail after bending each of those candidates "
+                       "onto the image by a smooth displacement of at most 3 pixels. 0 is a score's "
                        "threshold and 1 an exact copy. Every score below, τ included, is on that scale, not a "
                        "correlation.",
 }
@@ -994,7 +1011,8 @@ def audit(
             scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` and at
             a quarter of it (:func:`best_of_pixel_sizes`, ``embeddings/<set>_pixels_16x16.npy`` and the like), and
             the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
-            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`); the default, :data:`DEFAULT_SCORE`:
+            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`), and in 2D a fifth, the same candidates
+            bent onto their query by a smooth field (:data:`ALIGN_DEFORM`); the default, :data:`DEFAULT_SCORE`:
             the best AUROC of the detection benchmark, and with its default headroom more copies caught and fewer
             false alarms on new patients than the fused score; docs/benchmarks/detection_candidates.md); τ and
             everything downstream are computed on the chosen score. ``score="embedding", headroom=0`` is the paper's
@@ -1160,7 +1178,8 @@ def audit(
     set_audits: dict[str, SetAudit] = {}
     controls_block: dict[str, Any] = {"n": n_controls}
     axes = _alignment(preprocess_cfg)
-    align_axes = {**_score_align_axes(score, axes), "device": device}  # the search runs where the match does
+    # the search runs where the match does
+    align_axes = {**_score_align_axes(score, axes, int(preprocess_cfg.spatial_dims)), "device": device}
     calibration_memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # train → validation, the same for every set
     features = {**embeddings, "controls": control_emb}
 

@@ -675,7 +675,8 @@ def _control_points(spatial: Sequence[int], spacing: float) -> list[int]:
 
 def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, candidates: np.ndarray, *,
                          spacing: float = 12.0, max_displacement: float = 3.0, iterations: int = 60,
-                         learning_rate: float = 0.3, fit_highpass: float = 2.0, highpass: float = 1.0,
+                         learning_rate: float = 0.3, fit_highpass: float | Sequence[float] = 2.0,
+                         highpass: float = 1.0,
                          plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
                          device: Any = "auto", budget: int | None = None) -> AlignedMatch:
     """Verify retrieval candidates by bending each one onto its query with a smooth, small displacement field.
@@ -685,7 +686,8 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     (query, candidate) pair a displacement per control point (about ``spacing`` pixels apart on every spatial axis,
     interpolated smoothly between them, each bounded by ``max_displacement`` pixels) is fitted by ``iterations``
     Adam steps to maximise the Pearson correlation of the query and the warped candidate, both high-passed
-    (``fit_highpass``: σ of the blur subtracted, pixels); the pair's score is then the correlation of the finer
+    (``fit_highpass``: σ of the blur subtracted, pixels; several σ, coarse first, fit coarse-to-fine, ``iterations``
+    steps each, the field carried from one to the next); the pair's score is then the correlation of the finer
     detail (``highpass``) at that field. The field is too coarse and too small to turn one patient's anatomy into
     another's, so other patients' images gain less than copies do. Apply the same function to the calibration pairs
     (as for :func:`align_and_correlate`) so that τ is the null of the same fit. 2D and 3D share one path.
@@ -696,9 +698,11 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
         candidates: ``[N, K]`` reference indices per query (``-1`` = no candidate).
         spacing: distance in pixels (at ``size``) between control points of the displacement field.
         max_displacement: largest displacement of a control point in pixels, per axis (bounded by a tanh).
-        iterations: Adam steps of the fit.
+        iterations: Adam steps of the fit (per ``fit_highpass`` stage).
         learning_rate: Adam's step size on the unbounded parameters.
-        fit_highpass: σ in pixels of the blur subtracted before the fit, in ``plane`` (smoother to climb).
+        fit_highpass: σ in pixels of the blur subtracted before the fit, in ``plane`` (smoother to climb); a
+            sequence fits coarse-to-fine, one stage per σ in its order (a broad σ first widens the basin of the
+            true field, which a displacement of a few pixels otherwise leaves on fine detail).
         highpass: σ in pixels of the blur subtracted before the pair's score, in ``plane``.
         plane: the two spatial axes (negative = from the end) of the high-pass filters.
         size: spatial size of the comparison (int for every axis) or None for the input size.
@@ -722,8 +726,12 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
         budget = 1 << (26 if dev.type == "cuda" else 22)
     q_img, r_img, cand = _check_pairs(query_images, reference_images, candidates)
     dims = q_img.ndim - 2
+    stages = list(fit_highpass) if isinstance(fit_highpass, (list, tuple)) else [fit_highpass]
+    if not stages:
+        raise InputError("fit_highpass", "expected a positive number or a non-empty list of them, got []")
     for name, value in (("spacing", spacing), ("max_displacement", max_displacement),
-                        ("learning_rate", learning_rate), ("fit_highpass", fit_highpass), ("highpass", highpass)):
+                        ("learning_rate", learning_rate), *(("fit_highpass", v) for v in stages),
+                        ("highpass", highpass)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
             raise InputError(name, f"expected a positive number, got {value!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
@@ -747,8 +755,9 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     if (q_norm <= 1e-12).any():
         raise InputError("query_images", "an image has no detail finer than the high-pass blur: its correlation is "
                                          "undefined", row=int(torch.argmin(q_norm)))
-    q_fit = _standardize_images(_highpass(q_t, float(fit_highpass), pl))[0]
-    r_fit, r_eval = _highpass(r_t, float(fit_highpass), pl), _highpass(r_t, float(highpass), pl)
+    fits = [(_standardize_images(_highpass(q_t, float(sigma), pl))[0], _highpass(r_t, float(sigma), pl))
+            for sigma in stages]
+    r_eval = _highpass(r_t, float(highpass), pl)
     rows, cols = np.nonzero(cand >= 0)
     pixel = np.full(cand.shape, -np.inf)
     step = max(1, int(budget) // max(1, n_pix * q_t.shape[1] * 8))
@@ -763,14 +772,15 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
         p_rows, p_cols = rows[start:start + step], cols[start:start + step]
         pair_ref = torch.from_numpy(cand[p_rows, p_cols])
         q_sel = torch.from_numpy(p_rows)
-        refs_fit, target_fit = r_fit[pair_ref].to(dev), q_fit[q_sel].to(dev)
         params = torch.zeros(len(p_rows), dims, n_ctrl, device=dev, requires_grad=True)
-        opt = torch.optim.Adam([params], lr=float(learning_rate))
-        for _ in range(int(iterations)):
-            loss = -(target_fit * _standardize_images(warp(refs_fit, params))[0]).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        for q_fit, r_fit in fits:
+            refs_fit, target_fit = r_fit[pair_ref].to(dev), q_fit[q_sel].to(dev)
+            opt = torch.optim.Adam([params], lr=float(learning_rate))
+            for _ in range(int(iterations)):
+                loss = -(target_fit * _standardize_images(warp(refs_fit, params))[0]).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
         with torch.no_grad():
             value = _correlate_warped(q_eval[q_sel].to(dev), warp(r_eval[pair_ref].to(dev), params))
         pixel[p_rows, p_cols] = value.double().cpu().numpy()

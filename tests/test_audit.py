@@ -532,7 +532,8 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
                    image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", headroom=0.0, **FAST)
     block = result.sets["syn"].block
     taus = block["feature_set_thresholds"]
-    assert len(taus) == 4 and block["refined"] is True  # aligned (refined fused), pixels, quarter pixels, fused
+    # aligned (refined fused), bent (the non-rigid fit of the same candidates, 2D), pixels, quarter pixels, fused
+    assert len(taus) == 5 and block["refined"] is True
     table = result.sets["syn"].synthetic_table
     table = table.set_index(table["path"].map(lambda p: Path(p).name))
     for name, source in (("moved.png", train_files[7]), ("blend.png", train_files[9])):
@@ -542,9 +543,9 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     quarter = {k: np.load(out / "embeddings" / f"{k}_pixels_{SIZE // 4}x{SIZE // 4}.npy") for k in ("train", "syn")}
     assert pix["train"].shape == (16, SIZE * SIZE) and quarter["train"].shape == (16, (SIZE // 4) ** 2)
     plain, _ = best_of_correlation([pix["syn"], quarter["syn"], emb["syn"]], [pix["train"], quarter["train"],
-                                   emb["train"]], taus[1:], device="cpu")
+                                   emb["train"]], taus[2:], device="cpu")
     scores = result.sets["syn"].synthetic_table["best_train_correlation"].to_numpy()
-    assert (scores >= plain - 1e-6).all()  # the aligned set only adds to the plain sets' best
+    assert (scores >= plain - 1e-6).all()  # the aligned and bent sets only add to the plain sets' best
     moved_row = int(np.flatnonzero(table.index == "moved.png")[0])
     assert scores[moved_row] > plain[moved_row] + 1e-3
     assert block["controls"]["n_caught"] == 2

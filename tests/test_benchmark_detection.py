@@ -168,8 +168,8 @@ def test_default_detector_is_memscans_default():
     and that score's default headroom."""
     import inspect
 
-    from memscan.audit import (DEFAULT_SCORE, FUSED_WEIGHTS, alignment_size, audit, best_of_pixel_size,
-                               best_of_pixel_sizes, default_headroom)
+    from memscan.audit import (ALIGN_DEFORM, DEFAULT_SCORE, FUSED_WEIGHTS, _score_align_axes, alignment_size, audit,
+                               best_of_pixel_size, best_of_pixel_sizes, default_headroom)
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
@@ -200,11 +200,18 @@ def test_default_detector_is_memscans_default():
     assert best_of_pixel_sizes([12, 32, 32], "best-of-aligned") == [[12, 32, 32], [3, 8, 8]]
     assert best_of_pixel_sizes([512, 512], "best-of-aligned") == [[64, 64], [16, 16]]
     assert best_of_pixel_sizes([64, 64], "best-of") == [[64, 64]] and not best_of_pixel_sizes([64, 64], "fused")
-    # round 12's score is today's without the coarse-to-fine rounds of its alignment
-    grid = copy.deepcopy(presets.MEMSCAN_SCORES["best-of-aligned"])
+    # its fifth part bends the same candidates onto the query with the audit's own settings in 2D, none in 3D
+    assert boa[4] == {**fused, "deform": "memscan"}
+    assert presets.recipe_for(presets.DEFAULT, 2)["max_of"][4]["deform"] == ALIGN_DEFORM[2]
+    assert ALIGN_DEFORM[3] is None and len(presets.recipe_for(presets.DEFAULT, 3)["max_of"]) == 4
+    assert _score_align_axes("best-of-aligned", {}, 2)["deform"] == ALIGN_DEFORM[2]
+    assert "deform" not in _score_align_axes("best-of-aligned", {}, 3)
+    # round 13's score is today's without that part; round 12's without the coarse-to-fine rounds of its alignment
+    assert presets.CANDIDATES["best_of_aligned_refined"]["max_of"] == boa[:4]
+    assert presets.CANDIDATES["best_of_aligned_rigid"] == {**presets.DEFAULT, "max_of": boa[:4]}
+    grid = copy.deepcopy(presets.CANDIDATES["best_of_aligned_refined"])
     assert grid["max_of"][3]["align"].pop("refine_rounds") > 0
     assert presets.CANDIDATES["best_of_four_hp_f1_px4"] == grid
-    assert presets.CANDIDATES["best_of_aligned_refined"] == presets.MEMSCAN_SCORES["best-of-aligned"]
     assert alignment_size([64, 64], "best-of-aligned") == [64, 64]
     assert alignment_size([12, 32, 32], "best-of-aligned") == [12, 32, 32]
 
@@ -287,12 +294,14 @@ def test_max_of_recipe_is_memscans_best_of_score():
     np.testing.assert_allclose(exact["score"], 1.0, atol=1e-5)
 
 
-def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
+@pytest.mark.parametrize("bend", [False, True])
+def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     """``presets.MEMSCAN_SCORES["best-of-aligned"]``'s structure (pixels, retrieval features, their candidates
-    re-scored by aligned pixels alone) scores and calibrates τ as ``memscan.metrics.match(refine=..., best_of=...)``
-    does (``memscan audit --score best-of-aligned``), here with coarse pixels as the retrieval features."""
+    re-scored by aligned pixels alone, and in 2D the same candidates bent onto their query) scores and calibrates τ
+    as ``memscan.metrics.match(refine=..., best_of=...)`` does (``memscan audit --score best-of-aligned``), here with
+    coarse pixels as the retrieval features."""
     from memscan.metrics import match
-    from memscan.scoring import align_and_correlate, pixel_features, standardize_rows
+    from memscan.scoring import align_and_correlate, deform_and_correlate, pixel_features, standardize_rows
 
     product = presets.MEMSCAN_SCORES["best-of-aligned"]
     assert product["max_of"][0] == presets.PIXEL and product["max_of"][2] == presets.MEMSCAN_SCORES["fused"]
@@ -302,6 +311,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
                                alignment_size)
 
     axes = _score_align_axes("best-of-aligned", {"flip_axes": ()})  # the audit's own alignment arguments
+    axes.pop("deform")  # the rigid alignment alone here (its non-rigid fit: test_deform_part_is_the_audits_refine)
     assert align["highpass"] == [axes["highpass"], axes["highpass_weight"]] == [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]
     assert align["refine_rounds"] == axes["refine_rounds"] == ALIGN_REFINE_ROUNDS > 0
     coarse = {**presets.PIXEL, "pixel": [[4, 1.0]]}
@@ -309,6 +319,9 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     # null split), the benchmark on the top k of the whole, so only an exhaustive k searches the same pairs in both
     k_all = 10
     recipe = {"max_of": [presets.PIXEL, coarse, {**coarse, "align": {**align, "k": k_all}}], "normalize": "ceiling"}
+    bent = {"spacing": 8.0, "iterations": 3, "fit_highpass": [4.0, 2.0]}  # few steps: the same pairs, not a fit
+    if bend:
+        recipe["max_of"].append({**coarse, "deform": {**bent, "k": k_all}})
     case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(k_all, 40 + i) for i in range(3)}}
     families = ["exact", "shift_rotate"]
     scores = evaluate.score_case(case, {"boa": recipe}, 1, families, log=lambda *_: None)
@@ -322,7 +335,10 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of():
     def refine(q, rows, ref, candidates, values):
         found = align_and_correlate(images[q][rows], images[ref], candidates, feature_scores=values,
                                     size=size, **axes)
-        return found.score, found.index
+        if not bend:
+            return found.score, found.index
+        other = deform_and_correlate(images[q][rows], images[ref], candidates, device="cpu", **bent)
+        return np.stack([found.score, other.score], axis=1), np.stack([found.index, other.index], axis=1)
 
     pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}
     crs = {k: standardize_rows(pixel_features(x, [4, 4])) for k, x in images.items()}

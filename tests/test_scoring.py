@@ -383,6 +383,10 @@ def test_deform_recovers_an_elastically_warped_copy(shape):
     assert found.index.tolist()[:2] == [0, 1]
     assert found.score[2] < found.pixel[0, 0] - 0.2 and found.pixel[0, 1] < found.pixel[0, 0] - 0.2
     np.testing.assert_array_equal(found.fused, found.pixel)
+    # coarse-to-fine (a broad high-pass first, then the fit's own): the same copies, the same ranking
+    staged = deform_and_correlate(queries, ref, cand, spacing=6.0, fit_highpass=[4.0, 2.0], learning_rate=0.15)
+    assert staged.pixel[0, 0] > max(0.85, before[0, 0] + 0.1) and staged.pixel[1, 0] > max(0.85, before[1, 1] + 0.1)
+    assert staged.index.tolist()[:2] == [0, 1] and staged.score[2] < staged.pixel[0, 0] - 0.2
 
 
 def test_deform_skips_missing_candidates_and_rejects_bad_input():
@@ -393,6 +397,7 @@ def test_deform_skips_missing_candidates_and_rejects_bad_input():
     assert np.isfinite(res.pixel[0, 0]) and np.isneginf(res.pixel[0, 1]) and res.index.tolist() == [1, -1]
     for kwargs, what in [({"spacing": 0.0}, "spacing"), ({"max_displacement": -1.0}, "max_displacement"),
                          ({"iterations": 1.5}, "iterations"), ({"highpass": True}, "highpass"),
+                         ({"fit_highpass": []}, "fit_highpass"), ({"fit_highpass": [4.0, -2.0]}, "fit_highpass"),
                          ({"plane": (-1, -1)}, "plane"), ({"plane": ("x", -1)}, "plane"), ({"size": [4]}, "size")]:
         with pytest.raises(InputError, match=what):
             deform_and_correlate(ref, ref, np.array([[0], [1]]), **kwargs)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import copy
 import inspect
 
-from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, FUSED_WEIGHTS, audit,
-                           default_headroom)
+from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, FUSED_WEIGHTS,
+                           audit, default_headroom)
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -78,6 +78,9 @@ CANDIDATES: dict[str, dict] = {
 #: detection_alignment.md lists the settings tried).
 ALIGN: dict = {"factor": 2, "k": 5, "scoring": "retrieval", "weights": {"pixel": 1.0, "features": 1.0}}
 
+#: marks a part whose deform settings are the audit's own (``memscan.audit.ALIGN_DEFORM``, resolved by recipe_for)
+_MEMSCAN_DEFORM = "memscan"
+
 #: the score ``memscan audit`` uses when none is given
 DEFAULT_SCORE: str = inspect.signature(audit).parameters["score"].default
 
@@ -101,12 +104,14 @@ def memscan_recipe(score: str) -> dict:
     if score == "best-of-aligned":  # match(refine=aligned pixels, best_of=[pixels, quarter-size pixels, fused]): the
         # best of pixel Pearson at best_of_pixel_sizes (the benchmark's images whole and at a quarter per axis), the
         # fused score and the aligned high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
-        # (alignment_size(..., "best-of-aligned") = the benchmark's images whole), each scaled by its own τ_b
+        # (alignment_size(..., "best-of-aligned") = the benchmark's images whole), each scaled by its own τ_b, and
+        # the same candidates bent onto their query (ALIGN_DEFORM of the case's dimensionality, see recipe_for)
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
                                                         "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT],
                                                         "refine_rounds": ALIGN_REFINE_ROUNDS}}
-        return {"max_of": [copy.deepcopy(PIXEL), copy.deepcopy(_PIXEL_QUARTER), memscan_recipe("fused"), aligned],
+        return {"max_of": [copy.deepcopy(PIXEL), copy.deepcopy(_PIXEL_QUARTER), memscan_recipe("fused"), aligned,
+                           {**memscan_recipe("fused"), "deform": _MEMSCAN_DEFORM}],
                 "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
 
@@ -118,7 +123,9 @@ MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score)
 #: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
 #: grid step), for copies zoomed or rotated between two grid values (the benchmark's weak crop, a 1.11× zoom, falls
 #: between the grid's 1.077 and 1.16); ``best_of_four_hp_f1_px4`` is the same score on the grid alone (round 12's)
-CANDIDATES["best_of_aligned_refined"] = copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"])
+CANDIDATES["best_of_aligned_refined"] = {**copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]),
+                                         "max_of": [copy.deepcopy(p) for p in MEMSCAN_SCORES["best-of-aligned"]["max_of"]
+                                                    if not p.get("deform")]}
 
 # what memscan runs by default (training preset "default" + the audit's default score and its headroom)
 DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
@@ -160,10 +167,14 @@ CANDIDATES["memscan_default_v2t"] = {**copy.deepcopy(DEFAULT), "calibration": "v
 
 def recipe_for(recipe: dict, spatial_dims: int) -> dict:
     """The recipe adapted to the dimensionality: the paper's (and memscan's) 3D embedding is 32-d; a memscan preset's
-    temperature is that preset's for ``spatial_dims``."""
+    temperature is that preset's for ``spatial_dims``; a part whose ``deform`` is memscan's takes
+    ``memscan.audit.ALIGN_DEFORM`` of ``spatial_dims`` (and is left out where that is None)."""
     r = copy.deepcopy(recipe)
     if r.get("max_of"):
-        r["max_of"] = [recipe_for(sub, spatial_dims) for sub in r["max_of"]]
+        parts = [sub for sub in r["max_of"] if sub.get("deform") != _MEMSCAN_DEFORM or ALIGN_DEFORM[spatial_dims]]
+        r["max_of"] = [recipe_for(sub, spatial_dims) for sub in parts]
+    if r.get("deform") == _MEMSCAN_DEFORM:
+        r["deform"] = dict(ALIGN_DEFORM[spatial_dims])
     enc = r.get("encoder")
     if enc:
         if spatial_dims == 3:
@@ -235,16 +246,22 @@ CANDIDATES["best_of_four_hp_f1_px4"] = _boa
 _DEFORM = {"spacing": 12.0, "max_displacement": 3.0, "iterations": 60, "fit_highpass": 2.0, "highpass": 1.0, "k": 5}
 
 
-def _with_deform(**settings) -> dict:
-    """The default recipe (best-of-aligned at its headroom) with a deform part of ``_DEFORM`` updated by ``settings``."""
-    return {**copy.deepcopy(DEFAULT),
-            "max_of": [*copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]["max_of"]),
-                       {**memscan_recipe("fused"), "deform": {**_DEFORM, **settings}}]}
+def _with_deform(settings: dict | None) -> dict:
+    """The default recipe (best-of-aligned at its headroom) with its deform part's settings replaced by ``_DEFORM``
+    updated by ``settings`` (in 2D and 3D alike), or without that part when ``settings`` is None."""
+    extra = [] if settings is None else [{**memscan_recipe("fused"), "deform": {**_DEFORM, **settings}}]
+    return {**copy.deepcopy(DEFAULT), "max_of": copy.deepcopy(CANDIDATES["best_of_aligned_refined"]["max_of"]) + extra}
 
 
-CANDIDATES["best_of_five_deform"] = _with_deform()
+CANDIDATES["best_of_five_deform"] = _with_deform({})
 for _k in (1, 5):
-    CANDIDATES[f"best_of_five_deform6_k{_k}"] = _with_deform(spacing=6.0, iterations=100, learning_rate=0.15, k=_k)
+    CANDIDATES[f"best_of_five_deform6_k{_k}"] = _with_deform({"spacing": 6.0, "iterations": 100, "learning_rate": 0.15,
+                                                              "k": _k})
+#: the round-15 default: best-of-aligned's four rigid parts, without its non-rigid fit (round 16 adopted it in 2D)
+CANDIDATES["best_of_aligned_rigid"] = _with_deform(None)
+#: lever (round 16, adopted as ``memscan.audit.ALIGN_DEFORM[2]``): the field 6 px apart fitted coarse-to-fine (σ 4
+#: px, then 2 px; 60 steps each); ``_k1`` on the top candidate only
+CANDIDATES["best_of_five_deform_c2f_k1"] = _with_deform({**ALIGN_DEFORM[2], "k": 1})
 
 #: the round-14 default (best-of-aligned at its headroom) with the alignment's circular shifts only
 #: (``align_and_correlate(rewarp=False)``): the side-by-side baseline of round 15's re-warp, which correlates each
