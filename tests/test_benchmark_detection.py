@@ -394,3 +394,20 @@ def test_compare_runs_puts_one_detector_of_two_runs_side_by_side(tmp_path):
         pd.to_pickle({"scores": scores}, tmp_path / f"{i}.pkl")
     assert compare_runs.main([str(tmp_path / "0.pkl"), str(tmp_path / "1.pkl"), "--detector", "pixel"]) == 0
     assert compare_runs.main([str(tmp_path / "0.pkl"), str(tmp_path / "missing.pkl")]) == 2
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (6, 12, 12)])
+def test_match_recipe_takes_memscans_deform_part_of_the_images_dimensionality(shape, monkeypatch):
+    """The DDPM audit's path (``evaluate.match_recipe``) resolves a ``"deform": "memscan"`` part as the benchmark's
+    scores do (``presets.recipe_for``): the audit's 2D settings as the refine's second score set, none in 3D."""
+    import memscan.audit as audit_mod
+
+    coarse = {**presets.PIXEL, "pixel": [[2, 1.0]]}
+    align = {"factor": 1, "k": 2, "scoring": "retrieval", "weights": {"pixel": 1.0, "features": 0.0}}
+    recipe = {"max_of": [presets.PIXEL, {**coarse, "align": align}, {**coarse, "deform": "memscan"}],
+              "normalize": "ceiling"}
+    monkeypatch.setitem(audit_mod.ALIGN_DEFORM, 2, {"spacing": 8.0, "iterations": 2, "k": 2})
+    train, val, queries = _blobs(4, 1, shape), _blobs(4, 2, shape), _blobs(3, 3, shape)
+    res = evaluate.match_recipe(recipe, train, val, queries, device="cpu", n_bootstrap=0)
+    # feature sets: the aligned refine, the bent one in 2D only, then the plain pixels
+    assert len(res.summary["feature_set_thresholds"]) == (3 if len(shape) == 2 else 2)
