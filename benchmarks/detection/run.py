@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when
 
 from build import DEFAULT_ROOT, load_cases  # noqa: E402
 from evaluate import score_case, summarize  # noqa: E402
+from memscan.audit import ALIGN_DEFORM  # noqa: E402
 from presets import CANDIDATES, DEFAULT, DEFAULT_SCORE, MEMSCAN_SCORES, PAPER, PIXEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,6 +189,10 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "```",
         json.dumps(DEFAULT),
         "```",
+        "",
+        "A part whose `deform` is `\"memscan\"` takes the audit's own non-rigid fit of the case's dimensionality",
+        f"(`memscan.audit.ALIGN_DEFORM`): 2D `{json.dumps(ALIGN_DEFORM[2])}`; 3D `{json.dumps(ALIGN_DEFORM[3])}`"
+        " (the part is left out).",
         "",
         "Read with care: (1) one subject per split — τ comes from one validation subject, so FPR on the unseen",
         "subject mostly measures how much closer that subject is to the training subject than the validation one",
