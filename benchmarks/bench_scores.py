@@ -7,8 +7,9 @@ audit computes for it — the fused features (coarse 16² pixels + a 128-d embed
 (``memscan.audit.alignment_size``: 32² for ``aligned``, 64² for ``best-of-aligned``) — then
 :func:`memscan.metrics.match` as the audit calls it for each mode (``fused``: plain; ``best-of``:
 ``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the feature correlation;
-``best-of-aligned``: ``refine`` = aligned pixels, ``best_of=[pixels, quarter-size pixels, fused]``; and the same
-without the alignment's final re-warp, ``align_and_correlate(rewarp=False)``, for its cost). Modes are
+``best-of-aligned``: ``refine`` = aligned pixels and, in 2D, the same candidates bent onto their query
+(``memscan.audit.ALIGN_DEFORM``), ``best_of=[pixels, quarter-size pixels, fused]``; and the same without the bent
+candidates, round 15's four rigid parts, for that fifth part's cost). Modes are
 interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
 the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not included.
 
@@ -61,15 +62,15 @@ def build(n: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-#: a mode's variant measured beside it: the alignment without its final re-warp (``rewarp=False``, round 14's)
-CIRCULAR = "best-of-aligned, circular"
+#: a mode's variant measured beside it: best-of-aligned without its non-rigid fit (round 15's four rigid parts)
+RIGID = "best-of-aligned, rigid"
 
 
 def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict]:
     """One audit-style match for ``mode``: (seconds, summary)."""
-    extra = {}
-    if mode == CIRCULAR:
-        mode, extra = "best-of-aligned", {"rewarp": False}
+    rigid = mode == RIGID
+    if rigid:
+        mode = "best-of-aligned"
     feats = [sets[k]["fused"] for k in ("train", "val", "synthetic")]
     # the audit's pixel Pearson sets for this mode (best_of_pixel_sizes: 64², and 16² for best-of-aligned)
     pixels = [tuple(standardize_rows(pixel_features(sets[k]["image"], size)) for k in ("train", "val", "synthetic"))
@@ -83,7 +84,10 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
     elif mode == "aligned":
         kwargs = {"refine": _aligned_refine(images, axes), "refine_k": ALIGN_CANDIDATES}
     elif mode == "best-of-aligned":
-        kwargs = {"refine": _aligned_refine(images, {**_score_align_axes(mode, axes), **extra}),
+        align_axes = _score_align_axes(mode, axes, spatial_dims=2)
+        if rigid:
+            align_axes.pop("deform")
+        kwargs = {"refine": _aligned_refine(images, align_axes),
                   "refine_k": ALIGN_CANDIDATES, "best_of": [*pixels, tuple(feats)]}
     t0 = time.perf_counter()
     res = match(*feats, device="cpu", n_bootstrap=200, seed=0, **kwargs)
@@ -99,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sets = build(args.n)
-    modes = ("fused", "best-of", "aligned", "best-of-aligned", CIRCULAR)
+    modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID)
     best: dict[str, float] = {}
     summaries: dict[str, dict] = {}
     for _ in range(args.repeats):

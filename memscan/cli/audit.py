@@ -45,8 +45,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "float32; default), or one of them explicitly (recorded in summary.json)")
     parser.add_argument("--score", default=None, metavar="MODE",
                         help="similarity score: best-of-aligned (default: the best of fused, pixel Pearson at two "
-                             "sizes and aligned, high-passed pixels; the best on the detection benchmark), fused "
-                             "(flip-invariant pixel + embedding features: about a thousand times faster to match), "
+                             "sizes, aligned high-passed pixels and, in 2D, the same matches bent onto the image; "
+                             "the best on the detection benchmark), fused "
+                             "(flip-invariant pixel + embedding features: thousands of times faster to match), "
                              "embedding (the paper's; with --headroom 0, the paper's recipe), aligned (fused, then "
                              "the best candidates re-scored after test-time alignment) or best-of (the better of "
                              "fused and pixel Pearson per pair)")
