@@ -1515,7 +1515,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
         :class:`DemoResult`.
 
     Raises:
-        InputError: ``out_dir`` holds something other than a previous demo.
+        InputError: ``out_dir`` holds something other than a previous demo, or a demo of the other dimensionality.
     """
     if dims not in DEMO_SETTINGS:
         raise InputError("dims", f"must be 2 or 3, got {dims!r}")
@@ -1525,6 +1525,13 @@ def run_demo(out_dir: str | os.PathLike[str] = "memscan-demo", *, dims: int = 2,
     previous = (out / "inputs" / "truth.csv").is_file()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not previous)):
         raise InputError(out, "demo folder exists and is not a previous memscan demo; choose another --out")
+    if previous:  # its encoder would be resumed: the same dimensionality only (checked before its inputs are replaced)
+        from memscan.training import read_encoder_settings
+
+        earlier = read_encoder_settings(out / "audit" / "encoder" / "model.pt").get("spatial_dims", dims)
+        if earlier != dims:
+            raise InputError(out, f"holds a {earlier}D demo; choose another --out for the {dims}D demo, or remove "
+                                  f"this folder")
     inputs = build_demo(out / "inputs", spatial_dims=dims, seed=seed)
     size = cfg["image_size"] if image_size is None else image_size
     result = audit(inputs.train, inputs.val, {"synthetic": inputs.synthetic}, out_dir=out / "audit",

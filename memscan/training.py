@@ -869,7 +869,8 @@ def train_encoder(
 
     Exactly what ``python -m monai.bundle run --config_file bundles/<b>/configs/train.json`` does, with the
     preset's values and the arguments below as overrides. Rerunning with the same ``out_dir`` resumes from the
-    last completed epoch.
+    last completed epoch; the run's encoder settings (``encoder.json``) are written before training, so a rerun of
+    a different encoder into a folder holding checkpoints is refused instead of failing to load them.
 
     Args:
         train: training images: a folder or CSV manifest path, an ``ImageSet`` or a list of records.
@@ -885,9 +886,12 @@ def train_encoder(
         Path of the best checkpoint (``out_dir/model.pt``), a plain state_dict.
 
     Raises:
-        InputError: bad inputs, or when training finished without producing a checkpoint.
+        InputError: bad inputs, ``out_dir`` holding checkpoints of a different encoder (dimensionality,
+            architecture, embedding size or preprocessing), or when training finished without producing a checkpoint.
     """
     from monai.bundle import ConfigWorkflow
+
+    from memscan.io import write_json_atomic
 
     root = bundle_dir(spatial_dims)
     out = Path(out_dir).resolve()
@@ -903,6 +907,9 @@ def train_encoder(
     settings.update(_source_overrides(val, "val"))
     settings.update({"ckpt_dir": str(out), "output_dir": str(out / "logs"), "dataset_dir": str(out)})
     settings.update(dict(overrides or {}))
+    encoder = _encoder_settings(spatial_dims, settings, preset)
+    _check_resumable(out, encoder)
+    write_json_atomic(out / "encoder.json", encoder)  # before training: an interrupted run's checkpoints are described
     # logging_file=False keeps the caller's logging setup; MONAI warns about that choice, so mute that one warning
     workflows_logger = logging.getLogger("monai.bundle.workflows")
     level = workflows_logger.level
@@ -931,8 +938,20 @@ def train_encoder(
     best = out / "model.pt"
     if not best.is_file():
         raise InputError(out, "training finished without a best checkpoint (was validation run?)")
-    _write_encoder_settings(out, spatial_dims, settings, preset)
     return best
+
+
+def _check_resumable(out: Path, encoder: Mapping[str, Any]) -> None:
+    """One-line error when ``out`` holds checkpoints (``checkpoint_epoch=N.pt``) of an encoder other than
+    ``encoder`` (the new run's :func:`_encoder_settings`): the bundle would resume from them and fail to load."""
+    if latest_checkpoint(out) is None:
+        return
+    previous = read_encoder_settings(out / "model.pt")
+    changed = [f"{key} {previous.get(key)!r} → {encoder.get(key)!r}" for key in ("spatial_dims", *ENCODER_KEYS)
+               if key in previous and previous.get(key) != encoder.get(key)]
+    if changed:
+        raise InputError(out, f"holds checkpoints of a different encoder ({'; '.join(changed)}), which a rerun "
+                              f"would resume; choose another output folder, or remove this one to start over")
 
 
 def _user_error_in(err: BaseException) -> MemscanError | None:
@@ -973,12 +992,12 @@ def read_encoder_settings(checkpoint: str | Path) -> dict[str, Any]:
     return saved
 
 
-def _write_encoder_settings(out: Path, spatial_dims: int, settings: Mapping[str, Any], preset_name: str) -> None:
-    from memscan.io import write_json_atomic
-
+def _encoder_settings(spatial_dims: int, settings: Mapping[str, Any], preset_name: str) -> dict[str, Any]:
+    """What ``encoder.json`` records of a run: ``spatial_dims``, the preset and :data:`ENCODER_KEYS` (lists, as JSON
+    reads them back)."""
     info: dict[str, Any] = {"spatial_dims": spatial_dims, "preset": preset_name}
     for key in ENCODER_KEYS:
         if key in settings:
             value = settings[key]
             info[key] = list(value) if isinstance(value, (list, tuple)) else value
-    write_json_atomic(out / "encoder.json", info)
+    return info

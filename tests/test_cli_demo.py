@@ -59,6 +59,16 @@ def test_demo_reruns_into_its_own_folder_but_not_a_foreign_one(tmp_path: Path, c
     rc = main(["demo", "--out", str(tmp_path / "new"), "--headroom", "1", *FAST])  # before any input is built
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == EXIT_BAD_INPUT and len(err) == 1 and "headroom" in err[0] and not (tmp_path / "new").exists()
+    # a previous 2D demo: a 3D one would resume its encoder; refused before its inputs are replaced
+    earlier = tmp_path / "earlier"
+    (earlier / "inputs").mkdir(parents=True)
+    (earlier / "inputs" / "truth.csv").write_text("file,kind,source\n")
+    (earlier / "audit" / "encoder").mkdir(parents=True)
+    (earlier / "audit" / "encoder" / "encoder.json").write_text('{"spatial_dims": 2, "arch": "resnet10"}')
+    rc = main(["demo", "--out", str(earlier), "--dims", "3", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == EXIT_BAD_INPUT and len(err) == 1 and "holds a 2D demo" in err[0] and "--out" in err[0], err
+    assert sorted(p.name for p in (earlier / "inputs").iterdir()) == ["truth.csv"]
 
 
 def test_build_demo_plants_perturbed_copies(tmp_path: Path) -> None:

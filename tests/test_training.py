@@ -214,6 +214,13 @@ def test_memscan_train_cli_runs_train_encoder_and_the_bundle(tiny_2d_folder, tmp
                  "--out", str(tmp_path / "r2")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing" in err[0]
+    # a different encoder into the same folder would resume checkpoints it cannot load: one line, nothing touched
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+    code = main(["train", "--train", str(train), "--val", str(val), "--dims", "2", "--out", str(run), "--epochs", "2",
+                 "--image-size", "32", "--arch", "resnet18", "--batch-size", "4", "--workers", "0", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(run) in err[0] and "'resnet10' → 'resnet18'" in err[0], err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
 
 
 def test_autocast_inferer_bf16_on_cpu_returns_float32_close_to_fp32():
