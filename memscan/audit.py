@@ -469,8 +469,8 @@ ALIGN_REFINE_ROUNDS = 2
 #: :func:`alignment_size`) per spatial dimensionality, or None for none. The fused features' first ``k`` candidates
 #: are bent onto each query by a smooth field (control points 6 px apart, each ≤ 3 px), fitted coarse-to-fine on
 #: σ 4 then 2 px high-passed pixels and scored on σ 1 px detail: a fifth score set on its own null, for copies a
-#: generator reproduced locally stretched. 2D: elastic recall at the default headroom 0.87 → 0.96 (MRI) at the same
-#: false alarms (docs/benchmarks/detection_candidates.md section 14). 3D: none; the benchmark's 3D warp moves voxels
+#: generator reproduced locally stretched. 2D: elastic recall at the default headroom 0.89 → 0.98 on MRI (CT 0.82 →
+#: 0.87) at the same false alarms (docs/benchmarks/detection.md, detection_candidates.md section 14). 3D: none; the benchmark's 3D warp moves voxels
 #: through the slices too, and the fit lifted too few of its copies above its own raised null to pay for its time.
 ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     2: {"spacing": 6.0, "max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60,
@@ -624,7 +624,7 @@ def _alignment(cfg: Any) -> dict[str, Any]:
     return {"flip_axes": (int(cfg.flip_axis) - dims,), "plane": plane}
 
 
-def _score_align_axes(score: str, axes: Mapping[str, Any], spatial_dims: int = 2) -> dict[str, Any]:
+def _score_align_axes(score: str, axes: Mapping[str, Any], spatial_dims: int) -> dict[str, Any]:
     """:func:`_aligned_refine` arguments of a score's alignment: ``axes`` (:func:`_alignment`) as they are for
     ``"aligned"``; for ``"best-of-aligned"`` the aligned pixels alone (the fused features are one of its other sets),
     high-passed (:data:`ALIGN_HIGHPASS`, :data:`ALIGN_HIGHPASS_WEIGHT`), with :data:`ALIGN_REFINE_ROUNDS` rounds of

@@ -310,7 +310,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, _score_align_axes,
                                alignment_size)
 
-    axes = _score_align_axes("best-of-aligned", {"flip_axes": ()})  # the audit's own alignment arguments
+    axes = _score_align_axes("best-of-aligned", {"flip_axes": ()}, 2)  # the audit's own alignment arguments
     axes.pop("deform")  # the rigid alignment alone here (its non-rigid fit: test_deform_part_is_the_audits_refine)
     assert align["highpass"] == [axes["highpass"], axes["highpass_weight"]] == [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]
     assert align["refine_rounds"] == axes["refine_rounds"] == ALIGN_REFINE_ROUNDS > 0
