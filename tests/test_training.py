@@ -29,6 +29,7 @@ from memscan.training import (
     fit_batch_size,
     latest_checkpoint,
     preset,
+    shutdown_distributed,
     split_source,
 )
 
@@ -98,7 +99,7 @@ def _gather_worker(rank: int, world: int, port: int, z: torch.Tensor, out: str) 
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": local.grad}, f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def _free_port() -> int:
