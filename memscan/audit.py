@@ -73,6 +73,7 @@ __all__ = [
     "ALIGN_HIGHPASS_WEIGHT",
     "ALIGN_REFINE_ROUNDS",
     "ALIGN_DEFORM",
+    "NULL_LOW_RESOLUTION",
     "score_features",
     "alignment_size",
 ]
@@ -477,6 +478,15 @@ ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
         "learning_rate": 0.15, "highpass": 1.0, "k": 5},
     3: None,
 }
+#: ``score="best-of-aligned"``: zooms at which the null of its two plain pixel Pearson parts also takes the validation
+#: images, down-sampled to that share of their size per axis and back (:func:`memscan.data.transforms.low_resolution`;
+#: the two ends of the training presets' ``lowres`` view, :data:`~memscan.data.transforms.LOWRES_ZOOM_RANGE`). A new
+#: patient's image rendered with less detail loses the fine structure that correlated with nothing, so its plain
+#: Pearson with every training image rises while a null of sharp validation images stays put; the null then holds
+#: the validation patients as a generator might render them (``match(null_views=...)``). The fused, aligned and
+#: non-rigid parts keep their own nulls (calibrating the fused part too cost elastic copies,
+#: docs/benchmarks/detection_candidates.md section 13).
+NULL_LOW_RESOLUTION: tuple[float, ...] = (0.6, 0.25)
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
 #: The audit's score when none is given: the detection benchmark's best on every case and seed, and, with its
@@ -749,6 +759,26 @@ def _preprocessed_image(preprocess: Any, record: Mapping[str, Any]) -> np.ndarra
     out = preprocess({"image": record["image"]})
     image = out["image"]
     return image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+
+
+def _low_resolution_pixels(records: Sequence[Mapping[str, Any]], preprocess: Any, sizes: Sequence[Sequence[int]],
+                           zooms: Sequence[float]) -> list[list[np.ndarray]]:
+    """Per pixel grid of ``sizes``, the preprocessed images at each of ``zooms`` of their resolution
+    (:func:`~memscan.data.transforms.low_resolution`) as standardised pixel rows, like the pixel sets of
+    :func:`_score_features`: the null views of ``best-of-aligned``'s pixel parts (:data:`NULL_LOW_RESOLUTION`)."""
+    import torch
+
+    from memscan.data.transforms import low_resolution
+    from memscan.scoring import area_pixels, standardize_rows
+
+    rows: list[list[list[np.ndarray]]] = [[[] for _ in zooms] for _ in sizes]
+    for record in records:
+        image = _preprocessed_image(preprocess, record)
+        for z, zoom in enumerate(zooms):
+            low = torch.from_numpy(low_resolution(image, zoom))[None]
+            for k, size in enumerate(sizes):
+                rows[k][z].append(area_pixels(low, size)[0].numpy())
+    return [[standardize_rows(np.stack(found), "pixels") for found in per_size] for per_size in rows]
 
 
 _METHOD = [
@@ -1144,6 +1174,13 @@ def audit(
                                 "subject_id": [r.get("subject_id") for r in s.records]}),
                   out / "embeddings" / f"{name}_files.csv")
 
+    null_views = None  # best-of-aligned: its pixel parts' null takes the validation images at lower resolutions too
+    if score == "best-of-aligned":
+        logger.info("calibrating the pixel scores on the validation images at %s of their resolution too",
+                    " and ".join(map(str, NULL_LOW_RESOLUTION)))
+        null_views = _low_resolution_pixels(val_set.records, preprocess, best_of_pixel_sizes(spatial_size, score),
+                                            NULL_LOW_RESOLUTION)
+
     # positive controls: perturbed training images, embedded with the synthetic sets, never in the statistics
     rng = np.random.default_rng(seed)
     n_controls = int(min(controls, len(train_set)))
@@ -1206,7 +1243,9 @@ def audit(
                     train_subjects=train_subjects if split_by_subject else None,
                     val_subjects=val_subjects if split_by_subject else None, n_bootstrap=n_bootstrap, seed=seed,
                     train_ids=train_paths, synthetic_ids=syn_paths, refine=refine, refine_k=ALIGN_CANDIDATES,
-                    best_of=best_of, headroom=headroom)
+                    best_of=best_of, headroom=headroom,
+                    null_views=None if null_views is None else
+                    null_views + [[] for _ in range(len(best_of) - len(null_views))])
         block = dict(res.summary)
         n_subj_mem, n_subj = _subject_counts(train_set.records, res.train_table["memorized"].to_numpy(bool))
         block.update({"n_memorized_subjects": n_subj_mem, "n_train_subjects": n_subj,
@@ -1318,6 +1357,7 @@ def audit(
                 "batch_size": int(batch_size), "n_bootstrap": int(n_bootstrap), "seed": int(seed),
                 "epochs": epochs, "layout": layout, "subject_regex": subject_regex, "strict": bool(strict),
                 "fail_above": fail_above, "score": score,
+                "null_low_resolution": list(NULL_LOW_RESOLUTION) if null_views is not None else None,
                 "precision": used_precision,
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),

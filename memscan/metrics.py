@@ -1046,7 +1046,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
           dtype: str | torch.dtype = "float32", block_size: int | tuple[int, int] | None = None,
           refine: Refine | None = None, refine_k: int = 5,
           best_of: Sequence[tuple[ArrayLike, ArrayLike, ArrayLike]] | None = None,
-          headroom: float = 0.0) -> MatchResult:
+          null_views: Sequence[Sequence[ArrayLike]] | None = None, headroom: float = 0.0) -> MatchResult:
     """Run the memorization test of Dar et al. on three embedding sets.
 
     τ = ``percentile``-th percentile (numpy "linear") of each training sample's best validation correlation;
@@ -1091,6 +1091,13 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             ``refine``, the first set's values are its ``refine`` scores (pass the same features again in
             ``best_of`` to keep their plain correlations as another set); a refine returning R scores per query
             (``[n, R]``) gives R such sets.
+        null_views: with ``best_of``, one list per ``best_of`` set of other versions of its validation rows (e.g.
+            the validation images at a lower resolution, the same rows in the same order) that calibrate that set's
+            τ_b too: each training sample's best validation correlation in that set is its best over the validation
+            rows and every view's. The null then holds new patients' images as a generator might degrade them, so
+            a degraded new image does not clear τ_b by its lost detail alone. The null split's halves take the
+            views of their own rows; the synthetic → validation column and ``null_rate_copies`` use the rows as
+            they are.
         headroom: in [0, 1): flag against ``τ + headroom · (1 − τ)`` (:func:`with_headroom`) instead of τ, the
             percentile threshold: a copy must also clear that share of the way from τ to an exact copy. 0 (default)
             is the paper's rule. It keeps false alarms down when the validation patients are few or less alike to
@@ -1143,6 +1150,19 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
                     raise InputError(f"best_of[{b - 1}] {what}", f"has {len(arr)} rows for {n} images")
             _check_dims([(f"best_of[{b - 1}] {what}", arr) for arr, what in zip(arrays, sets)])
             blocks.append(tuple(arrays))
+    views: list[list[np.ndarray]] = [[] for _ in blocks]  # per feature set: its validation rows' other versions
+    if null_views is not None:
+        if not best_of or len(null_views) != len(best_of):
+            raise InputError("null_views", f"needs one list per best_of set ({len(best_of or [])}), "
+                                           f"got {len(null_views)}")
+        for b, found in enumerate(null_views, start=1):
+            for k, view in enumerate(found):
+                name = f"null_views[{b - 1}][{k}]"
+                arr = validate_embeddings(view, name)
+                if len(arr) != n_v:
+                    raise InputError(name, f"has {len(arr)} rows for {n_v} validation images")
+                _check_dims([(f"best_of[{b - 1}] val", blocks[b][1]), (name, arr)])
+                views[b].append(arr)
 
     def refined(query: str, reference: str, rows: np.ndarray | None = None, ref_rows: np.ndarray | None = None,
                 q_codes: np.ndarray | None = None, r_codes: np.ndarray | None = None,
@@ -1170,7 +1190,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     parts = [np.arange(n_v)] if halves is None else list(halves)
     block_parts = []  # per feature set: (best per training row, best per validation row of half B) per part
     n_refined = 0  # score sets the refine gives (its columns); they replace the first feature set
-    plain_blocks = blocks[1:] if refine is not None else blocks  # the feature sets matched by correlation
+    first_plain = 1 if refine is not None else 0
+    plain_blocks = blocks[first_plain:]  # the feature sets matched by correlation
     if refine is not None:  # refine re-scores the first feature set's candidates
         found_best, found_cols = [], []
         for k_part, rows in enumerate(parts):
@@ -1181,12 +1202,15 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
                               refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
         block_parts.extend(([fb[:, j] for fb in found_best], [None if fc is None else fc[:, j] for fc in found_cols])
                            for j in range(n_refined))
-    for b_train, b_val, _ in plain_blocks:
+    for (b_train, b_val, _), b_views in zip(plain_blocks, views[first_plain:]):
         part_best, part_cols = [], []
         for k_part, rows in enumerate(parts):
             r_codes = None if v_codes is None else v_codes[rows]
             v, _, cv, _ = _exact_search(b_train, b_val[rows], 1, q_codes=t_codes, r_codes=r_codes,
                                         columns=halves is not None and k_part == 1, indices=False, **search)
+            for view in b_views:  # the same rows in another version: the null takes the best of all
+                v = np.maximum(v, _exact_search(b_train, view[rows], 1, q_codes=t_codes, r_codes=r_codes,
+                                                indices=False, **search)[0])
             part_best.append(v[:, 0])
             part_cols.append(cv)
         block_parts.append((part_best, part_cols))

@@ -14,6 +14,7 @@ import torch
 
 from memscan.audit import (
     _MARKER,
+    NULL_LOW_RESOLUTION,
     _rankdata,
     audit,
     authenticity_score,
@@ -513,6 +514,7 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     from PIL import Image
 
     from memscan.metrics import best_of_correlation
+    from memscan.scoring import standardize_rows
 
     for i in range(16):
         _write(tmp_path / "train" / f"p{i // 2}_{i}.png", _textured(i))
@@ -546,6 +548,16 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
                                    emb["train"]], taus[2:], device="cpu")
     scores = result.sets["syn"].synthetic_table["best_train_correlation"].to_numpy()
     assert (scores >= plain - 1e-6).all()  # the aligned and bent sets only add to the plain sets' best
+    # the pixel parts' null also holds the validation images at lower resolutions: their τ_b is at least the sharp
+    # images' null (the fused set's is the sharp null alone)
+    assert result.summary["provenance"]["config"]["null_low_resolution"] == list(NULL_LOW_RESOLUTION)
+    def null(stem: str) -> float:
+        t, v = (standardize_rows(np.load(out / "embeddings" / f"{k}{stem}.npy").astype(np.float64))
+                for k in ("train", "val"))
+        return float(np.percentile((t @ v.T).max(axis=1), 95.0))
+
+    assert taus[2] > null("_pixels") and taus[3] >= null(f"_pixels_{SIZE // 4}x{SIZE // 4}") - 1e-6
+    assert taus[4] == pytest.approx(null(""), abs=1e-5)
     moved_row = int(np.flatnonzero(table.index == "moved.png")[0])
     assert scores[moved_row] > plain[moved_row] + 1e-3
     assert block["controls"]["n_caught"] == 2
@@ -557,8 +569,10 @@ def test_best_of_aligned_pixel_sets_are_the_images_at_each_grid(tiny_2d_folder, 
     """``score="best-of-aligned"``'s pixel sets are the preprocessed images area-downsampled to each of
     :func:`best_of_pixel_sizes`, standardised: at 32² the quarter grid is the fused pixels' own (8², taken from them),
     at 96² it is not (16² against the fused 24²), and both paths give the same features as a direct computation."""
-    from memscan.audit import _preprocessed_image, _score_features, best_of_pixel_sizes
+    from memscan.audit import (NULL_LOW_RESOLUTION, _low_resolution_pixels, _preprocessed_image, _score_features,
+                               best_of_pixel_sizes)
     from memscan.data import PreprocessConfig, load_image_set, preprocess_transforms
+    from memscan.data.transforms import LOWRES_ZOOM_RANGE, low_resolution
     from memscan.scoring import pixel_features, standardize_rows
 
     records = load_image_set(tiny_2d_folder(n=4, size=(40, 44)), "images").records
@@ -573,6 +587,15 @@ def test_best_of_aligned_pixel_sets_are_the_images_at_each_grid(tiny_2d_folder, 
     for got, grid in zip(found.pixels, grids):
         np.testing.assert_allclose(got, standardize_rows(pixel_features(images, grid)), rtol=1e-5, atol=1e-6)
     assert found.aligned.shape == (4, 1, *grids[0])
+    # the null views of the same pixel sets: each image at each zoom of its resolution, then the same grids
+    views = _low_resolution_pixels(records, pre, grids, NULL_LOW_RESOLUTION)
+    assert [len(v) for v in views] == [len(NULL_LOW_RESOLUTION)] * 2
+    for per_zoom, grid in zip(views, grids):
+        for got, zoom in zip(per_zoom, NULL_LOW_RESOLUTION):
+            low = np.stack([low_resolution(x, zoom) for x in images])
+            np.testing.assert_allclose(got, standardize_rows(pixel_features(low, grid)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(views[0][1], found.pixels[0], atol=1e-3)  # a quarter of the resolution is not the image
+    assert NULL_LOW_RESOLUTION == (LOWRES_ZOOM_RANGE[1], LOWRES_ZOOM_RANGE[0])  # the training view's two ends
 
 
 def test_aligned_refine_memo_aligns_calibration_pairs_once(monkeypatch) -> None:

@@ -168,8 +168,8 @@ def test_default_detector_is_memscans_default():
     and that score's default headroom."""
     import inspect
 
-    from memscan.audit import (ALIGN_DEFORM, DEFAULT_SCORE, FUSED_WEIGHTS, _score_align_axes, alignment_size, audit,
-                               best_of_pixel_size, best_of_pixel_sizes, default_headroom)
+    from memscan.audit import (ALIGN_DEFORM, DEFAULT_SCORE, FUSED_WEIGHTS, NULL_LOW_RESOLUTION, _score_align_axes,
+                               alignment_size, audit, best_of_pixel_size, best_of_pixel_sizes, default_headroom)
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
@@ -196,6 +196,8 @@ def test_default_detector_is_memscans_default():
     boa = presets.MEMSCAN_SCORES["best-of-aligned"]["max_of"]
     assert boa[3]["align"]["factor"] == 1 and boa[2] == fused
     assert [part["pixel"] for part in boa[:2]] == [[[1, 1.0]], [[4, 1.0]]]
+    # ...whose null takes the validation images at the audit's lower resolutions too; the other parts' does not
+    assert [part.get("calibrate_lowres") for part in boa] == [list(NULL_LOW_RESOLUTION)] * 2 + [None] * 3
     assert best_of_pixel_sizes([64, 64], "best-of-aligned") == [[64, 64], [16, 16]]
     assert best_of_pixel_sizes([12, 32, 32], "best-of-aligned") == [[12, 32, 32], [3, 8, 8]]
     assert best_of_pixel_sizes([512, 512], "best-of-aligned") == [[64, 64], [16, 16]]
@@ -207,8 +209,10 @@ def test_default_detector_is_memscans_default():
     assert _score_align_axes("best-of-aligned", {}, 2)["deform"] == ALIGN_DEFORM[2]
     assert "deform" not in _score_align_axes("best-of-aligned", {}, 3)
     # round 13's score is today's without that part; round 12's without the coarse-to-fine rounds of its alignment
-    assert presets.CANDIDATES["best_of_aligned_refined"]["max_of"] == boa[:4]
-    assert presets.CANDIDATES["best_of_aligned_rigid"] == {**presets.DEFAULT, "max_of": boa[:4]}
+    sharp = [{k: v for k, v in part.items() if k != "calibrate_lowres"} for part in boa]
+    assert presets.CANDIDATES["best_of_aligned_sharp_null"] == {**presets.DEFAULT, "max_of": sharp}
+    assert presets.CANDIDATES["best_of_aligned_refined"]["max_of"] == sharp[:4]
+    assert presets.CANDIDATES["best_of_aligned_rigid"] == {**presets.DEFAULT, "max_of": sharp[:4]}
     grid = copy.deepcopy(presets.CANDIDATES["best_of_aligned_refined"])
     assert grid["max_of"][3]["align"].pop("refine_rounds") > 0
     assert presets.CANDIDATES["best_of_four_hp_f1_px4"] == grid
@@ -300,15 +304,17 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     re-scored by aligned pixels alone, and in 2D the same candidates bent onto their query) scores and calibrates τ
     as ``memscan.metrics.match(refine=..., best_of=...)`` does (``memscan audit --score best-of-aligned``), here with
     coarse pixels as the retrieval features."""
+    from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, NULL_LOW_RESOLUTION,
+                               _score_align_axes, alignment_size)
+    from memscan.data.transforms import low_resolution
     from memscan.metrics import match
     from memscan.scoring import align_and_correlate, deform_and_correlate, pixel_features, standardize_rows
 
     product = presets.MEMSCAN_SCORES["best-of-aligned"]
-    assert product["max_of"][0] == presets.PIXEL and product["max_of"][2] == presets.MEMSCAN_SCORES["fused"]
+    assert product["max_of"][0] == {**presets.PIXEL, "calibrate_lowres": list(NULL_LOW_RESOLUTION)}
+    assert product["max_of"][2] == presets.MEMSCAN_SCORES["fused"]
     align = product["max_of"][3]["align"]
     assert align["weights"] == {"pixel": 1.0, "features": 0.0} and align["scoring"] == "retrieval"
-    from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, _score_align_axes,
-                               alignment_size)
 
     axes = _score_align_axes("best-of-aligned", {"flip_axes": ()}, 2)  # the audit's own alignment arguments
     axes.pop("deform")  # the rigid alignment alone here (its non-rigid fit: test_deform_part_is_the_audits_refine)
@@ -318,11 +324,16 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     # every validation image a candidate: match() calibrates on the top k of each half of the validation set (its
     # null split), the benchmark on the top k of the whole, so only an exhaustive k searches the same pairs in both
     k_all = 10
-    recipe = {"max_of": [presets.PIXEL, coarse, {**coarse, "align": {**align, "k": k_all}}], "normalize": "ceiling"}
+    zooms = product["max_of"][0]["calibrate_lowres"]  # the pixel parts' null views, as the audit's
+    recipe = {"max_of": [{**presets.PIXEL, "calibrate_lowres": zooms}, coarse, {**coarse, "align": {**align, "k": k_all}}],
+              "normalize": "ceiling"}
     bent = {"spacing": 8.0, "iterations": 3, "fit_highpass": [4.0, 2.0]}  # few steps: the same pairs, not a fit
     if bend:
         recipe["max_of"].append({**coarse, "deform": {**bent, "k": k_all}})
-    case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(k_all, 40 + i) for i in range(3)}}
+    # grainy images: a low-resolution version loses the grain and correlates better, so the pixel null views count
+    grain = np.random.default_rng(3)
+    case = {"spatial_dims": 2, "groups": {f"s{i}": (_blobs(k_all, 40 + i) + grain.random((k_all, 1, 16, 16))
+                                                     ).astype(np.float32) for i in range(3)}}
     families = ["exact", "shift_rotate"]
     scores = evaluate.score_case(case, {"boa": recipe}, 1, families, log=lambda *_: None)
     tr, va, _ = evaluate.permutations(sorted(case["groups"]), 1)[0]
@@ -342,8 +353,13 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
 
     pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}
     crs = {k: standardize_rows(pixel_features(x, [4, 4])) for k, x in images.items()}
+    low = [standardize_rows(pixel_features(np.stack([low_resolution(x, z) for x in images["val"]]))) for z in zooms]
     ref = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
-                refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)])
+                refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)],
+                null_views=[low, []])
+    sharp = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
+                  refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)])
+    assert ref.summary["feature_set_thresholds"][-2] > sharp.summary["feature_set_thresholds"][-2]  # views count
     got = scores[(scores.family == fam) & (scores.strength == strength) & (scores.label == 1)]
     assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)
     np.testing.assert_allclose(got["score"], ref.best_train_for_synthetic, atol=1e-6)

@@ -14,7 +14,7 @@ from memscan.data import (
     preprocess_transforms,
     view_transforms,
 )
-from memscan.data.transforms import AUGMENT_PRESETS
+from memscan.data.transforms import AUGMENT_PRESETS, LOWRES_ZOOM_RANGE, low_resolution
 from memscan.errors import InputError
 
 from conftest import make_array, write_nifti, write_png
@@ -365,3 +365,21 @@ def test_min_max_once_after_resize_equals_before_and_after(tmp_path, dims, size)
         ref = ScaleIntensityd("image", minv=lo, maxv=hi)(ref)["image"]
         torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(ref.as_tensor()).float(), rtol=1e-5,
                                    atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32), (1, 8, 16, 16)])
+def test_low_resolution_keeps_the_size_and_removes_fine_detail_only(shape):
+    """``low_resolution``: the ``lowres`` view at one zoom (the audit's null views) keeps the shape, turns a
+    one-pixel checkerboard into something else (nearest down-sampling aliases it) and leaves a smooth ramp as it was;
+    a tensor gives the same as its array."""
+    grids = np.meshgrid(*[np.arange(n) for n in shape[1:]], indexing="ij")
+    checker = (sum(grids) % 2).astype(np.float32)[None]
+    ramp = (sum(grids) / sum(n - 1 for n in shape[1:])).astype(np.float32)[None]
+    for zoom in LOWRES_ZOOM_RANGE:
+        low = low_resolution(checker, zoom)
+        assert low.shape == shape and low.dtype == np.float32
+        assert np.abs(low - checker).mean() > 0.25  # the one-pixel pattern is gone
+        smooth = low_resolution(ramp, zoom)
+        assert np.corrcoef(smooth.ravel(), ramp.ravel())[0, 1] > 0.98
+        np.testing.assert_array_equal(low_resolution(torch.from_numpy(checker), zoom), low)
+

@@ -678,6 +678,52 @@ def test_match_best_of_feature_sets_is_the_null_scaled_maximum() -> None:
         match(*emb, device="cpu", n_bootstrap=0, best_of=[(pix[0], pix[1])])
 
 
+def test_match_null_views_calibrate_their_set_on_every_version_of_the_validation_rows() -> None:
+    """``null_views``: a best_of set's τ_b is the null over its validation rows and their other versions (the audit's
+    low-resolution validation pixels), checked against dense matrices beside a refined first set; the other sets and
+    the synthetic → validation column are untouched; misshapen views are input errors naming them."""
+    rng = np.random.default_rng(13)
+    n, m, s = 40, 30, 25
+    emb = [rng.normal(size=(n, 8)), rng.normal(size=(m, 8)), rng.normal(size=(s, 8))]
+    pix = [rng.normal(size=(n, 20)), rng.normal(size=(m, 20)), rng.normal(size=(s, 20))]
+    pix[2][4:7] = pix[0][10:13] + 0.05 * rng.normal(size=(3, 20))
+    view = 0.6 * pix[1] + 0.4 * pix[0][:m]  # validation rows that resemble training rows more
+    subjects = dict(train_subjects=[f"t{i // 2}" for i in range(n)], val_subjects=[f"v{i // 3}" for i in range(m)])
+
+    def squash(query, rows, reference, candidates, values):
+        return np.tanh(values[:, 0]), candidates[:, 0]
+
+    kwargs = dict(device="cpu", n_bootstrap=0, dtype="float64", best_of=[pix, emb], refine=squash, refine_k=3)
+    plain = match(*emb, **kwargs, **subjects)
+    got = match(*emb, **kwargs, null_views=[[view], []], **subjects)
+    blocks = []
+    for (t, v, y), f, extra in ((emb, np.tanh, None), (pix, None, view), (emb, None, None)):
+        tv, ty, yv = (corr(a, b) for a, b in ((t, v), (t, y), (y, v)))
+        if f is not None:
+            tv, ty, yv = f(tv), f(ty), f(yv)
+        null = tv if extra is None else np.maximum(tv, corr(t, extra))
+        tau_b = np.percentile(null.max(axis=1), 95.0)
+        blocks.append([(x - tau_b) / (1 - tau_b) for x in (null, ty, yv)] + [tau_b])
+    taus = got.summary["feature_set_thresholds"]
+    assert taus == pytest.approx([b[3] for b in blocks], abs=1e-12)
+    before = plain.summary["feature_set_thresholds"]
+    assert taus[1] > before[1] and taus[0] == before[0] and taus[2] == before[2]
+    tv, ts, sv = (np.max([b[k] for b in blocks], axis=0) for k in range(3))
+    assert got.threshold == pytest.approx(np.percentile(tv.max(axis=1), 95.0), abs=1e-12)
+    np.testing.assert_allclose(got.best_train_for_synthetic, ts.max(axis=0), atol=1e-12)
+    np.testing.assert_allclose(got.best_val_for_synthetic, sv.max(axis=1), atol=1e-12)
+    # the same views again change nothing: the null is a maximum over versions
+    again = match(*emb, **kwargs, null_views=[[view, view, pix[1]], []], **subjects)
+    assert again.summary["feature_set_thresholds"] == pytest.approx(taus, abs=1e-12)
+
+    with pytest.raises(InputError, match=r"null_views\[0\]\[0\].*29 rows for 30"):
+        match(*emb, **kwargs, null_views=[[view[:-1]], []])
+    with pytest.raises(InputError, match=r"null_views.*one list per best_of set \(2\), got 1"):
+        match(*emb, **kwargs, null_views=[[view]])
+    with pytest.raises(InputError, match=r"null_views\[0\]\[0\]"):
+        match(*emb, **kwargs, null_views=[[view[:, :5]], []])
+
+
 def test_match_refine_with_best_of_rescores_the_first_set_only() -> None:
     """``refine`` + ``best_of``: the first set's values are its refine scores (here tanh of the top correlation), the
     other sets stay plain correlations, each scaled by its own τ_b — checked against dense matrices."""

@@ -176,14 +176,11 @@ def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: di
 
 
 def lowres(images: np.ndarray, zoom: float) -> np.ndarray:
-    """``images`` down-sampled to ``zoom`` of their size and back (MONAI's ``RandSimulateLowResolution`` at one zoom,
-    the ``lowres`` view of memscan's training presets)."""
-    from monai.transforms import RandSimulateLowResolution
+    """``images`` down-sampled to ``zoom`` of their size and back, one by one: the audit's null views
+    (:func:`memscan.data.transforms.low_resolution`, the ``lowres`` view of memscan's training presets at one zoom)."""
+    from memscan.data.transforms import low_resolution
 
-    dims = images.ndim - 2
-    t = RandSimulateLowResolution(prob=1.0, zoom_range=(zoom, zoom),
-                                  upsample_mode="bilinear" if dims == 2 else "trilinear")
-    return np.stack([np.asarray(t(torch.from_numpy(np.ascontiguousarray(x))), dtype=np.float32) for x in images])
+    return np.stack([low_resolution(x, zoom) for x in images])
 
 
 def scoring_recipe(recipe: dict) -> dict:
@@ -233,8 +230,9 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     """``memscan.metrics.match`` of ``queries`` against ``train`` with τ from ``val``, scored as the recipe says,
     the way ``memscan audit`` runs it: a plain recipe matches its features; a ``max_of`` recipe passes its plain parts
     as ``best_of`` sets and its ``align`` part (at most one) as ``refine`` on that part's retrieval features, which
-    are then the first set (``--score best-of`` / ``best-of-aligned``). A recipe's ``headroom`` is ``match``'s
-    (``--headroom``). Indices come with the scores, so the DDPM audit can compare nearest training images."""
+    are then the first set (``--score best-of`` / ``best-of-aligned``); a plain part's ``calibrate_lowres`` gives
+    its ``null_views`` (the audit's :data:`~memscan.audit.NULL_LOW_RESOLUTION`). A recipe's ``headroom`` is
+    ``match``'s (``--headroom``). Indices come with the scores, so the DDPM audit can compare nearest training images."""
     from memscan.audit import _aligned_refine  # the audit's own re-scoring of candidates
     from memscan.metrics import match
 
@@ -242,7 +240,7 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     parts = recipe.get("max_of") or [recipe]
     images = {"train": train, "val": val, "synthetic": queries}
     encoders: dict = {}
-    plain, aligned = [], None
+    plain, views, aligned = [], [], None
     deform = [part["deform"] for part in parts if part.get("deform")]  # scored by the aligned part's refine
     if len(deform) > 1 or (deform and not any(part.get("align") for part in parts)):
         raise ValueError("a max_of recipe takes at most one deform part, beside an align part")
@@ -257,9 +255,13 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
             aligned = (part, triple)
         else:
             plain.append(triple)
+            views.append([feats(lowres(val, zoom)) for zoom in part.get("calibrate_lowres", [])])
     match_kwargs = {"headroom": float(recipe.get("headroom", 0.0)), **match_kwargs}
     if aligned is None:
-        return match(*plain[0], best_of=plain[1:] or None, **match_kwargs)
+        if views[0]:
+            raise ValueError("calibrate_lowres applies to a max_of recipe's best_of sets, not its first part")
+        return match(*plain[0], best_of=plain[1:] or None, null_views=views[1:] if any(views) else None,
+                     **match_kwargs)
     part, primary = aligned
     if part["align"].get("scoring", "embedding") != "retrieval":
         raise ValueError("match_recipe supports align parts scored with their retrieval features only")
@@ -270,7 +272,7 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
         axes["deform"] = dict(deform[0])
     refine = _aligned_refine(images, axes)
     return match(*primary, refine=refine, refine_k=int(part["align"].get("k", 5)), best_of=plain or None,
-                 **match_kwargs)
+                 null_views=views if any(views) else None, **match_kwargs)
 
 
 def _metrics(g: pd.DataFrame) -> pd.Series:

@@ -28,7 +28,7 @@ import copy
 import inspect
 
 from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, FUSED_WEIGHTS,
-                           audit, default_headroom)
+                           NULL_LOW_RESOLUTION, audit, default_headroom)
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -105,12 +105,15 @@ def memscan_recipe(score: str) -> dict:
         # best of pixel Pearson at best_of_pixel_sizes (the benchmark's images whole and at a quarter per axis), the
         # fused score and the aligned high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
         # (alignment_size(..., "best-of-aligned") = the benchmark's images whole), each scaled by its own τ_b, and
-        # the same candidates bent onto their query (ALIGN_DEFORM of the case's dimensionality, see recipe_for)
+        # the same candidates bent onto their query (ALIGN_DEFORM of the case's dimensionality, see recipe_for); the
+        # two pixel parts calibrate on the validation images at NULL_LOW_RESOLUTION too (match(null_views=...))
+        pixels = [{**copy.deepcopy(part), "calibrate_lowres": list(NULL_LOW_RESOLUTION)}
+                  for part in (PIXEL, _PIXEL_QUARTER)]
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
                                                         "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT],
                                                         "refine_rounds": ALIGN_REFINE_ROUNDS}}
-        return {"max_of": [copy.deepcopy(PIXEL), copy.deepcopy(_PIXEL_QUARTER), memscan_recipe("fused"), aligned,
+        return {"max_of": [*pixels, memscan_recipe("fused"), aligned,
                            {**memscan_recipe("fused"), "deform": _MEMSCAN_DEFORM}],
                 "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
@@ -123,8 +126,13 @@ MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score)
 #: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
 #: grid step), for copies zoomed or rotated between two grid values (the benchmark's weak crop, a 1.11× zoom, falls
 #: between the grid's 1.077 and 1.16); ``best_of_four_hp_f1_px4`` is the same score on the grid alone (round 12's)
+def _sharp_null(part: dict) -> dict:
+    """A part of best-of-aligned as before round 17: calibrated on the validation images as they are only."""
+    return {k: copy.deepcopy(v) for k, v in part.items() if k != "calibrate_lowres"}
+
+
 CANDIDATES["best_of_aligned_refined"] = {**copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]),
-                                         "max_of": [copy.deepcopy(p) for p in MEMSCAN_SCORES["best-of-aligned"]["max_of"]
+                                         "max_of": [_sharp_null(p) for p in MEMSCAN_SCORES["best-of-aligned"]["max_of"]
                                                     if not p.get("deform")]}
 
 # what memscan runs by default (training preset "default" + the audit's default score and its headroom)
@@ -266,8 +274,11 @@ CANDIDATES["best_of_five_deform_c2f_k1"] = _with_deform({**ALIGN_DEFORM[2], "k":
 #: the round-14 default (best-of-aligned at its headroom) with the alignment's circular shifts only
 #: (``align_and_correlate(rewarp=False)``): the side-by-side baseline of round 15's re-warp, which correlates each
 #: pair once more at its best rotation, zoom and shift without wrapping (detection_candidates.md section 13)
-CANDIDATES["best_of_aligned_circular"] = copy.deepcopy(DEFAULT)
+CANDIDATES["best_of_aligned_circular"] = {**copy.deepcopy(DEFAULT), "max_of": [_sharp_null(p) for p in DEFAULT["max_of"]]}
 CANDIDATES["best_of_aligned_circular"]["max_of"][3]["align"]["rewarp"] = False
+#: the round-16 default: every part calibrated on the validation images as they are (round 17 adds their
+#: low-resolution versions to the pixel parts' null, ``memscan.audit.NULL_LOW_RESOLUTION``)
+CANDIDATES["best_of_aligned_sharp_null"] = {**copy.deepcopy(DEFAULT), "max_of": [_sharp_null(p) for p in DEFAULT["max_of"]]}
 
 def _with_lowres_null(n_parts: int) -> dict:
     """The default recipe whose first ``n_parts`` parts (plain correlations) calibrate on the validation images at
@@ -281,6 +292,7 @@ def _with_lowres_null(n_parts: int) -> dict:
 #: lever (round 15, measured, see detection_candidates.md section 13): a new patient's blurred image gains plain
 #: Pearson with every training image, so it cleared a null of sharp images; the plain parts' null then takes the
 #: blurred validation images too: all three plain parts (pixels at both sizes, the fused score), or the two pixel
-#: parts only (the fused score carries most elastic copies)
+#: parts only (the fused score carries most elastic copies). Round 17 adopted the pixel-only variant at the training
+#: view's zooms 0.6 and 0.25 instead (``memscan.audit.NULL_LOW_RESOLUTION``, section 15)
 CANDIDATES["best_of_aligned_lowres_null"] = _with_lowres_null(3)
 CANDIDATES["best_of_aligned_lowres_null_px"] = _with_lowres_null(2)

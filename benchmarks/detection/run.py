@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when
 
 from build import DEFAULT_ROOT, load_cases  # noqa: E402
 from evaluate import score_case, summarize  # noqa: E402
-from memscan.audit import ALIGN_DEFORM  # noqa: E402
+from memscan.audit import ALIGN_DEFORM, NULL_LOW_RESOLUTION  # noqa: E402
 from presets import CANDIDATES, DEFAULT, DEFAULT_SCORE, MEMSCAN_SCORES, PAPER, PIXEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,14 +192,18 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "",
         "A part whose `deform` is `\"memscan\"` takes the audit's own non-rigid fit of the case's dimensionality",
         f"(`memscan.audit.ALIGN_DEFORM`): 2D `{json.dumps(ALIGN_DEFORM[2])}`; 3D `{json.dumps(ALIGN_DEFORM[3])}`"
-        " (the part is left out).",
+        " (the part is left out). A part with `calibrate_lowres` takes each training image's best over the",
+        "validation images as they are and down-sampled to each of those zooms and back (`memscan.audit.NULL_LOW_RESOLUTION`,",
+        f"{list(NULL_LOW_RESOLUTION)}: the training view `lowres`'s two ends; `match(null_views=...)`) as its null.",
         "",
         "Read with care: (1) one subject per split — τ comes from one validation subject, so FPR on the unseen",
         "subject mostly measures how much closer that subject is to the training subject than the validation one",
         "(the per-permutation FPR table under each case; fpr_max in detection.txt): AUROC, which needs no τ, is the",
         "fair comparison of detectors here, and the mean FPR depends on which permutations are averaged; (2) the",
         "proposed default's training views include the same kinds of transforms as some perturbation families",
-        "(that is the lever \"augmentations matched to generator artefacts\"), which favours it on those families;",
+        "(that is the lever \"augmentations matched to generator artefacts\"), which favours it on those families,",
+        "and its pixel parts' null holds the validation images at a quarter of their resolution, the detail-loss",
+        "family's strong factor (its other zoom, 0.6, is not the weak factor's 0.5);",
         "(3) networks are CPU-sized ResNets (widths 32-256, 150 steps), not the paper's ResNet-50 for 200 epochs;",
         "(4) CT blocks are pseudo-subjects (one CT patient).",
         "",

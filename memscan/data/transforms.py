@@ -41,6 +41,7 @@ from monai.transforms import (
     RandGaussianSmoothd,
     RandRotated,
     RandShiftIntensityd,
+    RandSimulateLowResolution,
     RandSimulateLowResolutiond,
     Resize,
     ResizeWithPadOrCropd,
@@ -65,6 +66,8 @@ __all__ = [
     "EnsureSpatialDimsd",
     "AntiAliasedResized",
     "box_reduce",
+    "LOWRES_ZOOM_RANGE",
+    "low_resolution",
     "preprocess_transforms",
     "view_transforms",
     "make_dataset",
@@ -283,6 +286,19 @@ def box_reduce(image: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     return out.mul_(1.0 / scale) if out is not image else out.clone()
 
 
+#: Zooms of the ``lowres`` view (down-sampling to this share of the size per axis, then back): the loss of detail of
+#: an autoencoder / latent generator the default training preset teaches the encoder to see through.
+LOWRES_ZOOM_RANGE = (0.25, 0.6)
+
+
+def low_resolution(image: np.ndarray | torch.Tensor, zoom: float) -> np.ndarray:
+    """A channel-first ``[C, *spatial]`` image down-sampled to ``zoom`` of its size per axis and back: the ``lowres``
+    view at one zoom (MONAI's ``RandSimulateLowResolution``, nearest down-sampling, (bi/tri)linear up-sampling)."""
+    t = RandSimulateLowResolution(prob=1.0, zoom_range=(zoom, zoom),
+                                  upsample_mode="bilinear" if len(image.shape) == 3 else "trilinear")
+    return np.asarray(t(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))), dtype=np.float32)
+
+
 def preprocess_transforms(cfg: PreprocessConfig, keys: KeysCollection = "image") -> Compose:
     """Deterministic preprocessing: load, one grey channel, orientation/spacing (3D), intensity, size.
 
@@ -388,7 +404,7 @@ def _view_chain(key: str, families: Sequence[str], cfg: PreprocessConfig) -> lis
         elif fam == "lowres":
             # down- then up-sampling: the loss of detail of an autoencoder / latent generator
             chain.append(
-                RandSimulateLowResolutiond(key, prob=0.3, zoom_range=(0.25, 0.6),
+                RandSimulateLowResolutiond(key, prob=0.3, zoom_range=LOWRES_ZOOM_RANGE,
                                            upsample_mode="bilinear" if dims == 2 else "trilinear")
             )
         elif fam == "contrast":
