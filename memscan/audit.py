@@ -846,7 +846,10 @@ _SCORE_TEXT = {
                        "correlation of the fine detail (each image minus its blur) after aligning each of the fused "
                        "features' 5 nearest candidates to the image (mirror, rotation ±12°, zoom 0.8–1.25, "
                        "translation up to 15%); in 2D a fifth, the fine detail after bending each of those candidates "
-                       "onto the image by a smooth displacement of at most 3 pixels. 0 is a score's "
+                       "onto the image by a smooth displacement of at most 3 pixels. The two pixel correlations' "
+                       "thresholds also count the validation images down-sampled to 0.6 and 0.25 of their size and "
+                       "back, so a new patient's image rendered with less detail does not pass for a copy. "
+                       "0 is a score's "
                        "threshold and 1 an exact copy. Every score below, τ included, is on that scale, not a "
                        "correlation.",
 }
@@ -1042,7 +1045,8 @@ def audit(
             a quarter of it (:func:`best_of_pixel_sizes`, ``embeddings/<set>_pixels_16x16.npy`` and the like), and
             the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
             their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`), and in 2D a fifth, the same candidates
-            bent onto their query by a smooth field (:data:`ALIGN_DEFORM`); the default, :data:`DEFAULT_SCORE`:
+            bent onto their query by a smooth field (:data:`ALIGN_DEFORM`); the two pixel parts' τ_b also count the
+            validation images at :data:`NULL_LOW_RESOLUTION` of their resolution; the default, :data:`DEFAULT_SCORE`:
             the best AUROC of the detection benchmark, and with its default headroom more copies caught and fewer
             false alarms on new patients than the fused score; docs/benchmarks/detection_candidates.md); τ and
             everything downstream are computed on the chosen score. ``score="embedding", headroom=0`` is the paper's
