@@ -122,15 +122,16 @@ def memscan_recipe(score: str) -> dict:
 MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score)
                                    for score in ("embedding", "fused", "best-of", "best-of-aligned")}
 
-#: lever (round 13, adopted as ``memscan.audit.ALIGN_REFINE_ROUNDS``): best-of-aligned whose alignment refines each
-#: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
-#: grid step), for copies zoomed or rotated between two grid values (the benchmark's weak crop, a 1.11× zoom, falls
-#: between the grid's 1.077 and 1.16); ``best_of_four_hp_f1_px4`` is the same score on the grid alone (round 12's)
+
 def _sharp_null(part: dict) -> dict:
     """A part of best-of-aligned as before round 17: calibrated on the validation images as they are only."""
     return {k: copy.deepcopy(v) for k, v in part.items() if k != "calibrate_lowres"}
 
 
+#: lever (round 13, adopted as ``memscan.audit.ALIGN_REFINE_ROUNDS``): best-of-aligned whose alignment refines each
+#: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
+#: grid step), for copies zoomed or rotated between two grid values (the benchmark's weak crop, a 1.11× zoom, falls
+#: between the grid's 1.077 and 1.16); ``best_of_four_hp_f1_px4`` is the same score on the grid alone (round 12's)
 CANDIDATES["best_of_aligned_refined"] = {**copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]),
                                          "max_of": [_sharp_null(p) for p in MEMSCAN_SCORES["best-of-aligned"]["max_of"]
                                                     if not p.get("deform")]}
@@ -271,14 +272,14 @@ CANDIDATES["best_of_aligned_rigid"] = _with_deform(None)
 #: px, then 2 px; 60 steps each); ``_k1`` on the top candidate only
 CANDIDATES["best_of_five_deform_c2f_k1"] = _with_deform({**ALIGN_DEFORM[2], "k": 1})
 
-#: the round-14 default (best-of-aligned at its headroom) with the alignment's circular shifts only
-#: (``align_and_correlate(rewarp=False)``): the side-by-side baseline of round 15's re-warp, which correlates each
-#: pair once more at its best rotation, zoom and shift without wrapping (detection_candidates.md section 13)
-CANDIDATES["best_of_aligned_circular"] = {**copy.deepcopy(DEFAULT), "max_of": [_sharp_null(p) for p in DEFAULT["max_of"]]}
-CANDIDATES["best_of_aligned_circular"]["max_of"][3]["align"]["rewarp"] = False
 #: the round-16 default: every part calibrated on the validation images as they are (round 17 adds their
 #: low-resolution versions to the pixel parts' null, ``memscan.audit.NULL_LOW_RESOLUTION``)
 CANDIDATES["best_of_aligned_sharp_null"] = {**copy.deepcopy(DEFAULT), "max_of": [_sharp_null(p) for p in DEFAULT["max_of"]]}
+#: the round-14 default (best-of-aligned at its headroom) with the alignment's circular shifts only
+#: (``align_and_correlate(rewarp=False)``): the side-by-side baseline of round 15's re-warp, which correlates each
+#: pair once more at its best rotation, zoom and shift without wrapping (detection_candidates.md section 13)
+CANDIDATES["best_of_aligned_circular"] = copy.deepcopy(CANDIDATES["best_of_aligned_sharp_null"])
+CANDIDATES["best_of_aligned_circular"]["max_of"][3]["align"]["rewarp"] = False
 
 def _with_lowres_null(n_parts: int) -> dict:
     """The default recipe whose first ``n_parts`` parts (plain correlations) calibrate on the validation images at
