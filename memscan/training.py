@@ -19,6 +19,7 @@ Chen et al., "A simple framework for contrastive learning of visual representati
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -826,16 +827,26 @@ def init_distributed(backend: str | None = None) -> str:
     return str(dist.get_backend())
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(network: nn.Module | None = None) -> None:
     """Tear the torchrun process group down on every rank together (no-op when none is initialised).
 
-    A barrier comes first: a rank that destroys its gloo group while another rank is still finishing its epoch
-    (rank 0 saves checkpoints after the others are done) can abort with "terminate called without an active
-    exception" (seen in CI, about 1 run in 10 in a two-process reproduction; none with the barrier).
+    A barrier first, so no rank closes its connections while another is still saving. Then, with ``network`` (the
+    DistributedDataParallel wrapper the run trained), the wrapper's own handles on the group (its reducer, logger and
+    ``process_group``) are dropped, so the group is freed here rather than at interpreter exit: a gloo group still
+    held by a DDP wrapper when the process exits made a rank abort with "terminate called without an active
+    exception" after all its work was saved (CI; a two-process reproduction: 4 of 60 runs with the barrier alone,
+    0 of 60 with the handles dropped). The wrapper cannot run another synchronised step afterwards; its ``module``
+    is untouched.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        for name in ("reducer", "logger", "process_group"):
+            if hasattr(network, name):
+                delattr(network, name)
+        gc.collect()  # free what those handles held now, while the interpreter is whole
+    dist.destroy_process_group()
 
 
 def to_device(network: nn.Module, device: torch.device | str, channels_last: bool = False) -> nn.Module:

@@ -108,6 +108,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_shutdown_distributed_frees_the_group_and_the_wrappers_handles(monkeypatch):
+    """``shutdown_distributed(network)``: a no-op without a group; with one (single-process gloo here) a barrier, the
+    DDP wrapper's reducer, logger and process-group handles dropped (its module and weights kept), the group
+    destroyed."""
+    shutdown_distributed()  # nothing initialised: nothing to do
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+        net(torch.randn(3, 4)).sum().backward()
+        weight = net.module.weight.detach().clone()
+        shutdown_distributed(net)
+        assert not dist.is_initialized()
+        assert not any(hasattr(net, name) for name in ("reducer", "logger", "process_group"))
+        torch.testing.assert_close(net.module.weight, weight)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_cross_rank_gather_gives_global_negatives_and_exact_gradients(tmp_path):
     """Two gloo processes with half the batch each reproduce the single-process loss; the summed-gathered gradients
     averaged by DDP equal the single-process gradient."""
