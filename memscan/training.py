@@ -968,34 +968,20 @@ def train_encoder(
 def _check_resumable(out: Path, encoder: Mapping[str, Any]) -> None:
     """One-line error when ``out`` holds checkpoints (``checkpoint_epoch=N.pt``) of an encoder other than
     ``encoder`` (the new run's :func:`_encoder_settings`): the bundle would resume from them and fail to load."""
+    from memscan.networks import infer_encoder, read_state_dict
+
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
         return
     previous = read_encoder_settings(out / "model.pt")
-    if previous:
-        changed = [f"{key} {previous.get(key)!r} → {encoder.get(key)!r}" for key in ("spatial_dims", *ENCODER_KEYS)
-                   if key in previous and previous.get(key) != encoder.get(key)]
-    else:  # checkpoints from before encoder.json was written first: compare the network's parameter shapes
-        changed = _network_mismatch(checkpoint, encoder)
+    if not previous:  # checkpoints from before encoder.json was written first: what their network's shapes say
+        previous = infer_encoder(read_state_dict(checkpoint), checkpoint)
+        encoder = {"in_channels": 1, **encoder}  # the bundles' own when the run does not set it
+    changed = [f"{key} {previous.get(key)!r} → {encoder.get(key)!r}" for key in ("spatial_dims", *ENCODER_KEYS)
+               if key in previous and previous.get(key) != encoder.get(key)]
     if changed:
         raise InputError(out, f"holds checkpoints of a different encoder ({'; '.join(changed)}), which a rerun "
                               f"would resume; choose another output folder, or remove this one to start over")
-
-
-def _network_mismatch(checkpoint: str | Path, encoder: Mapping[str, Any]) -> list[str]:
-    """How the ``network`` state_dict in a trainer checkpoint differs from the encoder ``encoder`` describes
-    (missing, unexpected or reshaped parameters; at most three named), or ``[]`` when it would load."""
-    from memscan.networks import build_encoder
-
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("network", {})
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        net = build_encoder(encoder["spatial_dims"], encoder.get("arch", "resnet50"),
-                            encoder.get("embedding_dim", 128), encoder.get("in_channels", 1))
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in saved.items()}
-    differ = [f"{k} {list(found[k]) if k in found else 'absent'} → {list(expected[k]) if k in expected else 'absent'}"
-              for k in sorted(expected.keys() | found.keys()) if found.get(k) != expected.get(k)]
-    return differ[:3] + ([f"{len(differ) - 3} more parameters"] if len(differ) > 3 else [])
 
 
 def _user_error_in(err: BaseException) -> MemscanError | None:

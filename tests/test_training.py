@@ -248,7 +248,7 @@ def test_memscan_train_cli_runs_train_encoder_and_the_bundle(tiny_2d_folder, tmp
     code = main(["train", "--train", str(train), "--val", str(val), "--dims", "2", "--out", str(run), "--epochs", "2",
                  "--image-size", "32", "--arch", "resnet18", "--batch-size", "4", "--workers", "0", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "layer1.1.bn1.bias absent → [64]" in err[0], err
+    assert code == 2 and len(err) == 1 and str(run) in err[0] and "'resnet10' → 'resnet18'" in err[0], err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir() if p.name != "encoder.json") == [
         entry for entry in before if entry[0] != "encoder.json"]
 
