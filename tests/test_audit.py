@@ -569,8 +569,7 @@ def test_best_of_aligned_pixel_sets_are_the_images_at_each_grid(tiny_2d_folder, 
     """``score="best-of-aligned"``'s pixel sets are the preprocessed images area-downsampled to each of
     :func:`best_of_pixel_sizes`, standardised: at 32² the quarter grid is the fused pixels' own (8², taken from them),
     at 96² it is not (16² against the fused 24²), and both paths give the same features as a direct computation."""
-    from memscan.audit import (NULL_LOW_RESOLUTION, _low_resolution_pixels, _preprocessed_image, _score_features,
-                               best_of_pixel_sizes)
+    from memscan.audit import _low_resolution_pixels, _preprocessed_image, _score_features, best_of_pixel_sizes
     from memscan.data import PreprocessConfig, load_image_set, preprocess_transforms
     from memscan.data.transforms import LOWRES_ZOOM_RANGE, low_resolution
     from memscan.scoring import pixel_features, standardize_rows
