@@ -50,6 +50,7 @@ __all__ = [
     "pearson",
     "topk_correlation",
     "best_matches",
+    "blend_correlation",
     "best_of_correlation",
     "scale_to_null",
     "with_headroom",
@@ -749,6 +750,80 @@ def best_matches(query: ArrayLike, reference: ArrayLike, *, device: str | torch.
     return qv[:, 0], qi[:, 0], rv, ri
 
 
+def _blend_search(query: np.ndarray, reference: np.ndarray, *, q_codes: np.ndarray | None,
+                  r_codes: np.ndarray | None, device: torch.device, dtype: torch.dtype,
+                  block_size: int | tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated numpy sets → each query row's best fit by a blend of at most two reference rows.
+
+    Greedy, two exact searches: the best reference, then the reference best correlated with what it leaves
+    unexplained (the residual); the score is the multiple correlation of the query with the non-negative blend of
+    the two, or the first reference's correlation when no positive blend improves on it. Returns float64 values,
+    the first reference's index and the second's (``-1`` when the blend is the first reference alone).
+    """
+    search = dict(device=device, dtype=dtype, block_size=block_size)
+    v1, i1, _, _ = _exact_search(query, reference, 1, q_codes=q_codes, r_codes=r_codes, **search)
+    values, first, second = v1[:, 0].copy(), i1[:, 0], np.full(len(query), -1, dtype=np.int64)
+    cpu64 = (torch.device("cpu"), torch.float64)
+    for start in range(0, len(query), _STANDARDIZE_CHUNK):
+        rows = np.arange(start, min(start + _STANDARDIZE_CHUNK, len(query)))
+        rows = rows[first[rows] >= 0]
+        if not len(rows):
+            continue
+        q = _standardize(query[rows], *cpu64).numpy()
+        r1 = _standardize(reference[first[rows]], *cpu64).numpy()
+        a = np.einsum("nd,nd->n", q, r1)
+        resid = q - a[:, None] * r1  # orthogonal to the first reference: the search cannot pick it again
+        live = np.linalg.norm(resid, axis=1) > 1e-6  # else the first reference explains the query exactly
+        if not live.any():
+            continue
+        rows, q, r1, a, resid = rows[live], q[live], r1[live], a[live], resid[live]
+        _, i2, _, _ = _exact_search(resid, reference, 1, q_codes=None if q_codes is None else q_codes[rows],
+                                    r_codes=r_codes, **search)
+        i2 = i2[:, 0]
+        r2 = _standardize(reference[np.maximum(i2, 0)], *cpu64).numpy()
+        b, g = np.einsum("nd,nd->n", q, r2), np.einsum("nd,nd->n", r1, r2)
+        det = 1.0 - g * g
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w1, w2 = (a - g * b) / det, (b - g * a) / det
+            fit = np.sqrt(np.clip(a * w1 + b * w2, 0.0, 1.0))
+        blended = (i2 >= 0) & (det > 1e-9) & (w1 > 0) & (w2 > 0) & (fit > values[rows])
+        values[rows[blended]], second[rows[blended]] = fit[blended], i2[blended]
+    return values, first, second
+
+
+def blend_correlation(query: ArrayLike, reference: ArrayLike, *, query_groups: ArrayLike | None = None,
+                      reference_groups: ArrayLike | None = None, device: str | torch.device = "auto",
+                      block_size: int | tuple[int, int] | None = None, dtype: str | torch.dtype = "float32",
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query row's best Pearson correlation with a blend of at most two reference rows.
+
+    A generator that memorised two training images can reproduce them superimposed: each source alone then
+    correlates only partly with the sample, but their blend explains it. The blend is found greedily (the best
+    reference, then the one best correlated with the part of the query it leaves unexplained) and weighted by least
+    squares with non-negative weights; its score is the multiple correlation R of the query with the two, never
+    below the best single correlation. Use it on both sides of a threshold (calibration and search), as
+    :func:`match` does for its ``blend`` sets, since any query is explained a little better by two references.
+
+    Args:
+        query: N×D features.
+        reference: M×D features.
+        query_groups, reference_groups: subject ids; same-subject pairs are excluded (as :func:`topk_correlation`).
+        device, block_size, dtype: as :func:`topk_correlation`.
+
+    Returns:
+        ``(values, first, second)``: float64 scores and int64 indices of the first source and of the second
+        (``-1`` where the best fit is the first source alone, or where every pair is excluded: value ``-inf``).
+
+    Raises:
+        InputError: invalid features, mismatched dimensions, bad groups or device.
+    """
+    dev, dt = resolve_device(device), _resolve_dtype(dtype)
+    q_arr, r_arr = validate_embeddings(query, "query"), validate_embeddings(reference, "reference")
+    _check_dims([("query", q_arr), ("reference", r_arr)])
+    qc, rc = _group_codes(query_groups, reference_groups, len(q_arr), len(r_arr))
+    return _blend_search(q_arr, r_arr, q_codes=qc, r_codes=rc, device=dev, dtype=dt, block_size=block_size)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # percentile and threshold
 # ----------------------------------------------------------------------------------------------------------------
@@ -999,7 +1074,8 @@ def _best_of_located(values: Sequence[np.ndarray], indices: Sequence[np.ndarray]
 
 
 def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[ArrayLike], thresholds: Sequence[float],
-                        *, refined: tuple[ArrayLike, ArrayLike] | None = None, device: str | torch.device = "auto",
+                        *, refined: tuple[ArrayLike, ArrayLike] | None = None, blend: Sequence[int] = (),
+                        device: str | torch.device = "auto",
                         dtype: str | torch.dtype = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Each query's best reference on :func:`match`'s ``best_of`` score (e.g. for images scored after the match).
 
@@ -1009,6 +1085,8 @@ def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[Array
         refined: for a match with ``refine``: each query's ``(best refine score, reference index)``, the first block
             (its τ_b is ``thresholds[0]``), or ``[n, R]`` arrays for a refine that scores in R ways (the first R
             blocks, ``thresholds[:R]``); ``queries`` and ``references`` then hold the ``best_of`` blocks.
+        blend: indices into ``queries`` / ``references`` of blocks scored as blends (:func:`blend_correlation`),
+            the match's ``blend`` sets (``summary["blended_sets"]``).
 
     Returns:
         ``(values, indices)``: per query the best scaled score over blocks and references, and the reference index
@@ -1030,8 +1108,13 @@ def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[Array
         values.append(scale_to_null(r_values[:, j], float(thresholds[j])))
         indices.append(r_index[:, j].astype(np.int64))
     thresholds = thresholds[n_refined:]
-    for q, r, tau_b in zip(queries, references, thresholds):
-        v, i = topk_correlation(q, r, 1, device=device, dtype=dtype)
+    blend = {int(b) for b in blend}
+    for b, (q, r, tau_b) in enumerate(zip(queries, references, thresholds)):
+        if b in blend:
+            v, i, _ = blend_correlation(q, r, device=device, dtype=dtype)
+            v, i = v[:, None], i[:, None]
+        else:
+            v, i = topk_correlation(q, r, 1, device=device, dtype=dtype)
         if values and len(v) != len(values[0]):
             raise InputError("best_of", f"every block must hold the same queries, got {len(values[0])} and {len(v)}")
         values.append(scale_to_null(v[:, 0], float(tau_b)))
@@ -1046,7 +1129,8 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
           dtype: str | torch.dtype = "float32", block_size: int | tuple[int, int] | None = None,
           refine: Refine | None = None, refine_k: int = 5,
           best_of: Sequence[tuple[ArrayLike, ArrayLike, ArrayLike]] | None = None,
-          null_views: Sequence[Sequence[ArrayLike]] | None = None, headroom: float = 0.0) -> MatchResult:
+          null_views: Sequence[Sequence[ArrayLike]] | None = None, blend: Sequence[int] = (),
+          headroom: float = 0.0) -> MatchResult:
     """Run the memorization test of Dar et al. on three embedding sets.
 
     τ = ``percentile``-th percentile (numpy "linear") of each training sample's best validation correlation;
@@ -1098,6 +1182,10 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             a degraded new image does not clear τ_b by its lost detail alone. The null split's halves take the
             views of their own rows; the synthetic → validation column and ``null_rate_copies`` use the rows as
             they are.
+        blend: indices of ``best_of`` sets whose pairs are scored as blends (:func:`blend_correlation`): every
+            best match of that set, calibration and its views included, is the query's best fit by at most two
+            references of its own set instead of one, so a sample that superimposes two training images scores as
+            high as a copy of one.
         headroom: in [0, 1): flag against ``τ + headroom · (1 − τ)`` (:func:`with_headroom`) instead of τ, the
             percentile threshold: a copy must also clear that share of the way from τ to an exact copy. 0 (default)
             is the paper's rule. It keeps false alarms down when the validation patients are few or less alike to
@@ -1163,6 +1251,11 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
                     raise InputError(name, f"has {len(arr)} rows for {n_v} validation images")
                 _check_dims([(f"best_of[{b - 1}] val", blocks[b][1]), (name, arr)])
                 views[b].append(arr)
+    blended = set()  # block indices (the first block is the matched features) scored as blends
+    for b in np.asarray(blend, dtype=object).ravel() if blend is not None else ():
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b < len(best_of or []):
+            raise InputError("blend", f"expected indices of best_of sets (0 to {len(best_of or []) - 1}), got {b!r}")
+        blended.add(int(b) + 1)
 
     def refined(query: str, reference: str, rows: np.ndarray | None = None, ref_rows: np.ndarray | None = None,
                 q_codes: np.ndarray | None = None, r_codes: np.ndarray | None = None,
@@ -1188,10 +1281,11 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     # train → validation, as two halves A/B: the full best (for τ) and the null rate for one pass's work
     halves = _split_halves(n_v, val_subjects, rng)
     parts = [np.arange(n_v)] if halves is None else list(halves)
-    block_parts = []  # per feature set: (best per training row, best per validation row of half B) per part
+    # per feature set: (best per training row, best per validation row of half B) per part, and the best per
+    # training row over the whole validation set (the best over the halves, but for a blend of rows from both)
+    block_parts = []
     n_refined = 0  # score sets the refine gives (its columns); they replace the first feature set
     first_plain = 1 if refine is not None else 0
-    plain_blocks = blocks[first_plain:]  # the feature sets matched by correlation
     if refine is not None:  # refine re-scores the first feature set's candidates
         found_best, found_cols = [], []
         for k_part, rows in enumerate(parts):
@@ -1200,25 +1294,37 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
             n_refined = found_best[-1].shape[1]
             found_cols.append(None if halves is None or k_part == 0 else
                               refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
-        block_parts.extend(([fb[:, j] for fb in found_best], [None if fc is None else fc[:, j] for fc in found_cols])
-                           for j in range(n_refined))
-    for (b_train, b_val, _), b_views in zip(plain_blocks, views[first_plain:]):
-        part_best, part_cols = [], []
-        for k_part, rows in enumerate(parts):
-            r_codes = None if v_codes is None else v_codes[rows]
-            v, _, cv, _ = _exact_search(b_train, b_val[rows], 1, q_codes=t_codes, r_codes=r_codes,
-                                        columns=halves is not None and k_part == 1, indices=False, **search)
-            for view in b_views:  # the same rows in another version: the null takes the best of all
-                v = np.maximum(v, _exact_search(b_train, view[rows], 1, q_codes=t_codes, r_codes=r_codes,
-                                                indices=False, **search)[0])
-            part_best.append(v[:, 0])
-            part_cols.append(cv)
-        block_parts.append((part_best, part_cols))
+        block_parts.extend(([fb[:, j] for fb in found_best], [None if fc is None else fc[:, j] for fc in found_cols],
+                            np.max([fb[:, j] for fb in found_best], axis=0)) for j in range(n_refined))
+    def null_best(bi: int, rows: np.ndarray, column: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """A plain set's best validation value per training row over ``rows`` of the validation set and, with
+        ``column``, the best training value per validation row; every null view counts for the first."""
+        (b_train, b_val, _), r_codes = blocks[bi], None if v_codes is None else v_codes[rows]
+        if bi in blended:  # blends are searched from each side in turn (no columns from shared tiles)
+            v = _blend_search(b_train, b_val[rows], q_codes=t_codes, r_codes=r_codes, **search)[0]
+            cv = _blend_search(b_val[rows], b_train, q_codes=r_codes, r_codes=t_codes,
+                               **search)[0] if column else None
+        else:
+            v, _, cv, _ = _exact_search(b_train, b_val[rows], 1, q_codes=t_codes, r_codes=r_codes, columns=column,
+                                        indices=False, **search)
+            v = v[:, 0]
+        for view in views[bi]:  # the same rows in another version: the null takes the best of all
+            v = np.maximum(v, _blend_search(b_train, view[rows], q_codes=t_codes, r_codes=r_codes, **search)[0]
+                           if bi in blended else
+                           _exact_search(b_train, view[rows], 1, q_codes=t_codes, r_codes=r_codes, indices=False,
+                                         **search)[0][:, 0])
+        return v, cv
+
+    for bi in range(first_plain, len(blocks)):
+        found_parts = [null_best(bi, rows, halves is not None and k_part == 1) for k_part, rows in enumerate(parts)]
+        part_best = [v for v, _ in found_parts]
+        full = null_best(bi, np.arange(n_v), False)[0] if bi in blended and halves is not None else \
+            np.max(part_best, axis=0)
+        block_parts.append((part_best, [cv for _, cv in found_parts], full))
     block_taus: list[float] = []
-    part_best, part_cols = block_parts[0]
+    part_best, part_cols, best_val_t = block_parts[0]
     if len(block_parts) > 1:  # each set's own τ_b, then every part's values on the common scale, best set per row
-        for part_best, _ in block_parts:
-            full = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
+        for _, _, full in block_parts:
             _no_valid_row(full, "train_subjects", "this training sample shares its subject with every validation "
                                                   "sample: no other-patient correlation to calibrate on")
             block_taus.append(_percentile_1d(full, p))
@@ -1227,7 +1333,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         part_cols = [None if block_parts[0][1][k] is None else
                      _best_of_sets([scale_to_null(bp[1][k], t) for bp, t in zip(block_parts, block_taus)])[0]
                      for k in range(len(parts))]
-    best_val_t = part_best[0] if halves is None else np.maximum(part_best[0], part_best[1])
+        best_val_t = _best_of_sets([scale_to_null(bp[2], t) for bp, t in zip(block_parts, block_taus)])[0]
     _no_valid_row(best_val_t, "train_subjects", "this training sample shares its subject with every validation "
                                                 "sample: no other-patient correlation to calibrate on")
     tau_p = _percentile_1d(best_val_t, p)
@@ -1245,11 +1351,17 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         s_v, s_i = refined("synthetic", "train")
         v_v = refined("synthetic", "val")[0]
         found.extend((t_v[:, j], t_i[:, j], s_v[:, j], s_i[:, j], v_v[:, j]) for j in range(n_refined))
-    for b_train, b_val, b_syn in plain_blocks:
-        # train ↔ synthetic: row and column maxima from the same tiles
-        t_v, t_i, s_v, s_i = best_matches(b_train, b_syn, **search)
-        # synthetic → validation (for the table's best validation correlation)
-        v_v = _exact_search(b_syn, b_val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
+    for bi in range(first_plain, len(blocks)):
+        b_train, b_val, b_syn = blocks[bi]
+        if bi in blended:
+            t_v, t_i, _ = _blend_search(b_train, b_syn, q_codes=None, r_codes=None, **search)
+            s_v, s_i, _ = _blend_search(b_syn, b_train, q_codes=None, r_codes=None, **search)
+            v_v = _blend_search(b_syn, b_val, q_codes=None, r_codes=None, **search)[0]
+        else:
+            # train ↔ synthetic: row and column maxima from the same tiles
+            t_v, t_i, s_v, s_i = best_matches(b_train, b_syn, **search)
+            # synthetic → validation (for the table's best validation correlation)
+            v_v = _exact_search(b_syn, b_val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
         found.append((t_v, t_i, s_v, s_i, v_v))
     if block_taus:
         found = [(scale_to_null(t_v, tau_b), t_i, scale_to_null(s_v, tau_b), s_i, scale_to_null(v_v, tau_b))
@@ -1290,6 +1402,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         "dtype": str(dt).replace("torch.", ""),
         "refined": refine is not None,
         **({"feature_set_thresholds": block_taus} if block_taus else {}),
+        **({"blended_sets": sorted(b - 1 for b in blended)} if blended else {}),
         "memscan_version": __version__,
     }
 

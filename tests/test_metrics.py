@@ -15,6 +15,7 @@ from memscan import metrics
 from memscan.errors import InputError
 from memscan.metrics import (
     best_of_correlation,
+    blend_correlation,
     calibrate_threshold,
     load_embeddings,
     match,
@@ -31,6 +32,29 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 # ------------------------------------------------------------------------------------------------ helpers
 def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 1.0 - cdist(a, b, "correlation")
+
+
+def dense_blend(q: np.ndarray, r: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """The greedy two-source fit written out on dense matrices: best reference, best reference for the residual,
+    multiple correlation of the non-negative least-squares blend (else the best single correlation)."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = x - x.mean(1, keepdims=True)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    qs, rs = unit(q), unit(r)
+    c = qs @ rs.T
+    if allowed is not None:
+        c = np.where(allowed, c, -np.inf)
+    out = c.max(axis=1)
+    for n in range(len(q)):
+        i = int(np.argmax(c[n]))
+        resid = qs[n] - c[n, i] * rs[i]
+        e = np.where(allowed[n] if allowed is not None else True, rs @ resid, -np.inf)
+        j = int(np.argmax(e))
+        w, *_ = np.linalg.lstsq(np.stack([rs[i], rs[j]], 1), qs[n], rcond=None)
+        if j != i and (w > 0).all():
+            out[n] = max(out[n], float(np.sqrt(qs[n] @ (np.stack([rs[i], rs[j]], 1) @ w))))
+    return out
 
 
 def with_duplicates(rng: np.random.Generator, n: int, d: int, n_dup: int) -> np.ndarray:
@@ -770,3 +794,65 @@ def test_match_refine_with_best_of_rescores_the_first_set_only() -> None:
     with pytest.raises(InputError, match="refined block"):
         best_of_correlation([pix[2], emb[2]], [pix[0], emb[0]], got.summary["feature_set_thresholds"][1:],
                             refined=refined, device="cpu")
+
+
+def test_blend_correlation_scores_superimposed_references_as_copies() -> None:
+    """``blend_correlation``: a query superimposing two references scores 1 and names both; an exact copy names one;
+    every score equals the dense greedy fit, lies between the best single correlation and the best fit over all
+    pairs, and respects subject exclusion."""
+    rng = np.random.default_rng(21)
+    ref = rng.normal(size=(30, 40))
+    query = rng.normal(size=(12, 40))
+    query[0] = 0.65 * ref[3] + 0.35 * ref[17]
+    query[1] = 2.0 * ref[5] + 1.0
+    values, first, second = blend_correlation(query, ref, device="cpu", dtype="float64")
+    assert values[0] == pytest.approx(1.0, abs=1e-9) and (first[0], second[0]) == (3, 17)
+    assert values[1] == pytest.approx(1.0, abs=1e-9) and (first[1], second[1]) == (5, -1)
+    np.testing.assert_allclose(values, dense_blend(query, ref), atol=1e-9)
+    single = corr(query, ref)
+    assert (values >= single.max(axis=1) - 1e-12).all()
+    assert values[0] > single[0].max() + 0.05  # the blend is what catches it
+    for n in range(len(query)):  # never above the best non-negative fit over every pair
+        best = single[n].max()
+        for i in range(len(ref)):
+            for j in range(i + 1, len(ref)):
+                a = np.stack([ref[i] - ref[i].mean(), ref[j] - ref[j].mean()], 1)
+                w, *_ = np.linalg.lstsq(a, query[n] - query[n].mean(), rcond=None)
+                if (w > 0).all():
+                    best = max(best, float(np.corrcoef(query[n], a @ w)[0, 1]))
+        assert values[n] <= best + 1e-9
+    q_groups, r_groups = np.arange(12) % 3, np.arange(30) % 3
+    values, first, second = blend_correlation(query, ref, query_groups=q_groups, reference_groups=r_groups,
+                                              device="cpu", dtype="float64")
+    np.testing.assert_allclose(values, dense_blend(query, ref, q_groups[:, None] != r_groups[None]), atol=1e-9)
+    assert (r_groups[first] != q_groups).all() and all(r_groups[j] != g for j, g in zip(second, q_groups) if j >= 0)
+
+
+def test_match_blend_sets_calibrate_and_search_on_two_source_fits() -> None:
+    """``match(blend=...)``: that best_of set's τ_b is the percentile of each training row's best two-validation-row
+    fit (its null views included), its synthetic scores the two-training-row fit, so a superimposed pair is a copy
+    that plain correlations miss; ``best_of_correlation(blend=...)`` scores later images the same way; bad indices
+    are one-line input errors."""
+    rng = np.random.default_rng(22)
+    n, m, s = 40, 30, 20
+    emb = [rng.normal(size=(n, 8)), rng.normal(size=(m, 8)), rng.normal(size=(s, 8))]
+    pix = [rng.normal(size=(n, 60)), rng.normal(size=(m, 60)), rng.normal(size=(s, 60))]
+    pix[2][:4] = 0.55 * pix[0][[1, 5, 9, 13]] + 0.45 * pix[0][[20, 24, 28, 32]]  # blends of two training rows
+    view = 0.7 * pix[1] + 0.3 * rng.normal(size=(m, 60))
+    kwargs = dict(device="cpu", n_bootstrap=0, dtype="float64", headroom=0.8)
+    plain = match(*emb, best_of=[pix], **kwargs)
+    got = match(*emb, best_of=[pix, pix], blend=[1], null_views=[[view], [view]], **kwargs)
+    assert got.summary["blended_sets"] == [1] and "blended_sets" not in plain.summary
+    null = np.maximum(dense_blend(pix[0], pix[1]), dense_blend(pix[0], view))
+    assert got.summary["feature_set_thresholds"][2] == pytest.approx(np.percentile(null, 95.0), abs=1e-12)
+    assert not plain.synthetic_table["copy"][:4].any()
+    assert got.synthetic_table["copy"][:4].all() and not got.synthetic_table["copy"][4:].any()
+    assert got.synthetic_table["best_train_index"][:4].tolist() == [1, 5, 9, 13]
+    taus = got.summary["feature_set_thresholds"]
+    values, _ = best_of_correlation([emb[2], pix[2], pix[2]], [emb[0], pix[0], pix[0]], taus, blend=[2],
+                                    device="cpu", dtype="float64")
+    np.testing.assert_allclose(values, got.best_train_for_synthetic, atol=1e-12)
+
+    for bad in ([2], [-1], [True], ["1"]):
+        with pytest.raises(InputError, match=r"^blend: expected indices of best_of sets \(0 to 1\)"):
+            match(*emb, best_of=[pix, pix], blend=bad, **kwargs)

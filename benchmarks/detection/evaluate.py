@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from memscan.metrics import percentile, scale_to_null, topk_correlation, with_headroom
+from memscan.metrics import blend_correlation, percentile, scale_to_null, topk_correlation, with_headroom
 from memscan.scoring import aligned_search, deform_and_correlate
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
@@ -164,14 +164,19 @@ def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: di
         return aligned_scores(recipe, groups[tr], groups[va], f_train, feats(groups[va]), s_train,
                               s_feats(groups[va])), aligned
 
+    def correlate(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        if recipe.get("blend"):  # each query's best blend of two references (match(blend=...))
+            return blend_correlation(query, reference, device="cpu")[0]
+        return topk_correlation(query, reference, 1, device="cpu")[0][:, 0]
+
     def best(images: np.ndarray) -> np.ndarray:
-        return topk_correlation(feats(images), f_train, 1, device="cpu")[0][:, 0]
+        return correlate(feats(images), f_train)
 
     if recipe.get("calibration", "train_to_val") == "val_to_train":  # the null of a novel image
         return best(groups[va]), best
-    null = topk_correlation(f_train, feats(groups[va]), 1, device="cpu")[0][:, 0]
+    null = correlate(f_train, feats(groups[va]))
     for zoom in recipe.get("calibrate_lowres", []):  # the null over the validation images at a lower resolution too
-        null = np.maximum(null, topk_correlation(f_train, feats(lowres(groups[va], zoom)), 1, device="cpu")[0][:, 0])
+        null = np.maximum(null, correlate(f_train, feats(lowres(groups[va], zoom))))
     return null, best
 
 
@@ -240,7 +245,7 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     parts = recipe.get("max_of") or [recipe]
     images = {"train": train, "val": val, "synthetic": queries}
     encoders: dict = {}
-    plain, views, aligned = [], [], None
+    plain, views, blend, aligned = [], [], [], None
     deform = [part["deform"] for part in parts if part.get("deform")]  # scored by the aligned part's refine
     if len(deform) > 1 or (deform and not any(part.get("align") for part in parts)):
         raise ValueError("a max_of recipe takes at most one deform part, beside an align part")
@@ -254,14 +259,19 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
                 raise ValueError("a max_of recipe takes at most one align part")
             aligned = (part, triple)
         else:
+            if part.get("blend"):
+                blend.append(len(plain))  # its index among the plain parts
             plain.append(triple)
             views.append([feats(lowres(val, zoom)) for zoom in part.get("calibrate_lowres", [])])
     match_kwargs = {"headroom": float(recipe.get("headroom", 0.0)), **match_kwargs}
     if aligned is None:
+        blend = [b - 1 for b in blend]  # the first plain part is match's matched features, the rest its best_of
         if views[0]:
             raise ValueError("calibrate_lowres applies to a max_of recipe's best_of sets, not its first part")
+        if blend and blend[0] < 0:
+            raise ValueError("blend applies to a max_of recipe's best_of sets, not its first part")
         return match(*plain[0], best_of=plain[1:] or None, null_views=views[1:] if any(views) else None,
-                     **match_kwargs)
+                     blend=blend, **match_kwargs)
     part, primary = aligned
     if part["align"].get("scoring", "embedding") != "retrieval":
         raise ValueError("match_recipe supports align parts scored with their retrieval features only")
@@ -272,7 +282,7 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
         axes["deform"] = dict(deform[0])
     refine = _aligned_refine(images, axes)
     return match(*primary, refine=refine, refine_k=int(part["align"].get("k", 5)), best_of=plain or None,
-                 null_views=views if any(views) else None, **match_kwargs)
+                 null_views=views if any(views) else None, blend=blend, **match_kwargs)
 
 
 def _metrics(g: pd.DataFrame) -> pd.Series:

@@ -297,3 +297,12 @@ def _with_lowres_null(n_parts: int) -> dict:
 #: view's zooms 0.6 and 0.25 instead (``memscan.audit.NULL_LOW_RESOLUTION``, section 15)
 CANDIDATES["best_of_aligned_lowres_null"] = _with_lowres_null(3)
 CANDIDATES["best_of_aligned_lowres_null_px"] = _with_lowres_null(2)
+
+#: lever (round 18): a generator can superimpose two memorised images (the ``mix`` family). Full-size pixel Pearson
+#: against the best blend of two training images (``memscan.metrics.blend_correlation``, ``match(blend=...)``), its
+#: null the same fit of each training image by two validation images (at their low resolutions too): as a sixth part
+#: beside the plain pixels (``_blend``), or in place of them (``_blend_only``)
+CANDIDATES["best_of_aligned_blend"] = copy.deepcopy(DEFAULT)
+CANDIDATES["best_of_aligned_blend"]["max_of"].insert(2, {**copy.deepcopy(DEFAULT["max_of"][0]), "blend": True})
+CANDIDATES["best_of_aligned_blend_only"] = copy.deepcopy(DEFAULT)
+CANDIDATES["best_of_aligned_blend_only"]["max_of"][0]["blend"] = True
