@@ -508,10 +508,11 @@ def _textured(seed: int) -> np.ndarray:
 
 
 def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tmp_path: Path) -> None:
-    """``score="best-of-aligned"``: the best of the aligned high-passed pixels, pixel Pearson at two sizes and the fused
-    score, each on its own τ_b; a shifted + rotated copy and a blended copy are both matched to their sources and
-    flagged, the moved one by the alignment (above its best plain best-of value, which the saved features reproduce);
-    controls and the report use the same score. Textured phantoms: the high-pass keeps only their texture."""
+    """``score="best-of-aligned"``: the best of the aligned high-passed pixels, pixel Pearson at two sizes (the
+    full-size one against the best blend of two training images) and the fused score, each on its own τ_b; a
+    shifted + rotated copy and a blended copy are both matched to their sources and flagged, the moved one by the
+    alignment (above its best plain best-of value, which the saved features reproduce); controls and the report use
+    the same score. Textured phantoms: the high-pass keeps only their texture."""
     from PIL import Image
 
     from memscan.metrics import best_of_correlation
@@ -536,7 +537,7 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     block = result.sets["syn"].block
     taus = block["feature_set_thresholds"]
     # aligned (refined fused), bent (the non-rigid fit of the same candidates, 2D), pixels, quarter pixels, fused
-    assert len(taus) == 5 and block["refined"] is True
+    assert len(taus) == 5 and block["refined"] is True and block["blended_sets"] == [0]
     table = result.sets["syn"].synthetic_table
     table = table.set_index(table["path"].map(lambda p: Path(p).name))
     for name, source in (("moved.png", train_files[7]), ("blend.png", train_files[9])):
@@ -546,11 +547,11 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     quarter = {k: np.load(out / "embeddings" / f"{k}_pixels_{SIZE // 4}x{SIZE // 4}.npy") for k in ("train", "syn")}
     assert pix["train"].shape == (16, SIZE * SIZE) and quarter["train"].shape == (16, (SIZE // 4) ** 2)
     plain, _ = best_of_correlation([pix["syn"], quarter["syn"], emb["syn"]], [pix["train"], quarter["train"],
-                                   emb["train"]], taus[2:], device="cpu")
+                                   emb["train"]], taus[2:], blend=[0], device="cpu")
     scores = result.sets["syn"].synthetic_table["best_train_correlation"].to_numpy()
     assert (scores >= plain - 1e-6).all()  # the aligned and bent sets only add to the plain sets' best
-    # the pixel parts' null also holds the validation images at lower resolutions: their τ_b is at least the sharp
-    # images' null (the fused set's is the sharp null alone)
+    # the pixel parts' null also holds the validation images at lower resolutions (and the full-size one blends of
+    # two of them): their τ_b is at least the sharp images' one-image null (the fused set's is that null alone)
     assert result.summary["provenance"]["config"]["null_low_resolution"] == list(NULL_LOW_RESOLUTION)
     def null(stem: str) -> float:
         t, v = (standardize_rows(np.load(out / "embeddings" / f"{k}{stem}.npy").astype(np.float64))

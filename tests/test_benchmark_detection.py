@@ -198,6 +198,8 @@ def test_default_detector_is_memscans_default():
     assert [part["pixel"] for part in boa[:2]] == [[[1, 1.0]], [[4, 1.0]]]
     # ...whose null takes the validation images at the audit's lower resolutions too; the other parts' does not
     assert [part.get("calibrate_lowres") for part in boa] == [list(NULL_LOW_RESOLUTION)] * 2 + [None] * 3
+    # ...and whose full-size set scores each image by its best blend of two training images (match(blend=[0]))
+    assert [part.get("blend") for part in boa] == [True] + [None] * 4
     assert best_of_pixel_sizes([64, 64], "best-of-aligned") == [[64, 64], [16, 16]]
     assert best_of_pixel_sizes([12, 32, 32], "best-of-aligned") == [[12, 32, 32], [3, 8, 8]]
     assert best_of_pixel_sizes([512, 512], "best-of-aligned") == [[64, 64], [16, 16]]
@@ -208,8 +210,11 @@ def test_default_detector_is_memscans_default():
     assert ALIGN_DEFORM[3] is None and len(presets.recipe_for(presets.DEFAULT, 3)["max_of"]) == 4
     assert _score_align_axes("best-of-aligned", {}, 2)["deform"] == ALIGN_DEFORM[2]
     assert "deform" not in _score_align_axes("best-of-aligned", {}, 3)
-    # round 13's score is today's without that part; round 12's without the coarse-to-fine rounds of its alignment
-    sharp = [{k: v for k, v in part.items() if k != "calibrate_lowres"} for part in boa]
+    # round 17's score is today's without the blend; round 16's also without the low-resolution null; round 13's
+    # without the fifth part; round 12's without the coarse-to-fine rounds of its alignment
+    single = [{k: v for k, v in part.items() if k != "blend"} for part in boa]
+    assert presets.CANDIDATES["best_of_aligned_single"] == {**presets.DEFAULT, "max_of": single}
+    sharp = [{k: v for k, v in part.items() if k != "calibrate_lowres"} for part in single]
     assert presets.CANDIDATES["best_of_aligned_sharp_null"] == {**presets.DEFAULT, "max_of": sharp}
     assert presets.CANDIDATES["best_of_aligned_refined"]["max_of"] == sharp[:4]
     assert presets.CANDIDATES["best_of_aligned_rigid"] == {**presets.DEFAULT, "max_of": sharp[:4]}
@@ -311,7 +316,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     from memscan.scoring import align_and_correlate, deform_and_correlate, pixel_features, standardize_rows
 
     product = presets.MEMSCAN_SCORES["best-of-aligned"]
-    assert product["max_of"][0] == {**presets.PIXEL, "calibrate_lowres": list(NULL_LOW_RESOLUTION)}
+    assert product["max_of"][0] == {**presets.PIXEL, "calibrate_lowres": list(NULL_LOW_RESOLUTION), "blend": True}
     assert product["max_of"][2] == presets.MEMSCAN_SCORES["fused"]
     align = product["max_of"][3]["align"]
     assert align["weights"] == {"pixel": 1.0, "features": 0.0} and align["scoring"] == "retrieval"
@@ -325,8 +330,8 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     # null split), the benchmark on the top k of the whole, so only an exhaustive k searches the same pairs in both
     k_all = 10
     zooms = product["max_of"][0]["calibrate_lowres"]  # the pixel parts' null views, as the audit's
-    recipe = {"max_of": [{**presets.PIXEL, "calibrate_lowres": zooms}, coarse, {**coarse, "align": {**align, "k": k_all}}],
-              "normalize": "ceiling"}
+    recipe = {"max_of": [{**presets.PIXEL, "calibrate_lowres": zooms, "blend": True}, coarse,
+                         {**coarse, "align": {**align, "k": k_all}}], "normalize": "ceiling"}
     bent = {"spacing": 8.0, "iterations": 3, "fit_highpass": [4.0, 2.0]}  # few steps: the same pairs, not a fit
     if bend:
         recipe["max_of"].append({**coarse, "deform": {**bent, "k": k_all}})
@@ -356,9 +361,9 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     low = [standardize_rows(pixel_features(np.stack([low_resolution(x, z) for x in images["val"]]))) for z in zooms]
     ref = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
                 refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)],
-                null_views=[low, []])
+                null_views=[low, []], blend=[0])
     sharp = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
-                  refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)])
+                  refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)], blend=[0])
     assert ref.summary["feature_set_thresholds"][-2] > sharp.summary["feature_set_thresholds"][-2]  # views count
     got = scores[(scores.family == fam) & (scores.strength == strength) & (scores.label == 1)]
     assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)

@@ -157,7 +157,7 @@ def study_parser(doc: str | None, threads: int = 2) -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "memscan_detection")
     parser.add_argument("--threads", type=int, default=threads, help="torch threads")
     parser.add_argument("--permutations", type=int, default=None,
-                        help="subject permutations per case (default: run.py's, 6 for MRI and 2 for CT / CXR)")
+                        help="subject permutations per case (default: run.py's, 6 for MRI and CXR, 2 for CT)")
     return parser
 
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import copy
 import inspect
 
-from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, FUSED_WEIGHTS,
-                           NULL_LOW_RESOLUTION, audit, default_headroom)
+from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, BLEND_PIXELS,
+                           FUSED_WEIGHTS, NULL_LOW_RESOLUTION, audit, default_headroom)
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -106,9 +106,12 @@ def memscan_recipe(score: str) -> dict:
         # fused score and the aligned high-passed pixels (ALIGN_HIGHPASS*) of the fused features' top candidates
         # (alignment_size(..., "best-of-aligned") = the benchmark's images whole), each scaled by its own τ_b, and
         # the same candidates bent onto their query (ALIGN_DEFORM of the case's dimensionality, see recipe_for); the
-        # two pixel parts calibrate on the validation images at NULL_LOW_RESOLUTION too (match(null_views=...))
+        # two pixel parts calibrate on the validation images at NULL_LOW_RESOLUTION too (match(null_views=...)), and
+        # the full-size one scores each image by its best blend of two training images (BLEND_PIXELS: match(blend=[0]))
         pixels = [{**copy.deepcopy(part), "calibrate_lowres": list(NULL_LOW_RESOLUTION)}
                   for part in (PIXEL, _PIXEL_QUARTER)]
+        if BLEND_PIXELS:
+            pixels[0]["blend"] = True
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
                                                         "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT],
@@ -123,9 +126,15 @@ MEMSCAN_SCORES: dict[str, dict] = {score: memscan_recipe(score)
                                    for score in ("embedding", "fused", "best-of", "best-of-aligned")}
 
 
+def _single(part: dict) -> dict:
+    """A part of best-of-aligned as before round 18: correlated with one training image at a time (no blend)."""
+    return {k: copy.deepcopy(v) for k, v in part.items() if k != "blend"}
+
+
 def _sharp_null(part: dict) -> dict:
-    """A part of best-of-aligned as before round 17: calibrated on the validation images as they are only."""
-    return {k: copy.deepcopy(v) for k, v in part.items() if k != "calibrate_lowres"}
+    """A part of best-of-aligned as before round 17: one training image at a time, calibrated on the validation
+    images as they are only."""
+    return {k: v for k, v in _single(part).items() if k != "calibrate_lowres"}
 
 
 #: lever (round 13, adopted as ``memscan.audit.ALIGN_REFINE_ROUNDS``): best-of-aligned whose alignment refines each
@@ -298,11 +307,11 @@ def _with_lowres_null(n_parts: int) -> dict:
 CANDIDATES["best_of_aligned_lowres_null"] = _with_lowres_null(3)
 CANDIDATES["best_of_aligned_lowres_null_px"] = _with_lowres_null(2)
 
-#: lever (round 18): a generator can superimpose two memorised images (the ``mix`` family). Full-size pixel Pearson
-#: against the best blend of two training images (``memscan.metrics.blend_correlation``, ``match(blend=...)``), its
-#: null the same fit of each training image by two validation images (at their low resolutions too): as a sixth part
-#: beside the plain pixels (``_blend``), or in place of them (``_blend_only``)
-CANDIDATES["best_of_aligned_blend"] = copy.deepcopy(DEFAULT)
+#: lever (round 18, adopted as ``match(blend=[0])`` of the audit's full-size pixels): a generator can superimpose two
+#: memorised images (the ``mix`` family). Full-size pixel Pearson against the best blend of two training images
+#: (``memscan.metrics.blend_correlation``), its null the same fit of each training image by two validation images (at
+#: their low resolutions too): in place of the plain full-size pixels (the default since round 18), or as a sixth part
+#: beside them (``_blend``, measured equal); ``best_of_aligned_single`` is the round-17 default, one image at a time
+CANDIDATES["best_of_aligned_single"] = {**copy.deepcopy(DEFAULT), "max_of": [_single(p) for p in DEFAULT["max_of"]]}
+CANDIDATES["best_of_aligned_blend"] = copy.deepcopy(CANDIDATES["best_of_aligned_single"])
 CANDIDATES["best_of_aligned_blend"]["max_of"].insert(2, {**copy.deepcopy(DEFAULT["max_of"][0]), "blend": True})
-CANDIDATES["best_of_aligned_blend_only"] = copy.deepcopy(DEFAULT)
-CANDIDATES["best_of_aligned_blend_only"]["max_of"][0]["blend"] = True
