@@ -9,6 +9,9 @@
 3. Achieved GFLOP/s of the train↔synthetic search (the pass ``match`` uses) as a fraction of a plain torch matmul
    of the same shapes into a preallocated output. Target ≥60%.
 4. On a GPU only: the 112k×112k (NIH ChestX-ray14 size) case. Target < 5 s.
+5. What scoring a pixel set as blends of two references costs (``match(blend=[0])``, the audit's default
+   ``best-of-aligned`` since round 18): the audit's plain sets (embedding, 64² pixels with two null views, 16² pixels)
+   matched with and without the blend, side by side. No target: reported as a ratio (``--blend-only`` runs this alone).
 
 Usage::
 
@@ -214,11 +217,37 @@ def section_gpu(n: int, n_val: int) -> None:
           f"tau {res.threshold:.4f}, N_copies {res.summary['n_copies_synthetic']}")
 
 
+def section_blend(n: int) -> None:
+    from memscan.metrics import match
+
+    side = 64
+    print(f"\n== 5. blend sets: match() of the audit's plain sets, {n} images per set, {side}² pixels, CPU ==")
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(8, side * side)).astype(np.float32)  # a shared anatomy: correlations like real images'
+    sets = [(rng.normal(size=(n, 8)) @ base + 2.0 * rng.normal(size=(n, side * side))).astype(np.float32)
+            for _ in range(3)]
+    views = [[(0.8 * sets[1] + 0.2 * base[0]).astype(np.float32) for _ in range(2)]]
+
+    def quarter(x: np.ndarray) -> np.ndarray:
+        return x.reshape(len(x), side // 4, 4, side // 4, 4).mean(axis=(2, 4)).reshape(len(x), -1)
+
+    emb = [x[:, :128] for x in sets]
+    best_of = [tuple(sets), tuple(quarter(x) for x in sets)]
+    kwargs = dict(device="cpu", n_bootstrap=1000, seed=0, best_of=best_of, headroom=0.5,
+                  null_views=[views[0], [quarter(v) for v in views[0]]])
+    t_plain, plain = timed(lambda: match(*emb, **kwargs), repeats=2)
+    t_blend, blend = timed(lambda: match(*emb, **kwargs, blend=[0]), repeats=2)
+    print(f"one image at a time (round 17):   {t_plain:8.2f} s   copies {plain.summary['n_copies_synthetic']}")
+    print(f"64² pixels as blends of two:      {t_blend:8.2f} s   copies {blend.summary['n_copies_synthetic']}   "
+          f"{t_blend / t_plain:.2f}x the plain match")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (2k compare, 20k big case)")
     parser.add_argument("--skip-big", action="store_true", help="skip the 200k case")
     parser.add_argument("--gpu-only", action="store_true", help="only section 4 (the 112k case on the GPU)")
+    parser.add_argument("--blend-only", action="store_true", help="only section 5 (the cost of blend sets)")
     parser.add_argument("--child-big", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-val", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,11 +263,15 @@ def main() -> None:
     if args.gpu_only:
         section_gpu(112_000, 20_000)
         return
+    if args.blend_only:
+        section_blend(n_cmp // 4)
+        return
     if not args.skip_big:
         section_big(n_big, n_val_big)
     section_compare(n_cmp, 95.0)
     section_gflops(n_cmp)
     section_gpu(112_000, 20_000)
+    section_blend(n_cmp // 4)
     print(f"\nload average at end {os.getloadavg()[0]:.1f} (other jobs on this shared machine slow both sides)")
 
 

@@ -494,8 +494,9 @@ NULL_LOW_RESOLUTION: tuple[float, ...] = (0.6, 0.25)
 #: reference images (:func:`memscan.metrics.blend_correlation`, ``match(blend=[0])``), calibrated alike on blends of
 #: two validation images. A generator that memorised two training images can superimpose them; each source alone
 #: then correlates only partly with the sample. Mixtures' recall at the default headroom 0.95 → 1.00 (MRI 2D), 0.97 →
-#: 1.00 (CXR) at the same false alarms (docs/benchmarks/detection_candidates.md section 16). One more search of the
-#: pixels per direction: negligible beside the alignment.
+#: 1.00 (CXR) at the same false alarms (docs/benchmarks/detection_candidates.md section 16). Two searches of the pixels
+#: per direction instead of one: the plain sets' match takes about 6× as long (18 s against 3 s for 2500 64² images
+#: per set on 2 CPU cores, docs/benchmarks/metrics_blend.txt), small beside the alignment's time.
 BLEND_PIXELS = True
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
