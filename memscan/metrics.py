@@ -1296,6 +1296,7 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
                               refined("val", "train", rows=rows, q_codes=r_codes, r_codes=t_codes)[0])
         block_parts.extend(([fb[:, j] for fb in found_best], [None if fc is None else fc[:, j] for fc in found_cols],
                             np.max([fb[:, j] for fb in found_best], axis=0)) for j in range(n_refined))
+
     def null_best(bi: int, rows: np.ndarray, column: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """A plain set's best validation value per training row over ``rows`` of the validation set and, with
         ``column``, the best training value per validation row; every null view counts for the first."""
