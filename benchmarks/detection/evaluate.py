@@ -237,8 +237,9 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     as ``best_of`` sets and its ``align`` part (at most one) as ``refine`` on that part's retrieval features, which
     are then the first set (``--score best-of`` / ``best-of-aligned``); a plain part's ``calibrate_lowres`` gives
     its ``null_views`` (the audit's :data:`~memscan.audit.NULL_LOW_RESOLUTION`) and its ``blend`` scores it as blends
-    of two references (``match(blend=...)``, the audit's :data:`~memscan.audit.BLEND_PIXELS`). A recipe's ``headroom`` is
-    ``match``'s (``--headroom``). Indices come with the scores, so the DDPM audit can compare nearest training images."""
+    of two references (``match(blend=...)``, the audit's :data:`~memscan.audit.BLEND_PIXELS`). A recipe's
+    ``headroom`` is ``match``'s (``--headroom``). Indices come with the scores, so the DDPM audit can compare
+    nearest training images."""
     from memscan.audit import _aligned_refine  # the audit's own re-scoring of candidates
     from memscan.metrics import match
 
