@@ -1308,6 +1308,7 @@ def audit(
         block["controls"] = {k: controls_block.get(k) for k in ("n", "n_caught", "share_caught",
                                                                   "n_matched_to_source")}
         syn_table = res.synthetic_table.rename(columns={"synthetic_id": "path", "best_train_id": "train_path",
+                                                        "second_train_id": "second_train_path",
                                                         "correlation": "best_train_correlation"})
         syn_table.insert(0, "synthetic_set", name)
         syn_table["authentic"] = ~auth["unauthentic"]

@@ -924,7 +924,9 @@ class MatchResult:
             ``memorized`` (plus ``train_id`` / ``best_synthetic_id`` when labels were given).
         synthetic_table: one row per synthetic sample: ``synthetic_index``, ``best_train_index``,
             ``correlation``, ``best_validation_correlation``, ``margin`` (correlation − τ), ``copy``
-            (plus ``synthetic_id`` / ``best_train_id`` when labels were given).
+            (plus ``synthetic_id`` / ``best_train_id`` when labels were given; with ``blend`` sets
+            ``second_train_index`` / ``second_train_id``: a blended sample's other source, -1 / missing where its
+            best score is not a blend of two).
         threshold: τ.
         best_val_for_train: each training sample's best validation correlation (the τ distribution).
         best_synthetic_for_train: each training sample's best synthetic correlation.
@@ -1346,29 +1348,35 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         null_rate = float(np.mean(part_best[1] > null_tau))
         null_rate_copies = float(np.mean(part_cols[1] > null_tau))
 
-    found = []  # per score set: (train → synthetic best, index, synthetic → train best, index, synthetic → val best)
+    # per score set: (train → synthetic best, index, synthetic → train best, index, synthetic → val best, and for a
+    # blend set each synthetic image's second training source, else None)
+    found = []
     if refine is not None:
         t_v, t_i = refined("train", "synthetic")
         s_v, s_i = refined("synthetic", "train")
         v_v = refined("synthetic", "val")[0]
-        found.extend((t_v[:, j], t_i[:, j], s_v[:, j], s_i[:, j], v_v[:, j]) for j in range(n_refined))
+        found.extend((t_v[:, j], t_i[:, j], s_v[:, j], s_i[:, j], v_v[:, j], None) for j in range(n_refined))
     for bi in range(first_plain, len(blocks)):
         b_train, b_val, b_syn = blocks[bi]
         if bi in blended:
             t_v, t_i, _ = _blend_search(b_train, b_syn, q_codes=None, r_codes=None, **search)
-            s_v, s_i, _ = _blend_search(b_syn, b_train, q_codes=None, r_codes=None, **search)
+            s_v, s_i, s_j = _blend_search(b_syn, b_train, q_codes=None, r_codes=None, **search)
             v_v = _blend_search(b_syn, b_val, q_codes=None, r_codes=None, **search)[0]
         else:
+            s_j = None
             # train ↔ synthetic: row and column maxima from the same tiles
             t_v, t_i, s_v, s_i = best_matches(b_train, b_syn, **search)
             # synthetic → validation (for the table's best validation correlation)
             v_v = _exact_search(b_syn, b_val, 1, q_codes=None, r_codes=None, indices=False, **search)[0][:, 0]
-        found.append((t_v, t_i, s_v, s_i, v_v))
+        found.append((t_v, t_i, s_v, s_i, v_v, s_j))
     if block_taus:
-        found = [(scale_to_null(t_v, tau_b), t_i, scale_to_null(s_v, tau_b), s_i, scale_to_null(v_v, tau_b))
-                 for (t_v, t_i, s_v, s_i, v_v), tau_b in zip(found, block_taus)]
+        found = [(scale_to_null(t_v, tau_b), t_i, scale_to_null(s_v, tau_b), s_i, scale_to_null(v_v, tau_b), s_j)
+                 for (t_v, t_i, s_v, s_i, v_v, s_j), tau_b in zip(found, block_taus)]
     best_syn_t, best_syn_t_idx = _best_of_located([f[0] for f in found], [f[1] for f in found])
     best_train_s, best_train_s_idx = _best_of_located([f[2] for f in found], [f[3] for f in found])
+    # the second source of a blend, where a blend set gives a synthetic image its best score (-1 elsewhere)
+    second_train_s = _best_of_located([f[2] for f in found], [np.full(n_s, -1, dtype=np.int64) if f[5] is None
+                                                              else f[5] for f in found])[1] if blended else None
     best_val_s = _best_of_sets([f[4] for f in found])[0]
 
     memorized = best_syn_t > tau
@@ -1420,6 +1428,10 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
     syn_cols["best_train_index"] = best_train_s_idx
     if t_labels is not None:
         syn_cols["best_train_id"] = t_labels[best_train_s_idx]
+    if second_train_s is not None:  # with blend sets: the blended sample's other training source
+        syn_cols["second_train_index"] = second_train_s
+        if t_labels is not None:
+            syn_cols["second_train_id"] = np.where(second_train_s >= 0, t_labels[np.maximum(second_train_s, 0)], None)
     syn_cols.update(correlation=best_train_s, best_validation_correlation=best_val_s, margin=best_train_s - tau,
                     copy=copies)
     train_table, synthetic_table = pd.DataFrame(train_cols), pd.DataFrame(syn_cols)

@@ -539,6 +539,9 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     # aligned (refined fused), bent (the non-rigid fit of the same candidates, 2D), pixels, quarter pixels, fused
     assert len(taus) == 5 and block["refined"] is True and block["blended_sets"] == [0]
     table = result.sets["syn"].synthetic_table
+    # a blend's other training source is named beside the first, or left empty
+    seconds = table["second_train_path"].dropna()
+    assert set(seconds) <= {str(p) for p in train_files} and (table["second_train_index"] >= 0).sum() == len(seconds)
     table = table.set_index(table["path"].map(lambda p: Path(p).name))
     for name, source in (("moved.png", train_files[7]), ("blend.png", train_files[9])):
         assert Path(table.loc[name, "train_path"]).name == source.name and bool(table.loc[name, "copy"]), name

@@ -848,6 +848,12 @@ def test_match_blend_sets_calibrate_and_search_on_two_source_fits() -> None:
     assert not plain.synthetic_table["copy"][:4].any()
     assert got.synthetic_table["copy"][:4].all() and not got.synthetic_table["copy"][4:].any()
     assert got.synthetic_table["best_train_index"][:4].tolist() == [1, 5, 9, 13]
+    assert got.synthetic_table["second_train_index"][:4].tolist() == [20, 24, 28, 32]  # both patients are named
+    assert "second_train_index" not in plain.synthetic_table
+    labelled = match(*emb, best_of=[pix, pix], blend=[1], train_ids=[f"t{i}.png" for i in range(n)], **kwargs)
+    assert labelled.synthetic_table["second_train_id"][:4].tolist() == ["t20.png", "t24.png", "t28.png", "t32.png"]
+    single = labelled.synthetic_table["second_train_index"] < 0
+    assert single.any() and labelled.synthetic_table["second_train_id"][single].isna().all()
     taus = got.summary["feature_set_thresholds"]
     values, _ = best_of_correlation([emb[2], pix[2], pix[2]], [emb[0], pix[0], pix[0]], taus, blend=[2],
                                     device="cpu", dtype="float64")
