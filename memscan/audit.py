@@ -834,6 +834,8 @@ def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[di
         value_name: table["best_train_correlation"].to_numpy(float),
         "margin to τ": table["margin"].to_numpy(float),
     })
+    if "second_train_index" in table:  # a blend of two training images: its other source too
+        shown.insert(3, "blended with", [train_names[int(i)] if i >= 0 else "" for i in table["second_train_index"]])
     return pairs, shown
 
 

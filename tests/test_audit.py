@@ -566,7 +566,8 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     moved_row = int(np.flatnonzero(table.index == "moved.png")[0])
     assert scores[moved_row] > plain[moved_row] + 1e-3
     assert block["controls"]["n_caught"] == 2
-    assert "--score best-of-aligned" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "--score best-of-aligned" in html and "blended with" in html  # the pairs table names a blend's other source
 
 
 @pytest.mark.parametrize("size", [32, 96])
