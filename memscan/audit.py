@@ -495,7 +495,7 @@ NULL_LOW_RESOLUTION: tuple[float, ...] = (0.6, 0.25)
 #: two validation images. A generator that memorised two training images can superimpose them; each source alone
 #: then correlates only partly with the sample. Mixtures' recall at the default headroom 0.95 → 1.00 (MRI 2D), 0.97 →
 #: 1.00 (CXR) at the same false alarms (docs/benchmarks/detection_candidates.md section 16). Two searches of the pixels
-#: per direction instead of one: the plain sets' match takes about 6× as long (18 s against 3 s for 2500 64² images
+#: per direction instead of one: the plain sets' match takes about 6× as long (17 s against 3 s for 2500 64² images
 #: per set on 2 CPU cores, docs/benchmarks/metrics_blend.txt), small beside the alignment's time.
 BLEND_PIXELS = True
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
@@ -1250,7 +1250,7 @@ def audit(
                 found.append(features[set_name])
         return found
     # best-of-aligned scores its full-size pixels (the first best_of set) as blends of two references
-    blend = [0] if BLEND_PIXELS and aligned_images and pixel_sets else []
+    blend = [0] if BLEND_PIXELS and score == "best-of-aligned" else []
     for name, s in syn_sets.items():
         logger.info("matching %s against the training set", name)
         syn_paths = [r["image"] for r in s.records]
