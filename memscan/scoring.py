@@ -676,7 +676,7 @@ def _control_points(spatial: Sequence[int], spacing: float) -> list[int]:
 def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, candidates: np.ndarray, *,
                          spacing: float = 12.0, max_displacement: float = 3.0, iterations: int = 60,
                          learning_rate: float = 0.3, fit_highpass: float | Sequence[float] = 2.0,
-                         highpass: float = 1.0,
+                         highpass: float = 1.0, margin: int | None = None,
                          plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
                          device: Any = "auto", budget: int | None = None) -> AlignedMatch:
     """Verify retrieval candidates by bending each one onto its query with a smooth, small displacement field.
@@ -688,7 +688,8 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     Adam steps to maximise the Pearson correlation of the query and the warped candidate, both high-passed
     (``fit_highpass``: σ of the blur subtracted, pixels; several σ, coarse first, fit coarse-to-fine, ``iterations``
     steps each, the field carried from one to the next); the pair's score is then the correlation of the finer
-    detail (``highpass``) at that field. The field is too coarse and too small to turn one patient's anatomy into
+    detail (``highpass``) at that field, over the image less a ``margin`` at every edge: a warp can pull in content
+    from beyond the image's edge (padding, or anatomy the reference never showed), which no field reproduces. The field is too coarse and too small to turn one patient's anatomy into
     another's, so other patients' images gain less than copies do. Apply the same function to the calibration pairs
     (as for :func:`align_and_correlate`) so that τ is the null of the same fit. 2D and 3D share one path.
 
@@ -704,6 +705,8 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
             sequence fits coarse-to-fine, one stage per σ in its order (a broad σ first widens the basin of the
             true field, which a displacement of a few pixels otherwise leaves on fine detail).
         highpass: σ in pixels of the blur subtracted before the pair's score, in ``plane``.
+        margin: pixels left out of the score at both ends of every spatial axis (at most a quarter of the axis);
+            None: ``ceil(max_displacement) + 1``, as far as the field reaches.
         plane: the two spatial axes (negative = from the end) of the high-pass filters.
         size: spatial size of the comparison (int for every axis) or None for the input size.
         device: where the fit runs (``"auto"``: CUDA when available).
@@ -734,11 +737,14 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
                         ("highpass", highpass)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
             raise InputError(name, f"expected a positive number, got {value!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
-        raise InputError("iterations", f"expected a non-negative integer, got {iterations!r}")
+    for name, value in (("iterations", iterations), ("margin", 0 if margin is None else margin)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise InputError(name, f"expected a non-negative integer, got {value!r}")
     pl = _plane_axes(plane, dims)
     q_t, r_t = _at_size(q_img, r_img, size)
     spatial = list(q_t.shape[2:])
+    edge = int(np.ceil(max_displacement)) + 1 if margin is None else int(margin)
+    interior = (Ellipsis, *(slice(min(edge, s // 4), s - min(edge, s // 4)) for s in spatial))
     points = _control_points(spatial, float(spacing))
     # the smooth field as one matrix product: each control point's interpolation kernel over the image (bicubic in
     # 2D, trilinear in 3D: torch has no tricubic), [control points, pixels]; far cheaper to differentiate than
@@ -751,7 +757,7 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     to_norm = torch.tensor([2.0 / s for s in reversed(spatial)], dtype=torch.float32, device=dev)
     # the references are high-passed once and then bent: for a field this smooth, bending and filtering commute
     # (up to the edges), so the fit needs no filtering per step
-    q_eval, q_norm = _standardize_images(_highpass(q_t, float(highpass), pl))
+    q_eval, q_norm = _standardize_images(_highpass(q_t, float(highpass), pl)[interior])
     if (q_norm <= 1e-12).any():
         raise InputError("query_images", "an image has no detail finer than the high-pass blur: its correlation is "
                                          "undefined", row=int(torch.argmin(q_norm)))
@@ -782,7 +788,7 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            value = _correlate_warped(q_eval[q_sel].to(dev), warp(r_eval[pair_ref].to(dev), params))
+            value = _correlate_warped(q_eval[q_sel].to(dev), warp(r_eval[pair_ref].to(dev), params)[interior])
         pixel[p_rows, p_cols] = value.double().cpu().numpy()
     pixel = np.where(cand >= 0, np.clip(pixel, -1.0, 1.0), -np.inf)
     return _best_candidates(cand, pixel, pixel.copy())

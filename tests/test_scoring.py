@@ -372,7 +372,9 @@ def test_deform_recovers_an_elastically_warped_copy(shape):
     queries = np.stack([_elastic(ref[0], 1), _elastic(ref[1], 2), _blob(9, shape)])
     cand = np.array([[0, 1], [1, 2], [0, 1]])
     plane = (len(shape) - 2, len(shape) - 1)
-    hp = [_highpass(torch.as_tensor(x), 1.0, plane).numpy().reshape(len(x), -1) for x in (queries, ref)]
+    # the score leaves out ceil(max_displacement) + 1 = 4 px at every edge (at most a quarter of the axis)
+    interior = (Ellipsis, *(slice(min(4, n // 4), n - min(4, n // 4)) for n in shape))
+    hp = [_highpass(torch.as_tensor(x), 1.0, plane).numpy()[interior].reshape(len(x), -1) for x in (queries, ref)]
     before = pearson(hp[0], hp[1], device="cpu").numpy()
     found = deform_and_correlate(queries, ref, cand, spacing=8.0)
     # no bending: the plain Pearson correlation of the high-passed pair
@@ -389,6 +391,22 @@ def test_deform_recovers_an_elastically_warped_copy(shape):
     assert staged.index.tolist()[:2] == [0, 1] and staged.score[2] < staged.pixel[0, 0] - 0.2
 
 
+def test_deform_leaves_out_what_the_warp_pulled_in_at_the_edges():
+    """A copy whose border the generator filled from beyond the image (here: zeros) still matches its source: the
+    score leaves out the band the field can reach, where no bending of the source reproduces the query."""
+    from memscan.scoring import deform_and_correlate
+
+    rng = np.random.default_rng(0)
+    ref = rng.random((2, 1, 32, 32)).astype(np.float32)  # detail up to every edge, as in a radiograph
+    query = ref[:1].copy()
+    query[..., :3, :], query[..., -3:, :], query[..., :, :3], query[..., :, -3:] = 0, 0, 0, 0
+    cand = np.array([[0, 1]])
+    kept = deform_and_correlate(query, ref, cand, iterations=0)
+    everything = deform_and_correlate(query, ref, cand, iterations=0, margin=0)
+    assert kept.pixel[0, 0] > 0.99 and everything.pixel[0, 0] < 0.9
+    assert kept.pixel[0, 1] < 0.2 and kept.index.tolist() == [0]
+
+
 def test_deform_skips_missing_candidates_and_rejects_bad_input():
     from memscan.scoring import deform_and_correlate
 
@@ -397,6 +415,7 @@ def test_deform_skips_missing_candidates_and_rejects_bad_input():
     assert np.isfinite(res.pixel[0, 0]) and np.isneginf(res.pixel[0, 1]) and res.index.tolist() == [1, -1]
     for kwargs, what in [({"spacing": 0.0}, "spacing"), ({"max_displacement": -1.0}, "max_displacement"),
                          ({"iterations": 1.5}, "iterations"), ({"highpass": True}, "highpass"),
+                         ({"margin": -1}, "margin"), ({"margin": 2.5}, "margin"),
                          ({"fit_highpass": []}, "fit_highpass"), ({"fit_highpass": [4.0, -2.0]}, "fit_highpass"),
                          ({"plane": (-1, -1)}, "plane"), ({"plane": ("x", -1)}, "plane"), ({"size": [4]}, "size")]:
         with pytest.raises(InputError, match=what):
