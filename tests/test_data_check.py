@@ -16,11 +16,11 @@ from conftest import SUBJECT_REGEX, make_array, write_png
 
 
 def test_clean_sets_usable(tiny_2d_folder):
-    train, val, syn = tiny_2d_folder(n=10), tiny_2d_folder(n=10), tiny_2d_folder(n=4)
+    train, val, syn = tiny_2d_folder(n=19), tiny_2d_folder(n=10), tiny_2d_folder(n=4)
     report = check_sources(train, val, {"ldm": syn})
     assert report.usable and not report.warnings and not report.errors
     text = report.to_text()
-    assert "train set: 10 image(s), 2D, 10 subject(s), 0 skipped" in text
+    assert "train set: 19 image(s), 2D, 19 subject(s), 0 skipped" in text
     assert "synthetic set 'ldm': 4 image(s)" in text and "shapes:   32×32 (10)" in text
     assert text.endswith("result: usable")
     summary = report.summary()
@@ -107,3 +107,19 @@ def test_few_validation_patients_warned(tiny_2d_folder):
     assert [w for w in warned.warnings if w.startswith(f"validation holds {MIN_VAL_SUBJECTS - 1} patient(s)")]
     assert not [w for w in quiet.warnings if "validation holds" in w]
     assert not [w for w in warned.warnings if "single patient" in w]  # that clause is for one patient only
+
+
+def test_few_training_images_warned(tiny_2d_folder):
+    """τ is the 95th percentile of one value per training image: under 19 of them, a new image exceeds them all with
+    chance 1/(n + 1) > 5%, and the check says so with the numbers."""
+    from memscan.data.check import MIN_TRAIN_IMAGES
+
+    val = load_image_set(tiny_2d_folder(n=10, subjects=5), "val", subject_regex=SUBJECT_REGEX)
+    few = check_sets(load_image_set(tiny_2d_folder(n=MIN_TRAIN_IMAGES - 1), "train", subject_regex=SUBJECT_REGEX),
+                     val, {})
+    enough = check_sets(load_image_set(tiny_2d_folder(n=MIN_TRAIN_IMAGES), "train", subject_regex=SUBJECT_REGEX),
+                        val, {})
+    assert few.usable
+    said = [w for w in few.warnings if w.startswith(f"set 'train' has only {MIN_TRAIN_IMAGES - 1} image(s)")]
+    assert said and f"1/{MIN_TRAIN_IMAGES} = 5%" in said[0]
+    assert not [w for w in enough.warnings if w.startswith("set 'train'")]
