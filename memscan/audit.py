@@ -448,7 +448,7 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
 #: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null) or
 #: ``"best-of-aligned"`` (the best of four, each scaled by its own null: pixel Pearson at two sizes, the full-size one
 #: with the best blend of two training images, :data:`BLEND_PIXELS`; the fused score; and the aligned high-passed pixel
-#: correlation of the fused features' top candidates; in 2D a fifth, the same candidates bent onto the query by a
+#: correlation of the fused features' top candidates; and a fifth, the same candidates bent onto the query by a
 #: smooth field, :data:`ALIGN_DEFORM`).
 SCORES = ("embedding", "fused", "aligned", "best-of", "best-of-aligned")
 #: The score modes whose values are Pearson correlations (the aligned and best-of scores are not).
@@ -470,15 +470,19 @@ ALIGN_HIGHPASS_WEIGHT = 1.0
 ALIGN_REFINE_ROUNDS = 2
 #: ``score="best-of-aligned"``: settings of its non-rigid fit (:func:`memscan.scoring.deform_and_correlate`, at
 #: :func:`alignment_size`) per spatial dimensionality, or None for none. The fused features' first ``k`` candidates
-#: are bent onto each query by a smooth field (control points 6 px apart, each ≤ 3 px), fitted coarse-to-fine on
-#: σ 4 then 2 px high-passed pixels and scored on σ 1 px detail: a fifth score set on its own null, for copies a
-#: generator reproduced locally stretched. 2D: elastic recall at the default headroom 0.89 → 0.98 on MRI (CT 0.82 →
-#: 0.87) at the same false alarms (docs/benchmarks/detection.md, detection_candidates.md section 14). 3D: none; the benchmark's 3D warp moves voxels
-#: through the slices too, and the fit lifted too few of its copies above its own raised null to pay for its time.
+#: are bent onto each query by a smooth field, fitted coarse-to-fine on high-passed pixels and scored on σ 1 px detail
+#: less the edge band the field can reach (``margin``'s default: what a warp pulls in from beyond the edge matches
+#: nothing): a fifth score set on its own null, for copies a generator reproduced locally stretched. 2D (control points
+#: 6 px apart, each ≤ 3 px, σ 4 then 2 px, 5 candidates): elastic recall at the default headroom 0.89 → 0.98 on MRI
+#: (CT 0.82 → 0.87) at the same false alarms; leaving the edge band out took CXR, whose radiographs fill the frame,
+#: from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 2, σ 2 then 1, 30 steps, the first candidate only: the benchmark's 3D
+#: warp is finer, and a slab's first and last slices are its edge band): elastic AUROC 0.982 → 0.990, recall 0.78 →
+#: 0.82, at +50% of the 3D matching time (docs/benchmarks/detection.md, detection_candidates.md sections 14 and 17).
 ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     2: {"spacing": 6.0, "max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60,
         "learning_rate": 0.15, "highpass": 1.0, "k": 5},
-    3: None,
+    3: {"spacing": 4.0, "max_displacement": 2.0, "fit_highpass": (2.0, 1.0), "iterations": 30, "learning_rate": 0.3,
+        "highpass": 1.0, "k": 1},
 }
 #: ``score="best-of-aligned"``: zooms at which the null of its two plain pixel Pearson parts also takes the validation
 #: images, down-sampled to that share of their size per axis and back (:func:`memscan.data.transforms.low_resolution`;
@@ -859,8 +863,9 @@ _SCORE_TEXT = {
                        "training images, for samples that superimpose two), and the "
                        "correlation of the fine detail (each image minus its blur) after aligning each of the fused "
                        "features' 5 nearest candidates to the image (mirror, rotation ±12°, zoom 0.8–1.25, "
-                       "translation up to 15%); in 2D a fifth, the fine detail after bending each of those candidates "
-                       "onto the image by a smooth displacement of at most 3 pixels. The two pixel correlations' "
+                       "translation up to 15%); and a fifth, the fine detail after bending those candidates (in 3D "
+                       "the first) onto the image by a smooth displacement of at most 3 pixels (2 voxels in 3D). "
+                       "The two pixel correlations' "
                        "thresholds also count the validation images down-sampled to 0.6 and 0.25 of their size and "
                        "back, so a new patient's image rendered with less detail does not pass for a copy. "
                        "0 is a score's "
@@ -1059,7 +1064,7 @@ def audit(
             the best blend of two training images, :data:`BLEND_PIXELS`) and at a quarter of it
             (:func:`best_of_pixel_sizes`, ``embeddings/<set>_pixels_16x16.npy`` and the like), and
             the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
-            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`), and in 2D a fifth, the same candidates
+            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`), and a fifth, the same candidates
             bent onto their query by a smooth field (:data:`ALIGN_DEFORM`); the two pixel parts' τ_b also count the
             validation images at :data:`NULL_LOW_RESOLUTION` of their resolution; the default, :data:`DEFAULT_SCORE`:
             the best AUROC of the detection benchmark, and with its default headroom more copies caught and fewer

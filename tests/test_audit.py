@@ -536,7 +536,7 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
                    image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", headroom=0.0, **FAST)
     block = result.sets["syn"].block
     taus = block["feature_set_thresholds"]
-    # aligned (refined fused), bent (the non-rigid fit of the same candidates, 2D), pixels, quarter pixels, fused
+    # aligned (refined fused), bent (the non-rigid fit of the same candidates), pixels, quarter pixels, fused
     assert len(taus) == 5 and block["refined"] is True and block["blended_sets"] == [0]
     table = result.sets["syn"].synthetic_table
     # a blend's other training source is named beside the first, or left empty

@@ -204,12 +204,11 @@ def test_default_detector_is_memscans_default():
     assert best_of_pixel_sizes([12, 32, 32], "best-of-aligned") == [[12, 32, 32], [3, 8, 8]]
     assert best_of_pixel_sizes([512, 512], "best-of-aligned") == [[64, 64], [16, 16]]
     assert best_of_pixel_sizes([64, 64], "best-of") == [[64, 64]] and not best_of_pixel_sizes([64, 64], "fused")
-    # its fifth part bends the same candidates onto the query with the audit's own settings in 2D, none in 3D
+    # its fifth part bends the same candidates onto the query with the audit's own settings of each dimensionality
     assert boa[4] == {**fused, "deform": "memscan"}
-    assert presets.recipe_for(presets.DEFAULT, 2)["max_of"][4]["deform"] == ALIGN_DEFORM[2]
-    assert ALIGN_DEFORM[3] is None and len(presets.recipe_for(presets.DEFAULT, 3)["max_of"]) == 4
-    assert _score_align_axes("best-of-aligned", {}, 2)["deform"] == ALIGN_DEFORM[2]
-    assert "deform" not in _score_align_axes("best-of-aligned", {}, 3)
+    for dims in (2, 3):
+        assert presets.recipe_for(presets.DEFAULT, dims)["max_of"][4]["deform"] == ALIGN_DEFORM[dims]
+        assert _score_align_axes("best-of-aligned", {}, dims)["deform"] == ALIGN_DEFORM[dims]
     # round 17's score is today's without the blend; round 16's also without the low-resolution null; round 13's
     # without the fifth part; round 12's without the coarse-to-fine rounds of its alignment
     single = [{k: v for k, v in part.items() if k != "blend"} for part in boa]
@@ -417,10 +416,12 @@ def test_compare_runs_puts_one_detector_of_two_runs_side_by_side(tmp_path):
     assert compare_runs.main([str(tmp_path / "0.pkl"), str(tmp_path / "missing.pkl")]) == 2
 
 
-@pytest.mark.parametrize("shape", [(16, 16), (6, 12, 12)])
-def test_match_recipe_takes_memscans_deform_part_of_the_images_dimensionality(shape, monkeypatch):
+@pytest.mark.parametrize("shape,deform3d", [((16, 16), None), ((6, 12, 12), None),
+                                            ((6, 12, 12), {"spacing": 4.0, "iterations": 2, "k": 1})])
+def test_match_recipe_takes_memscans_deform_part_of_the_images_dimensionality(shape, deform3d, monkeypatch):
     """The DDPM audit's path (``evaluate.match_recipe``) resolves a ``"deform": "memscan"`` part as the benchmark's
-    scores do (``presets.recipe_for``): the audit's 2D settings as the refine's second score set, none in 3D."""
+    scores do (``presets.recipe_for``): the audit's settings of the images' dimensionality as the refine's second
+    score set, or none where those are None."""
     import memscan.audit as audit_mod
 
     coarse = {**presets.PIXEL, "pixel": [[2, 1.0]]}
@@ -428,7 +429,8 @@ def test_match_recipe_takes_memscans_deform_part_of_the_images_dimensionality(sh
     recipe = {"max_of": [presets.PIXEL, {**coarse, "align": align}, {**coarse, "deform": "memscan"}],
               "normalize": "ceiling"}
     monkeypatch.setitem(audit_mod.ALIGN_DEFORM, 2, {"spacing": 8.0, "iterations": 2, "k": 2})
+    monkeypatch.setitem(audit_mod.ALIGN_DEFORM, 3, deform3d)
     train, val, queries = _blobs(4, 1, shape), _blobs(4, 2, shape), _blobs(3, 3, shape)
     res = evaluate.match_recipe(recipe, train, val, queries, device="cpu", n_bootstrap=0)
-    # feature sets: the aligned refine, the bent one in 2D only, then the plain pixels
-    assert len(res.summary["feature_set_thresholds"]) == (3 if len(shape) == 2 else 2)
+    # feature sets: the aligned refine, the bent one where the dimensionality has settings, then the plain pixels
+    assert len(res.summary["feature_set_thresholds"]) == (2 if len(shape) == 3 and deform3d is None else 3)

@@ -243,7 +243,7 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     from memscan.audit import _aligned_refine  # the audit's own re-scoring of candidates
     from memscan.metrics import match
 
-    recipe = recipe_for(recipe, train.ndim - 2)  # the case's dimensionality (e.g. memscan's deform part in 2D only)
+    recipe = recipe_for(recipe, train.ndim - 2)  # the case's dimensionality (e.g. memscan's deform settings)
     parts = recipe.get("max_of") or [recipe]
     images = {"train": train, "val": val, "synthetic": queries}
     encoders: dict = {}

@@ -215,7 +215,7 @@ def _cross_checks(report: CheckReport, train: ImageSet | None, val: ImageSet | N
         if report.roles.get(name) == "train" and 0 < len(s) < MIN_TRAIN_IMAGES:
             report.warnings.append(
                 f"set '{name}' has only {len(s)} image(s): τ is the 95th percentile of {len(s)} values (each training "
-                f"image's best validation correlation), and a new patient's image exceeds the largest of them with "
+                f"image's best validation correlation), and a new image exceeds the largest of them with "
                 f"chance about 1/{len(s) + 1} = {1 / (len(s) + 1):.0%}, so false alarms above 5% are likely; use "
                 f"{MIN_TRAIN_IMAGES} or more")
         elif len(s) < 10 and report.roles.get(name) == "val":
