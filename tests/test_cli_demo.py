@@ -44,6 +44,12 @@ def test_demo_reports_planted_copies_against_the_truth(dims: int, size: str, ext
     # train and validation are different people; the unseen subject is neither
     summary = pd.read_json(out / "audit" / "summary.json", typ="series")
     assert summary["n_train"] > 0 and summary["n_val"] > 0
+    # the false-alarm rate τ stands for is promised only where enough training images set it (the 3D demo has 4)
+    from memscan.data.check import MIN_TRAIN_IMAGES
+
+    few = summary["n_train"] < MIN_TRAIN_IMAGES
+    assert few == (dims == 3)
+    assert ("cannot promise 5%" if few else "expected false-alarm rate is") in printed
     config = summary["provenance"]["config"]
     # the default is best-of-aligned with its headroom; another score falls back to the paper's τ
     assert (config["score"], config["headroom"]) == (("fused", 0.0) if extra else ("best-of-aligned", 0.5))

@@ -45,6 +45,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
     from memscan.audit import DEFAULT_SCORE, run_demo
+    from memscan.data.check import MIN_TRAIN_IMAGES
 
     size = None
     if args.image_size:
@@ -56,11 +57,16 @@ def run(args: argparse.Namespace) -> int:
                       headroom=args.headroom)
     block = result.audit.summary["synthetic_sets"]["synthetic"]
     controls = result.audit.summary.get("controls") or {}
+    n_train = int(block["n_train"])
+    if n_train < MIN_TRAIN_IMAGES:  # τ then rests on too few values to promise its rate (the check's warning)
+        rate = (f"with {n_train} training images a new image exceeds them all with chance about 1/{n_train + 1}, "
+                f"so the threshold cannot promise {100 - block['percentile']:g}%")
+    else:
+        rate = (f"the threshold's expected false-alarm rate is {'at most ' if block.get('headroom') else ''}about "
+                f"{100 - block['percentile']:g}%")
     lines = [
         f"planted copies caught: {result.n_copies_caught} of {result.n_copies_planted}",
-        f"unseen-subject images wrongly flagged: {result.n_unseen_flagged} of {result.n_unseen} "
-        f"(the threshold's expected false-alarm rate is {'at most ' if block.get('headroom') else ''}about "
-        f"{100 - block['percentile']:g}%)",
+        f"unseen-subject images wrongly flagged: {result.n_unseen_flagged} of {result.n_unseen} ({rate})",
         f"τ = {block['threshold']:.4f}; copies flagged in total: {block['n_copies_synthetic']} of "
         f"{block['n_synthetic']}",
     ]
