@@ -689,8 +689,9 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     (``fit_highpass``: σ of the blur subtracted, pixels; several σ, coarse first, fit coarse-to-fine, ``iterations``
     steps each, the field carried from one to the next); the pair's score is then the correlation of the finer
     detail (``highpass``) at that field, over the image less a ``margin`` at every edge: a warp can pull in content
-    from beyond the image's edge (padding, or anatomy the reference never showed), which no field reproduces. The field is too coarse and too small to turn one patient's anatomy into
-    another's, so other patients' images gain less than copies do. Apply the same function to the calibration pairs
+    from beyond the image's edge (padding, or anatomy the reference never showed), which no field reproduces. The
+    field is too coarse and too small to turn one patient's anatomy into another's, so other patients' images gain
+    less than copies do. Apply the same function to the calibration pairs
     (as for :func:`align_and_correlate`) so that τ is the null of the same fit. 2D and 3D share one path.
 
     Args:
