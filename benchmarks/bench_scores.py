@@ -7,15 +7,17 @@ audit computes for it — the fused features (coarse 16² pixels + a 128-d embed
 (``memscan.audit.alignment_size``: 32² for ``aligned``, 64² for ``best-of-aligned``) — then
 :func:`memscan.metrics.match` as the audit calls it for each mode (``fused``: plain; ``best-of``:
 ``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the feature correlation;
-``best-of-aligned``: ``refine`` = aligned pixels and, in 2D, the same candidates bent onto their query
-(``memscan.audit.ALIGN_DEFORM``), ``best_of=[pixels, quarter-size pixels, fused]``; and the same without the bent
-candidates, round 15's four rigid parts, for that fifth part's cost). Modes are
+``best-of-aligned``: ``refine`` = aligned pixels and the same candidates bent onto their query
+(``memscan.audit.ALIGN_DEFORM`` of the dimensionality), ``best_of=[pixels, quarter-size pixels, fused]``; and the
+same without the bent candidates, round 15's four rigid parts, for that fifth part's cost). ``--dims 3`` does the
+same with 32³ volumes (the grid the audit matches a knee MRI on), 8³ fused pixels and a 32-d embedding. Modes are
 interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
 the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not included.
 
 Usage::
 
     nice python benchmarks/bench_scores.py [--n 1000] [--repeats 2] [--threads 2] [--out docs/benchmarks/scores.txt]
+    nice python benchmarks/bench_scores.py --dims 3 --n 60 --repeats 1 --out docs/benchmarks/scores_3d.txt
 """
 
 from __future__ import annotations
@@ -36,28 +38,40 @@ from memscan.metrics import match
 from memscan.scoring import pixel_features, standardize_rows
 
 
-def smooth_fields(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n, 1, size, size]`` random fields blurred to a few blobs, in [0, 1]."""
-    x = torch.as_tensor(rng.normal(size=(n, 1, size, size)), dtype=torch.float32)
-    k = torch.ones(1, 1, 9, 9) / 81.0
+#: the images' spatial shape per dimensionality: the detection benchmark's 64², and in 3D the audit's pixel grid
+#: (``memscan.audit.best_of_pixel_size``: a knee MRI's 32 × 256 × 256 is matched at 32³)
+SHAPES = {2: (64, 64), 3: (32, 32, 32)}
+#: the embedding size per dimensionality (memscan's 2D and 3D encoders)
+EMBEDDING_DIMS = {2: 128, 3: 32}
+
+
+def smooth_fields(n: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """``[n, 1, *shape]`` random fields (2D or 3D) blurred to a few blobs, in [0, 1]."""
+    dims = len(shape)
+    x = torch.as_tensor(rng.normal(size=(n, 1, *shape)), dtype=torch.float32)
+    k = torch.ones(1, 1, *[9] * dims) / 9.0 ** dims
+    conv = F.conv2d if dims == 2 else F.conv3d
     for _ in range(3):
-        x = F.conv2d(F.pad(x, (4, 4, 4, 4), mode="reflect"), k)
-    x = x - x.amin(dim=(2, 3), keepdim=True)
-    return (x / x.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)).numpy()
+        x = conv(F.pad(x, (4,) * (2 * dims), mode="reflect"), k)
+    axes = tuple(range(2, 2 + dims))
+    x = x - x.amin(dim=axes, keepdim=True)
+    return (x / x.amax(dim=axes, keepdim=True).clamp_min(1e-6)).numpy()
 
 
-def build(n: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def build(n: int, dims: int = 2, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Images and per-mode features of the three sets."""
     rng = np.random.default_rng(seed)
-    images = {name: smooth_fields(n, 64, rng) for name in ("train", "val", "synthetic")}
+    shape, d = SHAPES[dims], EMBEDDING_DIMS[dims]
+    images = {name: smooth_fields(n, shape, rng) for name in ("train", "val", "synthetic")}
     k = max(1, n // 10)
-    images["synthetic"][:k] = np.roll(images["train"][:k], shift=(3, -2), axis=(2, 3))  # planted shifted copies
+    images["synthetic"][:k] = np.roll(images["train"][:k], shift=(3, -2), axis=(-2, -1))  # planted shifted copies
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, img in images.items():
-        emb = rng.normal(size=(n, 128)).astype(np.float32)
+        emb = rng.normal(size=(n, d)).astype(np.float32)
         if name == "synthetic":
-            emb[:k] = out["train"]["embedding"][:k] + 0.1 * rng.normal(size=(k, 128)).astype(np.float32)
-        fused = np.concatenate([standardize_rows(pixel_features(img, [16, 16])), 2.0 * standardize_rows(emb)], 1)
+            emb[:k] = out["train"]["embedding"][:k] + 0.1 * rng.normal(size=(k, d)).astype(np.float32)
+        coarse = pixel_features(img, [s // 4 for s in shape])  # the fused score's pixels: a quarter per axis
+        fused = np.concatenate([standardize_rows(coarse), 2.0 * standardize_rows(emb)], 1)
         out[name] = {"embedding": emb, "fused": standardize_rows(fused), "image": img}
     return out
 
@@ -84,7 +98,7 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
     elif mode == "aligned":
         kwargs = {"refine": _aligned_refine(images, axes), "refine_k": ALIGN_CANDIDATES}
     elif mode == "best-of-aligned":
-        align_axes = _score_align_axes(mode, axes, spatial_dims=2)
+        align_axes = _score_align_axes(mode, axes, spatial_dims=sets["train"]["image"].ndim - 2)
         if rigid:
             align_axes.pop("deform")
         kwargs = {"refine": _aligned_refine(images, align_axes),
@@ -97,12 +111,13 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="images per set")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D images (64²) or 3D volumes (32³)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sets = build(args.n)
+    sets = build(args.n, args.dims)
     modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID)
     best: dict[str, float] = {}
     summaries: dict[str, dict] = {}
@@ -114,7 +129,8 @@ def main() -> None:
     lines = ["memscan score-mode benchmark (benchmarks/bench_scores.py)",
              f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"{args.threads} threads; date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load {load:.2f}",
-             f"match() as the audit calls it, {args.n} training, validation and synthetic 64² images each "
+             f"match() as the audit calls it, {args.n} training, validation and synthetic "
+             f"{'×'.join(map(str, SHAPES[args.dims]))} images each "
              f"({args.n // 10} planted shifted copies), 200 bootstrap draws, best of {args.repeats} interleaved runs:"]
     for mode in modes:
         s = summaries[mode]
