@@ -477,7 +477,8 @@ ALIGN_REFINE_ROUNDS = 2
 #: (CT 0.82 → 0.87) at the same false alarms; leaving the edge band out took CXR, whose radiographs fill the frame,
 #: from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 2, σ 2 then 1, 30 steps, the first candidate only: the benchmark's 3D
 #: warp is finer, and a slab's first and last slices are its edge band): elastic AUROC 0.982 → 0.990, recall 0.78 →
-#: 0.82, at +50% of the 3D matching time (docs/benchmarks/detection.md, detection_candidates.md sections 14 and 17).
+#: 0.82, for 1.62× the 3D matching time at 32³ (docs/benchmarks/scores_3d.txt; detection.md, detection_candidates.md
+#: sections 14 and 17).
 ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     2: {"spacing": 6.0, "max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60,
         "learning_rate": 0.15, "highpass": 1.0, "k": 5},
