@@ -198,8 +198,10 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "```",
         "",
         "A part whose `deform` is `\"memscan\"` takes the audit's own non-rigid fit of the case's dimensionality",
-        f"(`memscan.audit.ALIGN_DEFORM`): 2D `{json.dumps(ALIGN_DEFORM[2])}`; 3D `{json.dumps(ALIGN_DEFORM[3])}`"
-        " (the part is left out). A part with `calibrate_lowres` takes each training image's best over the",
+        "(`memscan.audit.ALIGN_DEFORM`): " + "; ".join(
+            f"{d}D `{json.dumps(ALIGN_DEFORM[d])}`" + (" (the part is left out)" if ALIGN_DEFORM[d] is None else "")
+            for d in (2, 3)) + ", each pair scored without the edge band its field can reach",
+        "(`deform_and_correlate`'s default `margin`). A part with `calibrate_lowres` takes each training image's best over the",
         "validation images as they are and down-sampled to each of those zooms and back (`memscan.audit.NULL_LOW_RESOLUTION`,",
         f"{list(NULL_LOW_RESOLUTION)}: the training view `lowres`'s two ends; `match(null_views=...)`) as its null.",
         "A part with `blend` scores each image by its best non-negative blend of two training images",

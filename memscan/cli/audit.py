@@ -47,7 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="similarity score: best-of-aligned (default: the best of fused, pixel Pearson at two "
                              "sizes (calibrated on the validation images as they are and at lower resolution; the "
                              "full-size one against the best blend of two training images), "
-                             "aligned high-passed pixels and, in 2D, the same matches bent onto the image; "
+                             "aligned high-passed pixels and the same matches bent onto the image; "
                              "the best on the detection benchmark), fused "
                              "(flip-invariant pixel + embedding features: thousands of times faster to match), "
                              "embedding (the paper's; with --headroom 0, the paper's recipe), aligned (fused, then "
