@@ -1069,10 +1069,11 @@ def _best_of_sets(values: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     return np.take_along_axis(stacked, which[None], axis=0)[0], which
 
 
-def _best_of_located(values: Sequence[np.ndarray], indices: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_best_of_sets` of ``values`` and, per element, the index from the set that gave it."""
+def _best_of_located(values: Sequence[np.ndarray], *indices: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """:func:`_best_of_sets` of ``values`` and, per element, the index from the set that gave it (one array per
+    sequence in ``indices``, e.g. a blend's first and second source)."""
     best, which = _best_of_sets(values)
-    return best, np.choose(which, indices)
+    return (best, *(np.choose(which, idx) for idx in indices))
 
 
 def best_of_correlation(queries: Sequence[ArrayLike], references: Sequence[ArrayLike], thresholds: Sequence[float],
@@ -1373,11 +1374,12 @@ def match(train_emb: ArrayLike, val_emb: ArrayLike, synthetic_emb: ArrayLike, pe
         found = [(scale_to_null(t_v, tau_b), t_i, scale_to_null(s_v, tau_b), s_i, scale_to_null(v_v, tau_b), s_j)
                  for (t_v, t_i, s_v, s_i, v_v, s_j), tau_b in zip(found, block_taus)]
     best_syn_t, best_syn_t_idx = _best_of_located([f[0] for f in found], [f[1] for f in found])
-    best_train_s, which_s = _best_of_sets([f[2] for f in found])
-    best_train_s_idx = np.choose(which_s, [f[3] for f in found])
     # the second source of a blend, where a blend set gives a synthetic image its best score (-1 elsewhere)
-    second_train_s = np.choose(which_s, [np.full(n_s, -1, dtype=np.int64) if f[5] is None else f[5]
-                                         for f in found]) if blended else None
+    best_train_s, best_train_s_idx, second_train_s = _best_of_located(
+        [f[2] for f in found], [f[3] for f in found],
+        [np.full(n_s, -1, dtype=np.int64) if f[5] is None else f[5] for f in found])
+    if not blended:
+        second_train_s = None
     best_val_s = _best_of_sets([f[4] for f in found])[0]
 
     memorized = best_syn_t > tau

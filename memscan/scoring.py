@@ -745,7 +745,8 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     q_t, r_t = _at_size(q_img, r_img, size)
     spatial = list(q_t.shape[2:])
     edge = int(np.ceil(max_displacement)) + 1 if margin is None else int(margin)
-    interior = (Ellipsis, *(slice(min(edge, s // 4), s - min(edge, s // 4)) for s in spatial))
+    cuts = [min(edge, s // 4) for s in spatial]  # at most a quarter of each axis
+    interior = (Ellipsis, *(slice(c, s - c) for c, s in zip(cuts, spatial)))
     points = _control_points(spatial, float(spacing))
     # the smooth field as one matrix product: each control point's interpolation kernel over the image (bicubic in
     # 2D, trilinear in 3D: torch has no tricubic), [control points, pixels]; far cheaper to differentiate than

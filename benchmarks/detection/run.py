@@ -201,7 +201,8 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "(`memscan.audit.ALIGN_DEFORM`): " + "; ".join(
             f"{d}D `{json.dumps(ALIGN_DEFORM[d])}`" + (" (the part is left out)" if ALIGN_DEFORM[d] is None else "")
             for d in (2, 3)) + ", each pair scored without the edge band its field can reach",
-        "(`deform_and_correlate`'s default `margin`). A part with `calibrate_lowres` takes each training image's best over the",
+        "(`deform_and_correlate`'s default `margin`). A part with `calibrate_lowres` takes each training image's best "
+        "over the",
         "validation images as they are and down-sampled to each of those zooms and back (`memscan.audit.NULL_LOW_RESOLUTION`,",
         f"{list(NULL_LOW_RESOLUTION)}: the training view `lowres`'s two ends; `match(null_views=...)`) as its null.",
         "A part with `blend` scores each image by its best non-negative blend of two training images",
