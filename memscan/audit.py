@@ -469,8 +469,8 @@ ALIGN_HIGHPASS_WEIGHT = 1.0
 #: 0.93 (MRI 2D) and 0.78 to 0.92 (CT) at the same false alarms (docs/benchmarks/detection_candidates.md section 11).
 ALIGN_REFINE_ROUNDS = 2
 #: ``score="best-of-aligned"``: settings of its non-rigid fit (:func:`memscan.scoring.deform_and_correlate`, at
-#: :func:`alignment_size`) per spatial dimensionality, or None for none. The fused features' first ``k`` candidates
-#: are bent onto each query by a smooth field, fitted coarse-to-fine on high-passed pixels and scored on σ 1 px detail
+#: :func:`alignment_size`) per spatial dimensionality, or None for none. The ``k`` candidates the rigid alignment
+#: scored highest are bent onto each query by a smooth field, fitted coarse-to-fine on high-passed pixels and scored on σ 1 px detail
 #: less the edge band the field can reach (``margin``'s default: what a warp pulls in from beyond the edge matches
 #: nothing): a fifth score set on its own null, for copies a generator reproduced locally stretched. 2D (control points
 #: 6 px apart, each ≤ 3 px, σ 4 then 2 px, 5 candidates): elastic recall at the default headroom 0.89 → 0.98 on MRI
@@ -671,7 +671,7 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     ``memo``, shared by the refines of several synthetic sets, keeps the searches that involve no synthetic image
     (train → validation: τ and the null split), so an audit of several sets aligns its calibration pairs once.
     With a ``deform`` entry in ``axes`` (:func:`memscan.scoring.deform_and_correlate` settings, and ``k``: only the
-    first k candidates) the same candidates are also bent onto their query, and the refine returns both scores per
+    k candidates the alignment scored highest) the same candidates are also bent onto their query, and the refine returns both scores per
     query (``[n, 2]``: two score sets of :func:`memscan.metrics.match`): ``"best-of-aligned"`` in 2D
     (:data:`ALIGN_DEFORM`)."""
     from memscan.scoring import align_and_correlate, deform_and_correlate
@@ -680,7 +680,7 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     deform, deform_k = axes.pop("deform", None), None
     if deform is not None:
         deform = dict(deform)
-        deform_k = deform.pop("k", None)  # the first k candidates (by feature correlation) only
+        deform_k = deform.pop("k", None)  # bend only the k candidates the alignment scored highest
 
     def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,
                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -691,8 +691,8 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
                 return memo[key]
         found = align_and_correlate(images[query][rows], images[reference], candidates, feature_scores=values, **axes)
         score, index = found.score, found.index
-        if deform is not None:
-            bent = deform_and_correlate(images[query][rows], images[reference], candidates[:, :deform_k],
+        if deform is not None:  # the first k candidates by the rigid alignment's score: it finds the source best
+            bent = deform_and_correlate(images[query][rows], images[reference], found.ranked()[:, :deform_k],
                                         plane=axes.get("plane", (-2, -1)),
                                         device=axes.get("device", "auto"), **deform)
             score, index = np.stack([score, bent.score], axis=1), np.stack([index, bent.index], axis=1)

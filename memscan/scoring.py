@@ -185,6 +185,11 @@ class AlignedMatch(NamedTuple):
     pixel: np.ndarray
     fused: np.ndarray
 
+    def ranked(self) -> np.ndarray:
+        """``[N, K]`` the candidates by their fused score, best first (missing ones last; ties keep their order)."""
+        order = np.argsort(-self.fused, axis=1, kind="stable")
+        return np.take_along_axis(self.candidates, order, axis=1)
+
 
 def _check_images(images: np.ndarray, source: str) -> np.ndarray:
     x = np.asarray(images, dtype=np.float32)

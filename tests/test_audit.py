@@ -630,14 +630,16 @@ def test_aligned_refine_memo_aligns_calibration_pairs_once(monkeypatch) -> None:
     assert len(calls) == 4 and len(memo) == 2
 
 
-def test_aligned_refine_adds_the_non_rigid_score_of_the_first_candidates():
-    """With a ``deform`` entry, the refine's second column is deform_and_correlate on the first k candidates."""
+def test_aligned_refine_adds_the_non_rigid_score_of_the_aligned_winners():
+    """With a ``deform`` entry, the refine's second column is deform_and_correlate on the k candidates the rigid
+    alignment scored highest, not the first k by feature correlation."""
     from memscan.audit import _aligned_refine
     from memscan.scoring import align_and_correlate, deform_and_correlate
 
     rng = np.random.default_rng(0)
     images = {"train": rng.random((4, 1, 24, 24)).astype(np.float32),
               "synthetic": rng.random((3, 1, 24, 24)).astype(np.float32)}
+    images["synthetic"][0] = images["train"][1]  # its source is its second candidate
     cand = np.array([[0, 1], [2, 3], [1, 0]])
     values = np.full(cand.shape, 0.5)
     deform = {"spacing": 8.0, "iterations": 5}
@@ -645,10 +647,13 @@ def test_aligned_refine_adds_the_non_rigid_score_of_the_first_candidates():
         "synthetic", np.arange(3), "train", cand, values)
     assert score.shape == index.shape == (3, 2)
     rigid = align_and_correlate(images["synthetic"], images["train"], cand, feature_scores=values, device="cpu")
-    bent = deform_and_correlate(images["synthetic"], images["train"], cand[:, :1], device="cpu", **deform)
+    assert rigid.index[0] == 1
+    bent = deform_and_correlate(images["synthetic"], images["train"], rigid.index[:, None], device="cpu", **deform)
     np.testing.assert_allclose(score[:, 0], rigid.score)
     np.testing.assert_allclose(score[:, 1], bent.score)
-    np.testing.assert_array_equal(index[:, 1], cand[:, 0])
+    np.testing.assert_array_equal(index[:, 1], rigid.index)
+    first = deform_and_correlate(images["synthetic"][:1], images["train"], cand[:1, :1], device="cpu", **deform)
+    assert score[0, 1] > 0.9 > 0.5 > first.score[0]  # the copy bent onto its source, not onto its first candidate
     plain = _aligned_refine(images, {"plane": (-2, -1), "device": "cpu"})("synthetic", np.arange(3), "train", cand,
                                                                         values)
     assert plain[0].shape == (3,)

@@ -302,12 +302,12 @@ def test_max_of_recipe_is_memscans_best_of_score():
     np.testing.assert_allclose(exact["score"], 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("bend", [False, True])
+@pytest.mark.parametrize("bend", [None, "all", "first"])
 def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     """``presets.MEMSCAN_SCORES["best-of-aligned"]``'s structure (pixels, retrieval features, their candidates
-    re-scored by aligned pixels alone, and in 2D the same candidates bent onto their query) scores and calibrates τ
-    as ``memscan.metrics.match(refine=..., best_of=...)`` does (``memscan audit --score best-of-aligned``), here with
-    coarse pixels as the retrieval features."""
+    re-scored by aligned pixels alone, and the same candidates bent onto their query: all of them, or as in 3D only
+    the alignment's first) scores and calibrates τ as ``memscan.metrics.match(refine=..., best_of=...)`` does
+    (``memscan audit --score best-of-aligned``), here with coarse pixels as the retrieval features."""
     from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, NULL_LOW_RESOLUTION,
                                _score_align_axes, alignment_size)
     from memscan.data.transforms import low_resolution
@@ -333,7 +333,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
                          {**coarse, "align": {**align, "k": k_all}}], "normalize": "ceiling"}
     bent = {"spacing": 8.0, "iterations": 3, "fit_highpass": [4.0, 2.0]}  # few steps: the same pairs, not a fit
     if bend:
-        recipe["max_of"].append({**coarse, "deform": {**bent, "k": k_all}})
+        recipe["max_of"].append({**coarse, "deform": {**bent, "k": k_all if bend == "all" else 1}})
     # grainy images: a low-resolution version loses the grain and correlates better, so the pixel null views count
     grain = np.random.default_rng(3)
     case = {"spatial_dims": 2, "groups": {f"s{i}": (_blobs(k_all, 40 + i) + grain.random((k_all, 1, 16, 16))
@@ -352,7 +352,8 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
                                     size=size, **axes)
         if not bend:
             return found.score, found.index
-        other = deform_and_correlate(images[q][rows], images[ref], candidates, device="cpu", **bent)
+        first = found.ranked()[:, :len(candidates[0]) if bend == "all" else 1]  # by the aligned score, as the audit
+        other = deform_and_correlate(images[q][rows], images[ref], first, device="cpu", **bent)
         return np.stack([found.score, other.score], axis=1), np.stack([found.index, other.index], axis=1)
 
     pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}

@@ -426,3 +426,13 @@ def test_deform_skips_missing_candidates_and_rejects_bad_input():
         deform_and_correlate(ref, ref[:, :, :20], np.array([[0], [1]]))
     with pytest.raises(InputError, match="high-pass"):
         deform_and_correlate(np.ones((1, 1, 24, 24), np.float32), ref, np.array([[0]]))
+
+
+def test_aligned_match_ranks_candidates_by_their_fused_score():
+    """``AlignedMatch.ranked`` orders each query's candidates best first; missing ones last, ties in their order."""
+    from memscan.scoring import AlignedMatch
+
+    cand = np.array([[4, 7, 2], [5, 1, -1]])
+    fused = np.array([[0.2, 0.9, 0.2], [0.1, 0.3, -np.inf]])
+    found = AlignedMatch(score=fused.max(1), index=np.array([7, 1]), candidates=cand, pixel=fused, fused=fused)
+    np.testing.assert_array_equal(found.ranked(), [[7, 4, 2], [1, 5, -1]])

@@ -10,6 +10,7 @@ score = best correlation with the training set (``topk_correlation``). AUROC fro
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable
 import time
@@ -145,11 +146,18 @@ def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: di
     if recipe.get("center"):  # features minus a share of the training set's mean feature vector
         feats = _centered(feats, groups[tr], float(recipe["center"]))
     f_train = feats(groups[tr])
-    if recipe.get("deform"):  # top-k candidates by the part's features, each bent onto its query
-        def deformed(images: np.ndarray) -> np.ndarray:
-            return deformed_scores(recipe, images, groups[tr], feats(images), f_train)
+    # a max_of recipe's align part ranks each query's candidates; its deform part bends the first of them, as the audit
+    ranked = fitted.setdefault((key[0], "ranked"), {})
+    if recipe.get("deform"):  # top-k candidates (the align part's ranking, else the part's features), bent on the query
+        def order(query: np.ndarray, reference: np.ndarray) -> np.ndarray | None:
+            # the align part scores (and ranks) every image set before this part does: a missing key is a bug
+            return ranked[(_digest(query), _digest(reference))] if ranked else None
 
-        return deformed_scores(recipe, groups[tr], groups[va], f_train, feats(groups[va])), deformed
+        def deformed(images: np.ndarray) -> np.ndarray:
+            return deformed_scores(recipe, images, groups[tr], feats(images), f_train, order(images, groups[tr]))
+
+        return deformed_scores(recipe, groups[tr], groups[va], f_train, feats(groups[va]),
+                               order(groups[tr], groups[va])), deformed
     if recipe.get("align"):
         if key + (tr, "scoring") not in fitted:
             fitted[key + (tr, "scoring")] = fit_detector(scoring_recipe(recipe), groups[tr], seed=seed,
@@ -158,11 +166,11 @@ def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: di
         s_train = s_feats(groups[tr])
 
         def aligned(images: np.ndarray) -> np.ndarray:
-            return aligned_scores(recipe, images, groups[tr], feats(images), f_train, s_feats(images), s_train)
+            return aligned_scores(recipe, images, groups[tr], feats(images), f_train, s_feats(images), s_train, ranked)
 
         # the null of the same search: each training image against its validation candidates
         return aligned_scores(recipe, groups[tr], groups[va], f_train, feats(groups[va]), s_train,
-                              s_feats(groups[va])), aligned
+                              s_feats(groups[va]), ranked), aligned
 
     def correlate(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
         if recipe.get("blend"):  # each query's best blend of two references (match(blend=...))
@@ -197,23 +205,34 @@ def scoring_recipe(recipe: dict) -> dict:
             **({"canonical": True} if recipe.get("canonical") else {})}
 
 
+def _digest(images: np.ndarray) -> str:
+    """A key for an image set (the align part's rankings are looked up by the images they ranked)."""
+    return hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
 def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_feat: np.ndarray, r_feat: np.ndarray,
-                   q_scoring: np.ndarray, r_scoring: np.ndarray) -> np.ndarray:
+                   q_scoring: np.ndarray, r_scoring: np.ndarray, ranked: dict | None = None) -> np.ndarray:
     """Each query's best score after retrieval (top-k by the recipe's features) and geometric verification
-    (``memscan.scoring.aligned_search``) on coarse images (``align["factor"]``× smaller per axis)."""
+    (``memscan.scoring.aligned_search``) on coarse images (``align["factor"]``× smaller per axis); ``ranked``, when
+    given, keeps each query's candidates by that score (``AlignedMatch.ranked``) under the two image sets' keys."""
     if recipe["align"].get("scoring", "embedding") == "retrieval":  # fuse the aligned pixels with the retrieval
         q_scoring, r_scoring = q_feat, r_feat  # features' score
-    return aligned_search(query, reference, q_feat, r_feat, k=int(recipe["align"].get("k", 5)),
-                          query_scoring=q_scoring, reference_scoring=r_scoring, device="cpu",
-                          **_align_arguments(recipe, query.shape[2:])).score
+    found = aligned_search(query, reference, q_feat, r_feat, k=int(recipe["align"].get("k", 5)),
+                           query_scoring=q_scoring, reference_scoring=r_scoring, device="cpu",
+                           **_align_arguments(recipe, query.shape[2:]))
+    if ranked is not None:
+        ranked[(_digest(query), _digest(reference))] = found.ranked()
+    return found.score
 
 
 def deformed_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_feat: np.ndarray,
-                    r_feat: np.ndarray) -> np.ndarray:
-    """Each query's best score over its top-k candidates by the recipe's features after a non-rigid fit
-    (``memscan.scoring.deform_and_correlate`` with the recipe's ``deform`` settings but ``k``)."""
+                    r_feat: np.ndarray, ranked: np.ndarray | None = None) -> np.ndarray:
+    """Each query's best score over its top-k candidates after a non-rigid fit
+    (``memscan.scoring.deform_and_correlate`` with the recipe's ``deform`` settings but ``k``): the first k of
+    ``ranked`` (the align part's ranking, as the audit bends them) or else the top k by the recipe's features."""
     settings = {key: v for key, v in recipe["deform"].items() if key != "k"}
-    idx = topk_correlation(q_feat, r_feat, int(recipe["deform"].get("k", 5)), device="cpu")[1]
+    k = int(recipe["deform"].get("k", 5))
+    idx = topk_correlation(q_feat, r_feat, k, device="cpu")[1] if ranked is None else ranked[:, :k]
     return deform_and_correlate(query, reference, idx, device="cpu", **settings).score
 
 
