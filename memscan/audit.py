@@ -470,15 +470,15 @@ ALIGN_HIGHPASS_WEIGHT = 1.0
 ALIGN_REFINE_ROUNDS = 2
 #: ``score="best-of-aligned"``: settings of its non-rigid fit (:func:`memscan.scoring.deform_and_correlate`, at
 #: :func:`alignment_size`) per spatial dimensionality, or None for none. The ``k`` candidates the rigid alignment
-#: scored highest are bent onto each query by a smooth field, fitted coarse-to-fine on high-passed pixels and scored on σ 1 px detail
-#: less the edge band the field can reach (``margin``'s default: what a warp pulls in from beyond the edge matches
-#: nothing): a fifth score set on its own null, for copies a generator reproduced locally stretched. 2D (control points
-#: 6 px apart, each ≤ 3 px, σ 4 then 2 px, 5 candidates): elastic recall at the default headroom 0.89 → 0.98 on MRI
-#: (CT 0.82 → 0.87) at the same false alarms; leaving the edge band out took CXR, whose radiographs fill the frame,
-#: from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 2, σ 2 then 1, 30 steps, the first candidate only: the benchmark's 3D
-#: warp is finer, and a slab's first and last slices are its edge band): elastic AUROC 0.982 → 0.990, recall 0.78 →
-#: 0.82, for 1.62× the 3D matching time at 32³ (docs/benchmarks/scores_3d.txt; detection.md, detection_candidates.md
-#: sections 14 and 17).
+#: scored highest are bent onto each query by a smooth field, fitted coarse-to-fine on high-passed pixels and scored
+#: on σ 1 px detail less the edge band the field can reach (``margin``'s default: what a warp pulls in from beyond the
+#: edge matches nothing): a fifth score set on its own null, for copies a generator reproduced locally stretched. 2D
+#: (control points 6 px apart, each ≤ 3 px, σ 4 then 2 px, 5 candidates): elastic recall at the default headroom
+#: 0.89 → 0.98 on MRI (CT 0.82 → 0.87) at the same false alarms; leaving the edge band out took CXR, whose
+#: radiographs fill the frame, from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 2, σ 2 then 1, 30 steps, only the
+#: candidate the alignment scored highest: the benchmark's 3D warp is finer, and a slab's first and last slices are
+#: its edge band): elastic recall 0.78 → 0.86 (AUROC 0.982 → 0.988), for 1.62× the 3D matching time at 32³
+#: (docs/benchmarks/scores_3d.txt; detection.md, detection_candidates.md sections 14, 17 and 18).
 ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     2: {"spacing": 6.0, "max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60,
         "learning_rate": 0.15, "highpass": 1.0, "k": 5},
@@ -671,9 +671,9 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     ``memo``, shared by the refines of several synthetic sets, keeps the searches that involve no synthetic image
     (train → validation: τ and the null split), so an audit of several sets aligns its calibration pairs once.
     With a ``deform`` entry in ``axes`` (:func:`memscan.scoring.deform_and_correlate` settings, and ``k``: only the
-    k candidates the alignment scored highest) the same candidates are also bent onto their query, and the refine returns both scores per
-    query (``[n, 2]``: two score sets of :func:`memscan.metrics.match`): ``"best-of-aligned"`` in 2D
-    (:data:`ALIGN_DEFORM`)."""
+    k candidates the alignment scored highest) the same candidates are also bent onto their query, and the refine
+    returns both scores per query (``[n, 2]``: two score sets of :func:`memscan.metrics.match`):
+    ``"best-of-aligned"`` (:data:`ALIGN_DEFORM`)."""
     from memscan.scoring import align_and_correlate, deform_and_correlate
 
     axes = dict(axes)
@@ -865,7 +865,8 @@ _SCORE_TEXT = {
                        "correlation of the fine detail (each image minus its blur) after aligning each of the fused "
                        "features' 5 nearest candidates to the image (mirror, rotation ±12°, zoom 0.8–1.25, "
                        "translation up to 15%); and a fifth, the fine detail after bending those candidates (in 3D "
-                       "the first) onto the image by a smooth displacement of at most 3 pixels (2 voxels in 3D). "
+                       "the one the alignment scored highest) onto the image by a smooth displacement of at most 3 "
+                       "pixels (2 voxels in 3D). "
                        "The two pixel correlations' "
                        "thresholds also count the validation images down-sampled to 0.6 and 0.25 of their size and "
                        "back, so a new patient's image rendered with less detail does not pass for a copy. "
