@@ -829,9 +829,12 @@ def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[di
     pairs = []
     for row in table.itertuples(index=False):
         s_idx, t_idx = int(row.synthetic_index), int(row.best_train_index)
+        second = int(getattr(row, "second_train_index", -1))  # a blend's other training source, -1 for none
         pairs.append(PairImage(_preprocessed_image(preprocess, train_records[t_idx]),
                                _preprocessed_image(preprocess, syn_records[s_idx]),
-                               float(row.best_train_correlation), train_names[t_idx], syn_names[s_idx]))
+                               float(row.best_train_correlation), train_names[t_idx], syn_names[s_idx],
+                               second_image=_preprocessed_image(preprocess, train_records[second]) if second >= 0
+                               else None, second_label=train_names[second] if second >= 0 else ""))
     shown = pd.DataFrame({
         "rank": np.arange(1, len(table) + 1),
         "synthetic file": [syn_names[int(i)] for i in table["synthetic_index"]],
@@ -919,6 +922,8 @@ def _build_report(summary: Mapping[str, Any], set_audits: Mapping[str, SetAudit]
             write_bytes_atomic(figures_dir / f"{kind}_{name}.png", png)
             caption = (f"{title}: each training image (blue frame) beside the synthetic image that matches it "
                        f"(orange frame), ranked by {'correlation' if is_r else 'score'}"
+                       + ("; a blended image's other training source after it (blue frame)"
+                          if any(p.second_image is not None for p in pairs) else "")
                        + ("; six evenly spaced slices per volume" if spatial_dims == 3 else ""))
             figs.append((caption, png))
             tables.append((f"{title} ({len(shown)} shown; all in synthetic_matches.csv)", shown))

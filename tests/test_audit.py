@@ -531,6 +531,9 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     other = sorted((tmp_path / "val").glob("*.png"))[3]
     blend = 0.75 * np.asarray(Image.open(train_files[9]), np.float64) + 0.25 * np.asarray(Image.open(other), np.float64)
     Image.fromarray(blend.astype(np.uint8)).save(syn / "blend.png")
+    two = 0.6 * np.asarray(Image.open(train_files[11]), np.float64) + 0.4 * np.asarray(Image.open(train_files[4]),
+                                                                                        np.float64)
+    Image.fromarray(two.astype(np.uint8)).save(syn / "two.png")  # two training images superimposed
     out = tmp_path / "best_of_aligned"
     result = audit(tmp_path / "train", tmp_path / "val", {"syn": syn}, out_dir=out, checkpoint=data2d["ckpt"],
                    image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", headroom=0.0, **FAST)
@@ -568,6 +571,9 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     assert block["controls"]["n_caught"] == 2
     html = (out / "report.html").read_text()
     assert "--score best-of-aligned" in html and "blended with" in html  # the pairs table names a blend's other source
+    sources = {Path(table.loc["two.png", k]).name for k in ("train_path", "second_train_path")}
+    assert sources == {train_files[11].name, train_files[4].name} and bool(table.loc["two.png", "copy"])
+    assert "other training source after it (blue frame)" in html  # its gallery shows both sources
 
 
 @pytest.mark.parametrize("size", [32, 96])

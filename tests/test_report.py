@@ -144,6 +144,15 @@ def test_figures_render(tmp_path: Path) -> None:
     assert b"matplotlib.org" not in png  # no URL even in PNG metadata
     fig = plot_pair_gallery([], title="borderline")
     assert len(figure_to_png(fig)) > 0
+    img = rng.random((1, 16, 16))
+    plain, blended = PairImage(img, img, 0.9, "t1.png", "s1.png"), PairImage(img, img, 0.8, "t2.png", "s2.png",
+                                                                             second_image=img, second_label="t3.png")
+    fig = plot_pair_gallery([plain, blended], pairs_per_row=2)
+    assert len(fig.axes) == 2 * 3  # a third panel per pair once one pair is a blend
+    assert [ax.get_title(loc="left") for ax in fig.axes if ax.axison] == [
+        "#1 train: t1.png", "s1.png\nr=0.9000", "#2 train: t2.png", "s2.png\nr=0.8000", "blended with: t3.png"]
+    assert len(plot_pair_gallery([plain] * 2, pairs_per_row=2).axes) == 2 * 2
+    assert len(plot_pair_gallery([plain]).axes) == 2  # one pair: no empty columns for the other three of a row
 
 
 def _content(tmp_path: Path) -> ReportContent:

@@ -45,6 +45,8 @@ class PairImage:
         correlation: Pearson correlation of their embeddings.
         train_label: short caption for the training image (a file name).
         synthetic_label: short caption for the synthetic image.
+        second_image: a blended synthetic image's other training source (same conventions), or None.
+        second_label: short caption for ``second_image``.
     """
 
     train_image: np.ndarray
@@ -53,6 +55,8 @@ class PairImage:
     train_label: str = ""
     synthetic_label: str = ""
     extra: dict = field(default_factory=dict)
+    second_image: np.ndarray | None = None
+    second_label: str = ""
 
 
 def _as_numpy(image: object) -> np.ndarray:
@@ -167,7 +171,8 @@ def plot_pair_gallery(
 
     2D pairs are laid out ``pairs_per_row`` to a row (training panel, then synthetic panel). A 3D pair takes a
     whole row: ``n_slices`` evenly spaced slices of the training volume, then the same slices of the synthetic one.
-    Training panels have a blue frame, synthetic panels an orange one.
+    Training panels have a blue frame, synthetic panels an orange one. Where a pair has a ``second_image`` (a
+    blend's other source), every pair gets a third panel for it, after the synthetic one (blank where it has none).
 
     Args:
         pairs: pairs in the order to show (strongest first).
@@ -176,7 +181,7 @@ def plot_pair_gallery(
         n_slices: slices per 3D volume.
         max_pairs: at most this many pairs.
         spatial_dims: 2 or 3 when known (see :func:`display_slices`).
-        pairs_per_row: 2D pairs per row.
+        pairs_per_row: 2D pairs per row (fewer when there are fewer pairs).
         score_symbol: printed before each pair's value (``"r"`` for a correlation, e.g. ``"score"`` otherwise).
 
     Returns:
@@ -190,20 +195,23 @@ def plot_pair_gallery(
         ax.text(0.5, 0.5, f"{title}: none", ha="center", va="center", fontsize=11)
         return fig
     views = [(display_slices(p.train_image, n_slices, spatial_dims),
-              display_slices(p.synthetic_image, n_slices, spatial_dims)) for p in pairs]
-    per_side = max(max(len(t), len(s)) for t, s in views)
-    per_row = max(1, pairs_per_row) if per_side == 1 else 1
+              display_slices(p.synthetic_image, n_slices, spatial_dims),
+              [] if p.second_image is None else display_slices(p.second_image, n_slices, spatial_dims))
+             for p in pairs]
+    sides = 3 if any(p.second_image is not None for p in pairs) else 2
+    per_side = max(max(len(t), len(s), len(b)) for t, s, b in views)
+    per_row = min(len(pairs), max(1, pairs_per_row)) if per_side == 1 else 1  # no empty columns for few pairs
     n_rows = math.ceil(len(pairs) / per_row)
-    n_cols = per_row * 2 * per_side
+    n_cols = per_row * sides * per_side
     panel = 1.55 if per_side > 1 else 2.0
     fig = Figure(figsize=(panel * n_cols, (panel + 0.35) * n_rows + 0.5))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for k, (pair, (t_sl, s_sl)) in enumerate(zip(pairs, views)):
+    for k, (pair, (t_sl, s_sl, b_sl)) in enumerate(zip(pairs, views)):
         row, first_col = divmod(k, per_row)
-        first_col *= 2 * per_side
-        for side, slices, colour in ((0, t_sl, _VAL_COLOUR), (1, s_sl, _SYN_COLOUR)):
+        first_col *= sides * per_side
+        for side, slices, colour in ((0, t_sl, _VAL_COLOUR), (1, s_sl, _SYN_COLOUR), (2, b_sl, _VAL_COLOUR)):
             for j, img in enumerate(slices):
                 ax = axes[row][first_col + side * per_side + j]
                 ax.axis("on")
@@ -221,6 +229,9 @@ def plot_pair_gallery(
         axes[row][first_col].set_title(f"#{k + 1} train: {_short(pair.train_label, width)}", fontsize=7, loc="left")
         axes[row][first_col + per_side].set_title(f"{_short(pair.synthetic_label, width)}\n{corr}", fontsize=7,
                                                   loc="left")
+        if b_sl:
+            axes[row][first_col + 2 * per_side].set_title(f"blended with: {_short(pair.second_label, width)}",
+                                                          fontsize=7, loc="left")
     if title:
         fig.suptitle(f"{title}  (blue frame: training image, orange frame: synthetic image)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if n_rows > 1 else 0.9))
