@@ -691,7 +691,7 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
                 return memo[key]
         found = align_and_correlate(images[query][rows], images[reference], candidates, feature_scores=values, **axes)
         score, index = found.score, found.index
-        if deform is not None:  # the first k candidates by the rigid alignment's score: it finds the source best
+        if deform is not None:  # ranked by the rigid alignment's score, which finds a stretched copy's source best
             bent = deform_and_correlate(images[query][rows], images[reference], found.ranked()[:, :deform_k],
                                         plane=axes.get("plane", (-2, -1)),
                                         device=axes.get("device", "auto"), **deform)
@@ -830,11 +830,11 @@ def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[di
     for row in table.itertuples(index=False):
         s_idx, t_idx = int(row.synthetic_index), int(row.best_train_index)
         second = int(getattr(row, "second_train_index", -1))  # a blend's other training source, -1 for none
+        blended = {"second_image": _preprocessed_image(preprocess, train_records[second]),
+                   "second_label": train_names[second]} if second >= 0 else {}
         pairs.append(PairImage(_preprocessed_image(preprocess, train_records[t_idx]),
                                _preprocessed_image(preprocess, syn_records[s_idx]),
-                               float(row.best_train_correlation), train_names[t_idx], syn_names[s_idx],
-                               second_image=_preprocessed_image(preprocess, train_records[second]) if second >= 0
-                               else None, second_label=train_names[second] if second >= 0 else ""))
+                               float(row.best_train_correlation), train_names[t_idx], syn_names[s_idx], **blended))
     shown = pd.DataFrame({
         "rank": np.arange(1, len(table) + 1),
         "synthetic file": [syn_names[int(i)] for i in table["synthetic_index"]],
