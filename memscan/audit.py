@@ -477,7 +477,7 @@ ALIGN_REFINE_ROUNDS = 2
 #: 0.89 → 0.98 on MRI (CT 0.82 → 0.87) at the same false alarms; leaving the edge band out took CXR, whose
 #: radiographs fill the frame, from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 2, σ 2 then 1, 30 steps, only the
 #: candidate the alignment scored highest: the benchmark's 3D warp is finer, and a slab's first and last slices are
-#: its edge band): elastic recall 0.78 → 0.86 (AUROC 0.982 → 0.988), for 1.62× the 3D matching time at 32³
+#: its edge band): elastic recall 0.78 → 0.86 (AUROC 0.982 → 0.988), for 1.63× the 3D matching time at 32³
 #: (docs/benchmarks/scores_3d.txt; detection.md, detection_candidates.md sections 14, 17 and 18).
 ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     2: {"spacing": 6.0, "max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60,
