@@ -10,9 +10,10 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
    self-supervised encoder is trained on the training set with :func:`memscan.training.train_encoder`.
 3. **Embeddings** — every set through :func:`memscan.embed.embed_images` (batched; cached by file content hash and
    checkpoint sha256, so an interrupted audit resumes where it stopped). The default score
-   (:data:`DEFAULT_SCORE`, ``"best-of-aligned"``) matches four feature sets side by side: :mod:`memscan.scoring`'s
-   flip-invariant pixel + embedding fusion (:func:`score_features`), pixel Pearson at two sizes, and the aligned
-   high-passed pixels of each query's best fused candidates.
+   (:data:`DEFAULT_SCORE`, ``"best-of-aligned"``) retrieves each query's candidates by :mod:`memscan.scoring`'s
+   flip-invariant pixel + embedding fusion (:func:`score_features`) and matches pixel Pearson at two sizes, the
+   aligned high-passed pixels of those candidates, the same candidates bent onto the query, and those bent pairs'
+   fused score mixed with their bent one (in 3D the fused score itself), side by side.
 4. **Matching** — :func:`memscan.metrics.match` per synthetic set (τ from train→validation, raised by the score's
    :func:`default_headroom` unless one is given; copies, memorized
    training images, bootstrap intervals, null rate), plus the patient-level count, the positive controls, and two
@@ -73,6 +74,7 @@ __all__ = [
     "ALIGN_HIGHPASS_WEIGHT",
     "ALIGN_REFINE_ROUNDS",
     "ALIGN_DEFORM",
+    "BENT_FEATURE_SHARE",
     "NULL_LOW_RESOLUTION",
     "BLEND_PIXELS",
     "score_features",
@@ -446,10 +448,10 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
 #: Score modes: ``"embedding"`` (Dar et al.'s score), ``"fused"`` (flip-invariant pixel + embedding features),
 #: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment) or
 #: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null) or
-#: ``"best-of-aligned"`` (the best of four, each scaled by its own null: pixel Pearson at two sizes, the full-size one
-#: with the best blend of two training images, :data:`BLEND_PIXELS`; the fused score; and the aligned high-passed pixel
-#: correlation of the fused features' top candidates; and a fifth, the same candidates bent onto the query by a
-#: smooth field, :data:`ALIGN_DEFORM`).
+#: ``"best-of-aligned"`` (the best of five, each scaled by its own null: pixel Pearson at two sizes, the full-size one
+#: with the best blend of two training images, :data:`BLEND_PIXELS`; the aligned high-passed pixel correlation of the
+#: fused features' top candidates; the same candidates bent onto the query by a smooth field, :data:`ALIGN_DEFORM`;
+#: and those bent pairs' fused score mixed with their bent one, :data:`BENT_FEATURE_SHARE` (the fused score in 3D)).
 SCORES = ("embedding", "fused", "aligned", "best-of", "best-of-aligned")
 #: The score modes whose values are Pearson correlations (the aligned and best-of scores are not).
 CORRELATION_SCORES = ("embedding", "fused")
@@ -485,6 +487,17 @@ ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     3: {"spacing": 4.0, "max_displacement": 2.0, "fit_highpass": (2.0, 1.0), "iterations": 30, "learning_rate": 0.3,
         "highpass": 1.0, "k": 1},
 }
+#: ``score="best-of-aligned"``, per spatial dimensionality: the fused features count only where the non-rigid fit
+#: confirms them. Each candidate it bent scores ``share`` × its fused-feature correlation + (1 − share) × its
+#: bent-pixel score, the best per query, as one more part on its own null, in place of the fused features' own
+#: correlation (None: that correlation, as before round 21). The encoder is trained to ignore what a generator
+#: changes, elastic warps included, so it keeps stretched copies that the pixels alone lose; but trained on few
+#: images it also takes a new patient for a training one, and such a pair cannot be bent onto each other. 2D (0.7):
+#: on the detection benchmark the chest X-rays' false alarms on a new patient 0.056 → 0.000 (CXR meets the goal on 9
+#: of 9 families instead of 2), at CT elastic recall 0.87 → 0.81. 3D: None; its fit, one candidate under a field too
+#: coarse for the benchmark's 3D warp, confirms too few stretched copies (MRI 3D elastic recall 0.86 → 0.78 at 0.5,
+#: its false alarms already ≤ 0.04 per family) (docs/benchmarks/detection_candidates.md section 19).
+BENT_FEATURE_SHARE: dict[int, float | None] = {2: 0.7, 3: None}
 #: ``score="best-of-aligned"``: zooms at which the null of its two plain pixel Pearson parts also takes the validation
 #: images, down-sampled to that share of their size per axis and back (:func:`memscan.data.transforms.low_resolution`;
 #: the two ends of the training presets' ``lowres`` view, :data:`~memscan.data.transforms.LOWRES_ZOOM_RANGE`). A new
@@ -657,7 +670,9 @@ def _score_align_axes(score: str, axes: Mapping[str, Any], spatial_dims: int) ->
     coarse-to-fine rotation and zoom, and the non-rigid fit of :data:`ALIGN_DEFORM` for ``spatial_dims``."""
     if score != "best-of-aligned":
         return dict(axes)
-    deform = ALIGN_DEFORM[int(spatial_dims)]
+    deform, share = ALIGN_DEFORM[int(spatial_dims)], BENT_FEATURE_SHARE[int(spatial_dims)]
+    if deform and share is not None:
+        deform = {**deform, "feature_share": share}
     return {**axes, "weights": {"pixel": 1.0, "features": 0.0}, "highpass": ALIGN_HIGHPASS,
             "highpass_weight": ALIGN_HIGHPASS_WEIGHT, "refine_rounds": ALIGN_REFINE_ROUNDS,
             **({"deform": dict(deform)} if deform else {})}
@@ -673,14 +688,17 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     With a ``deform`` entry in ``axes`` (:func:`memscan.scoring.deform_and_correlate` settings, and ``k``: only the
     k candidates the alignment scored highest) the same candidates are also bent onto their query, and the refine
     returns both scores per query (``[n, 2]``: two score sets of :func:`memscan.metrics.match`):
-    ``"best-of-aligned"`` (:data:`ALIGN_DEFORM`)."""
+    ``"best-of-aligned"`` (:data:`ALIGN_DEFORM`). With ``feature_share`` in ``deform`` (:data:`BENT_FEATURE_SHARE`)
+    a third: each bent candidate's feature correlation (the refine's ``values``) and bent score, mixed in that share,
+    the best per query (``[n, 3]``)."""
     from memscan.scoring import align_and_correlate, deform_and_correlate
 
     axes = dict(axes)
-    deform, deform_k = axes.pop("deform", None), None
+    deform, deform_k, share = axes.pop("deform", None), None, None
     if deform is not None:
         deform = dict(deform)
         deform_k = deform.pop("k", None)  # bend only the k candidates the alignment scored highest
+        share = deform.pop("feature_share", None)
 
     def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,
                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -695,12 +713,24 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
             bent = deform_and_correlate(images[query][rows], images[reference], found.ranked()[:, :deform_k],
                                         plane=axes.get("plane", (-2, -1)),
                                         device=axes.get("device", "auto"), **deform)
-            score, index = np.stack([score, bent.score], axis=1), np.stack([index, bent.index], axis=1)
+            scores, indices = [score, bent.score], [index, bent.index]
+            if share is not None:  # the features of the pairs the fit bent, confirmed by their bent pixels
+                confirmed = share * _candidate_values(candidates, values, bent.candidates) + (1 - share) * bent.pixel
+                scores.append(confirmed.max(axis=1))
+                indices.append(np.take_along_axis(bent.candidates, confirmed.argmax(axis=1)[:, None], axis=1)[:, 0])
+            score, index = np.stack(scores, axis=1), np.stack(indices, axis=1)
         if key is not None:
             memo[key] = (score, index)
         return score, index
 
     return refine
+
+
+def _candidate_values(candidates: np.ndarray, values: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """``values`` (``[n, K]``, one per ``candidates`` entry) of the ``chosen`` candidates (``[n, k]``, each among its
+    row's ``candidates`` or -1); ``-inf`` for -1 (no candidate)."""
+    hit = (chosen[:, :, None] == candidates[:, None, :]) & (chosen[:, :, None] >= 0)
+    return np.where(hit, np.asarray(values, dtype=np.float64)[:, None, :], -np.inf).max(axis=2)
 
 
 def _check_args(percentile: float, controls: int, fail_above: float | None, batch_size: int,
@@ -860,22 +890,22 @@ _SCORE_TEXT = {
                "correlation and the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), each rescaled "
                "as (r − τ_b) / (1 − τ_b) with its own threshold τ_b, so 0 is that score's threshold and 1 an exact "
                "copy. Every score below, τ included, is on that scale, not a correlation.",
-    "best-of-aligned": "Score (memscan --score best-of-aligned, not the paper's): per pair, the best of four "
-                       "scores, each rescaled as (r − τ_b) / (1 − τ_b) with its own threshold τ_b: the --score fused "
-                       "correlation, the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D) and the "
-                       "same at a quarter of that size per axis (the full-size one against the best blend of two "
-                       "training images, for samples that superimpose two), and the "
-                       "correlation of the fine detail (each image minus its blur) after aligning each of the fused "
-                       "features' 5 nearest candidates to the image (mirror, rotation ±12°, zoom 0.8–1.25, "
-                       "translation up to 15%); and a fifth, the fine detail after bending those candidates (in 3D "
-                       "the one the alignment scored highest) onto the image by a smooth displacement of at most 3 "
-                       "pixels (2 voxels in 3D). "
-                       "The two pixel correlations' "
-                       "thresholds also count the validation images down-sampled to 0.6 and 0.25 of their size and "
-                       "back, so a new patient's image rendered with less detail does not pass for a copy. "
-                       "0 is a score's "
-                       "threshold and 1 an exact copy. Every score below, τ included, is on that scale, not a "
-                       "correlation.",
+    "best-of-aligned": "Score (memscan --score best-of-aligned, not the paper's): per pair, the best of five "
+                       "scores, each rescaled as (r − τ_b) / (1 − τ_b) with its own threshold τ_b: the pixel "
+                       "correlation (pixels at most 64 per axis in 2D, 32 in 3D) and the same at a quarter of that "
+                       "size per axis (the full-size one against the best blend of two training images, for samples "
+                       "that superimpose two); the correlation of the fine detail (each image minus its blur) after "
+                       "aligning each of the 5 nearest candidates by the --score fused features to the image (mirror, "
+                       "rotation ±12°, zoom 0.8–1.25, translation up to 15%); the fine detail after bending those "
+                       "candidates (in 3D the one the alignment scored highest) onto the image by a smooth "
+                       "displacement of at most 3 pixels (2 voxels in 3D); and, in 2D, for those bent pairs, "
+                       f"{BENT_FEATURE_SHARE[2]:g} × their --score fused correlation + {1 - BENT_FEATURE_SHARE[2]:g} × "
+                       "their bent score, so the encoder's similarity counts where the pixels confirm it (in 3D the "
+                       "--score fused correlation itself). The two "
+                       "pixel correlations' thresholds also count the validation images down-sampled to 0.6 and 0.25 "
+                       "of their size and back, so a new patient's image rendered with less detail does not pass for "
+                       "a copy. 0 is a score's threshold and 1 an exact copy. Every score below, τ included, is on "
+                       "that scale, not a correlation.",
 }
 
 
@@ -1066,13 +1096,14 @@ def audit(
             pixel Pearson at :func:`best_of_pixel_size`, each scaled by its own τ_b, ``memscan.metrics.match``'s
             ``best_of``: catches blends of a training image with another image and contrast or detail changes that
             the embedding misses, at more false alarms on new patients; docs/benchmarks/detection_candidates.md;
-            the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of four
-            scores, each scaled by its own τ_b: the fused score, pixel Pearson at :func:`best_of_pixel_size` (with
-            the best blend of two training images, :data:`BLEND_PIXELS`) and at a quarter of it
-            (:func:`best_of_pixel_sizes`, ``embeddings/<set>_pixels_16x16.npy`` and the like), and
-            the aligned correlation of the fused features' :data:`ALIGN_CANDIDATES` best candidates on pixels minus
-            their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`), and a fifth, the same candidates
-            bent onto their query by a smooth field (:data:`ALIGN_DEFORM`); the two pixel parts' τ_b also count the
+            the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of five
+            scores, each scaled by its own τ_b: pixel Pearson at :func:`best_of_pixel_size` (with the best blend of
+            two training images, :data:`BLEND_PIXELS`) and at a quarter of it (:func:`best_of_pixel_sizes`,
+            ``embeddings/<set>_pixels_16x16.npy`` and the like), the aligned correlation of the fused features'
+            :data:`ALIGN_CANDIDATES` best candidates on pixels minus their blur (:data:`ALIGN_HIGHPASS`, at
+            :func:`alignment_size`), the same candidates bent onto their query by a smooth field
+            (:data:`ALIGN_DEFORM`), and those bent pairs' fused score mixed with their bent one
+            (:data:`BENT_FEATURE_SHARE`; the fused score itself in 3D); the two pixel parts' τ_b also count the
             validation images at :data:`NULL_LOW_RESOLUTION` of their resolution; the default, :data:`DEFAULT_SCORE`:
             the best AUROC of the detection benchmark, and with its default headroom more copies caught and fewer
             false alarms on new patients than the fused score; docs/benchmarks/detection_candidates.md); τ and
@@ -1253,12 +1284,13 @@ def audit(
 
     def score_sets(set_name: str) -> list[np.ndarray]:
         """The feature sets match() scores for one image set, in its order: the matched features (whose candidates
-        the alignment re-scores, when there is one), then best-of's pixels and, for best-of-aligned, the fused
-        features' plain correlations."""
+        the alignment re-scores, when there is one), then best-of's pixels and, for best-of-aligned where
+        :data:`BENT_FEATURE_SHARE` does not mix them into the bent pairs' score, the fused features' own
+        correlations."""
         found = [features[set_name]]
         if pixel_sets:
             found.extend(pixel_sets[set_name])
-            if aligned_images:
+            if aligned_images and "feature_share" not in align_axes.get("deform", {}):
                 found.append(features[set_name])
         return found
     # best-of-aligned scores its full-size pixels (the first best_of set) as blends of two references

@@ -539,8 +539,9 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
                    image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", headroom=0.0, **FAST)
     block = result.sets["syn"].block
     taus = block["feature_set_thresholds"]
-    # aligned (refined fused), bent (the non-rigid fit of the same candidates), pixels, quarter pixels, fused
-    assert len(taus) == 5 and block["refined"] is True and block["blended_sets"] == [0]
+    # aligned (refined fused), bent (the non-rigid fit of the same candidates), the bent pairs' fused features mixed
+    # with their bent score (BENT_FEATURE_SHARE: the fused features count through it alone), pixels, quarter pixels
+    assert len(taus) == 5 and block["refined"] is True and block["blended_sets"] == [0] and taus[2] != taus[1]
     table = result.sets["syn"].synthetic_table
     # a blend's other training source is named beside the first, or left empty
     seconds = table["second_train_path"].dropna()
@@ -548,24 +549,22 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     table = table.set_index(table["path"].map(lambda p: Path(p).name))
     for name, source in (("moved.png", train_files[7]), ("blend.png", train_files[9])):
         assert Path(table.loc[name, "train_path"]).name == source.name and bool(table.loc[name, "copy"]), name
-    emb = {k: np.load(out / "embeddings" / f"{k}.npy") for k in ("train", "syn")}
     pix = {k: np.load(out / "embeddings" / f"{k}_pixels.npy") for k in ("train", "syn")}
     quarter = {k: np.load(out / "embeddings" / f"{k}_pixels_{SIZE // 4}x{SIZE // 4}.npy") for k in ("train", "syn")}
     assert pix["train"].shape == (16, SIZE * SIZE) and quarter["train"].shape == (16, (SIZE // 4) ** 2)
-    plain, _ = best_of_correlation([pix["syn"], quarter["syn"], emb["syn"]], [pix["train"], quarter["train"],
-                                   emb["train"]], taus[2:], blend=[0], device="cpu")
+    plain, _ = best_of_correlation([pix["syn"], quarter["syn"]], [pix["train"], quarter["train"]], taus[3:],
+                                   blend=[0], device="cpu")
     scores = result.sets["syn"].synthetic_table["best_train_correlation"].to_numpy()
     assert (scores >= plain - 1e-6).all()  # the aligned and bent sets only add to the plain sets' best
     # the pixel parts' null also holds the validation images at lower resolutions (and the full-size one blends of
-    # two of them): their τ_b is at least the sharp images' one-image null (the fused set's is that null alone)
+    # two of them): their τ_b is at least the sharp images' one-image null
     assert result.summary["provenance"]["config"]["null_low_resolution"] == list(NULL_LOW_RESOLUTION)
     def null(stem: str) -> float:
         t, v = (standardize_rows(np.load(out / "embeddings" / f"{k}{stem}.npy").astype(np.float64))
                 for k in ("train", "val"))
         return float(np.percentile((t @ v.T).max(axis=1), 95.0))
 
-    assert taus[2] > null("_pixels") and taus[3] >= null(f"_pixels_{SIZE // 4}x{SIZE // 4}") - 1e-6
-    assert taus[4] == pytest.approx(null(""), abs=1e-5)
+    assert taus[3] > null("_pixels") and taus[4] >= null(f"_pixels_{SIZE // 4}x{SIZE // 4}") - 1e-6
     moved_row = int(np.flatnonzero(table.index == "moved.png")[0])
     assert scores[moved_row] > plain[moved_row] + 1e-3
     assert block["controls"]["n_caught"] == 2
@@ -663,3 +662,37 @@ def test_aligned_refine_adds_the_non_rigid_score_of_the_aligned_winners():
     plain = _aligned_refine(images, {"plane": (-2, -1), "device": "cpu"})("synthetic", np.arange(3), "train", cand,
                                                                         values)
     assert plain[0].shape == (3,)
+
+
+def test_aligned_refine_mixes_the_bent_pairs_feature_correlation_in_a_third_column():
+    """With ``feature_share`` in ``deform`` (:data:`memscan.audit.BENT_FEATURE_SHARE`), a third column: each bent
+    pair's feature correlation (the refine's ``values``, looked up by candidate) mixed with its bent score in that
+    share, the best per query; a query without candidates keeps -inf and index -1."""
+    from memscan.audit import _aligned_refine, _candidate_values
+    from memscan.scoring import align_and_correlate, deform_and_correlate
+
+    rng = np.random.default_rng(1)
+    images = {"train": rng.random((4, 1, 24, 24)).astype(np.float32),
+              "synthetic": rng.random((3, 1, 24, 24)).astype(np.float32)}
+    images["synthetic"][1] = images["train"][3]
+    cand = np.array([[0, 2, 1], [2, 3, 0], [-1, -1, -1]])
+    values = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.6], [-np.inf] * 3])
+    deform = {"spacing": 8.0, "iterations": 5}
+    axes = {"plane": (-2, -1), "device": "cpu", "deform": {**deform, "k": 2, "feature_share": 0.25}}
+    score, index = _aligned_refine(images, axes)("synthetic", np.arange(3), "train", cand, values)
+    assert score.shape == index.shape == (3, 3)
+    two = _aligned_refine(images, {**axes, "deform": {**deform, "k": 2}})("synthetic", np.arange(3), "train", cand,
+                                                                        values)
+    np.testing.assert_allclose(score[:, :2], two[0])  # the first two columns as without the share
+    # the pairs the fit bent: the alignment's best two of each row
+    found = align_and_correlate(images["synthetic"], images["train"], cand, feature_scores=values, device="cpu",
+                                plane=(-2, -1))
+    chosen = found.ranked()[:, :2]
+    bent = deform_and_correlate(images["synthetic"], images["train"], chosen, device="cpu", **deform)
+    looked_up = _candidate_values(cand, values, chosen)
+    for r in range(2):
+        expect = [0.25 * values[r][list(cand[r]).index(c)] + 0.75 * p for c, p in zip(chosen[r], bent.pixel[r])]
+        np.testing.assert_allclose(looked_up[r], [values[r][list(cand[r]).index(c)] for c in chosen[r]])
+        assert score[r, 2] == pytest.approx(max(expect)) and index[r, 2] == chosen[r][int(np.argmax(expect))]
+    assert score[1, 2] > 0.75 and index[1, 2] == 3  # the copy, bent onto its source
+    assert score[2, 2] == -np.inf and index[2, 2] == -1

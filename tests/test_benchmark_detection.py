@@ -168,8 +168,9 @@ def test_default_detector_is_memscans_default():
     and that score's default headroom."""
     import inspect
 
-    from memscan.audit import (ALIGN_DEFORM, DEFAULT_SCORE, FUSED_WEIGHTS, NULL_LOW_RESOLUTION, _score_align_axes,
-                               alignment_size, audit, best_of_pixel_size, best_of_pixel_sizes, default_headroom)
+    from memscan.audit import (ALIGN_DEFORM, BENT_FEATURE_SHARE, DEFAULT_SCORE, FUSED_WEIGHTS, NULL_LOW_RESOLUTION,
+                               _score_align_axes, alignment_size, audit, best_of_pixel_size, best_of_pixel_sizes,
+                               default_headroom)
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
@@ -194,7 +195,7 @@ def test_default_detector_is_memscans_default():
     # best-of-aligned aligns at the same full size (factor 1) that its benchmark recipe does, and its pixel Pearson
     # sets are the audit's best_of_pixel_sizes: the benchmark's images whole and at a quarter per axis
     boa = presets.MEMSCAN_SCORES["best-of-aligned"]["max_of"]
-    assert boa[3]["align"]["factor"] == 1 and boa[2] == fused
+    assert boa[2]["align"]["factor"] == 1 and {k: v for k, v in boa[2].items() if k != "align"} == fused
     assert [part["pixel"] for part in boa[:2]] == [[[1, 1.0]], [[4, 1.0]]]
     # ...whose null takes the validation images at the audit's lower resolutions too; the other parts' does not
     assert [part.get("calibrate_lowres") for part in boa] == [list(NULL_LOW_RESOLUTION)] * 2 + [None] * 3
@@ -204,14 +205,30 @@ def test_default_detector_is_memscans_default():
     assert best_of_pixel_sizes([12, 32, 32], "best-of-aligned") == [[12, 32, 32], [3, 8, 8]]
     assert best_of_pixel_sizes([512, 512], "best-of-aligned") == [[64, 64], [16, 16]]
     assert best_of_pixel_sizes([64, 64], "best-of") == [[64, 64]] and not best_of_pixel_sizes([64, 64], "fused")
-    # its fifth part bends the same candidates onto the query with the audit's own settings of each dimensionality
-    assert boa[4] == {**fused, "deform": "memscan"}
+    # its fourth part bends the same candidates onto the query with the audit's own settings of each dimensionality;
+    # its fifth mixes those pairs' fused-feature correlation in where the audit does (BENT_FEATURE_SHARE: 2D), and is
+    # the fused features' own correlation where it does not (3D), or where a dimensionality has no non-rigid fit
+    assert boa[3] == {**fused, "deform": "memscan"} and boa[4] == {**boa[3], "feature_share": "memscan"}
+    assert BENT_FEATURE_SHARE[2] and BENT_FEATURE_SHARE[3] is None
     for dims in (2, 3):
-        assert presets.recipe_for(presets.DEFAULT, dims)["max_of"][4]["deform"] == ALIGN_DEFORM[dims]
-        assert _score_align_axes("best-of-aligned", {}, dims)["deform"] == ALIGN_DEFORM[dims]
-    # round 17's score is today's without the blend; round 16's also without the low-resolution null; round 13's
-    # without the fifth part; round 12's without the coarse-to-fine rounds of its alignment
-    single = [{k: v for k, v in part.items() if k != "blend"} for part in boa]
+        parts = presets.recipe_for(presets.DEFAULT, dims)["max_of"]
+        share = BENT_FEATURE_SHARE[dims]
+        assert parts[3]["deform"] == ALIGN_DEFORM[dims] and len(parts) == 5
+        assert parts[4] == (presets.recipe_for(fused, dims) if share is None else
+                            {**presets.recipe_for(fused, dims), "deform": ALIGN_DEFORM[dims], "feature_share": share})
+        assert _score_align_axes("best-of-aligned", {}, dims)["deform"] == \
+            {**ALIGN_DEFORM[dims], **({} if share is None else {"feature_share": share})}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(ALIGN_DEFORM, 2, None)
+        assert presets.recipe_for(presets.DEFAULT, 2)["max_of"][2:] == [presets.recipe_for(boa[2], 2),
+                                                                        presets.recipe_for(fused, 2)]
+        assert "deform" not in _score_align_axes("best-of-aligned", {}, 2)
+    # round 20's default: the fused features' own correlation as the third part; the earlier rounds' candidates
+    # come from it: round 17's is it without the blend; round 16's also without the low-resolution null; round
+    # 13's without the fifth part; round 12's without the coarse-to-fine rounds of its alignment
+    old = presets.CANDIDATES["best_of_aligned_fused"]["max_of"]
+    assert old == boa[:2] + [fused] + boa[2:4] and presets.CANDIDATES["best_of_aligned_fused"]["headroom"] == 0.5
+    single = [{k: v for k, v in part.items() if k != "blend"} for part in old]
     assert presets.CANDIDATES["best_of_aligned_single"] == {**presets.DEFAULT, "max_of": single}
     sharp = [{k: v for k, v in part.items() if k != "calibrate_lowres"} for part in single]
     assert presets.CANDIDATES["best_of_aligned_sharp_null"] == {**presets.DEFAULT, "max_of": sharp}
@@ -302,12 +319,13 @@ def test_max_of_recipe_is_memscans_best_of_score():
     np.testing.assert_allclose(exact["score"], 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("bend", [None, "all", "first"])
+@pytest.mark.parametrize("bend", [None, "all", "first", "confirmed"])
 def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     """``presets.MEMSCAN_SCORES["best-of-aligned"]``'s structure (pixels, retrieval features, their candidates
     re-scored by aligned pixels alone, and the same candidates bent onto their query: all of them, or as in 3D only
-    the alignment's first) scores and calibrates τ as ``memscan.metrics.match(refine=..., best_of=...)`` does
-    (``memscan audit --score best-of-aligned``), here with coarse pixels as the retrieval features."""
+    the alignment's first; and those bent pairs' feature correlation mixed with their bent score) scores and
+    calibrates τ as ``memscan.metrics.match(refine=..., best_of=...)`` does (``memscan audit --score
+    best-of-aligned``), here with coarse pixels as the retrieval features."""
     from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, NULL_LOW_RESOLUTION,
                                _score_align_axes, alignment_size)
     from memscan.data.transforms import low_resolution
@@ -316,8 +334,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
 
     product = presets.MEMSCAN_SCORES["best-of-aligned"]
     assert product["max_of"][0] == {**presets.PIXEL, "calibrate_lowres": list(NULL_LOW_RESOLUTION), "blend": True}
-    assert product["max_of"][2] == presets.MEMSCAN_SCORES["fused"]
-    align = product["max_of"][3]["align"]
+    align = product["max_of"][2]["align"]
     assert align["weights"] == {"pixel": 1.0, "features": 0.0} and align["scoring"] == "retrieval"
 
     axes = _score_align_axes("best-of-aligned", {"flip_axes": ()}, 2)  # the audit's own alignment arguments
@@ -333,7 +350,9 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
                          {**coarse, "align": {**align, "k": k_all}}], "normalize": "ceiling"}
     bent = {"spacing": 8.0, "iterations": 3, "fit_highpass": [4.0, 2.0]}  # few steps: the same pairs, not a fit
     if bend:
-        recipe["max_of"].append({**coarse, "deform": {**bent, "k": k_all if bend == "all" else 1}})
+        recipe["max_of"].append({**coarse, "deform": {**bent, "k": 1 if bend == "first" else k_all}})
+    if bend == "confirmed":
+        recipe["max_of"].append({**recipe["max_of"][-1], "feature_share": 0.4})
     # grainy images: a low-resolution version loses the grain and correlates better, so the pixel null views count
     grain = np.random.default_rng(3)
     case = {"spatial_dims": 2, "groups": {f"s{i}": (_blobs(k_all, 40 + i) + grain.random((k_all, 1, 16, 16))
@@ -352,9 +371,15 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
                                     size=size, **axes)
         if not bend:
             return found.score, found.index
-        first = found.ranked()[:, :len(candidates[0]) if bend == "all" else 1]  # by the aligned score, as the audit
+        first = found.ranked()[:, :1 if bend == "first" else len(candidates[0])]  # by the aligned score, as the audit
         other = deform_and_correlate(images[q][rows], images[ref], first, device="cpu", **bent)
-        return np.stack([found.score, other.score], axis=1), np.stack([found.index, other.index], axis=1)
+        scores, indices = [found.score, other.score], [found.index, other.index]
+        if bend == "confirmed":  # each bent pair: 0.4 × its feature correlation + 0.6 × its bent score
+            mixed = np.array([[0.4 * values[r][list(candidates[r]).index(c)] + 0.6 * p for c, p in zip(cs, ps)]
+                              for r, (cs, ps) in enumerate(zip(other.candidates, other.pixel))])
+            scores.append(mixed.max(axis=1))
+            indices.append(other.candidates[np.arange(len(rows)), mixed.argmax(axis=1)])
+        return np.stack(scores, axis=1), np.stack(indices, axis=1)
 
     pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}
     crs = {k: standardize_rows(pixel_features(x, [4, 4])) for k, x in images.items()}
@@ -365,6 +390,9 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     sharp = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
                   refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)], blend=[0])
     assert ref.summary["feature_set_thresholds"][-2] > sharp.summary["feature_set_thresholds"][-2]  # views count
+    if bend == "confirmed":  # a third refine column, on its own τ_b
+        assert len(ref.summary["feature_set_thresholds"]) == 5
+        assert ref.summary["feature_set_thresholds"][2] != ref.summary["feature_set_thresholds"][1]
     got = scores[(scores.family == fam) & (scores.strength == strength) & (scores.label == 1)]
     assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)
     np.testing.assert_allclose(got["score"], ref.best_train_for_synthetic, atol=1e-6)
@@ -380,6 +408,26 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     np.testing.assert_allclose(single.best_train_for_synthetic,
                                match(pix["train"], pix["val"], pix["synthetic"], device="cpu",
                                      n_bootstrap=0).best_train_for_synthetic, atol=1e-9)
+
+
+def test_deformed_scores_mix_the_bent_pairs_feature_correlation_by_feature_share():
+    """A deform part's ``feature_share`` scores each bent pair ``share`` × its feature correlation + the rest × its
+    bent score, the best per query (the audit's third refine column), from the same fit as its plain twin."""
+    from memscan.scoring import deform_and_correlate, standardize_rows
+
+    query, reference = _blobs(3, 5, (16, 16)), _blobs(4, 6, (16, 16))
+    query[0] = reference[2]
+    feats = {"q": np.random.default_rng(0).random((3, 6)), "r": np.random.default_rng(1).random((4, 6))}
+    ranked = np.array([[2, 0, 1, 3], [1, 3, 0, 2], [3, 2, 1, 0]])
+    part = {"deform": {"spacing": 8.0, "iterations": 3, "k": 2}}
+    plain = evaluate.deformed_scores(part, query, reference, feats["q"], feats["r"], ranked)
+    mixed = evaluate.deformed_scores({**part, "feature_share": 0.3}, query, reference, feats["q"], feats["r"], ranked)
+    bent = deform_and_correlate(query, reference, ranked[:, :2], device="cpu", spacing=8.0, iterations=3)
+    corr = standardize_rows(feats["q"]) @ standardize_rows(feats["r"]).T
+    expect = (0.3 * np.take_along_axis(corr, ranked[:, :2], axis=1) + 0.7 * bent.pixel).max(axis=1)
+    np.testing.assert_allclose(plain, bent.score, atol=1e-9)
+    np.testing.assert_allclose(mixed, expect, atol=1e-6)
+    assert not np.allclose(mixed, plain)
 
 
 def test_max_of_recipe_with_an_aligned_detector():

@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import blend_correlation, percentile, scale_to_null, topk_correlation, with_headroom
-from memscan.scoring import aligned_search, deform_and_correlate
+from memscan.scoring import aligned_search, deform_and_correlate, standardize_rows
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
     from .detectors import fit_detector
@@ -225,15 +225,31 @@ def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fea
     return found.score
 
 
+_BENT: dict = {}  # the last non-rigid fit: a feature_share part re-scores the pairs its plain twin just bent
+
+
 def deformed_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_feat: np.ndarray,
                     r_feat: np.ndarray, ranked: np.ndarray | None = None) -> np.ndarray:
     """Each query's best score over its top-k candidates after a non-rigid fit
     (``memscan.scoring.deform_and_correlate`` with the recipe's ``deform`` settings but ``k``): the first k of
-    ``ranked`` (the align part's ranking, as the audit bends them) or else the top k by the recipe's features."""
+    ``ranked`` (the align part's ranking, as the audit bends them) or else the top k by the recipe's features. With
+    the recipe's ``feature_share`` (``memscan.audit.BENT_FEATURE_SHARE``) each bent pair scores that share of its
+    feature correlation and the rest of its bent score, as the audit's third refine column."""
     settings = {key: v for key, v in recipe["deform"].items() if key != "k"}
     k = int(recipe["deform"].get("k", 5))
     idx = topk_correlation(q_feat, r_feat, k, device="cpu")[1] if ranked is None else ranked[:, :k]
-    return deform_and_correlate(query, reference, idx, device="cpu", **settings).score
+    key = (_digest(query), _digest(reference), _digest(idx), repr(sorted(settings.items())))
+    if key not in _BENT:
+        _BENT.clear()
+        _BENT[key] = deform_and_correlate(query, reference, idx, device="cpu", **settings)
+    bent = _BENT[key]
+    share = recipe.get("feature_share")
+    if share is None:
+        return bent.score
+    q, r = standardize_rows(q_feat), standardize_rows(r_feat)
+    values = np.einsum("nd,nkd->nk", q.astype(np.float64), r[np.maximum(bent.candidates, 0)].astype(np.float64))
+    values = np.where(bent.candidates >= 0, values, -np.inf)  # -1: no candidate
+    return (share * values + (1 - share) * bent.pixel).max(axis=1)
 
 
 def _align_arguments(recipe: dict, spatial) -> dict:
@@ -267,9 +283,13 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     images = {"train": train, "val": val, "synthetic": queries}
     encoders: dict = {}
     plain, views, blend, aligned = [], [], [], None
-    deform = [part["deform"] for part in parts if part.get("deform")]  # scored by the aligned part's refine
+    # deform parts are scored by the aligned part's refine: the bent pairs, and their feature_share twin's mix
+    deform = [part for part in parts if part.get("deform") and part.get("feature_share") is None]
+    mixed = [part for part in parts if part.get("deform") and part.get("feature_share") is not None]
     if len(deform) > 1 or (deform and not any(part.get("align") for part in parts)):
         raise ValueError("a max_of recipe takes at most one deform part, beside an align part")
+    if len(mixed) > 1 or (mixed and (not deform or mixed[0]["deform"] != deform[0]["deform"])):
+        raise ValueError("a feature_share part re-scores the deform part's pairs: one, with the same deform settings")
     for part in parts:
         if part.get("deform"):
             continue
@@ -298,9 +318,9 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
         raise ValueError("match_recipe supports align parts scored with their retrieval features only")
     axes = _align_arguments(part, train.shape[2:])
     if deform:  # the audit's fifth score: the same candidates bent onto their query (refine's second column)
-        if int(deform[0].get("k", 5)) > int(part["align"].get("k", 5)):
+        if int(deform[0]["deform"].get("k", 5)) > int(part["align"].get("k", 5)):
             raise ValueError("the deform part verifies at most as many candidates as the align part")
-        axes["deform"] = dict(deform[0])
+        axes["deform"] = {**deform[0]["deform"], **({"feature_share": mixed[0]["feature_share"]} if mixed else {})}
     refine = _aligned_refine(images, axes)
     return match(*primary, refine=refine, refine_k=int(part["align"].get("k", 5)), best_of=plain or None,
                  null_views=views if any(views) else None, blend=blend, **match_kwargs)

@@ -27,8 +27,9 @@ from __future__ import annotations
 import copy
 import inspect
 
-from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, BLEND_PIXELS,
-                           FUSED_WEIGHTS, NULL_LOW_RESOLUTION, audit, default_headroom)
+from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS,
+                           BENT_FEATURE_SHARE, BLEND_PIXELS, FUSED_WEIGHTS, NULL_LOW_RESOLUTION, audit,
+                           default_headroom)
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -85,9 +86,11 @@ _MEMSCAN_DEFORM = "memscan"
 DEFAULT_SCORE: str = inspect.signature(audit).parameters["score"].default
 
 
-def memscan_recipe(score: str) -> dict:
+def memscan_recipe(score: str, feature_share: bool = True) -> dict:
     """memscan's default training views and temperature with one of the audit's scores (``embedding``, ``fused``,
-    ``best-of``).
+    ``best-of``, ``best-of-aligned``); ``feature_share``: best-of-aligned's fused features mixed into its bent pairs'
+    score where ``memscan.audit.BENT_FEATURE_SHARE`` does so (resolved by :func:`recipe_for`), or False: their own
+    correlation as a part in every dimensionality (the default until round 21).
 
     The temperature is the 2D preset's here; :func:`recipe_for` takes the preset of the case's dimensionality.
     """
@@ -116,8 +119,12 @@ def memscan_recipe(score: str) -> dict:
                                                         "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT],
                                                         "refine_rounds": ALIGN_REFINE_ROUNDS}}
-        return {"max_of": [*pixels, memscan_recipe("fused"), aligned,
-                           {**memscan_recipe("fused"), "deform": _MEMSCAN_DEFORM}],
+        bent = {**memscan_recipe("fused"), "deform": _MEMSCAN_DEFORM}
+        if not feature_share:  # the fused features' own correlation as a part
+            return {"max_of": [*pixels, memscan_recipe("fused"), aligned, bent], "normalize": "ceiling"}
+        # the fused features through the bent pairs where BENT_FEATURE_SHARE mixes them, else their own correlation
+        # (recipe_for resolves it per dimensionality, as the audit does); last, as it re-scores the bent pairs
+        return {"max_of": [*pixels, aligned, bent, {**bent, "feature_share": _MEMSCAN_DEFORM}],
                 "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
 
@@ -141,13 +148,17 @@ def _sharp_null(part: dict) -> dict:
 #: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
 #: grid step), for copies zoomed or rotated between two grid values (the benchmark's weak crop, a 1.11× zoom, falls
 #: between the grid's 1.077 and 1.16); ``best_of_four_hp_f1_px4`` is the same score on the grid alone (round 12's)
-CANDIDATES["best_of_aligned_refined"] = {**copy.deepcopy(MEMSCAN_SCORES["best-of-aligned"]),
-                                         "max_of": [_sharp_null(p) for p in MEMSCAN_SCORES["best-of-aligned"]["max_of"]
-                                                    if not p.get("deform")]}
-
 # what memscan runs by default (training preset "default" + the audit's default score and its headroom)
 DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
                  **({"headroom": default_headroom(DEFAULT_SCORE)} if default_headroom(DEFAULT_SCORE) else {})}
+#: the round-20 default: best-of-aligned with the fused features' own correlation as a part (from round 21 they count
+#: in 2D only through the pairs the non-rigid fit bent, ``memscan.audit.BENT_FEATURE_SHARE``); the earlier rounds'
+#: candidates below are built from it
+_ROUND20: dict = {**copy.deepcopy(DEFAULT), "max_of": memscan_recipe("best-of-aligned", feature_share=False)["max_of"]}
+CANDIDATES["best_of_aligned_fused"] = copy.deepcopy(_ROUND20)
+
+CANDIDATES["best_of_aligned_refined"] = {"max_of": [_sharp_null(p) for p in _ROUND20["max_of"] if not p.get("deform")],
+                                         "normalize": "ceiling"}
 
 CANDIDATES["memscan_default_aligned"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]), "align": copy.deepcopy(ALIGN)}
 CANDIDATES["memscan_default_aligned_emb"] = {**copy.deepcopy(MEMSCAN_SCORES["fused"]),
@@ -186,10 +197,19 @@ CANDIDATES["memscan_default_v2t"] = {**copy.deepcopy(DEFAULT), "calibration": "v
 def recipe_for(recipe: dict, spatial_dims: int) -> dict:
     """The recipe adapted to the dimensionality: the paper's (and memscan's) 3D embedding is 32-d; a memscan preset's
     temperature is that preset's for ``spatial_dims``; a part whose ``deform`` is memscan's takes
-    ``memscan.audit.ALIGN_DEFORM`` of ``spatial_dims`` (and is left out where that is None)."""
+    ``memscan.audit.ALIGN_DEFORM`` of ``spatial_dims`` (and is left out where that is None); a part whose
+    ``feature_share`` is memscan's takes ``memscan.audit.BENT_FEATURE_SHARE`` of ``spatial_dims``, or becomes the
+    plain features it mixes in where that (or the non-rigid fit) is None, as in the audit."""
     r = copy.deepcopy(recipe)
     if r.get("max_of"):
-        parts = [sub for sub in r["max_of"] if sub.get("deform") != _MEMSCAN_DEFORM or ALIGN_DEFORM[spatial_dims]]
+        parts = []
+        for sub in r["max_of"]:
+            if sub.get("feature_share") == _MEMSCAN_DEFORM:  # the audit's mix of this dimensionality, or none
+                share = BENT_FEATURE_SHARE[spatial_dims] if ALIGN_DEFORM[spatial_dims] else None
+                sub = {k: v for k, v in sub.items() if k not in ("deform", "feature_share")} if share is None else \
+                    {**sub, "feature_share": share}
+            if sub.get("deform") != _MEMSCAN_DEFORM or ALIGN_DEFORM[spatial_dims]:
+                parts.append(sub)
         r["max_of"] = [recipe_for(sub, spatial_dims) for sub in parts]
     if r.get("deform") == _MEMSCAN_DEFORM:
         r["deform"] = dict(ALIGN_DEFORM[spatial_dims])
@@ -268,7 +288,7 @@ def _with_deform(settings: dict | None) -> dict:
     """The default recipe (best-of-aligned at its headroom) with its deform part's settings replaced by ``_DEFORM``
     updated by ``settings`` (in 2D and 3D alike), or without that part when ``settings`` is None."""
     extra = [] if settings is None else [{**memscan_recipe("fused"), "deform": {**_DEFORM, **settings}}]
-    return {**copy.deepcopy(DEFAULT), "max_of": copy.deepcopy(CANDIDATES["best_of_aligned_refined"]["max_of"]) + extra}
+    return {**copy.deepcopy(_ROUND20), "max_of": copy.deepcopy(CANDIDATES["best_of_aligned_refined"]["max_of"]) + extra}
 
 
 CANDIDATES["best_of_five_deform"] = _with_deform({})
@@ -283,7 +303,8 @@ CANDIDATES["best_of_five_deform_c2f_k1"] = _with_deform({**ALIGN_DEFORM[2], "k":
 
 #: the round-16 default: every part calibrated on the validation images as they are (round 17 adds their
 #: low-resolution versions to the pixel parts' null, ``memscan.audit.NULL_LOW_RESOLUTION``)
-CANDIDATES["best_of_aligned_sharp_null"] = {**copy.deepcopy(DEFAULT), "max_of": [_sharp_null(p) for p in DEFAULT["max_of"]]}
+CANDIDATES["best_of_aligned_sharp_null"] = {**copy.deepcopy(_ROUND20),
+                                            "max_of": [_sharp_null(p) for p in _ROUND20["max_of"]]}
 #: the round-14 default (best-of-aligned at its headroom) with the alignment's circular shifts only
 #: (``align_and_correlate(rewarp=False)``): the side-by-side baseline of round 15's re-warp, which correlates each
 #: pair once more at its best rotation, zoom and shift without wrapping (detection_candidates.md section 13)
@@ -293,7 +314,7 @@ CANDIDATES["best_of_aligned_circular"]["max_of"][3]["align"]["rewarp"] = False
 def _with_lowres_null(n_parts: int) -> dict:
     """The default recipe whose first ``n_parts`` parts (plain correlations) calibrate on the validation images at
     half and a quarter of their resolution too (``calibrate_lowres``)."""
-    recipe = copy.deepcopy(DEFAULT)
+    recipe = copy.deepcopy(_ROUND20)
     for part in recipe["max_of"][:n_parts]:
         part["calibrate_lowres"] = [0.5, 0.25]
     return recipe
@@ -312,6 +333,6 @@ CANDIDATES["best_of_aligned_lowres_null_px"] = _with_lowres_null(2)
 #: (``memscan.metrics.blend_correlation``), its null the same fit of each training image by two validation images (at
 #: their low resolutions too): in place of the plain full-size pixels (the default since round 18), or as a sixth part
 #: beside them (``_blend``, measured equal); ``best_of_aligned_single`` is the round-17 default, one image at a time
-CANDIDATES["best_of_aligned_single"] = {**copy.deepcopy(DEFAULT), "max_of": [_single(p) for p in DEFAULT["max_of"]]}
+CANDIDATES["best_of_aligned_single"] = {**copy.deepcopy(_ROUND20), "max_of": [_single(p) for p in _ROUND20["max_of"]]}
 CANDIDATES["best_of_aligned_blend"] = copy.deepcopy(CANDIDATES["best_of_aligned_single"])
-CANDIDATES["best_of_aligned_blend"]["max_of"].insert(2, {**copy.deepcopy(DEFAULT["max_of"][0]), "blend": True})
+CANDIDATES["best_of_aligned_blend"]["max_of"].insert(2, {**copy.deepcopy(_ROUND20["max_of"][0]), "blend": True})

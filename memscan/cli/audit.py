@@ -44,11 +44,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="embedding precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else "
                         "float32; default), or one of them explicitly (recorded in summary.json)")
     parser.add_argument("--score", default=None, metavar="MODE",
-                        help="similarity score: best-of-aligned (default: the best of fused, pixel Pearson at two "
-                             "sizes (calibrated on the validation images as they are and at lower resolution; the "
-                             "full-size one against the best blend of two training images), "
-                             "aligned high-passed pixels and the same matches bent onto the image; "
-                             "the best on the detection benchmark), fused "
+                        help="similarity score: best-of-aligned (default: the best of pixel Pearson at two sizes "
+                             "(calibrated on the validation images as they are and at lower resolution; the "
+                             "full-size one against the best blend of two training images), the aligned high-passed "
+                             "pixels of the best fused matches, the same matches bent onto the image, and in 2D those "
+                             "bent matches' fused score mixed with their bent one (in 3D the fused score itself); the "
+                             "best on the detection benchmark), "
+                             "fused "
                              "(flip-invariant pixel + embedding features: thousands of times faster to match), "
                              "embedding (the paper's; with --headroom 0, the paper's recipe), aligned (fused, then "
                              "the best candidates re-scored after test-time alignment) or best-of (the better of "
