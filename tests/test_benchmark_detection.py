@@ -234,6 +234,11 @@ def test_default_detector_is_memscans_default():
     assert presets.CANDIDATES["best_of_aligned_sharp_null"] == {**presets.DEFAULT, "max_of": sharp}
     assert presets.CANDIDATES["best_of_aligned_refined"]["max_of"] == sharp[:4]
     assert presets.CANDIDATES["best_of_aligned_rigid"] == {**presets.DEFAULT, "max_of": sharp[:4]}
+    # round 21's lever: round 20's without its fused part, then the bent pairs' mix in its place, at the product's
+    # share the default in 2D
+    assert presets.CANDIDATES["best_of_aligned_no_fused"]["max_of"] == old[:2] + old[3:]
+    mixed = presets.CANDIDATES[f"best_of_aligned_bent_features_{BENT_FEATURE_SHARE[2]:g}"]
+    assert presets.recipe_for(mixed, 2) == presets.recipe_for(presets.DEFAULT, 2)
     grid = copy.deepcopy(presets.CANDIDATES["best_of_aligned_refined"])
     assert grid["max_of"][3]["align"].pop("refine_rounds") > 0
     assert presets.CANDIDATES["best_of_four_hp_f1_px4"] == grid

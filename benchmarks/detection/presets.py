@@ -336,3 +336,16 @@ CANDIDATES["best_of_aligned_lowres_null_px"] = _with_lowres_null(2)
 CANDIDATES["best_of_aligned_single"] = {**copy.deepcopy(_ROUND20), "max_of": [_single(p) for p in _ROUND20["max_of"]]}
 CANDIDATES["best_of_aligned_blend"] = copy.deepcopy(CANDIDATES["best_of_aligned_single"])
 CANDIDATES["best_of_aligned_blend"]["max_of"].insert(2, {**copy.deepcopy(_ROUND20["max_of"][0]), "blend": True})
+
+#: lever (round 21, adopted in 2D as ``memscan.audit.BENT_FEATURE_SHARE``): the fused part flags a new patient's image
+#: that an encoder trained on few images takes for a training one (CXR). ``best_of_aligned_no_fused`` is the round-20
+#: default without that part; ``best_of_aligned_bent_features_<w>`` puts in its place each bent pair's ``w`` × fused
+#: correlation + (1 − w) × bent score, in 2D and 3D alike (the product: 0.7 in 2D, none in 3D;
+#: detection_candidates.md section 19)
+CANDIDATES["best_of_aligned_no_fused"] = {**copy.deepcopy(_ROUND20),
+                                          "max_of": [p for k, p in enumerate(_ROUND20["max_of"]) if k != 2]}
+for _w in (0.3, 0.5, 0.7):
+    CANDIDATES[f"best_of_aligned_bent_features_{_w:g}"] = {
+        **copy.deepcopy(CANDIDATES["best_of_aligned_no_fused"]),
+        "max_of": copy.deepcopy(CANDIDATES["best_of_aligned_no_fused"]["max_of"])
+        + [{**copy.deepcopy(_ROUND20["max_of"][4]), "feature_share": _w}]}
