@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when
 
 from build import DEFAULT_ROOT, load_cases  # noqa: E402
 from evaluate import score_case, summarize  # noqa: E402
-from memscan.audit import ALIGN_DEFORM, NULL_LOW_RESOLUTION  # noqa: E402
+from memscan.audit import ALIGN_DEFORM, BENT_FEATURE_SHARE, NULL_LOW_RESOLUTION  # noqa: E402
 from presets import CANDIDATES, DEFAULT, DEFAULT_SCORE, MEMSCAN_SCORES, PAPER, PIXEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,6 +208,10 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "A part with `blend` scores each image by its best non-negative blend of two training images",
         "(`memscan.metrics.blend_correlation`, `memscan.audit.BLEND_PIXELS`, `match(blend=...)`), and its null each",
         "training image's best blend of two validation images.",
+        "A part whose `feature_share` is `\"memscan\"` re-scores the pairs its `deform` twin bent: "
+        "`memscan.audit.BENT_FEATURE_SHARE` of the case's dimensionality (" + "; ".join(
+            f"{d}D {BENT_FEATURE_SHARE[d]}" for d in (2, 3)) + ") × the pair's fused correlation + the rest × its",
+        "bent score, the best per query; where that is None it is the fused features' own correlation.",
         "",
         "Read with care: (1) one subject per split — τ comes from one validation subject, so FPR on the unseen",
         "subject mostly measures how much closer that subject is to the training subject than the validation one",
