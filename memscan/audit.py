@@ -474,7 +474,7 @@ ALIGN_REFINE_ROUNDS = 2
 #: :func:`alignment_size`) per spatial dimensionality, or None for none. The ``k`` candidates the rigid alignment
 #: scored highest are bent onto each query by a smooth field, fitted coarse-to-fine on high-passed pixels and scored
 #: on σ 1 px detail less the edge band the field can reach (``margin``'s default: what a warp pulls in from beyond the
-#: edge matches nothing): a fifth score set on its own null, for copies a generator reproduced locally stretched. 2D
+#: edge matches nothing): one more score set on its own null, for copies a generator reproduced locally stretched. 2D
 #: (control points 6 px apart, each ≤ 3 px, σ 4 then 2 px, 5 candidates): elastic recall at the default headroom
 #: 0.89 → 0.98 on MRI (CT 0.82 → 0.87) at the same false alarms; leaving the edge band out took CXR, whose
 #: radiographs fill the frame, from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 2, σ 2 then 1, 30 steps, only the
