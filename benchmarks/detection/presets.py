@@ -144,10 +144,6 @@ def _sharp_null(part: dict) -> dict:
     return {k: v for k, v in _single(part).items() if k != "calibrate_lowres"}
 
 
-#: lever (round 13, adopted as ``memscan.audit.ALIGN_REFINE_ROUNDS``): best-of-aligned whose alignment refines each
-#: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
-#: grid step), for copies zoomed or rotated between two grid values (the benchmark's weak crop, a 1.11× zoom, falls
-#: between the grid's 1.077 and 1.16); ``best_of_four_hp_f1_px4`` is the same score on the grid alone (round 12's)
 # what memscan runs by default (training preset "default" + the audit's default score and its headroom)
 DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
                  **({"headroom": default_headroom(DEFAULT_SCORE)} if default_headroom(DEFAULT_SCORE) else {})}
@@ -157,6 +153,10 @@ DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
 _ROUND20: dict = {**copy.deepcopy(DEFAULT), "max_of": memscan_recipe("best-of-aligned", feature_share=False)["max_of"]}
 CANDIDATES["best_of_aligned_fused"] = copy.deepcopy(_ROUND20)
 
+#: lever (round 13, adopted as ``memscan.audit.ALIGN_REFINE_ROUNDS``): best-of-aligned whose alignment refines each
+#: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
+#: grid step), for copies zoomed or rotated between two grid values (the benchmark's weak crop, a 1.11× zoom, falls
+#: between the grid's 1.077 and 1.16); ``best_of_four_hp_f1_px4`` is the same score on the grid alone (round 12's)
 CANDIDATES["best_of_aligned_refined"] = {"max_of": [_sharp_null(p) for p in _ROUND20["max_of"] if not p.get("deform")],
                                          "normalize": "ceiling"}
 
