@@ -716,15 +716,26 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
                                         device=axes.get("device", "auto"), **deform)
             scores, indices = [score, bent.score], [index, bent.index]
             if share is not None:  # the features of the pairs the fit bent, confirmed by their bent pixels
-                confirmed = share * _candidate_values(candidates, values, bent.candidates) + (1 - share) * bent.pixel
-                scores.append(confirmed.max(axis=1))
-                indices.append(np.take_along_axis(bent.candidates, confirmed.argmax(axis=1)[:, None], axis=1)[:, 0])
+                mixed, mixed_index = _bent_feature_mix(bent, _candidate_values(candidates, values, bent.candidates),
+                                                        share)
+                scores.append(mixed)
+                indices.append(mixed_index)
             score, index = np.stack(scores, axis=1), np.stack(indices, axis=1)
         if key is not None:
             memo[key] = (score, index)
         return score, index
 
     return refine
+
+
+def _bent_feature_mix(bent: Any, features: np.ndarray, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's best bent pair (``bent``: a :class:`memscan.scoring.AlignedMatch` of the non-rigid fit) by
+    ``share`` × its feature correlation (``features``, one per ``bent.candidates`` entry) + (1 − share) × its bent
+    score, and that pair's reference index; ``-inf`` and -1 for a query without candidates. The audit's third refine
+    column and the detection benchmark's ``feature_share`` part."""
+    mixed = np.where(bent.candidates >= 0, share * features + (1 - share) * bent.pixel, -np.inf)
+    rows, best = np.arange(len(mixed)), mixed.argmax(axis=1)
+    return mixed[rows, best], bent.candidates[rows, best]
 
 
 def _candidate_values(candidates: np.ndarray, values: np.ndarray, chosen: np.ndarray) -> np.ndarray:

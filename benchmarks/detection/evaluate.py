@@ -235,6 +235,8 @@ def deformed_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fe
     ``ranked`` (the align part's ranking, as the audit bends them) or else the top k by the recipe's features. With
     the recipe's ``feature_share`` (``memscan.audit.BENT_FEATURE_SHARE``) each bent pair scores that share of its
     feature correlation and the rest of its bent score, as the audit's third refine column."""
+    from memscan.audit import _bent_feature_mix
+
     settings = {key: v for key, v in recipe["deform"].items() if key != "k"}
     k = int(recipe["deform"].get("k", 5))
     idx = topk_correlation(q_feat, r_feat, k, device="cpu")[1] if ranked is None else ranked[:, :k]
@@ -248,8 +250,7 @@ def deformed_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fe
         return bent.score
     q, r = standardize_rows(q_feat), standardize_rows(r_feat)
     values = np.einsum("nd,nkd->nk", q.astype(np.float64), r[np.maximum(bent.candidates, 0)].astype(np.float64))
-    values = np.where(bent.candidates >= 0, values, -np.inf)  # -1: no candidate
-    return (share * values + (1 - share) * bent.pixel).max(axis=1)
+    return _bent_feature_mix(bent, values, share)[0]  # the audit's own mix (-1 candidates: -inf)
 
 
 def _align_arguments(recipe: dict, spatial) -> dict:
