@@ -488,3 +488,18 @@ def test_match_recipe_takes_memscans_deform_part_of_the_images_dimensionality(sh
     res = evaluate.match_recipe(recipe, train, val, queries, device="cpu", n_bootstrap=0)
     # feature sets: the aligned refine, the bent one where the dimensionality has settings, then the plain pixels
     assert len(res.summary["feature_set_thresholds"]) == (2 if len(shape) == 3 and deform3d is None else 3)
+
+
+def test_match_recipe_refuses_a_feature_share_part_without_its_deform_twin():
+    """A ``feature_share`` part re-scores the pairs its deform twin bent: without that twin, or with other deform
+    settings, ``match_recipe`` says so in one line instead of scoring something the audit never runs."""
+    coarse = {**presets.PIXEL, "pixel": [[2, 1.0]]}
+    align = {"factor": 1, "k": 2, "scoring": "retrieval", "weights": {"pixel": 1.0, "features": 0.0}}
+    bent = {**coarse, "deform": {"spacing": 8.0, "iterations": 2, "k": 2}}
+    mixed = {**bent, "feature_share": 0.5}
+    train, val, queries = _blobs(4, 1, (16, 16)), _blobs(4, 2, (16, 16)), _blobs(3, 3, (16, 16))
+    for parts in ([{**coarse, "align": align}, mixed],
+                  [{**coarse, "align": align}, bent, {**mixed, "deform": {**bent["deform"], "spacing": 6.0}}]):
+        with pytest.raises(ValueError, match="a feature_share part re-scores the deform part's pairs"):
+            evaluate.match_recipe({"max_of": parts, "normalize": "ceiling"}, train, val, queries, device="cpu",
+                                  n_bootstrap=0)
