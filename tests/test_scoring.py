@@ -391,6 +391,24 @@ def test_deform_recovers_an_elastically_warped_copy(shape):
     assert staged.index.tolist()[:2] == [0, 1] and staged.score[2] < staged.pixel[0, 0] - 0.2
 
 
+@pytest.mark.parametrize("shape, plane", [((3, 2, 40, 40), (0, 1)), ((2, 1, 12, 20, 16), (1, 2)),
+                                          ((2, 1, 20, 6, 16), (0, 2))])
+def test_highpass_is_monais_separable_gaussian_filter(shape, plane):
+    """The matrix form of the high-pass equals MONAI's separable Gaussian filter with replicated edges, at every pixel
+    (also where the kernel is longer than the axis); a constant image high-passes to exactly zero."""
+    from monai.networks.layers import gaussian_1d, separable_filtering
+
+    from memscan.scoring import _highpass
+
+    x = torch.as_tensor(np.random.default_rng(0).random(shape), dtype=torch.float32)
+    for sigma in (1.0, 2.0, 4.0):
+        kernel = gaussian_1d(torch.tensor(sigma), truncated=3.0, approx="sampled", normalize=True)
+        kernels = [kernel if a in plane else torch.ones(1) for a in range(x.ndim - 2)]
+        np.testing.assert_allclose(_highpass(x, sigma, plane).numpy(),
+                                   (x - separable_filtering(x, kernels, mode="replicate")).numpy(), atol=1e-6)
+    assert float(_highpass(torch.full(shape, 0.5), 2.0, plane).abs().max()) == 0.0
+
+
 def test_deform_leaves_out_what_the_warp_pulled_in_at_the_edges():
     """A copy whose border the generator filled from beyond the image (here: zeros) still matches its source: the
     score leaves out the band the field can reach, where no bending of the source reproduces the query."""
