@@ -701,8 +701,8 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     shift lines it up again (:func:`align_and_correlate`), but a displacement field of a few pixels does. For every
     (query, candidate) pair a displacement per control point (about ``spacing`` pixels apart on every spatial axis,
     interpolated smoothly between them, each bounded by ``max_displacement`` pixels) is fitted by ``iterations``
-    Adam steps to maximise the Pearson correlation of the query and the warped candidate, both high-passed
-    (``fit_highpass``: σ of the blur subtracted, pixels; several σ, coarse first, fit coarse-to-fine, ``iterations``
+    Adam steps to maximise the Pearson correlation of the query and the warped candidate, both high-passed (the
+    candidate after it is bent, as a copy's detail was) (``fit_highpass``: σ of the blur subtracted, pixels; several σ, coarse first, fit coarse-to-fine, ``iterations``
     steps each, the field carried from one to the next); the pair's score is then the correlation of the finer
     detail (``highpass``) at that field, over the image less a ``margin`` at every edge: a warp can pull in content
     from beyond the image's edge (padding, or anatomy the reference never showed), which no field reproduces. The
@@ -773,15 +773,14 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     basis = basis.to(dev)
     # pixel displacement → grid_sample's normalised (x = last axis, y, z) offsets
     to_norm = torch.tensor([2.0 / s for s in reversed(spatial)], dtype=torch.float32, device=dev)
-    # the references are high-passed once and then bent: for a field this smooth, bending and filtering commute
-    # (up to the edges), so the fit needs no filtering per step
+    # the reference is bent first and high-passed after, at every step and for the score, as the copy was: where a
+    # field stretches, a blur taken before the bend is stretched with it and no longer matches the copy's own detail
+    # (high-passing once before the fit capped a stretched copy bent by its true field at r ≈ 0.95)
     q_eval, q_norm = _standardize_images(_highpass(q_t, float(highpass), pl)[interior])
     if (q_norm <= 1e-12).any():
         raise InputError("query_images", "an image has no detail finer than the high-pass blur: its correlation is "
                                          "undefined", row=int(torch.argmin(q_norm)))
-    fits = [(_standardize_images(_highpass(q_t, float(sigma), pl))[0], _highpass(r_t, float(sigma), pl))
-            for sigma in stages]
-    r_eval = _highpass(r_t, float(highpass), pl)
+    fits = [(_standardize_images(_highpass(q_t, float(sigma), pl))[0], float(sigma)) for sigma in stages]
     rows, cols = np.nonzero(cand >= 0)
     pixel = np.full(cand.shape, -np.inf)
     step = max(1, int(budget) // max(1, n_pix * q_t.shape[1] * 8))
@@ -797,16 +796,18 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
         pair_ref = torch.from_numpy(cand[p_rows, p_cols])
         q_sel = torch.from_numpy(p_rows)
         params = torch.zeros(len(p_rows), dims, n_ctrl, device=dev, requires_grad=True)
-        for q_fit, r_fit in fits:
-            refs_fit, target_fit = r_fit[pair_ref].to(dev), q_fit[q_sel].to(dev)
+        refs = r_t[pair_ref].to(dev)
+        for q_fit, sigma in fits:
+            target_fit = q_fit[q_sel].to(dev)
             opt = torch.optim.Adam([params], lr=float(learning_rate))
             for _ in range(int(iterations)):
-                loss = -(target_fit * _standardize_images(warp(refs_fit, params))[0]).sum()
+                loss = -(target_fit * _standardize_images(_highpass(warp(refs, params), sigma, pl))[0]).sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            value = _correlate_warped(q_eval[q_sel].to(dev), warp(r_eval[pair_ref].to(dev), params)[interior])
+            bent = _highpass(warp(refs, params), float(highpass), pl)
+            value = _correlate_warped(q_eval[q_sel].to(dev), bent[interior])
         pixel[p_rows, p_cols] = value.double().cpu().numpy()
     pixel = np.where(cand >= 0, np.clip(pixel, -1.0, 1.0), -np.inf)
     return _best_candidates(cand, pixel, pixel.copy())
