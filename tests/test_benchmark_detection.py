@@ -348,7 +348,8 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     assert align["refine_rounds"] == axes["refine_rounds"] == ALIGN_REFINE_ROUNDS > 0
     coarse = {**presets.PIXEL, "pixel": [[4, 1.0]]}
     # every validation image a candidate: match() calibrates on the top k of each half of the validation set (its
-    # null split), the benchmark on the top k of the whole, so only an exhaustive k searches the same pairs in both
+    # null split), the benchmark on the top k of the whole, so only an exhaustive k searches the same pairs in both;
+    # and one validation subject (no null split), so the bent first candidate is the whole set's in both
     k_all = 10
     zooms = product["max_of"][0]["calibrate_lowres"]  # the pixel parts' null views, as the audit's
     recipe = {"max_of": [{**presets.PIXEL, "calibrate_lowres": zooms, "blend": True}, coarse,
@@ -389,11 +390,13 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}
     crs = {k: standardize_rows(pixel_features(x, [4, 4])) for k, x in images.items()}
     low = [standardize_rows(pixel_features(np.stack([low_resolution(x, z) for x in images["val"]]))) for z in zooms]
+    one_subject = np.zeros(len(images["val"]), dtype=int)
     ref = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
                 refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)],
-                null_views=[low, []], blend=[0])
+                null_views=[low, []], blend=[0], val_subjects=one_subject)
     sharp = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
-                  refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)], blend=[0])
+                  refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)], blend=[0],
+                  val_subjects=one_subject)
     assert ref.summary["feature_set_thresholds"][-2] > sharp.summary["feature_set_thresholds"][-2]  # views count
     if bend == "confirmed":  # a third refine column, on its own τ_b
         assert len(ref.summary["feature_set_thresholds"]) == 5
@@ -405,7 +408,8 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
                   best_of=[tuple(pix[k] for k in images)])
     assert not np.allclose(plain.best_train_for_synthetic, ref.best_train_for_synthetic)  # the aligned set counts
     # evaluate.match_recipe (the DDPM audit's path) builds the same match from the recipe itself
-    via_recipe = evaluate.match_recipe(recipe, images["train"], images["val"], query, device="cpu", n_bootstrap=0)
+    via_recipe = evaluate.match_recipe(recipe, images["train"], images["val"], query, device="cpu", n_bootstrap=0,
+                                       val_subjects=one_subject)
     assert via_recipe.threshold == pytest.approx(ref.threshold, abs=1e-9)
     np.testing.assert_allclose(via_recipe.best_train_for_synthetic, ref.best_train_for_synthetic, atol=1e-9)
     np.testing.assert_array_equal(via_recipe.synthetic_table["best_train_index"], ref.synthetic_table["best_train_index"])
