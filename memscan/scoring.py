@@ -317,12 +317,12 @@ def _highpass(x, sigma: float, plane: tuple[int, int]):
     radius = len(kernel) // 2
     x = x - x.mean(dim=[2 + a for a in plane], keepdim=True)  # a constant image high-passes to exactly 0
     blurred = x
+    # hand-written: MONAI's separable_filtering (one-channel convolutions) is ~10× slower on a CPU, forward and
+    # backward, than this product with the same filter as a matrix (edges replicated), which the non-rigid fit runs
+    # at every step
     for axis in plane:
-        # hand-written: MONAI's separable_filtering (one-channel convolutions) is ~10× slower on a CPU, forward and
-        # backward, than this product with the same filter as a matrix (edges replicated), which the non-rigid fit
-        # runs at every step
         n = x.shape[2 + axis]
-        taps = (torch.arange(n, device=x.device)[:, None] + torch.arange(len(kernel), device=x.device) - radius)
+        taps = torch.arange(n, device=x.device)[:, None] + torch.arange(len(kernel), device=x.device) - radius
         matrix = torch.zeros(n, n, dtype=x.dtype, device=x.device).scatter_add_(
             1, taps.clamp(0, n - 1), kernel.expand(n, -1).contiguous())
         blurred = (blurred.movedim(2 + axis, -1) @ matrix.T).movedim(-1, 2 + axis)
@@ -701,11 +701,12 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     shift lines it up again (:func:`align_and_correlate`), but a displacement field of a few pixels does. For every
     (query, candidate) pair a displacement per control point (about ``spacing`` pixels apart on every spatial axis,
     interpolated smoothly between them, each bounded by ``max_displacement`` pixels) is fitted by ``iterations``
-    Adam steps to maximise the Pearson correlation of the query and the warped candidate, both high-passed (the
-    candidate after it is bent, as a copy's detail was) (``fit_highpass``: σ of the blur subtracted, pixels; several σ, coarse first, fit coarse-to-fine, ``iterations``
-    steps each, the field carried from one to the next); the pair's score is then the correlation of the finer
-    detail (``highpass``) at that field, over the image less a ``margin`` at every edge: a warp can pull in content
-    from beyond the image's edge (padding, or anatomy the reference never showed), which no field reproduces. The
+    Adam steps to maximise the Pearson correlation of the query and the warped candidate, both high-passed, the
+    candidate after it is bent, as a copy's detail was (``fit_highpass``: σ of the blur subtracted, pixels; several
+    σ, coarse first, fit coarse-to-fine, ``iterations`` steps each, the field carried from one to the next); the
+    pair's score is then the correlation of the finer detail (``highpass``) at that field, over the image less a
+    ``margin`` at every edge: a warp can pull in content from beyond the image's edge (padding, or anatomy the
+    reference never showed), which no field reproduces. The
     field is too coarse and too small to turn one patient's anatomy into another's, so other patients' images gain
     less than copies do. Apply the same function to the calibration pairs
     (as for :func:`align_and_correlate`) so that τ is the null of the same fit. 2D and 3D share one path.
