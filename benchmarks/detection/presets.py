@@ -27,9 +27,8 @@ from __future__ import annotations
 import copy
 import inspect
 
-from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS,
-                           BENT_FEATURE_SHARE, BLEND_PIXELS, FUSED_WEIGHTS, NULL_LOW_RESOLUTION, audit,
-                           default_headroom)
+from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, BLEND_PIXELS,
+                           FUSED_WEIGHTS, NULL_LOW_RESOLUTION, _score_align_axes, audit, default_headroom)
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -204,8 +203,8 @@ def recipe_for(recipe: dict, spatial_dims: int) -> dict:
     if r.get("max_of"):
         parts = []
         for sub in r["max_of"]:
-            if sub.get("feature_share") == _MEMSCAN_DEFORM:  # the audit's mix of this dimensionality, or none
-                share = BENT_FEATURE_SHARE[spatial_dims] if ALIGN_DEFORM[spatial_dims] else None
+            if sub.get("feature_share") == _MEMSCAN_DEFORM:  # the audit's own mix of this dimensionality, or none
+                share = _score_align_axes("best-of-aligned", {}, spatial_dims).get("deform", {}).get("feature_share")
                 sub = {k: v for k, v in sub.items() if k not in ("deform", "feature_share")} if share is None else \
                     {**sub, "feature_share": share}
             if sub.get("deform") != _MEMSCAN_DEFORM or ALIGN_DEFORM[spatial_dims]:
