@@ -479,15 +479,16 @@ ALIGN_REFINE_ROUNDS = 2
 #: 22: CT elastic recall 0.81 → 0.90, MRI 3D elastic AUROC 0.988 → 0.994; section 20). 2D
 #: (control points 6 px apart, each ≤ 3 px, σ 4 then 2 px, 5 candidates): elastic recall at the default headroom
 #: 0.89 → 0.98 on MRI (CT 0.82 → 0.87) at the same false alarms; leaving the edge band out took CXR, whose
-#: radiographs fill the frame, from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 2, σ 2 then 1, 30 steps, only the
-#: candidate the alignment scored highest: the benchmark's 3D warp is finer, and a slab's first and last slices are
-#: its edge band): elastic recall 0.78 → 0.86 (AUROC 0.982 → 0.988), for 1.63× the 3D matching time at 32³
-#: (docs/benchmarks/scores_3d.txt; detection.md, detection_candidates.md sections 14, 17 and 18).
+#: radiographs fill the frame, from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 3, σ 2 then 1, 60 steps each, only the
+#: candidate the alignment scored highest: the benchmark's 3D warp is finer; a 3-voxel edge band, the field's reach,
+#: so a 12-slice slab keeps 6 slices scored): elastic recall 0.78 → 0.86 (rounds 19-20, ≤ 2 voxels, 30 steps), and
+#: round 23's reach and steps 0.89 → 0.93 in a per-part replay (AUROC 0.992 → 0.997, false alarms 0.03 → 0.02) for
+#: twice the fit's time (docs/benchmarks/scores_3d.txt; detection.md, detection_candidates.md sections 14, 17, 18, 21).
 ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     2: {"spacing": 6.0, "max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60,
         "learning_rate": 0.15, "highpass": 1.0, "k": 5},
-    3: {"spacing": 4.0, "max_displacement": 2.0, "fit_highpass": (2.0, 1.0), "iterations": 30, "learning_rate": 0.3,
-        "highpass": 1.0, "k": 1},
+    3: {"spacing": 4.0, "max_displacement": 3.0, "margin": 3, "fit_highpass": (2.0, 1.0), "iterations": 60,
+        "learning_rate": 0.3, "highpass": 1.0, "k": 1},
 }
 #: ``score="best-of-aligned"``, per spatial dimensionality: the fused features count only where the non-rigid fit
 #: confirms them. Each candidate it bent scores ``share`` × its fused-feature correlation + (1 − share) × its
