@@ -277,6 +277,25 @@ def test_scores_of_one_encoder_share_its_training(monkeypatch):
     assert not np.allclose(by["embedding"], by["fused"])  # same encoder, different scores
 
 
+def test_stored_encoders_are_reused_only_by_the_code_that_trained_them(monkeypatch, tmp_path):
+    from benchmarks.detection import detectors
+
+    calls = []
+    real = detectors.train_contrastive
+    monkeypatch.setattr(detectors, "train_contrastive", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("MEMSCAN_DETECTION_ENCODERS", str(tmp_path))
+    cfg = {**presets.PAPER["encoder"], "widths": [4, 8, 8, 8], "embedding_dim": 8, "steps": 1, "batch_size": 8}
+    images = _blobs(6, 3)
+    key = ("settings", False, 0, "images")
+    first = detectors._stored_or_trained(key, images, cfg, 0)
+    again = detectors._stored_or_trained(key, images, cfg, 0)  # stored: loaded, not trained
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                                       again.state_dict().values()))
+    monkeypatch.setattr(detectors, "_training_code", lambda: "another version")
+    detectors._stored_or_trained(key, images, cfg, 0)
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.pt"))) == 2
+
+
 def test_score_case_with_alignment():
     case = {"spatial_dims": 2, "groups": {f"s{i}": _blobs(8, 20 + i, (24, 24)) for i in range(3)}}
     aligned_pixel = {**presets.PIXEL, "align": {**presets.ALIGN, "factor": 1}}

@@ -155,13 +155,29 @@ def canonical_frame(images: np.ndarray, threshold: float = 0.1) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+def _training_code() -> str:
+    """A digest of the code an encoder's weights depend on (this module, memscan's training, networks and view
+    transforms), so stored weights are reused only by the code that trained them (round 23 found the store holding
+    weights an earlier version had trained)."""
+    import memscan.data.transforms
+    import memscan.networks
+    import memscan.training
+
+    digest = hashlib.sha256()
+    for module in (memscan.data.transforms, memscan.networks, memscan.training):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def _stored_or_trained(key: tuple, images: np.ndarray, cfg: dict, seed: int) -> Encoder:
     """``train_contrastive``, or its state_dict saved by an earlier run under ``$MEMSCAN_DETECTION_ENCODERS`` (a
-    folder; unset = always train). The lever studies retrain the same seeded encoders; the weights are identical."""
+    folder; unset = always train), keyed by the settings, the images, the seed and :func:`_training_code`. The lever
+    studies retrain the same seeded encoders; the weights are identical."""
     folder = os.environ.get("MEMSCAN_DETECTION_ENCODERS")
     if not folder:
         return train_contrastive(images, cfg, seed)
-    path = Path(folder) / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".pt")
+    path = Path(folder) / (hashlib.sha256(repr((key, _training_code())).encode()).hexdigest()[:32] + ".pt")
     if path.is_file():
         net = _network(cfg, images.ndim - 2)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
