@@ -500,8 +500,8 @@ ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
 #: of 9 families instead of 2), at elastic recall 0.87 → 0.81 on CT and 0.98 → 0.96 on MRI (still 9 of 9) and no
 #: extra fit (detection.md). 3D: None; its fit, one candidate under a field too coarse for the benchmark's 3D
 #: warp, confirmed too few stretched copies before round 22's fit (MRI 3D elastic recall 0.86 → 0.78 at 0.5, its
-#: false alarms already ≤ 0.04 per family), and with round 23's fit (two candidates) still 0.94 → 0.89, for contrast's tie-break
-#: (docs/benchmarks/detection_candidates.md sections 19 and 21).
+#: false alarms already ≤ 0.04 per family), and with round 23's fit (two candidates) still 0.94 → 0.89, for
+#: contrast's tie-break (docs/benchmarks/detection_candidates.md sections 19 and 21).
 BENT_FEATURE_SHARE: dict[int, float | None] = {2: 0.7, 3: None}
 #: ``score="best-of-aligned"``: zooms at which the null of its two plain pixel Pearson parts also takes the validation
 #: images, down-sampled to that share of their size per axis and back (:func:`memscan.data.transforms.low_resolution`;
