@@ -482,8 +482,9 @@ ALIGN_REFINE_ROUNDS = 2
 #: radiographs fill the frame, from 0.54 to 1.00. 3D (4 voxels apart, each ≤ 3, σ 2 then 1, 60 steps each, only the
 #: candidate the alignment scored highest: the benchmark's 3D warp is finer; a 3-voxel edge band, the field's reach,
 #: so a 12-slice slab keeps 6 slices scored): elastic recall 0.78 → 0.86 (rounds 19-20, ≤ 2 voxels, 30 steps), and
-#: round 23's reach and steps 0.89 → 0.93 in a per-part replay (AUROC 0.992 → 0.997, false alarms 0.03 → 0.02) for
-#: twice the fit's time (docs/benchmarks/scores_3d.txt; detection.md, detection_candidates.md sections 14, 17, 18, 21).
+#: round 23's reach and steps 0.89 → 0.93 in a per-part replay (AUROC 0.992 → 0.997, false alarms 0.03 → 0.02); the
+#: 3D match at 32³ takes 1.91× its rigid parts' time, 1.63× before (docs/benchmarks/scores_3d.txt; detection.md,
+#: detection_candidates.md sections 14, 17, 18, 21).
 ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     2: {"spacing": 6.0, "max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60,
         "learning_rate": 0.15, "highpass": 1.0, "k": 5},
