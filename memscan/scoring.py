@@ -26,7 +26,7 @@ from memscan.errors import InputError
 
 __all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "area_pixels", "pixel_features",
            "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search",
-           "deform_and_correlate"]
+           "shortlist_candidates", "quick_alignment", "deform_and_correlate"]
 
 logger = logging.getLogger(__name__)
 #: seconds between two progress lines of a long :func:`align_and_correlate` (INFO; the CLI prints them)
@@ -185,10 +185,13 @@ class AlignedMatch(NamedTuple):
     pixel: np.ndarray
     fused: np.ndarray
 
-    def ranked(self) -> np.ndarray:
-        """``[N, K]`` the candidates by their fused score, best first (missing ones last; ties keep their order)."""
-        order = np.argsort(-self.fused, axis=1, kind="stable")
-        return np.take_along_axis(self.candidates, order, axis=1)
+    def ranked(self, first: int | None = None) -> np.ndarray:
+        """``[N, K]`` the candidates by their fused score, best first (missing ones last; ties keep their order);
+        with ``first``, only each row's first ``first`` candidates (``[N, first]``: e.g. the retrieval's own ones
+        of a :func:`shortlist_candidates` list)."""
+        fused, candidates = self.fused[:, :first], self.candidates[:, :first]
+        order = np.argsort(-fused, axis=1, kind="stable")
+        return np.take_along_axis(candidates, order, axis=1)
 
 
 def _check_images(images: np.ndarray, source: str) -> np.ndarray:
@@ -648,7 +651,8 @@ def align_and_correlate(query_images: np.ndarray, reference_images: np.ndarray, 
 def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query_features: np.ndarray,
                    reference_features: np.ndarray, *, k: int = 5, query_scoring: np.ndarray | None = None,
                    reference_scoring: np.ndarray | None = None, query_groups: Sequence | None = None,
-                   reference_groups: Sequence | None = None, device: str = "auto", **align: Any) -> AlignedMatch:
+                   reference_groups: Sequence | None = None, shortlist: Mapping[str, Any] | None = None,
+                   device: str = "auto", **align: Any) -> AlignedMatch:
     """Retrieval + geometric verification: top-``k`` references by feature correlation, then
     :func:`align_and_correlate` on those pairs.
 
@@ -660,16 +664,24 @@ def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query
         query_scoring, reference_scoring: features whose correlation is fused with the aligned pixels (e.g. the
             embedding); default the retrieval features.
         query_groups, reference_groups: subject ids; same-subject pairs are never candidates.
+        shortlist: optional ``{"depth": D, "extra": E, "factor": f, "highpass": σ}``: retrieve the top ``D``
+            instead and verify the first ``k`` of them plus the ``E`` of the rest that a quick alignment at the
+            alignment's size ÷ ``f`` (high-passed by σ px there) scores highest (:func:`shortlist_candidates`).
         device: for the retrieval and the alignment.
         **align: keyword arguments of :func:`align_and_correlate` (grids, ``size``, ``weights``, ...).
 
     Returns:
-        :class:`AlignedMatch`.
+        :class:`AlignedMatch` (with ``shortlist``, its ``candidates`` are the retrieval's first ``k``, then the
+        added ones).
     """
     from memscan.metrics import topk_correlation
 
-    _, idx = topk_correlation(query_features, reference_features, k, query_groups=query_groups,
+    depth = k if shortlist is None else max(k, int(shortlist["depth"]))
+    _, idx = topk_correlation(query_features, reference_features, depth, query_groups=query_groups,
                               reference_groups=reference_groups, device=device)
+    if shortlist is not None:
+        idx = shortlist_candidates(query_images, reference_images, idx, keep=k, extra=int(shortlist["extra"]),
+                                   **quick_alignment(shortlist, query_images, align), device=device)
     qs = standardize_rows(query_features if query_scoring is None else query_scoring, "query_scoring")
     rs = standardize_rows(reference_features if reference_scoring is None else reference_scoring,
                           "reference_scoring")
@@ -679,6 +691,68 @@ def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query
     feat = np.einsum("nd,nkd->nk", qs.astype(np.float64), rs[np.maximum(idx, 0)].astype(np.float64))
     feat[idx < 0] = -np.inf
     return align_and_correlate(query_images, reference_images, idx, feature_scores=feat, device=device, **align)
+
+
+def shortlist_candidates(query_images: np.ndarray, reference_images: np.ndarray, candidates: np.ndarray, *,
+                         keep: int, extra: int, size: int | Sequence[int] | None = None, highpass: float | None = None,
+                         flip_axes: Sequence[int] = (-1,), plane: tuple[int, int] = (-2, -1), device: Any = "auto",
+                         budget: int | None = None) -> np.ndarray:
+    """Narrow a deep retrieval list to the candidates worth a full alignment: each row's first ``keep`` as retrieved,
+    and the ``extra`` of the rest that a quick alignment scores highest.
+
+    Retrieval features tolerate only so much zoom and shift: a copy a generator cropped and enlarged by a quarter can
+    sit 10-20 places down its source's retrieval list, behind other slices its enlarged outline resembles, while
+    aligning it to the source gives r 0.99. The quick alignment (the full grid of mirror × rotation × zoom × FFT
+    translation at ``size`` and its re-warp, without the coarse-to-fine rounds) looks that far down at a fraction of
+    the full alignment's cost per pair; the features' own first ``keep`` stay, so nothing the retrieval found is
+    dropped.
+
+    Args:
+        query_images: ``[N, C, *spatial]``.
+        reference_images: ``[M, C, *spatial]``.
+        candidates: ``[N, K]`` reference indices per query, best first (``-1`` = none).
+        keep: leading candidates kept as they are.
+        extra: candidates added from the rest (``candidates[:, keep:]``) by their quick-alignment score.
+        size: spatial size of the quick alignment (None: the input's).
+        highpass: σ in pixels (at ``size``) of the blur subtracted before it, or None (see
+            :func:`align_and_correlate`).
+        flip_axes, plane, device, budget: as in :func:`align_and_correlate`.
+
+    Returns:
+        ``[N, min(K, keep + extra)]`` int64 reference indices (``-1`` = none): the kept ones, then the added ones,
+        best first.
+
+    Raises:
+        InputError: malformed images or candidates, or ``keep`` / ``extra`` not a non-negative integer.
+    """
+    for name, value in (("keep", keep), ("extra", extra)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise InputError(name, f"must be a non-negative integer, got {value!r}")
+    cand = np.asarray(candidates)
+    if cand.ndim != 2:
+        raise InputError("candidates", f"must be [N, K] reference indices, got shape {cand.shape}")
+    cand = cand.astype(np.int64)
+    rest = cand[:, keep:]
+    if extra == 0 or rest.shape[1] == 0:
+        return cand[:, :keep].copy()
+    if rest.shape[1] > extra:
+        quick = align_and_correlate(query_images, reference_images, rest, size=size, highpass=highpass,
+                                    weights={"pixel": 1.0, "features": 0.0}, flip_axes=flip_axes, plane=plane,
+                                    device=device, budget=budget)
+        rest = quick.ranked()
+    return np.concatenate([cand[:, :keep], rest[:, :extra]], axis=1)
+
+
+def quick_alignment(shortlist: Mapping[str, Any], images: np.ndarray, align: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`shortlist_candidates` keyword arguments (``size``, ``highpass``, ``flip_axes``, ``plane``) of a
+    ``shortlist`` setting (``factor``: the alignment's size ÷ factor per axis; ``highpass``: σ px there) for the
+    alignment arguments ``align`` (its ``size``, else the images' own, and its mirror and plane)."""
+    spatial = np.asarray(images).shape[2:]
+    size = align.get("size") or spatial
+    size = [size] * len(spatial) if isinstance(size, (int, np.integer)) else list(size)
+    factor = float(shortlist.get("factor", 2))
+    return {"size": [max(4, int(round(n / factor))) for n in size], "highpass": shortlist.get("highpass"),
+            "flip_axes": align.get("flip_axes", (-1,)), "plane": align.get("plane", (-2, -1))}
 
 
 # ----------------------------------------------------------------------------------------------------------------

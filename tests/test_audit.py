@@ -664,6 +664,38 @@ def test_aligned_refine_adds_the_non_rigid_score_of_the_aligned_winners():
     assert plain[0].shape == (3,)
 
 
+def test_aligned_refine_shortlist_aligns_a_deep_source_and_bends_only_the_retrievals_own() -> None:
+    """With a ``shortlist`` (:data:`memscan.audit.ALIGN_SHORTLIST`) the refine aligns the retrieval's first
+    :data:`memscan.audit.ALIGN_CANDIDATES` and the quick alignment's best of the rest: a copy cropped and enlarged by
+    a quarter, its source 10th of 12, is found; the non-rigid fit still bends only the first ones. The audit retrieves
+    the shortlist's depth for it."""
+    from monai.transforms import Resize
+
+    from memscan.audit import (ALIGN_CANDIDATES, ALIGN_SHORTLIST, _aligned_refine, _retrieval_depth,
+                               _score_align_axes)
+
+    rng = np.random.default_rng(3)
+    smooth = torch.nn.functional.interpolate(torch.as_tensor(rng.normal(size=(12, 1, 10, 10)), dtype=torch.float32),
+                                             size=(32, 32), mode="bilinear", align_corners=False).numpy()
+    crop = np.asarray(Resize(spatial_size=(32, 32), mode="bilinear")(smooth[9][:, 3:29, 2:28]), dtype=np.float32)
+    images = {"train": smooth, "synthetic": np.stack([crop, smooth[1]])}
+    cand, values = np.tile(np.arange(12), (2, 1)), np.tile(np.linspace(0.9, 0.3, 12), (2, 1))
+    axes = {"plane": (-2, -1), "flip_axes": (), "device": "cpu", "weights": {"pixel": 1.0, "features": 0.0},
+            "highpass": 1.0, "deform": {"spacing": 8.0, "iterations": 5, "k": ALIGN_CANDIDATES}}
+    short = {**axes, "shortlist": {"depth": 12, "extra": 2, "factor": 2, "highpass": 0.5}}
+    score, index = _aligned_refine(images, short)("synthetic", np.arange(2), "train", cand, values)
+    plain, plain_index = _aligned_refine(images, axes)("synthetic", np.arange(2), "train", cand[:, :ALIGN_CANDIDATES],
+                                                       values[:, :ALIGN_CANDIDATES])
+    assert index[0, 0] == 9 and score[0, 0] > 0.95 > 0.8 > plain[0, 0]  # found only through the shortlist
+    assert 0 <= index[0, 1] < ALIGN_CANDIDATES  # the fit bent the retrieval's own candidates, as without it
+    np.testing.assert_allclose(score[:, 1], plain[:, 1])
+    assert index[1, 0] == 1 and score[1, 0] > 0.99  # an exact copy among the first ones stays found
+    for dims in (2, 3):
+        expect = (ALIGN_SHORTLIST[dims] or {}).get("depth", ALIGN_CANDIDATES)
+        assert _retrieval_depth(_score_align_axes("best-of-aligned", {}, dims)) == expect
+        assert _retrieval_depth(_score_align_axes("aligned", {}, dims)) == ALIGN_CANDIDATES
+
+
 def test_aligned_refine_mixes_the_bent_pairs_feature_correlation_in_a_third_column():
     """With ``feature_share`` in ``deform`` (:data:`memscan.audit.BENT_FEATURE_SHARE`), a third column: each bent
     pair's feature correlation (the refine's ``values``, looked up by candidate) mixed with its bent score in that

@@ -168,9 +168,9 @@ def test_default_detector_is_memscans_default():
     and that score's default headroom."""
     import inspect
 
-    from memscan.audit import (ALIGN_DEFORM, BENT_FEATURE_SHARE, DEFAULT_SCORE, FUSED_WEIGHTS, NULL_LOW_RESOLUTION,
-                               _score_align_axes, alignment_size, audit, best_of_pixel_size, best_of_pixel_sizes,
-                               default_headroom)
+    from memscan.audit import (ALIGN_DEFORM, ALIGN_SHORTLIST, BENT_FEATURE_SHARE, DEFAULT_SCORE, FUSED_WEIGHTS,
+                               NULL_LOW_RESOLUTION, _score_align_axes, alignment_size, audit, best_of_pixel_size,
+                               best_of_pixel_sizes, default_headroom)
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
@@ -227,7 +227,9 @@ def test_default_detector_is_memscans_default():
     # come from it: round 17's is it without the blend; round 16's also without the low-resolution null; round
     # 13's without the fifth part; round 12's without the coarse-to-fine rounds of its alignment
     old = presets.CANDIDATES["best_of_aligned_fused"]["max_of"]
-    assert old == boa[:2] + [fused] + boa[2:4] and presets.CANDIDATES["best_of_aligned_fused"]["headroom"] == 0.5
+    unlisted = {**boa[2], "align": {k: v for k, v in boa[2]["align"].items() if k != "shortlist"}}
+    assert old == boa[:2] + [fused, unlisted, boa[3]]
+    assert presets.CANDIDATES["best_of_aligned_fused"]["headroom"] == 0.5
     single = [{k: v for k, v in part.items() if k != "blend"} for part in old]
     assert presets.CANDIDATES["best_of_aligned_single"] == {**presets.DEFAULT, "max_of": single}
     sharp = [{k: v for k, v in part.items() if k != "calibrate_lowres"} for part in single]
@@ -238,7 +240,19 @@ def test_default_detector_is_memscans_default():
     # share the default in 2D
     assert presets.CANDIDATES["best_of_aligned_no_fused"]["max_of"] == old[:2] + old[3:]
     mixed = presets.CANDIDATES[f"best_of_aligned_bent_features_{BENT_FEATURE_SHARE[2]:g}"]
-    assert presets.recipe_for(mixed, 2) == presets.recipe_for(presets.DEFAULT, 2)
+    assert presets.recipe_for(mixed, 2) == presets.recipe_for(presets.CANDIDATES["best_of_aligned_no_shortlist"], 2)
+    # round 24: the alignment's retrieval goes as deep as the audit's shortlist of each dimensionality (none in 3D);
+    # round 23's default is today's without it
+    for dims in (2, 3):
+        align = presets.recipe_for(presets.DEFAULT, dims)["max_of"][2]["align"]
+        assert align.get("shortlist") == ALIGN_SHORTLIST[dims]
+        assert _score_align_axes("best-of-aligned", {}, dims).get("shortlist") == ALIGN_SHORTLIST[dims]
+        before = presets.recipe_for(presets.CANDIDATES["best_of_aligned_no_shortlist"], dims)
+        assert before == presets.recipe_for({**presets.DEFAULT, "max_of": [
+            {**p, "align": {k: v for k, v in p["align"].items() if k != "shortlist"}} if p.get("align") else p
+            for p in presets.DEFAULT["max_of"]]}, dims)
+        assert "shortlist" not in before["max_of"][2]["align"]
+    assert boa[2]["align"]["shortlist"] == "memscan" and ALIGN_SHORTLIST[2] and ALIGN_SHORTLIST[3] is None
     grid = copy.deepcopy(presets.CANDIDATES["best_of_aligned_refined"])
     assert grid["max_of"][3]["align"].pop("refine_rounds") > 0
     assert presets.CANDIDATES["best_of_four_hp_f1_px4"] == grid
@@ -343,15 +357,16 @@ def test_max_of_recipe_is_memscans_best_of_score():
     np.testing.assert_allclose(exact["score"], 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("bend", [None, "all", "first", "confirmed"])
+@pytest.mark.parametrize("bend", [None, "all", "first", "confirmed", "shortlist"])
 def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     """``presets.MEMSCAN_SCORES["best-of-aligned"]``'s structure (pixels, retrieval features, their candidates
     re-scored by aligned pixels alone, and the same candidates bent onto their query: all of them, or as in 3D only
-    the alignment's first; and those bent pairs' feature correlation mixed with their bent score) scores and
-    calibrates τ as ``memscan.metrics.match(refine=..., best_of=...)`` does (``memscan audit --score
-    best-of-aligned``), here with coarse pixels as the retrieval features."""
+    the alignment's first; and those bent pairs' feature correlation mixed with their bent score; or a deeper
+    retrieval narrowed by a quick alignment, as in 2D) scores and calibrates τ as ``memscan.metrics.match(refine=...,
+    best_of=...)`` does (``memscan audit --score best-of-aligned``), here with coarse pixels as the retrieval
+    features."""
     from memscan.audit import (ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, NULL_LOW_RESOLUTION,
-                               _score_align_axes, alignment_size)
+                               _aligned_refine, _score_align_axes, alignment_size)
     from memscan.data.transforms import low_resolution
     from memscan.metrics import match
     from memscan.scoring import align_and_correlate, deform_and_correlate, pixel_features, standardize_rows
@@ -363,6 +378,7 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
 
     axes = _score_align_axes("best-of-aligned", {"flip_axes": ()}, 2)  # the audit's own alignment arguments
     axes.pop("deform")  # the rigid alignment alone here (its non-rigid fit: test_deform_part_is_the_audits_refine)
+    axes.pop("shortlist")  # and on the retrieval's candidates only, but where ``bend`` is "shortlist"
     assert align["highpass"] == [axes["highpass"], axes["highpass_weight"]] == [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT]
     assert align["refine_rounds"] == axes["refine_rounds"] == ALIGN_REFINE_ROUNDS > 0
     coarse = {**presets.PIXEL, "pixel": [[4, 1.0]]}
@@ -371,10 +387,13 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     # and one validation subject (no null split), so the bent first candidate is the whole set's in both
     k_all = 10
     zooms = product["max_of"][0]["calibrate_lowres"]  # the pixel parts' null views, as the audit's
+    plain_align = {k: v for k, v in align.items() if k != "shortlist"}
+    shortlist = {"depth": k_all, "extra": 2, "factor": 2, "highpass": 0.5}  # 3 of the retrieval's, 2 of the rest
     recipe = {"max_of": [{**presets.PIXEL, "calibrate_lowres": zooms, "blend": True}, coarse,
-                         {**coarse, "align": {**align, "k": k_all}}], "normalize": "ceiling"}
+                         {**coarse, "align": {**plain_align, "k": k_all} if bend != "shortlist" else
+                          {**plain_align, "k": 3, "shortlist": shortlist}}], "normalize": "ceiling"}
     bent = {"spacing": 8.0, "iterations": 3, "fit_highpass": [4.0, 2.0]}  # few steps: the same pairs, not a fit
-    if bend:
+    if bend and bend != "shortlist":
         recipe["max_of"].append({**coarse, "deform": {**bent, "k": 1 if bend == "first" else k_all}})
     if bend == "confirmed":
         recipe["max_of"].append({**recipe["max_of"][-1], "feature_share": 0.4})
@@ -392,6 +411,9 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     assert size == alignment_size(query.shape[2:], "best-of-aligned")  # the audit's grid for this score
 
     def refine(q, rows, ref, candidates, values):
+        if bend == "shortlist":  # the audit's own refine, told to keep the recipe's 3
+            return _aligned_refine(images, {**axes, "size": size, "device": "cpu",
+                                            "shortlist": {**shortlist, "keep": 3}})(q, rows, ref, candidates, values)
         found = align_and_correlate(images[q][rows], images[ref], candidates, feature_scores=values,
                                     size=size, **axes)
         if not bend:

@@ -510,3 +510,57 @@ def test_aligned_match_ranks_candidates_by_their_fused_score():
     fused = np.array([[0.2, 0.9, 0.2], [0.1, 0.3, -np.inf]])
     found = AlignedMatch(score=fused.max(1), index=np.array([7, 1]), candidates=cand, pixel=fused, fused=fused)
     np.testing.assert_array_equal(found.ranked(), [[7, 4, 2], [1, 5, -1]])
+    # the first two candidates of each row only (a shortlist's retrieval-own ones)
+    np.testing.assert_array_equal(found.ranked(2), [[7, 4], [1, 5]])
+
+
+def _cropped(img: np.ndarray, scale: float, corner: tuple[int, int]) -> np.ndarray:
+    """A crop of ``scale`` of the image's last two axes from ``corner``, resized back (the detection benchmark's
+    crop/resize family)."""
+    from monai.transforms import Resize
+
+    side = [int(round(scale * s)) for s in img.shape[-2:]]
+    crop = img[..., corner[0]:corner[0] + side[0], corner[1]:corner[1] + side[1]]
+    return np.asarray(Resize(spatial_size=img.shape[1:], mode="bilinear")(crop), dtype=np.float32)
+
+
+def test_shortlist_adds_the_deep_candidate_a_quick_alignment_lines_up():
+    """A copy cropped and enlarged by a quarter whose source the retrieval ranked 9th: the shortlist keeps the
+    retrieval's first ``keep`` and adds the source from the rest, which the full alignment then scores near 1;
+    without it the source is never aligned."""
+    from memscan.scoring import aligned_search, shortlist_candidates
+
+    ref = np.stack([_texture(40 + s, (32, 32)) for s in range(12)])
+    queries = np.stack([_cropped(ref[9], 0.8, (4, 2)), _texture(99, (32, 32))])
+    cand = np.tile(np.arange(12), (2, 1))  # the source 9th of 12 for the copy
+    short = shortlist_candidates(queries, ref, cand, keep=3, extra=2, size=16, highpass=0.5, device="cpu")
+    assert short.shape == (2, 5) and short.dtype == np.int64
+    np.testing.assert_array_equal(short[:, :3], [[0, 1, 2], [0, 1, 2]])  # the retrieval's own first ones stay
+    assert short[0, 3] == 9  # the source, added first from the rest
+    assert len(set(short[1])) == 5 and set(short[1, 3:]) <= set(range(3, 12))  # an unrelated image gets two others
+    # fewer left than asked for: all of them, without an alignment; nothing to add: the first ``keep``
+    np.testing.assert_array_equal(shortlist_candidates(queries, ref, cand[:, :4], keep=3, extra=2), cand[:, :4])
+    np.testing.assert_array_equal(shortlist_candidates(queries, ref, cand, keep=3, extra=0), cand[:, :3])
+    # through aligned_search: features that rank the source 9th (a ramp of coarse values), then the alignment
+    feats_r = np.eye(12, dtype=np.float32) + np.linspace(0, 1, 12, dtype=np.float32)[::-1][None]
+    feats_q = np.stack([feats_r[0] + 0.01 * feats_r[9], feats_r[0]])
+    kw = dict(k=3, device="cpu", flip_axes=(), highpass=1.0, refine_rounds=2,
+              weights={"pixel": 1.0, "features": 0.0})
+    plain = aligned_search(queries, ref, feats_q, feats_r, **kw)
+    deep = aligned_search(queries, ref, feats_q, feats_r, shortlist={"depth": 12, "extra": 2, "factor": 2,
+                                                                     "highpass": 0.5}, **kw)
+    assert 9 not in plain.candidates[0] and plain.score[0] < 0.8
+    assert deep.index[0] == 9 and deep.score[0] > 0.95
+    assert deep.score[1] < 0.6  # the unrelated image stays unrelated
+    np.testing.assert_array_equal(deep.candidates[:, :3], plain.candidates)
+
+
+@pytest.mark.parametrize("kwargs", [{"keep": -1, "extra": 1}, {"keep": 2, "extra": 1.5}, {"keep": True, "extra": 1}])
+def test_shortlist_rejects_bad_counts(kwargs):
+    from memscan.scoring import shortlist_candidates
+
+    ref = np.stack([_texture(s, (16, 16)) for s in range(3)])
+    with pytest.raises(InputError, match="keep|extra"):
+        shortlist_candidates(ref, ref, np.zeros((3, 3), dtype=int), **kwargs)
+    with pytest.raises(InputError, match="candidates"):
+        shortlist_candidates(ref, ref, np.zeros(3, dtype=int), keep=1, extra=1)

@@ -213,15 +213,17 @@ def _digest(images: np.ndarray) -> str:
 def aligned_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_feat: np.ndarray, r_feat: np.ndarray,
                    q_scoring: np.ndarray, r_scoring: np.ndarray, ranked: dict | None = None) -> np.ndarray:
     """Each query's best score after retrieval (top-k by the recipe's features) and geometric verification
-    (``memscan.scoring.aligned_search``) on coarse images (``align["factor"]``× smaller per axis); ``ranked``, when
-    given, keeps each query's candidates by that score (``AlignedMatch.ranked``) under the two image sets' keys."""
+    (``memscan.scoring.aligned_search``) on coarse images (``align["factor"]``× smaller per axis), from a deeper
+    retrieval narrowed by a quick alignment where ``align["shortlist"]`` says so; ``ranked``, when given, keeps each
+    query's first ``k`` candidates by that score (``AlignedMatch.ranked``) under the two image sets' keys."""
     if recipe["align"].get("scoring", "embedding") == "retrieval":  # fuse the aligned pixels with the retrieval
         q_scoring, r_scoring = q_feat, r_feat  # features' score
-    found = aligned_search(query, reference, q_feat, r_feat, k=int(recipe["align"].get("k", 5)),
-                           query_scoring=q_scoring, reference_scoring=r_scoring, device="cpu",
+    k = int(recipe["align"].get("k", 5))
+    found = aligned_search(query, reference, q_feat, r_feat, k=k, query_scoring=q_scoring, reference_scoring=r_scoring,
+                           shortlist=recipe["align"].get("shortlist"), device="cpu",
                            **_align_arguments(recipe, query.shape[2:]))
-    if ranked is not None:
-        ranked[(_digest(query), _digest(reference))] = found.ranked()
+    if ranked is not None:  # the retrieval's own k, as the audit bends them (a shortlist's added ones come after)
+        ranked[(_digest(query), _digest(reference))] = found.ranked(k)
     return found.score
 
 
@@ -257,7 +259,8 @@ def _align_arguments(recipe: dict, spatial) -> dict:
     """``align_and_correlate`` keyword arguments of a recipe's ``align`` part: ``size`` = the images ``factor``×
     smaller per axis, the mirror when the recipe is flip-invariant, ``highpass`` = (σ px at that size, share of the
     high-passed pixels; see bandpass_study.py), and the remaining entries (``weights``, grids) as they are."""
-    a = {key: v for key, v in recipe["align"].items() if key not in ("factor", "k", "scoring", "highpass")}
+    a = {key: v for key, v in recipe["align"].items() if key not in ("factor", "k", "scoring", "highpass",
+                                                                    "shortlist")}
     a["size"] = [max(2, n // recipe["align"].get("factor", 2)) for n in spatial]
     a["flip_axes"] = (-1,) if recipe.get("tta_flip") else ()
     highpass = recipe["align"].get("highpass")
@@ -322,8 +325,12 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
         if int(deform[0]["deform"].get("k", 5)) > int(part["align"].get("k", 5)):
             raise ValueError("the deform part verifies at most as many candidates as the align part")
         axes["deform"] = {**deform[0]["deform"], **({"feature_share": mixed[0]["feature_share"]} if mixed else {})}
+    k = int(part["align"].get("k", 5))
+    if part["align"].get("shortlist"):  # a deeper retrieval, narrowed by a quick alignment (the audit's 2D default)
+        axes["shortlist"] = {**part["align"]["shortlist"], "keep": k}
+        k = max(k, int(part["align"]["shortlist"]["depth"]))
     refine = _aligned_refine(images, axes)
-    return match(*primary, refine=refine, refine_k=int(part["align"].get("k", 5)), best_of=plain or None,
+    return match(*primary, refine=refine, refine_k=k, best_of=plain or None,
                  null_views=views if any(views) else None, blend=blend, **match_kwargs)
 
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import copy
 import inspect
 
-from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, BLEND_PIXELS,
-                           FUSED_WEIGHTS, NULL_LOW_RESOLUTION, _score_align_axes, audit, default_headroom)
+from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, ALIGN_SHORTLIST,
+                           BLEND_PIXELS, FUSED_WEIGHTS, NULL_LOW_RESOLUTION, _score_align_axes, audit,
+                           default_headroom)
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -78,18 +79,21 @@ CANDIDATES: dict[str, dict] = {
 #: detection_alignment.md lists the settings tried).
 ALIGN: dict = {"factor": 2, "k": 5, "scoring": "retrieval", "weights": {"pixel": 1.0, "features": 1.0}}
 
-#: marks a part whose deform settings are the audit's own (``memscan.audit.ALIGN_DEFORM``, resolved by recipe_for)
+#: marks settings that are the audit's own, resolved per dimensionality by recipe_for: a part's ``deform``
+#: (``memscan.audit.ALIGN_DEFORM``) and ``feature_share``, an align part's ``shortlist``
 _MEMSCAN_DEFORM = "memscan"
 
 #: the score ``memscan audit`` uses when none is given
 DEFAULT_SCORE: str = inspect.signature(audit).parameters["score"].default
 
 
-def memscan_recipe(score: str, feature_share: bool = True) -> dict:
+def memscan_recipe(score: str, feature_share: bool = True, shortlist: bool = True) -> dict:
     """memscan's default training views and temperature with one of the audit's scores (``embedding``, ``fused``,
     ``best-of``, ``best-of-aligned``); ``feature_share``: best-of-aligned's fused features mixed into its bent pairs'
     score where ``memscan.audit.BENT_FEATURE_SHARE`` does so (resolved by :func:`recipe_for`), or False: their own
-    correlation as a part in every dimensionality (the default until round 21).
+    correlation as a part in every dimensionality (the default until round 21); ``shortlist``: its alignment's
+    retrieval as deep as ``memscan.audit.ALIGN_SHORTLIST`` says (resolved by :func:`recipe_for`), or False: the fused
+    features' first 5 only (the default until round 23).
 
     The temperature is the 2D preset's here; :func:`recipe_for` takes the preset of the case's dimensionality.
     """
@@ -117,7 +121,8 @@ def memscan_recipe(score: str, feature_share: bool = True) -> dict:
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
                                                         "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT],
-                                                        "refine_rounds": ALIGN_REFINE_ROUNDS}}
+                                                        "refine_rounds": ALIGN_REFINE_ROUNDS,
+                                                        **({"shortlist": _MEMSCAN_DEFORM} if shortlist else {})}}
         bent = {**memscan_recipe("fused"), "deform": _MEMSCAN_DEFORM}
         if not feature_share:  # the fused features' own correlation as a part
             return {"max_of": [*pixels, memscan_recipe("fused"), aligned, bent], "normalize": "ceiling"}
@@ -147,10 +152,15 @@ def _sharp_null(part: dict) -> dict:
 DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
                  **({"headroom": default_headroom(DEFAULT_SCORE)} if default_headroom(DEFAULT_SCORE) else {})}
 #: the round-20 default: best-of-aligned with the fused features' own correlation as a part (from round 21 they count
-#: in 2D only through the pairs the non-rigid fit bent, ``memscan.audit.BENT_FEATURE_SHARE``); the earlier rounds'
+#: in 2D only through the pairs the non-rigid fit bent, ``memscan.audit.BENT_FEATURE_SHARE``) and the fused features'
+#: first 5 candidates aligned (deeper in 2D from round 24, ``memscan.audit.ALIGN_SHORTLIST``); the earlier rounds'
 #: candidates below are built from it
-_ROUND20: dict = {**copy.deepcopy(DEFAULT), "max_of": memscan_recipe("best-of-aligned", feature_share=False)["max_of"]}
+_ROUND20: dict = {**copy.deepcopy(DEFAULT), "max_of": memscan_recipe("best-of-aligned", feature_share=False,
+                                                                     shortlist=False)["max_of"]}
 CANDIDATES["best_of_aligned_fused"] = copy.deepcopy(_ROUND20)
+#: the round-23 default: today's without the shortlist (detection_candidates.md section 22)
+CANDIDATES["best_of_aligned_no_shortlist"] = {**copy.deepcopy(DEFAULT),
+                                              "max_of": memscan_recipe("best-of-aligned", shortlist=False)["max_of"]}
 
 #: lever (round 13, adopted as ``memscan.audit.ALIGN_REFINE_ROUNDS``): best-of-aligned whose alignment refines each
 #: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
@@ -196,8 +206,9 @@ CANDIDATES["memscan_default_v2t"] = {**copy.deepcopy(DEFAULT), "calibration": "v
 def recipe_for(recipe: dict, spatial_dims: int) -> dict:
     """The recipe adapted to the dimensionality: the paper's (and memscan's) 3D embedding is 32-d; a memscan preset's
     temperature is that preset's for ``spatial_dims``; a part whose ``deform`` is memscan's takes
-    ``memscan.audit.ALIGN_DEFORM`` of ``spatial_dims`` (and is left out where that is None); a part whose
-    ``feature_share`` is memscan's takes ``memscan.audit.BENT_FEATURE_SHARE`` of ``spatial_dims``, or becomes the
+    ``memscan.audit.ALIGN_DEFORM`` of ``spatial_dims`` (and is left out where that is None); an align part whose
+    ``shortlist`` is memscan's takes ``memscan.audit.ALIGN_SHORTLIST`` of ``spatial_dims`` (none where None); a
+    part whose ``feature_share`` is memscan's takes ``memscan.audit.BENT_FEATURE_SHARE`` of ``spatial_dims``, or becomes the
     plain features it mixes in where that (or the non-rigid fit) is None, as in the audit."""
     r = copy.deepcopy(recipe)
     if r.get("max_of"):
@@ -212,6 +223,11 @@ def recipe_for(recipe: dict, spatial_dims: int) -> dict:
         r["max_of"] = [recipe_for(sub, spatial_dims) for sub in parts]
     if r.get("deform") == _MEMSCAN_DEFORM:
         r["deform"] = dict(ALIGN_DEFORM[spatial_dims])
+    if r.get("align", {}).get("shortlist") == _MEMSCAN_DEFORM:  # the audit's retrieval depth, or none
+        shortlist = ALIGN_SHORTLIST[spatial_dims]
+        r["align"] = {k: v for k, v in r["align"].items() if k != "shortlist"}
+        if shortlist:
+            r["align"]["shortlist"] = dict(shortlist)
     enc = r.get("encoder")
     if enc:
         if spatial_dims == 3:
