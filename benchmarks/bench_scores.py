@@ -8,8 +8,10 @@ audit computes for it — the fused features (coarse 16² pixels + a 128-d embed
 :func:`memscan.metrics.match` as the audit calls it for each mode (``fused``: plain; ``best-of``:
 ``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the feature correlation;
 ``best-of-aligned``: ``refine`` = aligned pixels and the same candidates bent onto their query
-(``memscan.audit.ALIGN_DEFORM`` of the dimensionality), ``best_of=[pixels, quarter-size pixels, fused]``; and the
-same without the bent candidates, round 15's four rigid parts, for that fifth part's cost). ``--dims 3`` does the
+(``memscan.audit.ALIGN_DEFORM`` of the dimensionality), ``best_of=[pixels, quarter-size pixels, fused]``, its
+retrieval as deep as ``memscan.audit.ALIGN_SHORTLIST`` says; the same without the bent candidates, its four rigid
+parts, for that fifth part's cost; and the same aligning only the fused features' first 5 candidates, round 23's,
+for the shortlist's cost). ``--dims 3`` does the
 same with 32³ volumes (the grid the audit matches a knee MRI on), 8³ fused pixels and a 32-d embedding. Modes are
 interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
 the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not included.
@@ -33,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.audit import ALIGN_CANDIDATES, _aligned_refine, _score_align_axes, alignment_size, best_of_pixel_sizes
+from memscan.audit import (ALIGN_CANDIDATES, _aligned_refine, _retrieval_depth, _score_align_axes,
+                           alignment_size, best_of_pixel_sizes)
 from memscan.metrics import match
 from memscan.scoring import pixel_features, standardize_rows
 
@@ -76,14 +79,16 @@ def build(n: int, dims: int = 2, seed: int = 0) -> dict[str, dict[str, np.ndarra
     return out
 
 
-#: a mode's variant measured beside it: best-of-aligned without its non-rigid fit (round 15's four rigid parts)
+#: a mode's variants measured beside it: best-of-aligned without its non-rigid fit (its four rigid parts), and
+#: best-of-aligned aligning only the fused features' first candidates (no ``memscan.audit.ALIGN_SHORTLIST``, round 23)
 RIGID = "best-of-aligned, rigid"
+FIRST = "best-of-aligned, first 5"
 
 
 def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict]:
     """One audit-style match for ``mode``: (seconds, summary)."""
-    rigid = mode == RIGID
-    if rigid:
+    variant = mode if mode in (RIGID, FIRST) else None
+    if variant:
         mode = "best-of-aligned"
     feats = [sets[k]["fused"] for k in ("train", "val", "synthetic")]
     # the audit's pixel Pearson sets for this mode (best_of_pixel_sizes: 64², and 16² for best-of-aligned)
@@ -99,10 +104,12 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
         kwargs = {"refine": _aligned_refine(images, axes), "refine_k": ALIGN_CANDIDATES}
     elif mode == "best-of-aligned":
         align_axes = _score_align_axes(mode, axes, spatial_dims=sets["train"]["image"].ndim - 2)
-        if rigid:
+        if variant == RIGID:
             align_axes.pop("deform")
+        if variant == FIRST:
+            align_axes.pop("shortlist", None)
         kwargs = {"refine": _aligned_refine(images, align_axes),
-                  "refine_k": ALIGN_CANDIDATES, "best_of": [*pixels, tuple(feats)]}
+                  "refine_k": _retrieval_depth(align_axes), "best_of": [*pixels, tuple(feats)]}
     t0 = time.perf_counter()
     res = match(*feats, device="cpu", n_bootstrap=200, seed=0, **kwargs)
     return time.perf_counter() - t0, res.summary
@@ -118,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sets = build(args.n, args.dims)
-    modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID)
+    modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID, FIRST)
     best: dict[str, float] = {}
     summaries: dict[str, dict] = {}
     for _ in range(args.repeats):

@@ -474,8 +474,8 @@ ALIGN_REFINE_ROUNDS = 2
 #: ``score="best-of-aligned"``, per spatial dimensionality: how deep its retrieval looks for the candidates it aligns
 #: (``aligned_search(shortlist=...)``, :func:`memscan.scoring.shortlist_candidates`), or None: only the fused
 #: features' :data:`ALIGN_CANDIDATES` best. 2D: the top ``depth``; the first :data:`ALIGN_CANDIDATES` stay and the
-#: ``extra`` of the rest that a quick alignment (at half the alignment's size, σ ``highpass`` px) scores highest are
-#: aligned too. A copy cropped and enlarged by a quarter sat up to 22 places down its source's list, behind slices its
+#: ``extra`` of the rest that a quick alignment (zoom and shift only, at half the alignment's size, σ ``highpass`` px)
+#: scores highest are aligned too. A copy cropped and enlarged by a quarter sat up to 22 places down its source's list, behind slices its
 #: enlarged outline resembles (aligned to its source: r 0.99); MRI 2D crop/resize AUROC 0.981 → 1.000 on the
 #: detection benchmark (section 22). The non-rigid fit still bends only the first :data:`ALIGN_CANDIDATES` (the
 #: added ones would push stretched copies' sources out of its top five). 3D: None (its crop/resize copies are all
@@ -951,8 +951,8 @@ _SCORE_TEXT = {
                        "the image (mirror, rotation ±12°, zoom 0.8–1.25, translation up to 15%; in 2D also the "
                        f"{ALIGN_SHORTLIST[2]['extra'] if ALIGN_SHORTLIST[2] else 0} of the next "
                        f"{ALIGN_SHORTLIST[2]['depth'] - ALIGN_CANDIDATES if ALIGN_SHORTLIST[2] else 0} that a quick "
-                       "alignment at half the size lines up best, for copies zoomed past what the features "
-                       "recognise); the fine detail after bending those nearest candidates (in 3D the one the "
+                       "alignment of zoom and shift at half the size lines up best, for copies zoomed past what the "
+                       "features recognise); the fine detail after bending those nearest candidates (in 3D the one the "
                        "alignment scored highest) onto the image by a smooth displacement of at most 3 pixels "
                        "(voxels in 3D); and, in 2D, for those bent pairs, "
                        f"{BENT_FEATURE_SHARE[2]:g} × their --score fused correlation + "
