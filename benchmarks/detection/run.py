@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when
 
 from build import DEFAULT_ROOT, load_cases  # noqa: E402
 from evaluate import score_case, summarize  # noqa: E402
-from memscan.audit import ALIGN_DEFORM, BENT_FEATURE_SHARE, NULL_LOW_RESOLUTION  # noqa: E402
+from memscan.audit import ALIGN_DEFORM, ALIGN_SHORTLIST, BENT_FEATURE_SHARE, NULL_LOW_RESOLUTION  # noqa: E402
 from presets import CANDIDATES, DEFAULT, DEFAULT_SCORE, MEMSCAN_SCORES, PAPER, PIXEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,6 +212,14 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         "`memscan.audit.BENT_FEATURE_SHARE` of the case's dimensionality (" + "; ".join(
             f"{d}D {BENT_FEATURE_SHARE[d]}" for d in (2, 3)) + ") × the pair's fused correlation + the rest × its",
         "bent score, the best per query; where that is None it is the fused features' own correlation.",
+        "An align part whose `shortlist` is `\"memscan\"` retrieves as deep as the audit does in the case's "
+        "dimensionality",
+        "(`memscan.audit.ALIGN_SHORTLIST`): " + "; ".join(
+            f"{d}D `{json.dumps(ALIGN_SHORTLIST[d])}`" for d in (2, 3)) + ": it aligns its first `k` candidates and "
+        "the `extra` of the",
+        "rest that a quick zoom-and-shift alignment at the alignment's size ÷ `factor` lines up best "
+        "(`memscan.scoring.shortlist_candidates`);",
+        "its `deform` twin still bends among the first `k`.",
         "",
         "Read with care: (1) one subject per split — τ comes from one validation subject, so FPR on the unseen",
         "subject mostly measures how much closer that subject is to the training subject than the validation one",
