@@ -475,11 +475,12 @@ ALIGN_REFINE_ROUNDS = 2
 #: (``aligned_search(shortlist=...)``, :func:`memscan.scoring.shortlist_candidates`), or None: only the fused
 #: features' :data:`ALIGN_CANDIDATES` best. 2D: the top ``depth``; the first :data:`ALIGN_CANDIDATES` stay and the
 #: ``extra`` of the rest that a quick alignment (zoom and shift only, at half the alignment's size, σ ``highpass`` px)
-#: scores highest are aligned too. A copy cropped and enlarged by a quarter sat up to 22 places down its source's list, behind slices its
-#: enlarged outline resembles (aligned to its source: r 0.99); MRI 2D crop/resize AUROC 0.981 → 1.000 on the
-#: detection benchmark (section 22). The non-rigid fit still bends only the first :data:`ALIGN_CANDIDATES` (the
-#: added ones would push stretched copies' sources out of its top five). 3D: None (its crop/resize copies are all
-#: caught: 1.000 / 1.00).
+#: scores highest are aligned too. A copy cropped and enlarged by a quarter sat up to 22 places down its source's
+#: list, behind slices its enlarged outline resembles (aligned to its source: r 0.99); crop/resize AUROC / recall
+#: 0.981 / 0.97 → 1.000 / 1.00 (MRI 2D) and 0.995 / 0.97 → 1.000 / 0.99 (CT) on the detection benchmark, nothing else
+#: moved (docs/benchmarks/detection_candidates.md section 22). The non-rigid fit still bends only the first
+#: :data:`ALIGN_CANDIDATES` (the added ones would push stretched copies' sources out of its top five). 3D: None (its
+#: crop/resize copies are all caught: 1.000 / 1.00).
 ALIGN_SHORTLIST: dict[int, dict[str, Any] | None] = {
     2: {"depth": 20, "extra": 3, "factor": 2, "highpass": 1.0},
     3: None,

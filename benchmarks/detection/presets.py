@@ -208,8 +208,8 @@ def recipe_for(recipe: dict, spatial_dims: int) -> dict:
     temperature is that preset's for ``spatial_dims``; a part whose ``deform`` is memscan's takes
     ``memscan.audit.ALIGN_DEFORM`` of ``spatial_dims`` (and is left out where that is None); an align part whose
     ``shortlist`` is memscan's takes ``memscan.audit.ALIGN_SHORTLIST`` of ``spatial_dims`` (none where None); a
-    part whose ``feature_share`` is memscan's takes ``memscan.audit.BENT_FEATURE_SHARE`` of ``spatial_dims``, or becomes the
-    plain features it mixes in where that (or the non-rigid fit) is None, as in the audit."""
+    part whose ``feature_share`` is memscan's takes ``memscan.audit.BENT_FEATURE_SHARE`` of ``spatial_dims``, or
+    becomes the plain features it mixes in where that (or the non-rigid fit) is None, as in the audit."""
     r = copy.deepcopy(recipe)
     if r.get("max_of"):
         parts = []
