@@ -704,8 +704,9 @@ def _score_align_axes(score: str, axes: Mapping[str, Any], spatial_dims: int) ->
 def _retrieval_depth(align_axes: Mapping[str, Any]) -> int:
     """Candidates per query the retrieval hands to a score's alignment: :data:`ALIGN_CANDIDATES`, or its shortlist's
     ``depth`` (:data:`ALIGN_SHORTLIST`)."""
-    shortlist = align_axes.get("shortlist")
-    return ALIGN_CANDIDATES if not shortlist else max(ALIGN_CANDIDATES, int(shortlist["depth"]))
+    from memscan.scoring import shortlist_depth
+
+    return shortlist_depth(ALIGN_CANDIDATES, align_axes.get("shortlist"))
 
 
 def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
@@ -723,7 +724,7 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     and the fit bends among the first ``keep`` only. With ``feature_share`` in ``deform`` (:data:`BENT_FEATURE_SHARE`)
     a third: each bent candidate's feature correlation (the refine's ``values``) and bent score, mixed in that share,
     the best per query (``[n, 3]``)."""
-    from memscan.scoring import align_and_correlate, deform_and_correlate, quick_alignment, shortlist_candidates
+    from memscan.scoring import align_and_correlate, deform_and_correlate, shortlist_arguments, shortlist_candidates
 
     axes = dict(axes)
     shortlist = axes.pop("shortlist", None)
@@ -744,8 +745,7 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
         if shortlist is not None:  # the retrieval's first candidates and the quick alignment's best of the rest
             keep = int(shortlist.get("keep", ALIGN_CANDIDATES))
             chosen = shortlist_candidates(images[query][rows], images[reference], candidates, keep=keep,
-                                          extra=int(shortlist["extra"]),
-                                          **quick_alignment(shortlist, images[query], axes),
+                                          **shortlist_arguments(shortlist, images[query], axes),
                                           device=axes.get("device", "auto"))
             candidates, values = chosen, _candidate_values(candidates, values, chosen)
         found = align_and_correlate(images[query][rows], images[reference], candidates, feature_scores=values, **axes)
@@ -930,6 +930,11 @@ def _pairs(sa: SetAudit, kind: str, threshold: float, train_records: Sequence[di
     return pairs, shown
 
 
+#: the report's words for the 2D shortlist (:data:`ALIGN_SHORTLIST`), none where there is none
+_SHORTLIST_TEXT = (f"; in 2D also the {ALIGN_SHORTLIST[2]['extra']} of the next "
+                   f"{ALIGN_SHORTLIST[2]['depth'] - ALIGN_CANDIDATES} that a quick alignment of zoom and shift at half "
+                   "the size lines up best, for copies zoomed past what the features recognise"
+                   if ALIGN_SHORTLIST[2] else "")
 _SCORE_TEXT = {
     "embedding": "Score: the embedding's Pearson correlation, as in the paper (memscan --score embedding).",
     "fused": "Score (memscan --score fused, not the paper's): the correlation of flip-invariant fused features — "
@@ -949,11 +954,8 @@ _SCORE_TEXT = {
                        "size per axis (the full-size one against the best blend of two training images, for samples "
                        "that superimpose two); the correlation of the fine detail (each image minus its blur) after "
                        f"aligning each of the {ALIGN_CANDIDATES} nearest candidates by the --score fused features to "
-                       "the image (mirror, rotation ±12°, zoom 0.8–1.25, translation up to 15%; in 2D also the "
-                       f"{ALIGN_SHORTLIST[2]['extra'] if ALIGN_SHORTLIST[2] else 0} of the next "
-                       f"{ALIGN_SHORTLIST[2]['depth'] - ALIGN_CANDIDATES if ALIGN_SHORTLIST[2] else 0} that a quick "
-                       "alignment of zoom and shift at half the size lines up best, for copies zoomed past what the "
-                       "features recognise); the fine detail after bending those nearest candidates (in 3D the one the "
+                       f"the image (mirror, rotation ±12°, zoom 0.8–1.25, translation up to 15%{_SHORTLIST_TEXT}); "
+                       "the fine detail after bending those nearest candidates (in 3D the one the "
                        "alignment scored highest) onto the image by a smooth displacement of at most 3 pixels "
                        "(voxels in 3D); and, in 2D, for those bent pairs, "
                        f"{BENT_FEATURE_SHARE[2]:g} × their --score fused correlation + "

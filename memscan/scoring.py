@@ -26,7 +26,7 @@ from memscan.errors import InputError
 
 __all__ = ["standardize_rows", "fuse_features", "flip_invariant_features", "area_pixels", "pixel_features",
            "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search",
-           "shortlist_candidates", "quick_alignment", "deform_and_correlate"]
+           "shortlist_candidates", "shortlist_depth", "shortlist_arguments", "deform_and_correlate"]
 
 logger = logging.getLogger(__name__)
 #: seconds between two progress lines of a long :func:`align_and_correlate` (INFO; the CLI prints them)
@@ -676,12 +676,11 @@ def aligned_search(query_images: np.ndarray, reference_images: np.ndarray, query
     """
     from memscan.metrics import topk_correlation
 
-    depth = k if shortlist is None else max(k, int(shortlist["depth"]))
-    _, idx = topk_correlation(query_features, reference_features, depth, query_groups=query_groups,
-                              reference_groups=reference_groups, device=device)
+    _, idx = topk_correlation(query_features, reference_features, shortlist_depth(k, shortlist),
+                              query_groups=query_groups, reference_groups=reference_groups, device=device)
     if shortlist is not None:
-        idx = shortlist_candidates(query_images, reference_images, idx, keep=k, extra=int(shortlist["extra"]),
-                                   **quick_alignment(shortlist, query_images, align), device=device)
+        idx = shortlist_candidates(query_images, reference_images, idx, keep=k,
+                                   **shortlist_arguments(shortlist, query_images, align), device=device)
     qs = standardize_rows(query_features if query_scoring is None else query_scoring, "query_scoring")
     rs = standardize_rows(reference_features if reference_scoring is None else reference_scoring,
                           "reference_scoring")
@@ -747,16 +746,21 @@ def shortlist_candidates(query_images: np.ndarray, reference_images: np.ndarray,
     return np.concatenate([cand[:, :keep], rest[:, :extra]], axis=1)
 
 
-def quick_alignment(shortlist: Mapping[str, Any], images: np.ndarray, align: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`shortlist_candidates` keyword arguments (``size``, ``highpass``, ``plane``) of a ``shortlist`` setting
-    (``factor``: the alignment's size ÷ factor per axis; ``highpass``: σ px there) for the alignment arguments
-    ``align`` (its ``size``, else the images' own, and its plane)."""
+def shortlist_depth(keep: int, shortlist: Mapping[str, Any] | None) -> int:
+    """Candidates per query a retrieval hands on: ``keep``, or a ``shortlist`` setting's ``depth`` where deeper."""
+    return int(keep) if not shortlist else max(int(keep), int(shortlist["depth"]))
+
+
+def shortlist_arguments(shortlist: Mapping[str, Any], images: np.ndarray, align: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`shortlist_candidates` keyword arguments (``extra``, ``size``, ``highpass``, ``plane``) of a ``shortlist``
+    setting (``extra``; ``factor``: the alignment's size ÷ factor per axis; ``highpass``: σ px there) for the alignment
+    arguments ``align`` (its ``size``, else the images' own, and its plane)."""
     spatial = np.asarray(images).shape[2:]
     size = align.get("size") or spatial
     size = [size] * len(spatial) if isinstance(size, (int, np.integer)) else list(size)
     factor = float(shortlist.get("factor", 2))
-    return {"size": [max(4, int(round(n / factor))) for n in size], "highpass": shortlist.get("highpass"),
-            "plane": align.get("plane", (-2, -1))}
+    return {"extra": int(shortlist["extra"]), "size": [max(4, int(round(n / factor))) for n in size],
+            "highpass": shortlist.get("highpass"), "plane": align.get("plane", (-2, -1))}
 
 
 # ----------------------------------------------------------------------------------------------------------------

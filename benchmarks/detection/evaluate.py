@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import blend_correlation, percentile, scale_to_null, topk_correlation, with_headroom
-from memscan.scoring import aligned_search, deform_and_correlate, standardize_rows
+from memscan.scoring import aligned_search, deform_and_correlate, shortlist_depth, standardize_rows
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
     from .detectors import fit_detector
@@ -325,12 +325,11 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
         if int(deform[0]["deform"].get("k", 5)) > int(part["align"].get("k", 5)):
             raise ValueError("the deform part verifies at most as many candidates as the align part")
         axes["deform"] = {**deform[0]["deform"], **({"feature_share": mixed[0]["feature_share"]} if mixed else {})}
-    k = int(part["align"].get("k", 5))
-    if part["align"].get("shortlist"):  # a deeper retrieval, narrowed by a quick alignment (the audit's 2D default)
-        axes["shortlist"] = {**part["align"]["shortlist"], "keep": k}
-        k = max(k, int(part["align"]["shortlist"]["depth"]))
+    k, shortlist = int(part["align"].get("k", 5)), part["align"].get("shortlist")
+    if shortlist:  # a deeper retrieval, narrowed by a quick alignment (the audit's 2D default)
+        axes["shortlist"] = {**shortlist, "keep": k}
     refine = _aligned_refine(images, axes)
-    return match(*primary, refine=refine, refine_k=k, best_of=plain or None,
+    return match(*primary, refine=refine, refine_k=shortlist_depth(k, shortlist), best_of=plain or None,
                  null_views=views if any(views) else None, blend=blend, **match_kwargs)
 
 
