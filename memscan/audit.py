@@ -12,7 +12,7 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
    checkpoint sha256, so an interrupted audit resumes where it stopped). The default score
    (:data:`DEFAULT_SCORE`, ``"best-of-aligned"``) retrieves each query's candidates by :mod:`memscan.scoring`'s
    flip-invariant pixel + embedding fusion (:func:`score_features`) and matches pixel Pearson at two sizes, the
-   aligned high-passed pixels of those candidates, the same candidates bent onto the query, and those bent pairs'
+   full-size pixels' Spearman correlation, the aligned high-passed pixels of those candidates, the same candidates bent onto the query, and those bent pairs'
    fused score mixed with their bent one (in 3D the fused score itself), side by side.
 4. **Matching** — :func:`memscan.metrics.match` per synthetic set (τ from train→validation, raised by the score's
    :func:`default_headroom` unless one is given; copies, memorized
@@ -78,6 +78,7 @@ __all__ = [
     "BENT_FEATURE_SHARE",
     "NULL_LOW_RESOLUTION",
     "BLEND_PIXELS",
+    "RANK_PIXELS",
     "score_features",
     "alignment_size",
 ]
@@ -93,19 +94,6 @@ _RESERVED = {"train", "val", "controls", "cache"}
 # ----------------------------------------------------------------------------------------------------------------
 # aggregate statistics from the literature
 # ----------------------------------------------------------------------------------------------------------------
-def _rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (as ``scipy.stats.rankdata``; scipy is not a dependency)."""
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    starts = np.r_[True, ordered[1:] != ordered[:-1]]
-    group = np.cumsum(starts) - 1
-    bounds = np.r_[np.flatnonzero(starts), len(values)]
-    average = (bounds[:-1] + bounds[1:] - 1) / 2.0 + 1.0
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = average[group]
-    return ranks
-
-
 def mann_whitney_u(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Mann–Whitney U of ``x`` against ``y`` and its normal-approximation z score.
 
@@ -127,7 +115,9 @@ def mann_whitney_u(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     m, n = len(x), len(y)
     if m == 0 or n == 0:
         raise ValueError("both samples must be non-empty")
-    ranks = _rankdata(np.concatenate([x, y]))
+    from memscan.scoring import rank_rows
+
+    ranks = rank_rows(np.concatenate([x, y]))
     u = float(ranks[:m].sum() - m * (m + 1) / 2.0)
     z = (u - m * n / 2.0) / math.sqrt(m * n * (m + n + 1) / 12.0)
     return u, z
@@ -449,8 +439,9 @@ def _controls_transform(preprocess: Any, spatial_size: Sequence[int], seed: int)
 #: Score modes: ``"embedding"`` (Dar et al.'s score), ``"fused"`` (flip-invariant pixel + embedding features),
 #: ``"aligned"`` (fused features, then each query's top candidates re-scored after test-time alignment) or
 #: ``"best-of"`` (per pair, the better of the fused score and pixel Pearson, each scaled by its own null) or
-#: ``"best-of-aligned"`` (the best of five, each scaled by its own null: pixel Pearson at two sizes, the full-size one
-#: with the best blend of two training images, :data:`BLEND_PIXELS`; the aligned high-passed pixel correlation of the
+#: ``"best-of-aligned"`` (the best of six, each scaled by its own null: pixel Pearson at two sizes, the full-size one
+#: with the best blend of two training images, :data:`BLEND_PIXELS`; the full-size pixels' Spearman correlation,
+#: :data:`RANK_PIXELS`; the aligned high-passed pixel correlation of the
 #: fused features' top candidates; the same candidates bent onto the query by a smooth field, :data:`ALIGN_DEFORM`;
 #: and those bent pairs' fused score mixed with their bent one, :data:`BENT_FEATURE_SHARE` (the fused score in 3D)).
 SCORES = ("embedding", "fused", "aligned", "best-of", "best-of-aligned")
@@ -519,9 +510,9 @@ ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
 #: false alarms already ≤ 0.04 per family), and with round 23's fit (two candidates) still 0.94 → 0.89, for
 #: contrast's tie-break (docs/benchmarks/detection_candidates.md sections 19 and 21).
 BENT_FEATURE_SHARE: dict[int, float | None] = {2: 0.7, 3: None}
-#: ``score="best-of-aligned"``: zooms at which the null of its two plain pixel Pearson parts also takes the validation
-#: images, down-sampled to that share of their size per axis and back (:func:`memscan.data.transforms.low_resolution`;
-#: the two ends of the training presets' ``lowres`` view, :data:`~memscan.data.transforms.LOWRES_ZOOM_RANGE`). A new
+#: ``score="best-of-aligned"``: zooms at which the null of its plain pixel parts (Pearson at two sizes, and the ranks
+#: of :data:`RANK_PIXELS`) also takes the validation images, down-sampled to that share of their size per axis and
+#: back (:func:`memscan.data.transforms.low_resolution`; the two ends of the training presets' ``lowres`` view, :data:`~memscan.data.transforms.LOWRES_ZOOM_RANGE`). A new
 #: patient's image rendered with less detail loses the fine structure that correlated with nothing, so its plain
 #: Pearson with every training image rises while a null of sharp validation images stays put; the null then holds
 #: the validation patients as a generator might render them (``match(null_views=...)``). The fused, aligned and
@@ -537,6 +528,12 @@ NULL_LOW_RESOLUTION: tuple[float, ...] = (0.6, 0.25)
 #: per direction instead of one: the plain sets' match takes about 6× as long (17 s against 3 s for 2500 64² images
 #: per set on 2 CPU cores, docs/benchmarks/metrics_blend.txt), small beside the alignment's time.
 BLEND_PIXELS = True
+#: ``score="best-of-aligned"``: its full-size pixels are also scored on their ranks, as one more part on its own null
+#: (Spearman's correlation: each image's pixel values replaced by their ranks within it, :func:`memscan.scoring.
+#: rank_rows`). A generator can reproduce a memorised image under another intensity curve (gamma, windowing); the
+#: ranks of a copy's pixels are its source's whatever the increasing curve, so it scores as an exact copy, while
+#: Pearson loses the copies the strongest curves bend.
+RANK_PIXELS = True
 #: Weights of the fused score's blocks (pixels at a quarter of the input size, the encoder's embedding).
 FUSED_WEIGHTS = {"pixel": 1.0, "embedding": 2.0}
 #: The audit's score when none is given: the detection benchmark's best on every case and seed, and, with its
@@ -652,13 +649,24 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
         plain_small = feats.plain_pixels[extra.index(align)]
         aligned = plain_small.reshape(len(plain_small), -1, *align)
     # standardised rows, like every block of the fused features
-    plain = [standardize_rows(pixels if size == coarse else feats.plain_pixels[extra.index(size)], "pixels")
-             for size in best]
+    plain = _pixel_sets([pixels if size == coarse else feats.plain_pixels[extra.index(size)] for size in best], score)
     total = None
     for pix, emb in ((pixels, feats.embedding), (mirrored, feats.mirrored)):
         part = standardize_rows(fuse_features({"pixel": pix, "embedding": emb}, FUSED_WEIGHTS), "features")
         total = part if total is None else total + part
     return _SetFeatures((total / 2).astype(np.float32), aligned, plain)
+
+
+def _pixel_sets(pixels: Sequence[np.ndarray], score: str) -> list[np.ndarray]:
+    """A score's pixel sets from its raw pixel rows at :func:`best_of_pixel_sizes`: each standardised (dot products
+    are Pearson correlations) and, for ``"best-of-aligned"`` with :data:`RANK_PIXELS`, the first (full-size) one's
+    ranks within each row, standardised (dot products are Spearman correlations), last."""
+    from memscan.scoring import rank_rows, standardize_rows
+
+    sets = [standardize_rows(rows, "pixels") for rows in pixels]
+    if sets and score == "best-of-aligned" and RANK_PIXELS:
+        sets.append(standardize_rows(rank_rows(pixels[0]), "pixels"))
+    return sets
 
 
 def alignment_size(image_size: Sequence[int], score: str = "aligned") -> list[int]:
@@ -861,23 +869,24 @@ def _preprocessed_image(preprocess: Any, record: Mapping[str, Any]) -> np.ndarra
 
 
 def _low_resolution_pixels(records: Sequence[Mapping[str, Any]], preprocess: Any, sizes: Sequence[Sequence[int]],
-                           zooms: Sequence[float]) -> list[list[np.ndarray]]:
-    """Per pixel grid of ``sizes``, the preprocessed images at each of ``zooms`` of their resolution
-    (:func:`~memscan.data.transforms.low_resolution`) as standardised pixel rows, like the pixel sets of
-    :func:`_score_features`: the null views of ``best-of-aligned``'s pixel parts (:data:`NULL_LOW_RESOLUTION`)."""
+                           zooms: Sequence[float], score: str = "best-of-aligned") -> list[list[np.ndarray]]:
+    """Per pixel set of ``score`` (:func:`_pixel_sets` of the grids ``sizes``), the preprocessed images at each of
+    ``zooms`` of their resolution (:func:`~memscan.data.transforms.low_resolution`) as that set's rows: the null
+    views of ``best-of-aligned``'s pixel parts (:data:`NULL_LOW_RESOLUTION`)."""
     import torch
 
     from memscan.data.transforms import low_resolution
-    from memscan.scoring import area_pixels, standardize_rows
+    from memscan.scoring import area_pixels
 
-    rows: list[list[list[np.ndarray]]] = [[[] for _ in zooms] for _ in sizes]
+    rows: list[list[list[np.ndarray]]] = [[[] for _ in sizes] for _ in zooms]
     for record in records:
         image = _preprocessed_image(preprocess, record)
         for z, zoom in enumerate(zooms):
             low = torch.from_numpy(low_resolution(image, zoom))[None]
             for k, size in enumerate(sizes):
-                rows[k][z].append(area_pixels(low, size)[0].numpy())
-    return [[standardize_rows(np.stack(found), "pixels") for found in per_size] for per_size in rows]
+                rows[z][k].append(area_pixels(low, size)[0].numpy())
+    per_zoom = [_pixel_sets([np.stack(found) for found in per_size], score) for per_size in rows]
+    return [list(per_set) for per_set in zip(*per_zoom)]
 
 
 _METHOD = [
@@ -948,11 +957,12 @@ _SCORE_TEXT = {
                "correlation and the pixel correlation (pixels at most 64 per axis in 2D, 32 in 3D), each rescaled "
                "as (r − τ_b) / (1 − τ_b) with its own threshold τ_b, so 0 is that score's threshold and 1 an exact "
                "copy. Every score below, τ included, is on that scale, not a correlation.",
-    "best-of-aligned": "Score (memscan --score best-of-aligned, not the paper's): per pair, the best of five "
+    "best-of-aligned": "Score (memscan --score best-of-aligned, not the paper's): per pair, the best of six "
                        "scores, each rescaled as (r − τ_b) / (1 − τ_b) with its own threshold τ_b: the pixel "
                        "correlation (pixels at most 64 per axis in 2D, 32 in 3D) and the same at a quarter of that "
                        "size per axis (the full-size one against the best blend of two training images, for samples "
-                       "that superimpose two); the correlation of the fine detail (each image minus its blur) after "
+                       "that superimpose two); the rank (Spearman) correlation of the full-size pixels, for samples "
+                       "rendered under another intensity curve; the correlation of the fine detail (each image minus its blur) after "
                        f"aligning each of the {ALIGN_CANDIDATES} nearest candidates by the --score fused features to "
                        f"the image (mirror, rotation ±12°, zoom 0.8–1.25, translation up to 15%{_SHORTLIST_TEXT}); "
                        "the fine detail after bending those nearest candidates (in 3D the one the "
@@ -960,7 +970,7 @@ _SCORE_TEXT = {
                        "(voxels in 3D); and, in 2D, for those bent pairs, "
                        f"{BENT_FEATURE_SHARE[2]:g} × their --score fused correlation + "
                        f"{1 - BENT_FEATURE_SHARE[2]:g} × their bent score, so the encoder's similarity counts "
-                       "where the pixels confirm it (in 3D the --score fused correlation itself). The two "
+                       "where the pixels confirm it (in 3D the --score fused correlation itself). The three "
                        "pixel correlations' thresholds also count the validation images down-sampled to 0.6 and 0.25 "
                        "of their size and back, so a new patient's image rendered with less detail does not pass for "
                        "a copy. 0 is a score's threshold and 1 an exact copy. Every score below, τ included, is on "
@@ -1155,15 +1165,16 @@ def audit(
             pixel Pearson at :func:`best_of_pixel_size`, each scaled by its own τ_b, ``memscan.metrics.match``'s
             ``best_of``: catches blends of a training image with another image and contrast or detail changes that
             the embedding misses, at more false alarms on new patients; docs/benchmarks/detection_candidates.md;
-            the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of five
+            the pixels are written as ``embeddings/<set>_pixels.npy``) or ``"best-of-aligned"`` (the best of six
             scores, each scaled by its own τ_b: pixel Pearson at :func:`best_of_pixel_size` (with the best blend of
             two training images, :data:`BLEND_PIXELS`) and at a quarter of it (:func:`best_of_pixel_sizes`,
-            ``embeddings/<set>_pixels_16x16.npy`` and the like), the aligned correlation of the fused features'
+            ``embeddings/<set>_pixels_16x16.npy`` and the like), the full-size pixels' Spearman correlation
+            (:data:`RANK_PIXELS`, from ``<set>_pixels.npy``), the aligned correlation of the fused features'
             :data:`ALIGN_CANDIDATES` best candidates (in 2D and a few more from deeper down, :data:`ALIGN_SHORTLIST`)
             on pixels minus their blur (:data:`ALIGN_HIGHPASS`, at :func:`alignment_size`), the first ones bent onto
             their query by a smooth field
             (:data:`ALIGN_DEFORM`), and those bent pairs' fused score mixed with their bent one
-            (:data:`BENT_FEATURE_SHARE`; the fused score itself in 3D); the two pixel parts' τ_b also count the
+            (:data:`BENT_FEATURE_SHARE`; the fused score itself in 3D); the three pixel parts' τ_b also count the
             validation images at :data:`NULL_LOW_RESOLUTION` of their resolution; the default, :data:`DEFAULT_SCORE`:
             the best AUROC of the detection benchmark, and with its default headroom more copies caught and fewer
             false alarms on new patients than the fused score; docs/benchmarks/detection_candidates.md); τ and
@@ -1276,6 +1287,7 @@ def audit(
     aligned_images: dict[str, np.ndarray] = {}  # aligned scores: coarse images of every set
     pixel_sets: dict[str, list[np.ndarray]] = {}  # best-of scores: the pixel feature sets of every set
     # best-of's full-size pixels as <set>_pixels.npy, best-of-aligned's quarter-size ones as <set>_pixels_16x16.npy
+    # (the ranks of the full-size ones, RANK_PIXELS, are not written: rank_rows of <set>_pixels.npy)
     pixel_files = ["pixels"] + ["pixels_" + "x".join(map(str, size))
                                 for size in best_of_pixel_sizes(spatial_size, score)[1:]]
     for name, s in all_sets.items():
@@ -1486,6 +1498,7 @@ def audit(
                 "fail_above": fail_above, "score": score,
                 "null_low_resolution": list(NULL_LOW_RESOLUTION) if null_views is not None else None,
                 "blend_pixels": bool(blend),
+                "rank_pixels": bool(RANK_PIXELS and score == "best-of-aligned"),
                 "precision": used_precision,
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),

@@ -15,7 +15,6 @@ import torch
 from memscan.audit import (
     _MARKER,
     NULL_LOW_RESOLUTION,
-    _rankdata,
     audit,
     authenticity_score,
     data_copying_statistic,
@@ -301,7 +300,6 @@ def test_mann_whitney_matches_scipy() -> None:
         x = rng.integers(0, 6, rng.integers(1, 30)).astype(float)
         y = rng.integers(0, 6, rng.integers(1, 30)).astype(float)
         assert mann_whitney_u(x, y)[0] == pytest.approx(st.mannwhitneyu(x, y).statistic)
-        assert np.allclose(_rankdata(np.concatenate([x, y])), st.rankdata(np.concatenate([x, y])))
     with pytest.raises(ValueError):
         mann_whitney_u(np.array([]), np.array([1.0]))
 
@@ -516,7 +514,7 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     from PIL import Image
 
     from memscan.metrics import best_of_correlation
-    from memscan.scoring import standardize_rows
+    from memscan.scoring import rank_rows, standardize_rows
 
     for i in range(16):
         _write(tmp_path / "train" / f"p{i // 2}_{i}.png", _textured(i))
@@ -534,25 +532,28 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
     two = 0.6 * np.asarray(Image.open(train_files[11]), np.float64) + 0.4 * np.asarray(Image.open(train_files[4]),
                                                                                         np.float64)
     Image.fromarray(two.astype(np.uint8)).save(syn / "two.png")  # two training images superimposed
+    curved = 255.0 * (np.asarray(Image.open(train_files[13]), np.float64) / 255.0) ** 2.5
+    Image.fromarray(curved.astype(np.uint8)).save(syn / "curved.png")  # a strong gamma: its pixel ranks are kept
     out = tmp_path / "best_of_aligned"
     result = audit(tmp_path / "train", tmp_path / "val", {"syn": syn}, out_dir=out, checkpoint=data2d["ckpt"],
                    image_size=SIZE, controls=2, subject_regex=REGEX, score="best-of-aligned", headroom=0.0, **FAST)
     block = result.sets["syn"].block
     taus = block["feature_set_thresholds"]
     # aligned (refined fused), bent (the non-rigid fit of the same candidates), the bent pairs' fused features mixed
-    # with their bent score (BENT_FEATURE_SHARE: the fused features count through it alone), pixels, quarter pixels
-    assert len(taus) == 5 and block["refined"] is True and block["blended_sets"] == [0] and taus[2] != taus[1]
+    # with their bent score (BENT_FEATURE_SHARE: the fused features count through it alone), pixels, quarter pixels,
+    # the full-size pixels' ranks (RANK_PIXELS)
+    assert len(taus) == 6 and block["refined"] is True and block["blended_sets"] == [0] and taus[2] != taus[1]
     table = result.sets["syn"].synthetic_table
     # a blend's other training source is named beside the first, or left empty
     seconds = table["second_train_path"].dropna()
     assert set(seconds) <= {str(p) for p in train_files} and (table["second_train_index"] >= 0).sum() == len(seconds)
     table = table.set_index(table["path"].map(lambda p: Path(p).name))
-    for name, source in (("moved.png", train_files[7]), ("blend.png", train_files[9])):
+    for name, source in (("moved.png", train_files[7]), ("blend.png", train_files[9]), ("curved.png", train_files[13])):
         assert Path(table.loc[name, "train_path"]).name == source.name and bool(table.loc[name, "copy"]), name
     pix = {k: np.load(out / "embeddings" / f"{k}_pixels.npy") for k in ("train", "syn")}
     quarter = {k: np.load(out / "embeddings" / f"{k}_pixels_{SIZE // 4}x{SIZE // 4}.npy") for k in ("train", "syn")}
     assert pix["train"].shape == (16, SIZE * SIZE) and quarter["train"].shape == (16, (SIZE // 4) ** 2)
-    plain, _ = best_of_correlation([pix["syn"], quarter["syn"]], [pix["train"], quarter["train"]], taus[3:],
+    plain, _ = best_of_correlation([pix["syn"], quarter["syn"]], [pix["train"], quarter["train"]], taus[3:5],
                                    blend=[0], device="cpu")
     scores = result.sets["syn"].synthetic_table["best_train_correlation"].to_numpy()
     assert (scores >= plain - 1e-6).all()  # the aligned and bent sets only add to the plain sets' best
@@ -565,6 +566,13 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
         return float(np.percentile((t @ v.T).max(axis=1), 95.0))
 
     assert taus[3] > null("_pixels") and taus[4] >= null(f"_pixels_{SIZE // 4}x{SIZE // 4}") - 1e-6
+    # the ranks' τ_b: at least the training images' best Spearman correlation with a sharp validation image
+    t_rank, v_rank = (standardize_rows(rank_rows(np.load(out / "embeddings" / f"{k}_pixels.npy")))
+                      for k in ("train", "val"))
+    assert taus[5] >= float(np.percentile((t_rank.astype(np.float64) @ v_rank.T).max(axis=1), 95.0)) - 1e-6
+    assert result.summary["provenance"]["config"]["rank_pixels"] is True
+    curved_row = int(np.flatnonzero(table.index == "curved.png")[0])
+    assert scores[curved_row] > plain[curved_row] + 0.05  # the ranks score the gamma copy nearer an exact one
     moved_row = int(np.flatnonzero(table.index == "moved.png")[0])
     assert scores[moved_row] > plain[moved_row] + 1e-3
     assert block["controls"]["n_caught"] == 2
@@ -583,7 +591,7 @@ def test_best_of_aligned_pixel_sets_are_the_images_at_each_grid(tiny_2d_folder, 
     from memscan.audit import _low_resolution_pixels, _preprocessed_image, _score_features, best_of_pixel_sizes
     from memscan.data import PreprocessConfig, load_image_set, preprocess_transforms
     from memscan.data.transforms import LOWRES_ZOOM_RANGE, low_resolution
-    from memscan.scoring import pixel_features, standardize_rows
+    from memscan.scoring import pixel_features, rank_rows, standardize_rows
 
     records = load_image_set(tiny_2d_folder(n=4, size=(40, 44)), "images").records
     pre = preprocess_transforms(PreprocessConfig(spatial_dims=2, spatial_size=size))
@@ -592,18 +600,21 @@ def test_best_of_aligned_pixel_sets_are_the_images_at_each_grid(tiny_2d_folder, 
     found = _score_features(net, records, pre, score="best-of-aligned", image_size=[size, size], batch_size=2,
                             device="cpu", cache_dir=None, checkpoint_sha256=None, precision="float32")
     grids = best_of_pixel_sizes([size, size], "best-of-aligned")
-    assert grids[1] == [max(1, n // 4) for n in grids[0]] and len(found.pixels) == 2
+    assert grids[1] == [max(1, n // 4) for n in grids[0]] and len(found.pixels) == 3
     images = np.stack([_preprocessed_image(pre, r) for r in records])
     for got, grid in zip(found.pixels, grids):
         np.testing.assert_allclose(got, standardize_rows(pixel_features(images, grid)), rtol=1e-5, atol=1e-6)
+    # last, the full-size pixels' ranks within each image (RANK_PIXELS), standardised
+    np.testing.assert_allclose(found.pixels[2], standardize_rows(rank_rows(pixel_features(images, grids[0]))),
+                               rtol=1e-5, atol=1e-6)
     assert found.aligned.shape == (4, 1, *grids[0])
     # the null views of the same pixel sets: each image at each zoom of its resolution, then the same grids
     views = _low_resolution_pixels(records, pre, grids, NULL_LOW_RESOLUTION)
-    assert [len(v) for v in views] == [len(NULL_LOW_RESOLUTION)] * 2
-    for per_zoom, grid in zip(views, grids):
+    assert [len(v) for v in views] == [len(NULL_LOW_RESOLUTION)] * 3
+    for per_zoom, grid, ranks in zip(views, grids + grids[:1], (False, False, True)):
         for got, zoom in zip(per_zoom, NULL_LOW_RESOLUTION):
-            low = np.stack([low_resolution(x, zoom) for x in images])
-            np.testing.assert_allclose(got, standardize_rows(pixel_features(low, grid)), rtol=1e-5, atol=1e-6)
+            low = pixel_features(np.stack([low_resolution(x, zoom) for x in images]), grid)
+            np.testing.assert_allclose(got, standardize_rows(rank_rows(low) if ranks else low), rtol=1e-5, atol=1e-6)
     assert not np.allclose(views[0][1], found.pixels[0], atol=1e-3)  # a quarter of the resolution is not the image
     assert NULL_LOW_RESOLUTION == (LOWRES_ZOOM_RANGE[1], LOWRES_ZOOM_RANGE[0])  # the training view's two ends
 

@@ -8,11 +8,27 @@ import torch
 
 from memscan.errors import InputError
 from memscan.metrics import pearson
-from memscan.scoring import flip_invariant_features, fuse_features, pixel_features, standardize_rows
+from memscan.scoring import flip_invariant_features, fuse_features, pixel_features, rank_rows, standardize_rows
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.corrcoef(a, b)[: len(a), len(a):]
+
+
+def test_rank_rows_are_tie_averaged_ranks_and_ignore_increasing_intensity_curves() -> None:
+    """Each row's ranks 1..D, ties given their average rank (as scipy's ``rankdata`` per row); an increasing curve
+    (gamma) of an image leaves its ranks, hence its Spearman correlation with its source, unchanged."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(5, 9)).astype(float)  # many ties
+    st = pytest.importorskip("scipy.stats")
+    np.testing.assert_array_equal(rank_rows(x), st.rankdata(x, axis=1))
+    np.testing.assert_array_equal(rank_rows(x[0]), st.rankdata(x[0]))
+    np.testing.assert_array_equal(rank_rows(np.array([[3.0, 1.0, 3.0, 2.0]])), [[3.5, 1.0, 3.5, 2.0]])
+    image = np.r_[np.zeros(20), rng.random(80)]  # a background of zeros, as in a head MRI
+    curved = image ** 2.2
+    ranks = standardize_rows(rank_rows(np.stack([image, curved])))
+    assert ranks[0] @ ranks[1] == pytest.approx(1.0, abs=1e-6)
+    assert np.corrcoef(image, curved)[0, 1] < 0.97  # Pearson loses what Spearman keeps
 
 
 @pytest.mark.parametrize("weights", [None, {"p": 1.0, "e": 3.0}, {"p": 0.0, "e": 1.0}])

@@ -45,8 +45,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "float32; default), or one of them explicitly (recorded in summary.json)")
     parser.add_argument("--score", default=None, metavar="MODE",
                         help="similarity score: best-of-aligned (default: the best of pixel Pearson at two sizes "
-                             "(calibrated on the validation images as they are and at lower resolution; the "
-                             "full-size one against the best blend of two training images), the aligned high-passed "
+                             "and the full-size pixels' rank (Spearman) correlation (calibrated on the validation "
+                             "images as they are and at lower resolution; the full-size Pearson against the best "
+                             "blend of two training images), the aligned high-passed "
                              "pixels of the best fused matches, the same matches bent onto the image, and in 2D those "
                              "bent matches' fused score mixed with their bent one (in 3D the fused score itself); the "
                              "best on the detection benchmark), "
