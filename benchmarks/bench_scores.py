@@ -3,15 +3,16 @@
 Same sets, same CPU, one run: ``--n`` training, validation and synthetic 2D images (smooth random fields at the
 detection benchmark's 64², a tenth of the synthetic set planted as shifted copies), each set with the features the
 audit computes for it — the fused features (coarse 16² pixels + a 128-d embedding, here random), the best-of pixels
-(``memscan.audit.best_of_pixel_sizes``: 64², and 16² too for ``best-of-aligned``) and the images each score aligns
+(``memscan.audit.best_of_pixel_sizes``: 64², and for ``best-of-aligned`` 16² too and the 64² pixels' ranks,
+``memscan.audit.RANK_PIXELS``) and the images each score aligns
 (``memscan.audit.alignment_size``: 32² for ``aligned``, 64² for ``best-of-aligned``) — then
 :func:`memscan.metrics.match` as the audit calls it for each mode (``fused``: plain; ``best-of``:
 ``best_of=[pixels]``; ``aligned``: ``refine`` = test-time alignment fused with the feature correlation;
 ``best-of-aligned``: ``refine`` = aligned pixels and the same candidates bent onto their query
-(``memscan.audit.ALIGN_DEFORM`` of the dimensionality), ``best_of=[pixels, quarter-size pixels, fused]``, its
-retrieval as deep as ``memscan.audit.ALIGN_SHORTLIST`` says; the same without the bent candidates, its four rigid
-parts, for that fifth part's cost; and the same aligning only the fused features' first 5 candidates, round 23's,
-for the shortlist's cost). ``--dims 3`` does the
+(``memscan.audit.ALIGN_DEFORM`` of the dimensionality), ``best_of=[pixels, quarter-size pixels, ranks, fused]``, its
+retrieval as deep as ``memscan.audit.ALIGN_SHORTLIST`` says; the same without the bent candidates, its rigid
+parts, for the bent part's cost; the same aligning only the fused features' first 5 candidates, round 23's, for the
+shortlist's cost (2D: 3D has no shortlist); and the same without the ranks, round 24's, for their cost). ``--dims 3`` does the
 same with 32³ volumes (the grid the audit matches a knee MRI on), 8³ fused pixels and a 32-d embedding. Modes are
 interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
 the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not included.
@@ -35,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.audit import (ALIGN_CANDIDATES, _aligned_refine, _retrieval_depth, _score_align_axes,
-                           alignment_size, best_of_pixel_sizes)
+from memscan.audit import (ALIGN_CANDIDATES, ALIGN_SHORTLIST, RANK_PIXELS, _aligned_refine, _pixel_sets,
+                           _retrieval_depth, _score_align_axes, alignment_size, best_of_pixel_sizes)
 from memscan.metrics import match
 from memscan.scoring import pixel_features, standardize_rows
 
@@ -83,17 +84,21 @@ def build(n: int, dims: int = 2, seed: int = 0) -> dict[str, dict[str, np.ndarra
 #: best-of-aligned aligning only the fused features' first candidates (no ``memscan.audit.ALIGN_SHORTLIST``, round 23)
 RIGID = "best-of-aligned, rigid"
 FIRST = "best-of-aligned, first 5"
+NO_RANKS = "best-of-aligned, no ranks"
 
 
 def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict]:
     """One audit-style match for ``mode``: (seconds, summary)."""
-    variant = mode if mode in (RIGID, FIRST) else None
+    variant = mode if mode in (RIGID, FIRST, NO_RANKS) else None
     if variant:
         mode = "best-of-aligned"
     feats = [sets[k]["fused"] for k in ("train", "val", "synthetic")]
-    # the audit's pixel Pearson sets for this mode (best_of_pixel_sizes: 64², and 16² for best-of-aligned)
-    pixels = [tuple(standardize_rows(pixel_features(sets[k]["image"], size)) for k in ("train", "val", "synthetic"))
-              for size in best_of_pixel_sizes(sets["train"]["image"].shape[2:], mode)]
+    # the audit's pixel sets for this mode (best_of_pixel_sizes: 64², and for best-of-aligned 16² and the 64² ranks)
+    sizes = best_of_pixel_sizes(sets["train"]["image"].shape[2:], mode)
+    pixels = list(zip(*(_pixel_sets([pixel_features(sets[k]["image"], size) for size in sizes], mode)
+                        for k in ("train", "val", "synthetic"))))
+    if variant == NO_RANKS:  # round 24's pixel sets: without the ranks (the last set)
+        pixels = pixels[:-1]
     size = alignment_size(sets["train"]["image"].shape[2:], mode)
     images = {k: pixel_features(sets[k]["image"], size).reshape(-1, 1, *size) for k in ("train", "val", "synthetic")}
     axes = {"flip_axes": (-1,), "plane": (-2, -1)}
@@ -125,7 +130,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sets = build(args.n, args.dims)
-    modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID, FIRST)
+    # "first 5" is the default itself where the audit has no shortlist (3D)
+    modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID) + (FIRST,) * bool(ALIGN_SHORTLIST[args.dims]) + \
+        (NO_RANKS,) * RANK_PIXELS
     best: dict[str, float] = {}
     summaries: dict[str, dict] = {}
     for _ in range(args.repeats):

@@ -169,8 +169,8 @@ def test_default_detector_is_memscans_default():
     import inspect
 
     from memscan.audit import (ALIGN_DEFORM, ALIGN_SHORTLIST, BENT_FEATURE_SHARE, DEFAULT_SCORE, FUSED_WEIGHTS,
-                               NULL_LOW_RESOLUTION, _score_align_axes, alignment_size, audit, best_of_pixel_size,
-                               best_of_pixel_sizes, default_headroom)
+                               NULL_LOW_RESOLUTION, RANK_PIXELS, _score_align_axes, alignment_size, audit,
+                               best_of_pixel_size, best_of_pixel_sizes, default_headroom)
     from memscan.training import PRESETS
 
     score = inspect.signature(audit).parameters["score"].default
@@ -198,9 +198,12 @@ def test_default_detector_is_memscans_default():
     assert boa[2]["align"]["factor"] == 1 and {k: v for k, v in boa[2].items() if k != "align"} == fused
     assert [part["pixel"] for part in boa[:2]] == [[[1, 1.0]], [[4, 1.0]]]
     # ...whose null takes the validation images at the audit's lower resolutions too; the other parts' does not
-    assert [part.get("calibrate_lowres") for part in boa] == [list(NULL_LOW_RESOLUTION)] * 2 + [None] * 3
+    assert [part.get("calibrate_lowres") for part in boa] == [list(NULL_LOW_RESOLUTION)] * 2 + [None] * 3 + \
+        [list(NULL_LOW_RESOLUTION)]
     # ...and whose full-size set scores each image by its best blend of two training images (match(blend=[0]))
-    assert [part.get("blend") for part in boa] == [True] + [None] * 4
+    assert [part.get("blend") for part in boa] == [True] + [None] * 5
+    # its last part: the full-size pixels' ranks (RANK_PIXELS), on the same null views
+    assert RANK_PIXELS and boa[5] == {**presets.PIXEL, "calibrate_lowres": list(NULL_LOW_RESOLUTION), "ranks": True}
     assert best_of_pixel_sizes([64, 64], "best-of-aligned") == [[64, 64], [16, 16]]
     assert best_of_pixel_sizes([12, 32, 32], "best-of-aligned") == [[12, 32, 32], [3, 8, 8]]
     assert best_of_pixel_sizes([512, 512], "best-of-aligned") == [[64, 64], [16, 16]]
@@ -213,7 +216,7 @@ def test_default_detector_is_memscans_default():
     for dims in (2, 3):
         parts = presets.recipe_for(presets.DEFAULT, dims)["max_of"]
         share = BENT_FEATURE_SHARE[dims]
-        assert parts[3]["deform"] == ALIGN_DEFORM[dims] and len(parts) == 5
+        assert parts[3]["deform"] == ALIGN_DEFORM[dims] and len(parts) == 6 and parts[5] == boa[5]
         assert parts[4] == (presets.recipe_for(fused, dims) if share is None else
                             {**presets.recipe_for(fused, dims), "deform": ALIGN_DEFORM[dims], "feature_share": share})
         assert _score_align_axes("best-of-aligned", {}, dims)["deform"] == \
@@ -221,7 +224,7 @@ def test_default_detector_is_memscans_default():
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(ALIGN_DEFORM, 2, None)
         assert presets.recipe_for(presets.DEFAULT, 2)["max_of"][2:] == [presets.recipe_for(boa[2], 2),
-                                                                        presets.recipe_for(fused, 2)]
+                                                                        presets.recipe_for(fused, 2), boa[5]]
         assert "deform" not in _score_align_axes("best-of-aligned", {}, 2)
     # round 20's default: the fused features' own correlation as the third part; the earlier rounds' candidates
     # come from it: round 17's is it without the blend; round 16's also without the low-resolution null; round
@@ -241,8 +244,10 @@ def test_default_detector_is_memscans_default():
     assert presets.CANDIDATES["best_of_aligned_no_fused"]["max_of"] == old[:2] + old[3:]
     mixed = presets.CANDIDATES[f"best_of_aligned_bent_features_{BENT_FEATURE_SHARE[2]:g}"]
     assert presets.recipe_for(mixed, 2) == presets.recipe_for(presets.CANDIDATES["best_of_aligned_no_shortlist"], 2)
+    # round 25: the full-size pixels' ranks are the last part; round 24's default is today's without them
+    assert presets.CANDIDATES["best_of_aligned_no_ranks"]["max_of"] == boa[:5]
     # round 24: the alignment's retrieval goes as deep as the audit's shortlist of each dimensionality (none in 3D);
-    # round 23's default is today's without it
+    # round 23's default is round 24's without it
     for dims in (2, 3):
         align = presets.recipe_for(presets.DEFAULT, dims)["max_of"][2]["align"]
         assert align.get("shortlist") == ALIGN_SHORTLIST[dims]
@@ -250,7 +255,7 @@ def test_default_detector_is_memscans_default():
         before = presets.recipe_for(presets.CANDIDATES["best_of_aligned_no_shortlist"], dims)
         assert before == presets.recipe_for({**presets.DEFAULT, "max_of": [
             {**p, "align": {k: v for k, v in p["align"].items() if k != "shortlist"}} if p.get("align") else p
-            for p in presets.DEFAULT["max_of"]]}, dims)
+            for p in presets.DEFAULT["max_of"] if not p.get("ranks")]}, dims)
         assert "shortlist" not in before["max_of"][2]["align"]
     assert boa[2]["align"]["shortlist"] == "memscan" and ALIGN_SHORTLIST[2] and ALIGN_SHORTLIST[3] is None
     grid = copy.deepcopy(presets.CANDIDATES["best_of_aligned_refined"])
@@ -369,7 +374,8 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
                                _aligned_refine, _score_align_axes, alignment_size)
     from memscan.data.transforms import low_resolution
     from memscan.metrics import match
-    from memscan.scoring import align_and_correlate, deform_and_correlate, pixel_features, standardize_rows
+    from memscan.scoring import (align_and_correlate, deform_and_correlate, pixel_features, rank_rows,
+                                 standardize_rows)
 
     product = presets.MEMSCAN_SCORES["best-of-aligned"]
     assert product["max_of"][0] == {**presets.PIXEL, "calibrate_lowres": list(NULL_LOW_RESOLUTION), "blend": True}
@@ -392,11 +398,14 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     recipe = {"max_of": [{**presets.PIXEL, "calibrate_lowres": zooms, "blend": True}, coarse,
                          {**coarse, "align": {**plain_align, "k": k_all} if bend != "shortlist" else
                           {**plain_align, "k": 3, "shortlist": shortlist}}], "normalize": "ceiling"}
+    assert product["max_of"][-1] == {**presets.PIXEL, "calibrate_lowres": zooms, "ranks": True}
+    ranked = copy.deepcopy(product["max_of"][-1])  # the full-size pixels' ranks (RANK_PIXELS): last, as the product
     bent = {"spacing": 8.0, "iterations": 3, "fit_highpass": [4.0, 2.0]}  # few steps: the same pairs, not a fit
     if bend and bend != "shortlist":
         recipe["max_of"].append({**coarse, "deform": {**bent, "k": 1 if bend == "first" else k_all}})
     if bend == "confirmed":
         recipe["max_of"].append({**recipe["max_of"][-1], "feature_share": 0.4})
+    recipe["max_of"].append(ranked)
     # grainy images: a low-resolution version loses the grain and correlates better, so the pixel null views count
     grain = np.random.default_rng(3)
     case = {"spatial_dims": 2, "groups": {f"s{i}": (_blobs(k_all, 40 + i) + grain.random((k_all, 1, 16, 16))
@@ -431,16 +440,17 @@ def test_best_of_aligned_recipe_is_memscans_refine_plus_best_of(bend):
     pix = {k: standardize_rows(pixel_features(x)) for k, x in images.items()}
     crs = {k: standardize_rows(pixel_features(x, [4, 4])) for k, x in images.items()}
     low = [standardize_rows(pixel_features(np.stack([low_resolution(x, z) for x in images["val"]]))) for z in zooms]
+    rks = {k: standardize_rows(rank_rows(pixel_features(x))) for k, x in images.items()}
+    low_rks = [standardize_rows(rank_rows(view)) for view in low]
     one_subject = np.zeros(len(images["val"]), dtype=int)
+    sets = [tuple(pix[k] for k in images), tuple(crs[k] for k in images), tuple(rks[k] for k in images)]
     ref = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
-                refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)],
-                null_views=[low, []], blend=[0], val_subjects=one_subject)
+                refine_k=k_all, best_of=sets, null_views=[low, [], low_rks], blend=[0], val_subjects=one_subject)
     sharp = match(crs["train"], crs["val"], crs["synthetic"], device="cpu", n_bootstrap=0, refine=refine,
-                  refine_k=k_all, best_of=[tuple(pix[k] for k in images), tuple(crs[k] for k in images)], blend=[0],
-                  val_subjects=one_subject)
-    assert ref.summary["feature_set_thresholds"][-2] > sharp.summary["feature_set_thresholds"][-2]  # views count
+                  refine_k=k_all, best_of=sets, blend=[0], val_subjects=one_subject)
+    assert ref.summary["feature_set_thresholds"][-3] > sharp.summary["feature_set_thresholds"][-3]  # views count
     if bend == "confirmed":  # a third refine column, on its own τ_b
-        assert len(ref.summary["feature_set_thresholds"]) == 5
+        assert len(ref.summary["feature_set_thresholds"]) == 6
         assert ref.summary["feature_set_thresholds"][2] != ref.summary["feature_set_thresholds"][1]
     got = scores[(scores.family == fam) & (scores.strength == strength) & (scores.label == 1)]
     assert got["tau"].iloc[0] == pytest.approx(ref.threshold, abs=1e-6)

@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import blend_correlation, percentile, scale_to_null, topk_correlation, with_headroom
-from memscan.scoring import aligned_search, deform_and_correlate, shortlist_depth, standardize_rows
+from memscan.scoring import aligned_search, deform_and_correlate, rank_rows, shortlist_depth, standardize_rows
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
     from .detectors import fit_detector
@@ -116,6 +116,11 @@ def _centered(feats, train_images: np.ndarray, share: float):
     return lambda images: feats(images) - mean
 
 
+def _ranked(feats):
+    """``feats`` with each row replaced by its ranks within the row (:func:`memscan.scoring.rank_rows`)."""
+    return lambda images: rank_rows(feats(images)).astype(np.float32)
+
+
 def null_normalized(scores: np.ndarray, null: np.ndarray, tau: float, how: str) -> np.ndarray:
     """A detector's best correlations on a common scale anchored at its own null (its τ maps to 0).
 
@@ -145,6 +150,8 @@ def _scorer(recipe: dict, key: tuple, tr: str, va: str, groups: dict, fitted: di
     feats = fitted[key + (tr,)]
     if recipe.get("center"):  # features minus a share of the training set's mean feature vector
         feats = _centered(feats, groups[tr], float(recipe["center"]))
+    if recipe.get("ranks"):  # each row's ranks within it: Spearman (memscan.audit.RANK_PIXELS)
+        feats = _ranked(feats)
     f_train = feats(groups[tr])
     # a max_of recipe's align part ranks each query's candidates; its deform part bends the first of them, as the audit
     ranked = fitted.setdefault((key[0], "ranked"), {})
@@ -275,8 +282,9 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
     the way ``memscan audit`` runs it: a plain recipe matches its features; a ``max_of`` recipe passes its plain parts
     as ``best_of`` sets and its ``align`` part (at most one) as ``refine`` on that part's retrieval features, which
     are then the first set (``--score best-of`` / ``best-of-aligned``); a plain part's ``calibrate_lowres`` gives
-    its ``null_views`` (the audit's :data:`~memscan.audit.NULL_LOW_RESOLUTION`) and its ``blend`` scores it as blends
-    of two references (``match(blend=...)``, the audit's :data:`~memscan.audit.BLEND_PIXELS`). A recipe's
+    its ``null_views`` (the audit's :data:`~memscan.audit.NULL_LOW_RESOLUTION`), its ``blend`` scores it as blends
+    of two references (``match(blend=...)``, the audit's :data:`~memscan.audit.BLEND_PIXELS`) and its ``ranks`` on
+    its rows' ranks (the audit's :data:`~memscan.audit.RANK_PIXELS`). A recipe's
     ``headroom`` is ``match``'s (``--headroom``). Indices come with the scores, so the DDPM audit can compare
     nearest training images."""
     from memscan.audit import _aligned_refine  # the audit's own re-scoring of candidates
@@ -298,6 +306,8 @@ def match_recipe(recipe: dict, train: np.ndarray, val: np.ndarray, queries: np.n
         if part.get("deform"):
             continue
         feats = fit_detector({k: v for k, v in part.items() if k != "align"}, train, seed=seed, encoders=encoders)
+        if part.get("ranks"):  # the audit's RANK_PIXELS set
+            feats = _ranked(feats)
         triple = tuple(feats(images[k]) for k in images)
         if part.get("align"):
             if aligned is not None:

@@ -7,6 +7,7 @@ A recipe is a plain dict:
   ``embedding_dim``, ``steps``, ``temperature``, ``lr``, ``augment`` = a key of ``detectors.AUGMENTATIONS``).
 - ``embedding_weight``: weight of the embedding block in the fused score (see ``memscan.scoring.fuse_features``).
 - ``tta_flip``: score with left-right flip-invariant features (``memscan.scoring.flip_invariant_features``).
+- ``ranks``: score each feature row's ranks within it (Spearman; ``memscan.audit.RANK_PIXELS``).
 - ``align``: optional test-time geometric alignment (see :data:`ALIGN`): the score of a query is its best
   retrieval candidate after aligning the coarse pixels; τ comes from the same search on training vs validation.
 
@@ -28,8 +29,8 @@ import copy
 import inspect
 
 from memscan.audit import (ALIGN_DEFORM, ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT, ALIGN_REFINE_ROUNDS, ALIGN_SHORTLIST,
-                           BLEND_PIXELS, FUSED_WEIGHTS, NULL_LOW_RESOLUTION, _score_align_axes, audit,
-                           default_headroom)
+                           BLEND_PIXELS, FUSED_WEIGHTS, NULL_LOW_RESOLUTION, RANK_PIXELS, _score_align_axes,
+                           audit, default_headroom)
 from memscan.training import PRESETS
 
 __all__ = ["PIXEL", "PAPER", "DEFAULT", "DEFAULT_SCORE", "MEMSCAN_SCORES", "CANDIDATES", "memscan_recipe",
@@ -87,13 +88,14 @@ _MEMSCAN_DEFORM = "memscan"
 DEFAULT_SCORE: str = inspect.signature(audit).parameters["score"].default
 
 
-def memscan_recipe(score: str, feature_share: bool = True, shortlist: bool = True) -> dict:
+def memscan_recipe(score: str, feature_share: bool = True, shortlist: bool = True, ranks: bool = True) -> dict:
     """memscan's default training views and temperature with one of the audit's scores (``embedding``, ``fused``,
     ``best-of``, ``best-of-aligned``); ``feature_share``: best-of-aligned's fused features mixed into its bent pairs'
     score where ``memscan.audit.BENT_FEATURE_SHARE`` does so (resolved by :func:`recipe_for`), or False: their own
     correlation as a part in every dimensionality (the default until round 21); ``shortlist``: its alignment's
     retrieval as deep as ``memscan.audit.ALIGN_SHORTLIST`` says (resolved by :func:`recipe_for`), or False: the fused
-    features' first 5 only (the default until round 23).
+    features' first 5 only (the default until round 23); ``ranks``: best-of-aligned's full-size pixels scored on their
+    ranks too where ``memscan.audit.RANK_PIXELS`` says so, or False: not (the default until round 24).
 
     The temperature is the 2D preset's here; :func:`recipe_for` takes the preset of the case's dimensionality.
     """
@@ -113,11 +115,15 @@ def memscan_recipe(score: str, feature_share: bool = True, shortlist: bool = Tru
         # (alignment_size(..., "best-of-aligned") = the benchmark's images whole), each scaled by its own τ_b, and
         # the same candidates bent onto their query (ALIGN_DEFORM of the case's dimensionality, see recipe_for); the
         # two pixel parts calibrate on the validation images at NULL_LOW_RESOLUTION too (match(null_views=...)), and
-        # the full-size one scores each image by its best blend of two training images (BLEND_PIXELS: match(blend=[0]))
+        # the full-size one scores each image by its best blend of two training images (BLEND_PIXELS: match(blend=[0]));
+        # the full-size pixels' ranks are one more part (RANK_PIXELS)
         pixels = [{**copy.deepcopy(part), "calibrate_lowres": list(NULL_LOW_RESOLUTION)}
                   for part in (PIXEL, _PIXEL_QUARTER)]
         if BLEND_PIXELS:
             pixels[0]["blend"] = True
+        # the full-size pixels' ranks, on the same low-resolution null views (last: a max, so the order is free)
+        ranked = [{**copy.deepcopy(PIXEL), "calibrate_lowres": list(NULL_LOW_RESOLUTION), "ranks": True}
+                  ] if RANK_PIXELS and ranks else []
         aligned = {**memscan_recipe("fused"), "align": {**ALIGN, "factor": 1,
                                                         "weights": {"pixel": 1.0, "features": 0.0},
                                                         "highpass": [ALIGN_HIGHPASS, ALIGN_HIGHPASS_WEIGHT],
@@ -125,10 +131,10 @@ def memscan_recipe(score: str, feature_share: bool = True, shortlist: bool = Tru
                                                         **({"shortlist": _MEMSCAN_DEFORM} if shortlist else {})}}
         bent = {**memscan_recipe("fused"), "deform": _MEMSCAN_DEFORM}
         if not feature_share:  # the fused features' own correlation as a part
-            return {"max_of": [*pixels, memscan_recipe("fused"), aligned, bent], "normalize": "ceiling"}
+            return {"max_of": [*pixels, memscan_recipe("fused"), aligned, bent, *ranked], "normalize": "ceiling"}
         # the fused features through the bent pairs where BENT_FEATURE_SHARE mixes them, else their own correlation
-        # (recipe_for resolves it per dimensionality, as the audit does); last, as it re-scores the bent pairs
-        return {"max_of": [*pixels, aligned, bent, {**bent, "feature_share": _MEMSCAN_DEFORM}],
+        # (recipe_for resolves it per dimensionality, as the audit does); after the bent part, whose pairs it re-scores
+        return {"max_of": [*pixels, aligned, bent, {**bent, "feature_share": _MEMSCAN_DEFORM}, *ranked],
                 "normalize": "ceiling"}
     raise ValueError(f"unknown score {score!r}")
 
@@ -156,11 +162,14 @@ DEFAULT: dict = {**copy.deepcopy(MEMSCAN_SCORES[DEFAULT_SCORE]),
 #: first 5 candidates aligned (deeper in 2D from round 24, ``memscan.audit.ALIGN_SHORTLIST``); the earlier rounds'
 #: candidates below are built from it
 _ROUND20: dict = {**copy.deepcopy(DEFAULT), "max_of": memscan_recipe("best-of-aligned", feature_share=False,
-                                                                     shortlist=False)["max_of"]}
+                                                                     shortlist=False, ranks=False)["max_of"]}
 CANDIDATES["best_of_aligned_fused"] = copy.deepcopy(_ROUND20)
-#: the round-23 default: today's without the shortlist (detection_candidates.md section 22)
-CANDIDATES["best_of_aligned_no_shortlist"] = {**copy.deepcopy(DEFAULT),
-                                              "max_of": memscan_recipe("best-of-aligned", shortlist=False)["max_of"]}
+#: the round-23 default: today's without the shortlist (detection_candidates.md section 22) and the ranks
+CANDIDATES["best_of_aligned_no_shortlist"] = {**copy.deepcopy(DEFAULT), "max_of": memscan_recipe(
+    "best-of-aligned", shortlist=False, ranks=False)["max_of"]}
+#: the round-24 default: today's without the ranks of the full-size pixels (detection_candidates.md section 23)
+CANDIDATES["best_of_aligned_no_ranks"] = {**copy.deepcopy(DEFAULT),
+                                          "max_of": memscan_recipe("best-of-aligned", ranks=False)["max_of"]}
 
 #: lever (round 13, adopted as ``memscan.audit.ALIGN_REFINE_ROUNDS``): best-of-aligned whose alignment refines each
 #: pair's best rotation and zoom coarse-to-fine (``align_and_correlate(refine_rounds=2)``: half, then a quarter of a
