@@ -12,10 +12,11 @@ audit computes for it — the fused features (coarse 16² pixels + a 128-d embed
 (``memscan.audit.ALIGN_DEFORM`` of the dimensionality), ``best_of=[pixels, quarter-size pixels, ranks, fused]``, its
 retrieval as deep as ``memscan.audit.ALIGN_SHORTLIST`` says; the same without the bent candidates, its rigid
 parts, for the bent part's cost; the same aligning only the fused features' first 5 candidates, round 23's, for the
-shortlist's cost (2D: 3D has no shortlist); and the same without the ranks, round 24's, for their cost). ``--dims 3`` does the
-same with 32³ volumes (the grid the audit matches a knee MRI on), 8³ fused pixels and a 32-d embedding. Modes are
-interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against ``fused``. Embedding time is
-the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not included.
+shortlist's cost (2D: 3D has no shortlist); and the same without the ranks, round 24's, for their cost).
+``--dims 3`` does the same with 32³ volumes (the grid the audit matches a knee MRI on), 8³ fused pixels and a 32-d
+embedding. Modes are interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against
+``fused``. Embedding time is the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not
+included.
 
 Usage::
 

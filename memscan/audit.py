@@ -12,8 +12,9 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
    checkpoint sha256, so an interrupted audit resumes where it stopped). The default score
    (:data:`DEFAULT_SCORE`, ``"best-of-aligned"``) retrieves each query's candidates by :mod:`memscan.scoring`'s
    flip-invariant pixel + embedding fusion (:func:`score_features`) and matches pixel Pearson at two sizes, the
-   full-size pixels' Spearman correlation, the aligned high-passed pixels of those candidates, the same candidates bent onto the query, and those bent pairs'
-   fused score mixed with their bent one (in 3D the fused score itself), side by side.
+   full-size pixels' Spearman correlation, the aligned high-passed pixels of those candidates, the same candidates
+   bent onto the query, and those bent pairs' fused score mixed with their bent one (in 3D the fused score itself),
+   side by side.
 4. **Matching** — :func:`memscan.metrics.match` per synthetic set (τ from train→validation, raised by the score's
    :func:`default_headroom` unless one is given; copies, memorized
    training images, bootstrap intervals, null rate), plus the patient-level count, the positive controls, and two
@@ -510,15 +511,16 @@ ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
 #: false alarms already ≤ 0.04 per family), and with round 23's fit (two candidates) still 0.94 → 0.89, for
 #: contrast's tie-break (docs/benchmarks/detection_candidates.md sections 19 and 21).
 BENT_FEATURE_SHARE: dict[int, float | None] = {2: 0.7, 3: None}
-#: ``score="best-of-aligned"``: zooms at which the null of its plain pixel parts (Pearson at two sizes, and the ranks
-#: of :data:`RANK_PIXELS`) also takes the validation images, down-sampled to that share of their size per axis and
-#: back (:func:`memscan.data.transforms.low_resolution`; the two ends of the training presets' ``lowres`` view, :data:`~memscan.data.transforms.LOWRES_ZOOM_RANGE`). A new
-#: patient's image rendered with less detail loses the fine structure that correlated with nothing, so its plain
-#: Pearson with every training image rises while a null of sharp validation images stays put; the null then holds
-#: the validation patients as a generator might render them (``match(null_views=...)``). The fused, aligned and
-#: non-rigid parts keep their own nulls (calibrating the fused part too cost elastic copies). MRI 3D detail-loss false
-#: alarms on a new subject 0.12 → 0.04 and overall 0.04 → 0.02 (MRI 2D 0.02 → 0.01), for one MRI 2D mixture and one
-#: CXR elastic copy (docs/benchmarks/detection.md, detection_candidates.md sections 13 and 15).
+#: ``score="best-of-aligned"``: zooms at which the null of its plain pixel parts (Pearson at two sizes, and the ranks of
+#: :data:`RANK_PIXELS`) also takes the validation images, down-sampled to that share of their size per axis and back
+#: (:func:`memscan.data.transforms.low_resolution`; the two ends of the training presets' ``lowres`` view,
+#: :data:`~memscan.data.transforms.LOWRES_ZOOM_RANGE`). A new patient's image rendered with less detail loses the fine
+#: structure that correlated with nothing, so its plain Pearson with every training image rises while a null of sharp
+#: validation images stays put; the null then holds the validation patients as a generator might render them
+#: (``match(null_views=...)``). The fused, aligned and non-rigid parts keep their own nulls (calibrating the fused part
+#: too cost elastic copies). MRI 3D detail-loss false alarms on a new subject 0.12 → 0.04 and overall 0.04 → 0.02 (MRI
+#: 2D 0.02 → 0.01), for one MRI 2D mixture and one CXR elastic copy (docs/benchmarks/detection.md,
+#: detection_candidates.md sections 13 and 15).
 NULL_LOW_RESOLUTION: tuple[float, ...] = (0.6, 0.25)
 #: ``score="best-of-aligned"``: its full-size pixel Pearson scores each image by its best non-negative blend of two
 #: reference images (:func:`memscan.metrics.blend_correlation`, ``match(blend=[0])``), calibrated alike on blends of
@@ -962,7 +964,8 @@ _SCORE_TEXT = {
                        "correlation (pixels at most 64 per axis in 2D, 32 in 3D) and the same at a quarter of that "
                        "size per axis (the full-size one against the best blend of two training images, for samples "
                        "that superimpose two); the rank (Spearman) correlation of the full-size pixels, for samples "
-                       "rendered under another intensity curve; the correlation of the fine detail (each image minus its blur) after "
+                       "rendered under another intensity curve; the correlation of the fine detail (each image "
+                       "minus its blur) after "
                        f"aligning each of the {ALIGN_CANDIDATES} nearest candidates by the --score fused features to "
                        f"the image (mirror, rotation ±12°, zoom 0.8–1.25, translation up to 15%{_SHORTLIST_TEXT}); "
                        "the fine detail after bending those nearest candidates (in 3D the one the "

@@ -24,9 +24,9 @@ import numpy as np
 
 from memscan.errors import InputError
 
-__all__ = ["standardize_rows", "rank_rows", "fuse_features", "flip_invariant_features", "area_pixels", "pixel_features",
-           "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate", "aligned_search",
-           "shortlist_candidates", "shortlist_depth", "shortlist_arguments", "deform_and_correlate"]
+__all__ = ["standardize_rows", "rank_rows", "fuse_features", "flip_invariant_features", "area_pixels",
+           "pixel_features", "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate",
+           "aligned_search", "shortlist_candidates", "shortlist_depth", "shortlist_arguments", "deform_and_correlate"]
 
 logger = logging.getLogger(__name__)
 #: seconds between two progress lines of a long :func:`align_and_correlate` (INFO; the CLI prints them)
