@@ -207,7 +207,9 @@ def write_main(summaries: dict, scores: dict, sizes: dict, args: argparse.Namesp
         f"{list(NULL_LOW_RESOLUTION)}: the training view `lowres`'s two ends; `match(null_views=...)`) as its null.",
         "A part with `blend` scores each image by its best non-negative blend of two training images",
         "(`memscan.metrics.blend_correlation`, `memscan.audit.BLEND_PIXELS`, `match(blend=...)`), and its null each",
-        "training image's best blend of two validation images.",
+        "training image's best blend of two validation images. A part with `ranks` correlates each image's pixel ranks",
+        "(`memscan.scoring.rank_rows`, `memscan.audit.RANK_PIXELS`: Spearman's correlation, which an increasing intensity",
+        "curve leaves intact), its null on the same views.",
         "A part whose `feature_share` is `\"memscan\"` re-scores the pairs its `deform` twin bent: "
         "`memscan.audit.BENT_FEATURE_SHARE` of the case's dimensionality (" + "; ".join(
             f"{d}D {BENT_FEATURE_SHARE[d]}" for d in (2, 3)) + ") × the pair's fused correlation + the rest × its",
