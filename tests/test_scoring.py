@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from memscan import scoring
 from memscan.errors import InputError
 from memscan.metrics import pearson
 from memscan.scoring import flip_invariant_features, fuse_features, pixel_features, rank_rows, standardize_rows
@@ -24,6 +25,9 @@ def test_rank_rows_are_tie_averaged_ranks_and_ignore_increasing_intensity_curves
     np.testing.assert_array_equal(rank_rows(x), st.rankdata(x, axis=1))
     np.testing.assert_array_equal(rank_rows(x[0]), st.rankdata(x[0]))
     np.testing.assert_array_equal(rank_rows(np.array([[3.0, 1.0, 3.0, 2.0]])), [[3.5, 1.0, 3.5, 2.0]])
+    with pytest.MonkeyPatch.context() as mp:  # ranked in blocks of rows: the same ranks
+        mp.setattr(scoring, "RANK_CHUNK_ROWS", 2)
+        np.testing.assert_array_equal(rank_rows(x), st.rankdata(x, axis=1))
     image = np.r_[np.zeros(20), rng.random(80)]  # a background of zeros, as in a head MRI
     curved = image ** 2.2
     ranks = standardize_rows(rank_rows(np.stack([image, curved])))
