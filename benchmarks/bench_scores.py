@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.audit import (ALIGN_CANDIDATES, ALIGN_SHORTLIST, RANK_PIXELS, _aligned_refine, _pixel_sets,
+from memscan.audit import (ALIGN_CANDIDATES, ALIGN_SHORTLIST, _aligned_refine, _pixel_sets, _ranks_pixels,
                            _retrieval_depth, _score_align_axes, alignment_size, best_of_pixel_sizes)
 from memscan.metrics import match
 from memscan.scoring import pixel_features, standardize_rows
@@ -133,7 +133,7 @@ def main() -> None:
     sets = build(args.n, args.dims)
     # "first 5" is the default itself where the audit has no shortlist (3D)
     modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID) + (FIRST,) * bool(ALIGN_SHORTLIST[args.dims]) + \
-        (NO_RANKS,) * RANK_PIXELS
+        (NO_RANKS,) * _ranks_pixels("best-of-aligned")
     best: dict[str, float] = {}
     summaries: dict[str, dict] = {}
     for _ in range(args.repeats):

@@ -664,6 +664,11 @@ def _score_features(network: Any, records: Sequence[Mapping[str, Any]], preproce
     return _SetFeatures((total / 2).astype(np.float32), aligned, plain)
 
 
+def _ranks_pixels(score: str) -> bool:
+    """Whether ``score`` also correlates its full-size pixels' ranks (:data:`RANK_PIXELS`: ``"best-of-aligned"``)."""
+    return bool(RANK_PIXELS) and score == "best-of-aligned"
+
+
 def _pixel_sets(pixels: Sequence[np.ndarray], score: str) -> list[np.ndarray]:
     """A score's pixel sets from its raw pixel rows at :func:`best_of_pixel_sizes`: each standardised (dot products
     are Pearson correlations) and, for ``"best-of-aligned"`` with :data:`RANK_PIXELS`, the first (full-size) one's
@@ -671,7 +676,7 @@ def _pixel_sets(pixels: Sequence[np.ndarray], score: str) -> list[np.ndarray]:
     from memscan.scoring import rank_rows, standardize_rows
 
     sets = [standardize_rows(rows, "pixels") for rows in pixels]
-    if sets and score == "best-of-aligned" and RANK_PIXELS:
+    if sets and _ranks_pixels(score):
         sets.append(standardize_rows(rank_rows(pixels[0]), "pixels"))
     return sets
 
@@ -1506,7 +1511,7 @@ def audit(
                 "fail_above": fail_above, "score": score,
                 "null_low_resolution": list(NULL_LOW_RESOLUTION) if null_views is not None else None,
                 "blend_pixels": bool(blend),
-                "rank_pixels": bool(RANK_PIXELS and score == "best-of-aligned"),
+                "rank_pixels": _ranks_pixels(score),
                 "precision": used_precision,
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),
