@@ -12,7 +12,8 @@ audit computes for it — the fused features (coarse 16² pixels + a 128-d embed
 (``memscan.audit.ALIGN_DEFORM`` of the dimensionality), ``best_of=[pixels, quarter-size pixels, ranks, fused]``, its
 retrieval as deep as ``memscan.audit.ALIGN_SHORTLIST`` says; the same without the bent candidates, its rigid
 parts, for the bent part's cost; the same aligning only the fused features' first 5 candidates, round 23's, for the
-shortlist's cost (2D: 3D has no shortlist); and the same without the ranks, round 24's, for their cost).
+shortlist's cost (2D: 3D has no shortlist); and, where the fit climbs by L-BFGS (3D since round 26), the same
+fitted by Adam, round 25's optimizer, for L-BFGS's cost).
 ``--dims 3`` does the same with 32³ volumes (the grid the audit matches a knee MRI on), 8³ fused pixels and a 32-d
 embedding. Modes are interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against
 ``fused``. Embedding time is the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not
@@ -37,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan.audit import (ALIGN_CANDIDATES, ALIGN_SHORTLIST, _aligned_refine, _pixel_sets, _ranks_pixels,
-                           _retrieval_depth, _score_align_axes, alignment_size, best_of_pixel_sizes)
+from memscan.audit import (ALIGN_CANDIDATES, ALIGN_DEFORM, ALIGN_SHORTLIST, alignment_size, best_of_pixel_sizes,
+                           _aligned_refine, _pixel_sets, _retrieval_depth, _score_align_axes)
 from memscan.metrics import match
 from memscan.scoring import pixel_features, standardize_rows
 
@@ -82,15 +83,23 @@ def build(n: int, dims: int = 2, seed: int = 0) -> dict[str, dict[str, np.ndarra
 
 
 #: a mode's variants measured beside it: best-of-aligned without its non-rigid fit (its four rigid parts), and
-#: best-of-aligned aligning only the fused features' first candidates (no ``memscan.audit.ALIGN_SHORTLIST``, round 23)
+#: best-of-aligned aligning only the fused features' first candidates (no ``memscan.audit.ALIGN_SHORTLIST``, round 23),
+#: and best-of-aligned whose non-rigid fit climbs by Adam at round 25's step (where the audit's climbs by L-BFGS)
 RIGID = "best-of-aligned, rigid"
 FIRST = "best-of-aligned, first 5"
-NO_RANKS = "best-of-aligned, no ranks"
+ADAM = "best-of-aligned, Adam fit"
+#: Adam's step size for the ``ADAM`` variant: round 25's in 3D
+ADAM_LEARNING_RATE = 0.3
+
+
+def _fits_by_lbfgs(dims: int) -> bool:
+    """Whether the audit's non-rigid fit in ``dims`` dimensions climbs by L-BFGS."""
+    return (ALIGN_DEFORM[dims] or {}).get("optimizer") == "lbfgs"
 
 
 def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict]:
     """One audit-style match for ``mode``: (seconds, summary)."""
-    variant = mode if mode in (RIGID, FIRST, NO_RANKS) else None
+    variant = mode if mode in (RIGID, FIRST, ADAM) else None
     if variant:
         mode = "best-of-aligned"
     feats = [sets[k]["fused"] for k in ("train", "val", "synthetic")]
@@ -98,8 +107,6 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
     sizes = best_of_pixel_sizes(sets["train"]["image"].shape[2:], mode)
     pixels = list(zip(*(_pixel_sets([pixel_features(sets[k]["image"], size) for size in sizes], mode)
                         for k in ("train", "val", "synthetic"))))
-    if variant == NO_RANKS:  # round 24's pixel sets: without the ranks (the last set)
-        pixels = pixels[:-1]
     size = alignment_size(sets["train"]["image"].shape[2:], mode)
     images = {k: pixel_features(sets[k]["image"], size).reshape(-1, 1, *size) for k in ("train", "val", "synthetic")}
     axes = {"flip_axes": (-1,), "plane": (-2, -1)}
@@ -114,6 +121,8 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
             align_axes.pop("deform")
         if variant == FIRST:
             align_axes.pop("shortlist", None)
+        if variant == ADAM:
+            align_axes["deform"] = {**align_axes["deform"], "optimizer": "adam", "learning_rate": ADAM_LEARNING_RATE}
         kwargs = {"refine": _aligned_refine(images, align_axes),
                   "refine_k": _retrieval_depth(align_axes), "best_of": [*pixels, tuple(feats)]}
     t0 = time.perf_counter()
@@ -133,7 +142,7 @@ def main() -> None:
     sets = build(args.n, args.dims)
     # "first 5" is the default itself where the audit has no shortlist (3D)
     modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID) + (FIRST,) * bool(ALIGN_SHORTLIST[args.dims]) + \
-        (NO_RANKS,) * _ranks_pixels("best-of-aligned")
+        (ADAM,) * _fits_by_lbfgs(args.dims)
     best: dict[str, float] = {}
     summaries: dict[str, dict] = {}
     for _ in range(args.repeats):

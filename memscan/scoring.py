@@ -869,16 +869,17 @@ def _pairwise_lbfgs(loss, params, iterations: int, history: int = LBFGS_HISTORY,
         if uphill.any():  # a stale curvature pair: fall back to the gradient
             d[uphill] = -g[uphill]
             slope = (g * d).sum(1)
+        # each trial takes its gradient too: the first trial passes nearly always, and is then the next step's
         t = torch.ones(n, dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            for _ in range(backtracks + 1):
-                ok = loss((x + t[:, None] * d).reshape(params.shape)) <= f + armijo * t * slope
-                if ok.all():
-                    break
-                t = torch.where(ok, t, t / 2)
-            t = torch.where(ok, t, torch.zeros_like(t))  # no step decreased the loss enough: stay
+        for _ in range(backtracks + 1):
+            f_new, g_new = value_and_grad(x + t[:, None] * d)
+            ok = f_new <= f + armijo * t * slope
+            if ok.all():
+                break
+            t = torch.where(ok, t, t / 2)
+        t = torch.where(ok, t, torch.zeros_like(t))  # no step decreased the loss enough: stay
+        f, g_new = torch.where(ok, f_new, f), torch.where(ok[:, None], g_new, g)
         x_new = x + t[:, None] * d
-        f, g_new = value_and_grad(x_new)
         s, y = x_new - x, g_new - g
         sy = (s * y).sum(1)
         steps.append(s)
