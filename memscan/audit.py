@@ -29,6 +29,7 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -1515,6 +1516,8 @@ def audit(
                 "null_low_resolution": list(NULL_LOW_RESOLUTION) if null_views is not None else None,
                 "blend_pixels": bool(blend),
                 "rank_pixels": _ranks_pixels(score),
+                # the non-rigid fit's settings (its optimizer included), as the audit ran them
+                "deform": json.loads(json.dumps(_score_align_axes(score, {}, spatial_dims=dims).get("deform"))),
                 "precision": used_precision,
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),

@@ -14,6 +14,8 @@ import torch
 
 from memscan.audit import (
     _MARKER,
+    ALIGN_DEFORM,
+    BENT_FEATURE_SHARE,
     NULL_LOW_RESOLUTION,
     audit,
     authenticity_score,
@@ -571,6 +573,8 @@ def test_best_of_aligned_score_catches_moved_and_blended_copies(data2d: dict, tm
                       for k in ("train", "val"))
     assert taus[5] >= float(np.percentile((t_rank.astype(np.float64) @ v_rank.T).max(axis=1), 95.0)) - 1e-6
     assert result.summary["provenance"]["config"]["rank_pixels"] is True
+    recorded = json.loads(json.dumps(ALIGN_DEFORM[2]))  # the non-rigid fit's settings, as summary.json holds them
+    assert result.summary["provenance"]["config"]["deform"] == {**recorded, "feature_share": BENT_FEATURE_SHARE[2]}
     curved_row = int(np.flatnonzero(table.index == "curved.png")[0])
     assert scores[curved_row] > plain[curved_row] + 0.05  # the ranks score the gamma copy nearer an exact one
     moved_row = int(np.flatnonzero(table.index == "moved.png")[0])
