@@ -29,7 +29,6 @@ data", Nat. Biomed. Eng. 2025) end to end, the same way from Python, from ``mems
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -49,7 +48,8 @@ import pandas as pd
 
 from memscan import __version__
 from memscan.errors import InputError
-from memscan.io import copy_file_atomic, save_npy_atomic, write_bytes_atomic, write_csv_atomic, write_json_atomic
+from memscan.io import (copy_file_atomic, json_safe, save_npy_atomic, write_bytes_atomic, write_csv_atomic,
+                        write_json_atomic)
 
 __all__ = [
     "audit",
@@ -1517,7 +1517,7 @@ def audit(
                 "blend_pixels": bool(blend),
                 "rank_pixels": _ranks_pixels(score),
                 # the non-rigid fit's settings (its optimizer included), as the audit ran them
-                "deform": json.loads(json.dumps(_score_align_axes(score, {}, spatial_dims=dims).get("deform"))),
+                "deform": json_safe(_score_align_axes(score, {}, spatial_dims=dims).get("deform")),
                 "precision": used_precision,
             },
             "inputs": {s.name: {"source": str(getattr(s, "source", "")), "n_files": len(s),
