@@ -84,12 +84,15 @@ def build(n: int, dims: int = 2, seed: int = 0) -> dict[str, dict[str, np.ndarra
 
 #: a mode's variants measured beside it: best-of-aligned without its non-rigid fit (its four rigid parts), and
 #: best-of-aligned aligning only the fused features' first candidates (no ``memscan.audit.ALIGN_SHORTLIST``, round 23),
-#: and best-of-aligned whose non-rigid fit climbs by Adam at round 25's step (where the audit's climbs by L-BFGS)
+#: and best-of-aligned whose non-rigid fit climbs by Adam as it last did (where the audit's climbs by L-BFGS)
 RIGID = "best-of-aligned, rigid"
 FIRST = "best-of-aligned, first 5"
 ADAM = "best-of-aligned, Adam fit"
-#: Adam's step size for the ``ADAM`` variant: round 25's in 3D
-ADAM_LEARNING_RATE = 0.3
+#: the ``ADAM`` variant's fit settings over the audit's, per dimensionality: 2D round 26's fit (≤ 3 px, σ 4 then 2,
+#: 60 Adam steps each), 3D round 25's (the audit's reach and stages, Adam's step 0.3)
+ADAM_FIT = {2: {"max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60, "optimizer": "adam",
+                "learning_rate": 0.15, "max_step": None},
+            3: {"optimizer": "adam", "learning_rate": 0.3}}
 
 
 def _fits_by_lbfgs(dims: int) -> bool:
@@ -122,7 +125,7 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
         if variant == FIRST:
             align_axes.pop("shortlist", None)
         if variant == ADAM:
-            align_axes["deform"] = {**align_axes["deform"], "optimizer": "adam", "learning_rate": ADAM_LEARNING_RATE}
+            align_axes["deform"] = {**align_axes["deform"], **ADAM_FIT[sets["train"]["image"].ndim - 2]}
         kwargs = {"refine": _aligned_refine(images, align_axes),
                   "refine_k": _retrieval_depth(align_axes), "best_of": [*pixels, tuple(feats)]}
     t0 = time.perf_counter()

@@ -829,9 +829,11 @@ LBFGS_HISTORY = 10
 
 
 def _pairwise_lbfgs(loss, params, iterations: int, history: int = LBFGS_HISTORY, armijo: float = 1e-4,
-                    backtracks: int = 6) -> None:
-    """Minimise ``loss(params)`` ([P] values, one independent problem per row of ``params`` [P, ...]) in place by
-    L-BFGS, every row with its own curvature pairs and its own backtracking (Armijo) step from 1.
+                    backtracks: int = 6, max_step: float | None = None) -> None:
+    """Minimise ``loss(params, rows)`` ([P] values, one independent problem per row of ``params`` [P, ...]; ``rows``:
+    None for every row, else the row indices that ``params`` holds) in place by L-BFGS, every row with its own
+    curvature pairs and its own backtracking (Armijo) step from 1, no parameter moving by more than ``max_step`` in
+    one step (None: no bound). A backtracking trial evaluates only the rows that still need one.
 
     hand-written: ``torch.optim.LBFGS`` treats the batch as one problem (one history, one line search), so a pair's
     fit, and its score, would depend on the pairs it happens to share a batch with.
@@ -841,9 +843,9 @@ def _pairwise_lbfgs(loss, params, iterations: int, history: int = LBFGS_HISTORY,
     n = len(params)
     x = params.detach().reshape(n, -1).clone()
 
-    def value_and_grad(v):
+    def value_and_grad(v, rows=None):
         v = v.detach().requires_grad_(True)
-        f = loss(v.reshape(params.shape))
+        f = loss(v.reshape(len(v), *params.shape[1:]), rows)
         (g,) = torch.autograd.grad(f.sum(), v)
         return f.detach(), g
 
@@ -869,14 +871,20 @@ def _pairwise_lbfgs(loss, params, iterations: int, history: int = LBFGS_HISTORY,
         if uphill.any():  # a stale curvature pair: fall back to the gradient
             d[uphill] = -g[uphill]
             slope = (g * d).sum(1)
+        if max_step is not None:
+            shrink = (float(max_step) / d.abs().amax(1).clamp_min(1e-20)).clamp_max(1.0)
+            d, slope = d * shrink[:, None], slope * shrink
         # each trial takes its gradient too: the first trial passes nearly always, and is then the next step's
         t = torch.ones(n, dtype=x.dtype, device=x.device)
-        for _ in range(backtracks + 1):
-            f_new, g_new = value_and_grad(x + t[:, None] * d)
-            ok = f_new <= f + armijo * t * slope
-            if ok.all():
+        f_new, g_new = value_and_grad(x + d)
+        ok = f_new <= f + armijo * slope
+        for _ in range(backtracks):
+            retry = torch.nonzero(~ok)[:, 0]
+            if not len(retry):
                 break
-            t = torch.where(ok, t, t / 2)
+            t[retry] /= 2
+            f_new[retry], g_new[retry] = value_and_grad(x[retry] + t[retry, None] * d[retry], retry)
+            ok[retry] = f_new[retry] <= f[retry] + armijo * t[retry] * slope[retry]
         t = torch.where(ok, t, torch.zeros_like(t))  # no step decreased the loss enough: stay
         f, g_new = torch.where(ok, f_new, f), torch.where(ok[:, None], g_new, g)
         x_new = x + t[:, None] * d
@@ -895,6 +903,7 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
                          spacing: float = 12.0, max_displacement: float = 3.0, iterations: int = 60,
                          learning_rate: float = 0.3, fit_highpass: float | Sequence[float] = 2.0,
                          highpass: float = 1.0, margin: int | None = None, optimizer: str = "adam",
+                         max_step: float | None = None,
                          plane: tuple[int, int] = (-2, -1), size: int | Sequence[int] | None = None,
                          device: Any = "auto", budget: int | None = None) -> AlignedMatch:
     """Verify retrieval candidates by bending each one onto its query with a smooth, small displacement field.
@@ -927,6 +936,9 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
             backtracking line search, both per pair; it climbs to the top of a smooth fit's peak where Adam's
             fixed step circles it (a strong 3D warp bent back by its true source: median r 0.96 with Adam, 0.98
             with L-BFGS; docs/benchmarks/detection_candidates.md section 24).
+        max_step: L-BFGS only: the most any field parameter (before the tanh bound) moves in one step, or None for
+            no bound. A long first leap can land where the tanh saturates, a basin the fit does not leave (a weakly
+            warped 2D copy stuck at r 0.91 where Adam reached 0.99; section 25).
         fit_highpass: σ in pixels of the blur subtracted before the fit, in ``plane`` (smoother to climb); a
             sequence fits coarse-to-fine, one stage per σ in its order (a broad σ first widens the basin of the
             true field, which a displacement of a few pixels otherwise leaves on fine detail).
@@ -965,6 +977,9 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
             raise InputError(name, f"expected a positive number, got {value!r}")
     if optimizer not in ("adam", "lbfgs"):
         raise InputError("optimizer", f"expected 'adam' or 'lbfgs', got {optimizer!r}")
+    if max_step is not None and (isinstance(max_step, bool) or not isinstance(max_step, (int, float))
+                                 or not np.isfinite(max_step) or max_step <= 0):
+        raise InputError("max_step", f"expected a positive number or None, got {max_step!r}")
     for name, value in (("iterations", iterations), ("margin", 0 if margin is None else margin)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise InputError(name, f"expected a non-negative integer, got {value!r}")
@@ -1009,11 +1024,12 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
         for q_fit, sigma in fits:
             target_fit = q_fit[q_sel].to(dev)
 
-            def pair_loss(p, target=target_fit, sigma=sigma):  # minus each pair's correlation, [P]
-                return -(target * _standardize_images(_highpass(warp(refs, p), sigma, pl))[0]).flatten(1).sum(1)
+            def pair_loss(p, rows=None, target=target_fit, sigma=sigma):  # minus each pair's correlation, [P]
+                own, bent = (target, warp(refs, p)) if rows is None else (target[rows], warp(refs[rows], p))
+                return -(own * _standardize_images(_highpass(bent, sigma, pl))[0]).flatten(1).sum(1)
 
             if optimizer == "lbfgs":
-                _pairwise_lbfgs(pair_loss, params, int(iterations))
+                _pairwise_lbfgs(pair_loss, params, int(iterations), max_step=max_step)
                 continue
             opt = torch.optim.Adam([params], lr=float(learning_rate))
             for _ in range(int(iterations)):
