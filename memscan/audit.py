@@ -499,10 +499,14 @@ ALIGN_SHORTLIST: dict[int, dict[str, Any] | None] = {
 #: a σ 8 px first stage and climbs by the same L-BFGS, 40 steps per stage, no parameter moving more than 0.3 in one
 #: step (unbounded, a long step left weakly warped copies where the tanh saturates, r 0.89–0.92 where Adam reached
 #: 0.94–0.99): CT elastic recall 0.91 → 0.94 and CXR 0.98 → 1.00 in a per-part replay, no false alarm added
-#: (section 25).
+#: (section 25). Since round 28 the 2D fit also bends the ``band_k`` of the retrieval's candidates whose band-passed
+#: pixels (σ 2 blur less σ 8 blur, ``band``) correlate best with the query, where the rigid five lack them
+#: (:func:`memscan.scoring.bend_candidates`): a strongly warped copy's source had fallen out of the rigid five behind
+#: its neighbouring slices (CT: 0.87 of the strong copies kept it; the band's top three added 0.97–1.00): CT elastic
+#: recall 0.94 → 0.96 in a per-part replay at the same false alarms (section 26).
 ALIGN_DEFORM: dict[int, dict[str, Any] | None] = {
     2: {"spacing": 6.0, "max_displacement": 5.0, "fit_highpass": (8.0, 4.0, 2.0), "iterations": 40,
-        "optimizer": "lbfgs", "max_step": 0.3, "highpass": 1.0, "k": 5},
+        "optimizer": "lbfgs", "max_step": 0.3, "highpass": 1.0, "k": 5, "band_k": 3, "band": (2.0, 8.0)},
     3: {"spacing": 4.0, "max_displacement": 3.0, "margin": 3, "fit_highpass": (2.0, 1.0), "iterations": 60,
         "optimizer": "lbfgs", "highpass": 1.0, "k": 1},
 }
@@ -752,15 +756,17 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     and the fit bends among the first ``keep`` only. With ``feature_share`` in ``deform`` (:data:`BENT_FEATURE_SHARE`)
     a third: each bent candidate's feature correlation (the refine's ``values``) and bent score, mixed in that share,
     the best per query (``[n, 3]``)."""
-    from memscan.scoring import align_and_correlate, deform_and_correlate, shortlist_arguments, shortlist_candidates
+    from memscan.scoring import (align_and_correlate, bend_candidates, deform_and_correlate, shortlist_arguments,
+                                 shortlist_candidates)
 
     axes = dict(axes)
     shortlist = axes.pop("shortlist", None)
-    deform, deform_k, share = axes.pop("deform", None), None, None
+    deform, deform_k, share, band = axes.pop("deform", None), None, None, {}
     if deform is not None:
         deform = dict(deform)
         deform_k = deform.pop("k", None)  # bend only the k candidates the alignment scored highest
         share = deform.pop("feature_share", None)
+        band = {key: deform.pop(key) for key in ("band_k", "band") if key in deform}
 
     def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,
                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -769,7 +775,7 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
             key = (query, reference, *(np.ascontiguousarray(a).tobytes() for a in (rows, candidates, values)))
             if key in memo:
                 return memo[key]
-        keep = None
+        keep, pool, pool_values = None, candidates, values
         if shortlist is not None:  # the retrieval's first candidates and the quick alignment's best of the rest
             keep = int(shortlist.get("keep", ALIGN_CANDIDATES))
             chosen = shortlist_candidates(images[query][rows], images[reference], candidates, keep=keep,
@@ -780,12 +786,14 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
         score, index = found.score, found.index
         if deform is not None:  # ranked by the rigid alignment's score, which finds a stretched copy's source best;
             # among the retrieval's own candidates (a shortlist's added ones are for zoomed copies)
-            bent = deform_and_correlate(images[query][rows], images[reference], found.ranked(keep)[:, :deform_k],
+            bend = bend_candidates(images[query][rows], images[reference], found.ranked(keep)[:, :deform_k], pool,
+                                   plane=axes.get("plane", (-2, -1)), device=axes.get("device", "auto"), **band)
+            bent = deform_and_correlate(images[query][rows], images[reference], bend,
                                         plane=axes.get("plane", (-2, -1)),
                                         device=axes.get("device", "auto"), **deform)
             scores, indices = [score, bent.score], [index, bent.index]
             if share is not None:  # the features of the pairs the fit bent, confirmed by their bent pixels
-                mixed, mixed_index = _bent_feature_mix(bent, _candidate_values(candidates, values, bent.candidates),
+                mixed, mixed_index = _bent_feature_mix(bent, _candidate_values(pool, pool_values, bent.candidates),
                                                         share)
                 scores.append(mixed)
                 indices.append(mixed_index)

@@ -26,8 +26,8 @@ from memscan.errors import InputError
 
 __all__ = ["standardize_rows", "rank_rows", "fuse_features", "flip_invariant_features", "area_pixels",
            "pixel_features", "ALIGN_ANGLES", "ALIGN_SCALES", "ALIGN_WEIGHTS", "AlignedMatch", "align_and_correlate",
-           "aligned_search", "shortlist_candidates", "shortlist_depth", "shortlist_arguments", "deform_and_correlate",
-           "LBFGS_HISTORY"]
+           "aligned_search", "shortlist_candidates", "shortlist_depth", "shortlist_arguments", "bandpass_candidates",
+           "merge_candidates", "bend_candidates", "BEND_CHOICE", "deform_and_correlate", "LBFGS_HISTORY"]
 
 logger = logging.getLogger(__name__)
 #: seconds between two progress lines of a long :func:`align_and_correlate` (INFO; the CLI prints them)
@@ -798,6 +798,113 @@ def shortlist_arguments(shortlist: Mapping[str, Any], images: np.ndarray, align:
     factor = float(shortlist.get("factor", 2))
     return {"extra": int(shortlist["extra"]), "size": [max(4, int(round(n / factor))) for n in size],
             "highpass": shortlist.get("highpass"), "plane": align.get("plane", (-2, -1))}
+
+
+def bandpass_candidates(query_images: np.ndarray, reference_images: np.ndarray, candidates: np.ndarray, k: int, *,
+                        band: Sequence[float] = (2.0, 8.0), plane: tuple[int, int] = (-2, -1), device: Any = "auto",
+                        chunk: int = 64) -> np.ndarray:
+    """Each query's ``candidates`` re-ranked by their pixel correlation in one band of spatial frequencies: the first
+    ``k``.
+
+    The band is each image blurred by the smaller σ minus the same image blurred by the larger (in pixels, along the
+    two ``plane`` axes): what a smooth local stretch moves but does not erase. A copy a generator reproduced with a
+    strong elastic warp can lose its source from the top of a rigid alignment's list, behind neighbouring slices that
+    line up better as a whole, while this band still puts the source among the retrieval's candidates' first five
+    (the detection benchmark's CT: every weak and strong elastic copy, against 0.87-0.88 of the strong ones for the
+    rigid alignment's list; docs/benchmarks/detection_candidates.md section 26). Only the given candidates are ranked,
+    so a retrieval's exclusions (same subject, the other half of a split) hold.
+
+    Args:
+        query_images: ``[N, C, *spatial]``.
+        reference_images: ``[M, C, *spatial]``, the same spatial size.
+        candidates: ``[N, K]`` reference indices per query (``-1`` = none).
+        k: candidates kept per query.
+        band: (σ_fine, σ_coarse) in pixels, σ_fine < σ_coarse.
+        plane: the two spatial axes the blur runs along.
+        device: where the band-pass and the correlations run (``"auto"``, ``"cpu"``, ``"cuda"``...).
+        chunk: queries at a time (each with its K candidates).
+
+    Returns:
+        ``[N, min(k, K)]`` int64 reference indices, most correlated first; ``-1`` (last) where a row has fewer.
+
+    Raises:
+        InputError: malformed images or candidates, ``k`` not a positive integer, or a band that is not two
+            increasing positive numbers.
+    """
+    import torch
+
+    from memscan.metrics import resolve_device
+
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError("k", f"must be a positive integer, got {k!r}")
+    sigmas = list(band) if isinstance(band, (list, tuple)) else []
+    if (len(sigmas) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0
+                                for v in sigmas) or sigmas[0] >= sigmas[1]):
+        raise InputError("band", f"expected (fine σ, coarse σ), two increasing positive numbers, got {band!r}")
+    q_img, r_img, cand = _check_pairs(query_images, reference_images, candidates)
+    dev = resolve_device(device)
+    pl = _plane_axes(plane, q_img.ndim - 2)
+
+    def passed(images: np.ndarray):  # blur(σ_fine) - blur(σ_coarse) = high-pass(σ_coarse) - high-pass(σ_fine)
+        x = torch.as_tensor(images, dtype=torch.float32, device=dev)
+        return _standardize_images(_highpass(x, float(sigmas[1]), pl) - _highpass(x, float(sigmas[0]), pl))[0]
+
+    score = np.full(cand.shape, -np.inf)
+    for start in range(0, len(cand), chunk):
+        rows = cand[start:start + chunk]
+        q = passed(q_img[start:start + len(rows)]).flatten(1)
+        r = passed(r_img[np.maximum(rows, 0).ravel()]).flatten(1).reshape(len(rows), rows.shape[1], -1)
+        score[start:start + len(rows)] = torch.einsum("nd,nkd->nk", q, r).double().cpu().numpy()
+    score = np.where(cand >= 0, score, -np.inf)
+    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    return np.where(np.take_along_axis(score, order, 1) > -np.inf, np.take_along_axis(cand, order, 1), -1)
+
+
+def merge_candidates(first: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """Per row, ``first``'s candidates, then those of ``added`` not already among them (``-1`` = none, in either;
+    a repeat becomes -1 in place, which :func:`deform_and_correlate` skips).
+
+    Args:
+        first: ``[N, K1]`` reference indices.
+        added: ``[N, K2]`` reference indices.
+
+    Returns:
+        ``[N, K1 + K2]`` int64 reference indices.
+
+    Raises:
+        InputError: the two are not 2D with the same number of rows.
+    """
+    a, b = np.asarray(first), np.asarray(added)
+    if a.ndim != 2 or b.ndim != 2 or len(a) != len(b):
+        raise InputError("candidates", f"expected two [N, K] index arrays with the same N, got {a.shape} and {b.shape}")
+    both = np.concatenate([a, b], axis=1).astype(np.int64)
+    earlier = np.tril(np.ones((both.shape[1], both.shape[1]), dtype=bool), -1)  # [j, i]: i before j
+    repeat = ((both[:, :, None] == both[:, None, :]) & earlier[None]).any(axis=2)
+    return np.where(repeat | (both < 0), -1, both)
+
+
+#: keys of a non-rigid fit's settings (``memscan.audit.ALIGN_DEFORM``) that choose which candidates it bends
+#: (:func:`bend_candidates`: the rigid alignment's first ``k``, the band's ``band_k``), not how it fits them
+BEND_CHOICE = ("k", "band_k", "band")
+
+
+def bend_candidates(query_images: np.ndarray, reference_images: np.ndarray, ranked: np.ndarray, pool: np.ndarray,
+                    *, band_k: int = 0, band: Sequence[float] = (2.0, 8.0), plane: tuple[int, int] = (-2, -1),
+                    device: Any = "auto") -> np.ndarray:
+    """The candidates best-of-aligned's non-rigid fit bends onto each query: the rigid alignment's first (``ranked``,
+    ``[n, k]``), then the ``band_k`` of the retrieval's candidates (``pool``, ``[n, K]``) whose band-passed pixels
+    correlate best with the query's (:func:`bandpass_candidates`), where the rigid list lacks them
+    (``-1`` in place of a repeat). ``memscan.audit``'s best-of-aligned and the detection benchmark's deform part.
+
+    Raises:
+        InputError: ``band_k`` not a non-negative integer, or a malformed band (see :func:`bandpass_candidates`).
+    """
+    if isinstance(band_k, bool) or not isinstance(band_k, (int, np.integer)) or band_k < 0:
+        raise InputError("band_k", f"must be a non-negative integer, got {band_k!r}")
+    if not band_k:
+        return np.asarray(ranked)
+    return merge_candidates(ranked, bandpass_candidates(query_images, reference_images, pool, int(band_k), band=band,
+                                                        plane=plane, device=device))
 
 
 # ----------------------------------------------------------------------------------------------------------------

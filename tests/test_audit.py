@@ -711,6 +711,35 @@ def test_aligned_refine_shortlist_aligns_a_deep_source_and_bends_only_the_retrie
         assert _retrieval_depth(_score_align_axes("aligned", {}, dims)) == ALIGN_CANDIDATES
 
 
+def test_aligned_refine_bends_the_bands_best_of_the_whole_retrieval_list() -> None:
+    """With ``band_k`` in ``deform`` (:data:`memscan.audit.ALIGN_DEFORM`) the fit also bends the retrieval's candidates
+    whose band-passed pixels correlate best with the query (:func:`memscan.scoring.bend_candidates`), from the whole
+    list the refine was given, not only the shortlist's: a warped copy whose source the shortlist dropped is bent onto
+    it, and the mixed third column takes that pair's feature correlation from the retrieval's values."""
+    from monai.transforms import Rand2DElastic
+
+    from memscan.audit import _aligned_refine
+
+    rng = np.random.default_rng(5)
+    smooth = torch.nn.functional.interpolate(torch.as_tensor(rng.normal(size=(8, 1, 8, 8)), dtype=torch.float32),
+                                             size=(32, 32), mode="bilinear", align_corners=False).numpy()
+    warp = Rand2DElastic(spacing=8, magnitude_range=(1.5, 1.5), prob=1.0, padding_mode="border")
+    warp.set_random_state(seed=2)
+    images = {"train": smooth, "synthetic": np.stack([np.asarray(warp(smooth[5]), dtype=np.float32), smooth[2]])}
+    cand, values = np.tile(np.arange(8), (2, 1)), np.tile(np.linspace(0.9, 0.2, 8), (2, 1))
+    deform = {"spacing": 8.0, "iterations": 30, "optimizer": "lbfgs", "max_step": 0.3, "k": 1, "feature_share": 0.2}
+    axes = {"plane": (-2, -1), "flip_axes": (), "device": "cpu", "weights": {"pixel": 1.0, "features": 0.0},
+            "highpass": 1.0, "shortlist": {"depth": 8, "extra": 0, "keep": 2}}  # the source is 6th: not aligned
+    rigid, rigid_index = _aligned_refine(images, {**axes, "deform": deform})("synthetic", np.arange(2), "train", cand,
+                                                                            values)
+    score, index = _aligned_refine(images, {**axes, "deform": {**deform, "band_k": 1, "band": (1.0, 4.0)}})(
+        "synthetic", np.arange(2), "train", cand, values)
+    assert rigid_index[0, 1] in (0, 1) and index[0, 1] == 5 and score[0, 1] > rigid[0, 1] + 0.2
+    assert index[0, 2] == 5 and np.isclose(score[0, 2], 0.2 * values[0, 5] + 0.8 * score[0, 1])
+    np.testing.assert_allclose(score[:, 0], rigid[:, 0])  # the rigid column as without the band
+    assert index[1, 1] == 2 and score[1, 1] > 0.99  # an exact copy among the aligned ones stays found
+
+
 def test_aligned_refine_mixes_the_bent_pairs_feature_correlation_in_a_third_column():
     """With ``feature_share`` in ``deform`` (:data:`memscan.audit.BENT_FEATURE_SHARE`), a third column: each bent
     pair's feature correlation (the refine's ``values``, looked up by candidate) mixed with its bent score in that

@@ -452,7 +452,7 @@ def test_deform_keeps_a_stretched_copys_fine_detail():
         warp.set_random_state(seed=seed)
         copies.append(np.asarray(warp(img), dtype=np.float32))
     cand = np.stack([np.arange(4), (np.arange(4) + 2) % 4], axis=1)  # its source, then another slice
-    settings = {k: v for k, v in ALIGN_DEFORM[2].items() if k != "k"}
+    settings = {k: v for k, v in ALIGN_DEFORM[2].items() if k not in scoring.BEND_CHOICE}
     found = deform_and_correlate(np.stack(copies), np.stack(ref), cand, **settings)
     assert found.pixel[:, 0].min() > 0.97 and found.pixel[:, 1].max() < 0.9
     assert found.index.tolist() == [0, 1, 2, 3]
@@ -483,7 +483,7 @@ def test_deform_3d_brings_back_a_stretched_slab():
         warp.set_random_state(seed=seed)
         copies.append(np.asarray(warp(img), dtype=np.float32))
     cand = np.stack([np.arange(4), np.full(4, 4)], axis=1)  # its source, then the other subject's slab
-    settings = {k: v for k, v in ALIGN_DEFORM[3].items() if k != "k"}
+    settings = {k: v for k, v in ALIGN_DEFORM[3].items() if k not in scoring.BEND_CHOICE}
     found = deform_and_correlate(np.stack(copies), np.stack(ref), cand, device="cpu", **settings)
     assert found.pixel[:, 0].min() > 0.88 and np.median(found.pixel[:, 0]) > 0.95 and found.pixel[:, 1].max() < 0.8
     assert found.index.tolist() == [0, 1, 2, 3]
@@ -671,3 +671,68 @@ def test_shortlist_rejects_bad_counts(kwargs):
         shortlist_candidates(ref, ref, np.zeros((3, 3), dtype=int), **kwargs)
     with pytest.raises(InputError, match="candidates"):
         shortlist_candidates(ref, ref, np.zeros(3, dtype=int), keep=1, extra=1)
+
+
+def test_bandpass_candidates_rank_only_the_given_candidates_by_their_band():
+    """Each row's candidates re-ranked by the Pearson correlation of their band-passed pixels (σ 1 blur minus σ 4
+    blur, written here with MONAI's separable Gaussian filter): a warped copy's source comes first, a reference
+    outside a row's candidates never appears (a retrieval's exclusions hold), -1 entries stay last."""
+    from monai.networks.layers import gaussian_1d, separable_filtering
+
+    from memscan.scoring import bandpass_candidates
+
+    ref = np.stack([_texture(60 + s, (32, 32)) for s in range(6)])
+    queries = np.stack([_elastic(ref[4], 3), _elastic(ref[2], 4), _texture(98, (32, 32))])
+    cand = np.array([[0, 1, 4, 5], [2, -1, 3, 0], [1, 3, 5, -1]])
+    found = bandpass_candidates(queries, ref, cand, 3, band=(1.0, 4.0), device="cpu")
+    assert found.shape == (3, 3) and found.dtype == np.int64
+    assert found[0, 0] == 4 and found[1, 0] == 2  # the sources first
+    for row, c in zip(found, cand):
+        assert set(row[row >= 0]) <= set(c[c >= 0])
+    assert set(found[1]) == {0, 2, 3}
+
+    def band(x):
+        blur = [separable_filtering(torch.as_tensor(x), [gaussian_1d(torch.tensor(s), truncated=3.0, approx="sampled",
+                                                                     normalize=True)] * 2, mode="replicate")
+                for s in (1.0, 4.0)]
+        return (blur[0] - blur[1]).numpy().reshape(len(x), -1)
+
+    r = pearson(band(queries), band(ref), device="cpu").numpy()
+    for i, c in enumerate(cand):
+        valid = c[c >= 0]
+        np.testing.assert_array_equal(found[i][:min(3, len(valid))], valid[np.argsort(-r[i, valid], kind="stable")][:3])
+    # more asked for than given: all of them, -1 last
+    every = bandpass_candidates(queries, ref, cand, 9, band=(1.0, 4.0))
+    assert every.shape == (3, 4) and every[1, 3] == every[2, 3] == -1 and (every[0] >= 0).all()
+    np.testing.assert_array_equal(every[:, :3], found)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"k": 0}, "k"), ({"k": 2.0}, "k"), ({"k": 1, "band": (4.0, 1.0)}, "band"),
+                                           ({"k": 1, "band": (0.0, 2.0)}, "band"), ({"k": 1, "band": 2.0}, "band")])
+def test_bandpass_candidates_reject_bad_settings(kwargs, match):
+    from memscan.scoring import bandpass_candidates
+
+    ref = np.stack([_texture(s, (16, 16)) for s in range(3)])
+    with pytest.raises(InputError, match=match) as err:
+        bandpass_candidates(ref, ref, np.zeros((3, 2), dtype=int), **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_merge_and_bend_candidates():
+    """The rigid list first, then the band's candidates it lacks; a repeat or a missing one is -1 in place. With no
+    ``band_k`` the bend list is the rigid one as it is."""
+    from memscan.scoring import bend_candidates, merge_candidates
+
+    merged = merge_candidates(np.array([[3, 1], [0, -1]]), np.array([[1, 7, 3], [2, 0, 2]]))
+    np.testing.assert_array_equal(merged, [[3, 1, -1, 7, -1], [0, -1, 2, -1, -1]])
+    with pytest.raises(InputError, match="candidates"):
+        merge_candidates(np.zeros((2, 2), dtype=int), np.zeros((3, 1), dtype=int))
+    ref = np.stack([_texture(60 + s, (32, 32)) for s in range(6)])
+    queries = np.stack([_elastic(ref[4], 3), _texture(98, (32, 32))])
+    ranked, pool = np.array([[0, 1], [1, 3]]), np.array([[0, 1, 4, 5], [1, 3, 5, 0]])
+    np.testing.assert_array_equal(bend_candidates(queries, ref, ranked, pool), ranked)
+    bend = bend_candidates(queries, ref, ranked, pool, band_k=1, band=(1.0, 4.0), device="cpu")
+    np.testing.assert_array_equal(bend[0], [0, 1, 4])  # the warped copy's source, added by its band
+    assert bend[1, :2].tolist() == [1, 3] and bend[1, 2] in (-1, 5, 0)
+    with pytest.raises(InputError, match="band_k"):
+        bend_candidates(queries, ref, ranked, pool, band_k=-1)

@@ -21,7 +21,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from memscan.metrics import blend_correlation, percentile, scale_to_null, topk_correlation, with_headroom
-from memscan.scoring import aligned_search, deform_and_correlate, rank_rows, shortlist_depth, standardize_rows
+from memscan.scoring import (BEND_CHOICE, aligned_search, bend_candidates, deform_and_correlate, rank_rows,
+                             shortlist_depth, standardize_rows)
 
 try:  # run as a script (python benchmarks/detection/run.py) or imported as a package module
     from .detectors import fit_detector
@@ -241,14 +242,20 @@ def deformed_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fe
                     r_feat: np.ndarray, ranked: np.ndarray | None = None) -> np.ndarray:
     """Each query's best score over its top-k candidates after a non-rigid fit
     (``memscan.scoring.deform_and_correlate`` with the recipe's ``deform`` settings but ``k``): the first k of
-    ``ranked`` (the align part's ranking, as the audit bends them) or else the top k by the recipe's features. With
+    ``ranked`` (the align part's ranking, as the audit bends them) or else the top k by the recipe's features, and with
+    a ``band_k`` the band-passed pixels' best of the audit's retrieval list (``memscan.scoring.bend_candidates``). With
     the recipe's ``feature_share`` (``memscan.audit.BENT_FEATURE_SHARE``) each bent pair scores that share of its
     feature correlation and the rest of its bent score, as the audit's third refine column."""
-    from memscan.audit import _bent_feature_mix
+    from memscan.audit import _bent_feature_mix, _retrieval_depth, _score_align_axes
 
-    settings = {key: v for key, v in recipe["deform"].items() if key != "k"}
+    settings = {key: v for key, v in recipe["deform"].items() if key not in BEND_CHOICE}
+    band = {key: v for key, v in recipe["deform"].items() if key in ("band_k", "band")}
     k = int(recipe["deform"].get("k", 5))
     idx = topk_correlation(q_feat, r_feat, k, device="cpu")[1] if ranked is None else ranked[:, :k]
+    if band.get("band_k"):  # and the band-passed pixels' best of the audit's retrieval list (bend_candidates)
+        depth = _retrieval_depth(_score_align_axes("best-of-aligned", {}, query.ndim - 2))
+        pool = topk_correlation(q_feat, r_feat, min(depth, len(r_feat)), device="cpu")[1]
+        idx = bend_candidates(query, reference, idx, pool, device="cpu", **band)
     key = (_digest(query), _digest(reference), _digest(idx), repr(sorted(settings.items())))
     if key not in _BENT:
         _BENT.clear()
