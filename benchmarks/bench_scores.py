@@ -12,8 +12,9 @@ audit computes for it — the fused features (coarse 16² pixels + a 128-d embed
 (``memscan.audit.ALIGN_DEFORM`` of the dimensionality), ``best_of=[pixels, quarter-size pixels, ranks, fused]``, its
 retrieval as deep as ``memscan.audit.ALIGN_SHORTLIST`` says; the same without the bent candidates, its rigid
 parts, for the bent part's cost; the same aligning only the fused features' first 5 candidates, round 23's, for the
-shortlist's cost (2D: 3D has no shortlist); and, where the fit climbs by L-BFGS (3D since round 26), the same
-fitted by Adam, round 25's optimizer, for L-BFGS's cost).
+shortlist's cost (2D: 3D has no shortlist); where the fit climbs by L-BFGS (3D since round 26, 2D since 27), the
+same fitted by Adam, the earlier optimizer, for L-BFGS's cost; and where the fit also bends band-passed candidates
+(2D since round 28), the same bending only the rigid alignment's first ones, for their cost).
 ``--dims 3`` does the same with 32³ volumes (the grid the audit matches a knee MRI on), 8³ fused pixels and a 32-d
 embedding. Modes are interleaved over ``--repeats`` rounds and each reports its best run; the ratio is against
 ``fused``. Embedding time is the same for every mode (one pass, :func:`memscan.embed.embed_mirrored`) and is not
@@ -88,6 +89,9 @@ def build(n: int, dims: int = 2, seed: int = 0) -> dict[str, dict[str, np.ndarra
 RIGID = "best-of-aligned, rigid"
 FIRST = "best-of-aligned, first 5"
 ADAM = "best-of-aligned, Adam fit"
+#: best-of-aligned bending only the rigid alignment's first candidates, without the band-passed ones
+#: (``band_k`` of ``memscan.audit.ALIGN_DEFORM``, 2D since round 28), for their cost
+NO_BAND = "best-of-aligned, rigid-ranked bends"
 #: the ``ADAM`` variant's fit settings over the audit's, per dimensionality: 2D round 26's fit (≤ 3 px, σ 4 then 2,
 #: 60 Adam steps each), 3D round 25's (the audit's reach and stages, Adam's step 0.3)
 ADAM_FIT = {2: {"max_displacement": 3.0, "fit_highpass": (4.0, 2.0), "iterations": 60, "optimizer": "adam",
@@ -102,7 +106,7 @@ def _fits_by_lbfgs(dims: int) -> bool:
 
 def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict]:
     """One audit-style match for ``mode``: (seconds, summary)."""
-    variant = mode if mode in (RIGID, FIRST, ADAM) else None
+    variant = mode if mode in (RIGID, FIRST, ADAM, NO_BAND) else None
     if variant:
         mode = "best-of-aligned"
     feats = [sets[k]["fused"] for k in ("train", "val", "synthetic")]
@@ -126,6 +130,8 @@ def run_mode(mode: str, sets: dict[str, dict[str, np.ndarray]]) -> tuple[float, 
             align_axes.pop("shortlist", None)
         if variant == ADAM:
             align_axes["deform"] = {**align_axes["deform"], **ADAM_FIT[sets["train"]["image"].ndim - 2]}
+        if variant == NO_BAND:
+            align_axes["deform"] = {**align_axes["deform"], "band_k": 0}
         kwargs = {"refine": _aligned_refine(images, align_axes),
                   "refine_k": _retrieval_depth(align_axes), "best_of": [*pixels, tuple(feats)]}
     t0 = time.perf_counter()
@@ -145,7 +151,7 @@ def main() -> None:
     sets = build(args.n, args.dims)
     # "first 5" is the default itself where the audit has no shortlist (3D)
     modes = ("fused", "best-of", "aligned", "best-of-aligned", RIGID) + (FIRST,) * bool(ALIGN_SHORTLIST[args.dims]) + \
-        (ADAM,) * _fits_by_lbfgs(args.dims)
+        (ADAM,) * _fits_by_lbfgs(args.dims) + (NO_BAND,) * bool((ALIGN_DEFORM[args.dims] or {}).get("band_k"))
     best: dict[str, float] = {}
     summaries: dict[str, dict] = {}
     for _ in range(args.repeats):
@@ -161,7 +167,7 @@ def main() -> None:
              f"({args.n // 10} planted shifted copies), 200 bootstrap draws, best of {args.repeats} interleaved runs:"]
     for mode in modes:
         s = summaries[mode]
-        lines.append(f"  --score {mode:<26} {best[mode]:8.2f} s  {best[mode] / best['fused']:7.1f}× fused   "
+        lines.append(f"  --score {mode:<35} {best[mode]:8.2f} s  {best[mode] / best['fused']:7.1f}× fused   "
                      f"τ {s['threshold']:.4f}, copies {s['n_copies_synthetic']}/{args.n}")
     text = "\n".join(lines) + "\n"
     print(text, end="")
