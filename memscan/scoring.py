@@ -935,17 +935,18 @@ def _cubic_basis(points: Sequence[int], spatial: Sequence[int]):
 LBFGS_HISTORY = 10
 
 
-#: rows of every matrix product :func:`_basis_product` computes (the last block zero-padded)
+#: rows of each matrix product of :func:`_basis_product`'s gradient (the last block zero-padded)
 _BASIS_ROWS = 64
 
 
 def _basis_product(coefficients, basis):
-    """``coefficients [P, dims, n_ctrl] @ basis [n_ctrl, pixels]``, forward and backward, in blocks of a fixed
+    """``coefficients [P, dims, n_ctrl] @ basis [n_ctrl, pixels]``, its gradient computed in blocks of a fixed
     :data:`_BASIS_ROWS` rows, so each pair's field and gradient are bitwise the same whatever the batch around it.
 
-    hand-written: a CPU matrix product's reduction order follows the operands' shape; the gradient with respect to
+    hand-written: a CPU matrix product's reduction order can follow the operands' shape. The gradient with respect to
     the coefficients reduces over every pixel, and a sub-batch (a backtracking trial's) changed it in its last bits,
-    which a rugged fit can amplify into another local optimum.
+    which a rugged fit can amplify into another local optimum. The forward product was measured batch-invariant as
+    it is (the test checks both); blocking it too cost 1.41× instead of 1.17× the 3D fit's time.
     """
     import torch
 
@@ -961,7 +962,7 @@ def _basis_product(coefficients, basis):
     class Product(torch.autograd.Function):
         @staticmethod
         def forward(ctx, coeffs):
-            return blocks(coeffs.reshape(-1, coeffs.shape[-1]), basis).reshape(*coeffs.shape[:-1], basis.shape[1])
+            return coeffs @ basis
 
         @staticmethod
         def backward(ctx, grad):

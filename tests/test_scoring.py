@@ -740,7 +740,8 @@ def test_merge_and_bend_candidates():
 
 def test_basis_product_is_a_matrix_product_whose_rows_ignore_their_batch():
     """The non-rigid field's product (``coefficients @ basis``) and its gradient equal torch's to float precision, and
-    any sub-batch's rows equal the whole batch's bitwise (fixed-size blocks), including a tail shorter than a block."""
+    any sub-batch's rows equal the whole batch's bitwise (the gradient in fixed-size blocks), a tail shorter than a
+    block too."""
     from memscan.scoring import _BASIS_ROWS, _basis_product
 
     gen = torch.Generator().manual_seed(0)
