@@ -753,9 +753,11 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     returns both scores per query (``[n, 2]``: two score sets of :func:`memscan.metrics.match`):
     ``"best-of-aligned"`` (:data:`ALIGN_DEFORM`). With a ``shortlist`` entry (:data:`ALIGN_SHORTLIST`, and ``keep``:
     default :data:`ALIGN_CANDIDATES`) the candidates are narrowed first (:func:`memscan.scoring.shortlist_candidates`)
-    and the fit bends among the first ``keep`` only. With ``feature_share`` in ``deform`` (:data:`BENT_FEATURE_SHARE`)
-    a third: each bent candidate's feature correlation (the refine's ``values``) and bent score, mixed in that share,
-    the best per query (``[n, 3]``)."""
+    and the fit bends among the first ``keep`` only. With ``band_k`` (and ``band``) in ``deform`` the fit also bends
+    that many of all the candidates the refine was given, the best by band-passed pixels
+    (:func:`memscan.scoring.bend_candidates`), where the first ``k`` lack them. With ``feature_share`` in ``deform``
+    (:data:`BENT_FEATURE_SHARE`) a third: each bent candidate's feature correlation (the refine's ``values``) and bent
+    score, mixed in that share, the best per query (``[n, 3]``)."""
     from memscan.scoring import (align_and_correlate, bend_candidates, deform_and_correlate, shortlist_arguments,
                                  shortlist_candidates)
 
