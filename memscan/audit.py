@@ -758,17 +758,17 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
     (:func:`memscan.scoring.bend_candidates`), where the first ``k`` lack them. With ``feature_share`` in ``deform``
     (:data:`BENT_FEATURE_SHARE`) a third: each bent candidate's feature correlation (the refine's ``values``) and bent
     score, mixed in that share, the best per query (``[n, 3]``)."""
-    from memscan.scoring import (align_and_correlate, bend_candidates, deform_and_correlate, shortlist_arguments,
-                                 shortlist_candidates)
+    from memscan.scoring import (BEND_CHOICE, align_and_correlate, bend_candidates, deform_and_correlate,
+                                 shortlist_arguments, shortlist_candidates)
 
     axes = dict(axes)
     shortlist = axes.pop("shortlist", None)
-    deform, deform_k, share, band = axes.pop("deform", None), None, None, {}
+    deform, choice, share = axes.pop("deform", None), {}, None
     if deform is not None:
         deform = dict(deform)
-        deform_k = deform.pop("k", None)  # bend only the k candidates the alignment scored highest
+        # which candidates it bends: the k the alignment scored highest, and the band's band_k
+        choice = {key: deform.pop(key) for key in BEND_CHOICE if key in deform}
         share = deform.pop("feature_share", None)
-        band = {key: deform.pop(key) for key in ("band_k", "band") if key in deform}
 
     def refine(query: str, rows: np.ndarray, reference: str, candidates: np.ndarray,
                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -788,8 +788,8 @@ def _aligned_refine(images: Mapping[str, np.ndarray], axes: Mapping[str, Any],
         score, index = found.score, found.index
         if deform is not None:  # ranked by the rigid alignment's score, which finds a stretched copy's source best;
             # among the retrieval's own candidates (a shortlist's added ones are for zoomed copies)
-            bend = bend_candidates(images[query][rows], images[reference], found.ranked(keep)[:, :deform_k], pool,
-                                   plane=axes.get("plane", (-2, -1)), device=axes.get("device", "auto"), **band)
+            bend = bend_candidates(images[query][rows], images[reference], found.ranked(keep), pool,
+                                   plane=axes.get("plane", (-2, -1)), device=axes.get("device", "auto"), **choice)
             bent = deform_and_correlate(images[query][rows], images[reference], bend,
                                         plane=axes.get("plane", (-2, -1)),
                                         device=axes.get("device", "auto"), **deform)

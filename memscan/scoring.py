@@ -888,23 +888,30 @@ def merge_candidates(first: np.ndarray, added: np.ndarray) -> np.ndarray:
 BEND_CHOICE = ("k", "band_k", "band")
 
 
-def bend_candidates(query_images: np.ndarray, reference_images: np.ndarray, ranked: np.ndarray, pool: np.ndarray,
-                    *, band_k: int = 0, band: Sequence[float] = (2.0, 8.0), plane: tuple[int, int] = (-2, -1),
+def bend_candidates(query_images: np.ndarray, reference_images: np.ndarray, ranked: np.ndarray,
+                    pool: np.ndarray | None = None, *, k: int | None = None, band_k: int = 0,
+                    band: Sequence[float] = (2.0, 8.0), plane: tuple[int, int] = (-2, -1),
                     device: Any = "auto") -> np.ndarray:
-    """The candidates best-of-aligned's non-rigid fit bends onto each query: the rigid alignment's first (``ranked``,
-    ``[n, k]``), then the ``band_k`` of the retrieval's candidates (``pool``, ``[n, K]``) whose band-passed pixels
-    correlate best with the query's (:func:`bandpass_candidates`), where the rigid list lacks them
-    (``-1`` in place of a repeat). ``memscan.audit``'s best-of-aligned and the detection benchmark's deform part.
+    """The candidates best-of-aligned's non-rigid fit bends onto each query: the rigid alignment's first ``k``
+    (``ranked``, ``[n, K1]``; None: all), then the ``band_k`` of the retrieval's candidates (``pool``, ``[n, K]``,
+    needed with a ``band_k``) whose band-passed pixels correlate best with the query's (:func:`bandpass_candidates`),
+    where the rigid list lacks them (``-1`` in place of a repeat). Its keyword arguments ``k``, ``band_k`` and
+    ``band`` are a fit setting's :data:`BEND_CHOICE`. ``memscan.audit``'s best-of-aligned and the detection
+    benchmark's deform part.
 
     Raises:
-        InputError: ``band_k`` not a non-negative integer, or a malformed band (see :func:`bandpass_candidates`).
+        InputError: ``band_k`` not a non-negative integer, no ``pool`` with one, or a malformed band (see
+            :func:`bandpass_candidates`).
     """
     if isinstance(band_k, bool) or not isinstance(band_k, (int, np.integer)) or band_k < 0:
         raise InputError("band_k", f"must be a non-negative integer, got {band_k!r}")
+    first = np.asarray(ranked)[:, :k]
     if not band_k:
-        return np.asarray(ranked)
-    return merge_candidates(ranked, bandpass_candidates(query_images, reference_images, pool, int(band_k), band=band,
-                                                        plane=plane, device=device))
+        return first
+    if pool is None:
+        raise InputError("pool", f"band_k {band_k} ranks the retrieval's candidates: pass them as pool")
+    return merge_candidates(first, bandpass_candidates(query_images, reference_images, pool, int(band_k), band=band,
+                                                       plane=plane, device=device))
 
 
 # ----------------------------------------------------------------------------------------------------------------

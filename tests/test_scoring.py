@@ -731,8 +731,12 @@ def test_merge_and_bend_candidates():
     queries = np.stack([_elastic(ref[4], 3), _texture(98, (32, 32))])
     ranked, pool = np.array([[0, 1], [1, 3]]), np.array([[0, 1, 4, 5], [1, 3, 5, 0]])
     np.testing.assert_array_equal(bend_candidates(queries, ref, ranked, pool), ranked)
+    np.testing.assert_array_equal(bend_candidates(queries, ref, ranked, k=1), ranked[:, :1])  # the rigid first k
     bend = bend_candidates(queries, ref, ranked, pool, band_k=1, band=(1.0, 4.0), device="cpu")
     np.testing.assert_array_equal(bend[0], [0, 1, 4])  # the warped copy's source, added by its band
     assert bend[1, :2].tolist() == [1, 3] and bend[1, 2] in (-1, 5, 0)
     with pytest.raises(InputError, match="band_k"):
         bend_candidates(queries, ref, ranked, pool, band_k=-1)
+    with pytest.raises(InputError, match="pool") as err:
+        bend_candidates(queries, ref, ranked, band_k=1)
+    assert "\n" not in str(err.value)

@@ -249,13 +249,13 @@ def deformed_scores(recipe: dict, query: np.ndarray, reference: np.ndarray, q_fe
     from memscan.audit import _bent_feature_mix, _retrieval_depth, _score_align_axes
 
     settings = {key: v for key, v in recipe["deform"].items() if key not in BEND_CHOICE}
-    band = {key: v for key, v in recipe["deform"].items() if key in ("band_k", "band")}
-    k = int(recipe["deform"].get("k", 5))
-    idx = topk_correlation(q_feat, r_feat, k, device="cpu")[1] if ranked is None else ranked[:, :k]
-    if band.get("band_k"):  # and the band-passed pixels' best of the audit's retrieval list (bend_candidates)
+    choice = {"k": 5, **{key: v for key, v in recipe["deform"].items() if key in BEND_CHOICE}}
+    ranked = topk_correlation(q_feat, r_feat, int(choice["k"]), device="cpu")[1] if ranked is None else ranked
+    pool = None
+    if choice.get("band_k"):  # and the band-passed pixels' best of the audit's retrieval list
         depth = _retrieval_depth(_score_align_axes("best-of-aligned", {}, query.ndim - 2))
         pool = topk_correlation(q_feat, r_feat, min(depth, len(r_feat)), device="cpu")[1]
-        idx = bend_candidates(query, reference, idx, pool, device="cpu", **band)
+    idx = bend_candidates(query, reference, ranked, pool, device="cpu", **choice)
     key = (_digest(query), _digest(reference), _digest(idx), repr(sorted(settings.items())))
     if key not in _BENT:
         _BENT.clear()
